@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create .venv with CellOS and its test tools. Works as root (installs missing Debian packages)
+# and as a normal user (uses sudo when it is there, otherwise says what to install).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+need_pkgs=()
+command -v "$PYTHON" >/dev/null 2>&1 || need_pkgs+=(python3)
+if command -v "$PYTHON" >/dev/null 2>&1; then
+  "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+    || { echo "error: python: CellOS needs Python 3.11 or newer" >&2; exit 2; }
+  "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+fi
+
+if ((${#need_pkgs[@]})); then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    echo "error: setup: missing Debian packages: ${need_pkgs[*]} (ask an administrator to install them)" >&2
+    exit 1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# Reinstall only when pyproject.toml changed since the last successful install.
+stamp=.venv/.cellos-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi

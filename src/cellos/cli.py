@@ -1,0 +1,111 @@
+"""``cellos``: schema, validate, run, keygen, events verify."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from cellos.core.errors import CellosError
+from cellos.core.loading import load_document
+from cellos.core.spec import ExecutionCell
+from cellos.supervisor.cli import configure_logging, print_error, run_spec
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    schema = ExecutionCell.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "ExecutionCell"
+    print(json.dumps(schema, indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    document = load_document(args.file, sys.stdin.buffer)
+    print(f"ok: {document.spec.id}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return run_spec(args.file)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from cellos.keygen import write_keypair
+
+    result = write_keypair(args.out_dir, args.kid, args.alg)
+    print(f"private key:  {result.key_path}")
+    print(f"verify keys:  {result.verify_keys_path}")
+    for line in result.env_lines:
+        print(f"  {line}")
+    return 0
+
+
+def _cmd_events_verify(args: argparse.Namespace) -> int:
+    from cellos.core.signing import VerifyKeys
+    from cellos.verify import verify_events_file
+
+    keys = VerifyKeys.load(args.keys) if args.keys else None
+    report = verify_events_file(args.file, keys, require_complete=not args.allow_incomplete)
+    if report.ok:
+        signed = "signed, " if keys else ""
+        print(f"ok: {report.events} events in {report.runs} run(s), {signed}chain intact")
+        return 0
+    assert report.first_error is not None
+    line, reason = report.first_error
+    print(f"error: {args.file}:{line}: {reason}", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellos", description="CellOS execution-cell runner")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the ExecutionCell document")
+    p.set_defaults(func=_cmd_schema)
+
+    p = sub.add_parser("validate", help="validate a document (YAML or JSON; - for stdin)")
+    p.add_argument("file")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("run", help="run a document (same as cellos-supervisor FILE)")
+    p.add_argument("file")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("keygen", help="write a signing key and its verify-keys JSON")
+    p.add_argument("--kid", required=True, help="key id recorded in every signed event")
+    p.add_argument("--alg", choices=["ed25519", "hmac"], default="ed25519")
+    p.add_argument(
+        "--out-dir", default=".", help="directory for <kid>.key and <kid>.verify-keys.json"
+    )
+    p.set_defaults(func=_cmd_keygen)
+
+    events = sub.add_parser("events", help="work with event logs").add_subparsers(
+        dest="events_command", required=True
+    )
+    p = events.add_parser("verify", help="verify signatures and the run chain of a JSONL log")
+    p.add_argument("file")
+    p.add_argument("--keys", help="verify-keys JSON (every event must then be signed)")
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="accept runs that do not end with a compliance summary (live logs)",
+    )
+    p.set_defaults(func=_cmd_events_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        code: int = args.func(args)
+    except CellosError as exc:
+        print_error(exc)
+        return exc.exit_code
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

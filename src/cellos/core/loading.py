@@ -1,0 +1,153 @@
+"""Reading an ExecutionCell document from a file or stdin, safely.
+
+The file is opened with ``O_NOFOLLOW`` (a symlink planted at the path is refused), must be a
+regular file, and is capped at :data:`MAX_DOCUMENT_BYTES`. Duplicate keys are an error in both
+JSON and YAML: silently keeping the last one would let a reviewer read a different document
+from the one that runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from typing import IO, Any
+
+import yaml
+from pydantic import ValidationError
+
+from cellos.core.errors import InvalidSpec
+from cellos.core.spec import ExecutionCell
+
+MAX_DOCUMENT_BYTES = 1 << 20
+
+
+def read_document_bytes(path: str, stdin: IO[bytes] | None = None) -> bytes:
+    """Read the raw document; ``-`` means ``stdin``."""
+    if path == "-":
+        if stdin is None:
+            raise InvalidSpec("<stdin>", "no standard input available")
+        data = stdin.read(MAX_DOCUMENT_BYTES + 1)
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise InvalidSpec("<stdin>", f"document is larger than {MAX_DOCUMENT_BYTES} bytes")
+        return data
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidSpec(path, "is a symlink; refusing to follow it") from None
+        raise InvalidSpec(path, f"cannot open: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidSpec(path, "is not a regular file")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(MAX_DOCUMENT_BYTES + 1)
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise InvalidSpec(path, f"document is larger than {MAX_DOCUMENT_BYTES} bytes")
+    return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    result: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in result:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        result[key] = loader.construct_object(value_node, deep=True)
+    return result
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def parse_document(data: bytes, source: str) -> Any:
+    """Parse JSON (when the text starts with ``{``) or YAML into plain Python data."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidSpec(source, f"not valid UTF-8 (byte {exc.start})") from None
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text, object_pairs_hook=_reject_duplicates)
+        except json.JSONDecodeError as exc:
+            raise InvalidSpec(
+                source, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            ) from None
+        except (ValueError, RecursionError) as exc:
+            raise InvalidSpec(source, f"malformed JSON: {exc}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise InvalidSpec(source, f"malformed YAML: {exc.problem}{where}") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise InvalidSpec(source, f"malformed YAML: {exc}") from None
+
+
+def json_path(loc: tuple[int | str, ...]) -> str:
+    """``('spec', 'run', 'argv', 0)`` -> ``spec.run.argv[0]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<document>"
+
+
+def _reason(error: Any) -> str:
+    msg = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    return msg
+
+
+def validate_document(data: Any) -> ExecutionCell:
+    """Validate parsed data; every problem is reported with its JSON path."""
+    if not isinstance(data, dict):
+        raise InvalidSpec("<document>", "must be a mapping with apiVersion, kind and spec")
+    try:
+        return ExecutionCell.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            (json_path(tuple(p for p in err["loc"] if not _is_union_tag(p))), _reason(err))
+            for err in exc.errors(include_url=False, include_input=False)
+        ]
+        first, *rest = problems
+        raise InvalidSpec(first[0], first[1], more=rest) from None
+
+
+def _is_union_tag(part: int | str) -> bool:
+    # pydantic adds the member type name (e.g. 'constrained-int') to locations inside unions.
+    return isinstance(part, str) and (
+        part.startswith(("constrained-", "function-"))
+        or part in {"int", "str", "list[str]", "is-instance[CellSpec]"}
+    )
+
+
+def load_document(path: str, stdin: IO[bytes] | None = None) -> ExecutionCell:
+    """Read, parse and validate an ExecutionCell document."""
+    source = "<stdin>" if path == "-" else path
+    return validate_document(parse_document(read_document_bytes(path, stdin), source))

@@ -1,0 +1,138 @@
+"""The ports of CellOS (DESIGN.md §1) and the values that cross them.
+
+The supervisor talks to backends, sinks, brokers and export sinks only through these
+Protocols, so every adapter can be swapped without touching the lifecycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol, runtime_checkable
+
+from cellos.core.spec import CellSpec
+
+CloudEvent = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CellHandle:
+    """Returned by ``create``: enough to run in, export from and destroy the cell."""
+
+    cell_id: str
+    backend: str
+    #: Isolation features actually applied (evidence for ``lifecycle.v1.started``).
+    isolation: tuple[str, ...] = ()
+    #: Host resources created for the cell, by kind (e.g. ``{"cgroup": "/sys/fs/..."}``).
+    resources: Mapping[str, str] = field(default_factory=dict)
+    #: Digests of boot artifacts and the like (microVM backends stamp theirs here).
+    digests: Mapping[str, str] = field(default_factory=dict)
+
+    def evidence(self) -> dict[str, Any]:
+        return {
+            "cellId": self.cell_id,
+            "backend": self.backend,
+            "isolation": list(self.isolation),
+            "resources": dict(self.resources),
+            "digests": dict(self.digests),
+        }
+
+
+@dataclass(frozen=True)
+class TeardownReport:
+    """What ``destroy`` found and removed."""
+
+    cell_id: str
+    destroyed: bool
+    #: Live cells this backend still tracks after this one was destroyed.
+    peers_tracked_after: int
+    #: Processes still alive in the cell that teardown had to kill.
+    processes_killed: int = 0
+    #: Anything teardown could not remove (empty means no residue).
+    residue: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkloadRequest:
+    """The workload to start inside a created cell."""
+
+    argv: Sequence[str]
+    #: The complete environment of the workload: nothing else is inherited.
+    env: Mapping[str, str]
+    working_directory: str
+    #: Seconds until the workload is killed (command timeout or what is left of the TTL).
+    deadline_seconds: float | None
+    graceful_shutdown_seconds: float
+
+
+@dataclass(frozen=True)
+class WorkloadResult:
+    """How the workload ended."""
+
+    exit_code: int | None
+    duration_ms: int
+    #: Set when the workload could not be started at all (no exit code then).
+    spawn_error: str | None = None
+    #: True when CellOS killed the workload (timeout, TTL); no exit code then.
+    forced: bool = False
+    #: Why it ended, when not a plain exit: ``timeout``, ``signal:<n>``, ``spawn_failed``.
+    reason: str | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    truncated: bool = False
+
+
+@runtime_checkable
+class CellBackend(Protocol):
+    """An isolation backend (``cellos.hosts.<name>``)."""
+
+    name: str
+
+    def create(self, spec: CellSpec) -> CellHandle: ...
+
+    def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult: ...
+
+    def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
+        """Open an artifact for reading, resolving ``path`` inside the cell's own filesystem."""
+        ...
+
+    def destroy(self, handle: CellHandle) -> TeardownReport: ...
+
+
+@runtime_checkable
+class EventSink(Protocol):
+    """Receives finished (chained, possibly signed) CloudEvents."""
+
+    def emit(self, event: CloudEvent) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SecretBroker(Protocol):
+    """Resolves secret keys to values for one cell and revokes them at teardown."""
+
+    name: str
+
+    def resolve(self, cell_id: str, key: str) -> str: ...
+
+    def revoke(self, cell_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ExportReceipt:
+    name: str
+    destination: str
+    size_bytes: int
+    sha256: str
+
+
+@runtime_checkable
+class ExportSink(Protocol):
+    """Stores one artifact's bytes under the cell's export location."""
+
+    name: str
+
+    def export(self, cell_id: str, name: str, source: BinaryIO) -> ExportReceipt: ...

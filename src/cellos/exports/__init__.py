@@ -1,0 +1,1 @@
+"""Export sinks (L3): where artifacts go."""

@@ -1,0 +1,1 @@
+"""Isolation backends (L2), one subpackage each; see :func:`cellos.hosts.registry.make_backend`."""

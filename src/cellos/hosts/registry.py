@@ -1,0 +1,33 @@
+"""Choosing a backend by name (``CELLOS_CELL_BACKEND``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from cellos.core.errors import PolicyRefused
+from cellos.core.ports import CellBackend
+
+KNOWN = ("cellos", "stub")
+PLANNED = ("gvisor", "firecracker", "qemu")
+
+
+def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
+    name = (name or "cellos").strip() or "cellos"
+    if name == "stub":
+        from cellos.hosts.stub import StubBackend
+
+        return StubBackend()
+    if name == "cellos":
+        from cellos.hosts.cellos import CellosBackend
+
+        return CellosBackend(
+            state_root=env.get("CELLOS_STATE_DIR") or None,
+            cgroup_parent=env.get("CELLOS_CGROUP_PARENT") or None,
+        )
+    if name in PLANNED:
+        raise PolicyRefused(
+            "CELLOS_CELL_BACKEND", f"backend {name!r} is not available in this build"
+        )
+    raise PolicyRefused(
+        "CELLOS_CELL_BACKEND", f"unknown backend {name!r} (expected one of: {', '.join(KNOWN)})"
+    )

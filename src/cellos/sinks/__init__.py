@@ -1,0 +1,1 @@
+"""Event sinks (L3): where finished events go."""

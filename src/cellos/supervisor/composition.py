@@ -1,0 +1,100 @@
+"""Building a Supervisor from environment variables (DESIGN.md §4, §6, §7)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cellos.brokers import make_broker
+from cellos.core.errors import PolicyRefused
+from cellos.core.ports import EventSink
+from cellos.core.signing import signer_from_env
+from cellos.exports.local import LocalExportSink
+from cellos.hosts.registry import make_backend
+from cellos.sinks.dlq import DlqSink
+from cellos.sinks.jsonl import JsonlFileSink, JsonlStreamSink
+from cellos.sinks.noop import NoopSink
+from cellos.supervisor.lifecycle import DEFAULT_TTL_SECONDS, Supervisor
+
+PROFILES = ("portable", "hardened")
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    profile: str
+    backend: str
+    default_ttl_seconds: int
+
+
+def read_settings(env: Mapping[str, str]) -> Settings:
+    profile = env.get("CELLOS_DEPLOYMENT_PROFILE", "").strip() or "portable"
+    if profile not in PROFILES:
+        raise PolicyRefused(
+            "CELLOS_DEPLOYMENT_PROFILE",
+            f"unknown profile {profile!r} (expected {' or '.join(PROFILES)})",
+        )
+    raw_ttl = env.get("CELLOS_DEFAULT_TTL_SECONDS", "").strip() or str(DEFAULT_TTL_SECONDS)
+    if not raw_ttl.isdigit() or int(raw_ttl) < 1:
+        raise PolicyRefused("CELLOS_DEFAULT_TTL_SECONDS", "must be a positive integer")
+    return Settings(
+        profile=profile,
+        backend=env.get("CELLOS_CELL_BACKEND", "").strip() or "cellos",
+        default_ttl_seconds=int(raw_ttl),
+    )
+
+
+def _sinks(env: Mapping[str, str]) -> list[EventSink]:
+    sinks: list[EventSink] = []
+    jsonl = env.get("CELL_OS_JSONL_EVENTS", "").strip()
+    if jsonl:
+        sinks.append(JsonlFileSink(jsonl))
+    elif not _flag(env, "CELL_OS_USE_NOOP_SINK"):
+        # With no sink configured, events go to stderr rather than nowhere.
+        sinks.append(JsonlStreamSink(sys.stderr))
+    dlq = env.get("CELLOS_DLQ_DIR", "").strip()
+    if dlq:
+        sinks = [DlqSink(s, dlq, getattr(s, "name", "sink")) for s in sinks]
+    if not sinks:
+        sinks.append(NoopSink())
+    return sinks
+
+
+def build_supervisor(env: Mapping[str, str]) -> Supervisor:
+    """Compose a supervisor; every refusal is a PolicyRefused naming the variable."""
+    settings = read_settings(env)
+    signer = signer_from_env(env)
+    if settings.profile == "hardened":
+        if settings.backend == "stub":
+            raise PolicyRefused(
+                "CELLOS_CELL_BACKEND", "the hardened profile refuses the stub backend"
+            )
+        if _flag(env, "CELL_OS_USE_NOOP_SINK"):
+            raise PolicyRefused(
+                "CELL_OS_USE_NOOP_SINK", "the hardened profile refuses the noop sink"
+            )
+        if signer is None:
+            raise PolicyRefused(
+                "CELLOS_EVENT_SIGNING", "the hardened profile requires signed events"
+            )
+        raise PolicyRefused(
+            "CELLOS_NATS_URL",
+            "the hardened profile requires JetStream, which this build does not provide yet",
+        )
+    backend = make_backend(settings.backend, env)
+    export_dir = env.get("CELLOS_EXPORT_DIR", "").strip()
+    return Supervisor(
+        backend=backend,
+        sinks=_sinks(env),
+        broker=make_broker(env),
+        exporter=LocalExportSink(export_dir) if export_dir else None,
+        signer=signer,
+        host=socket.gethostname(),
+        default_ttl_seconds=settings.default_ttl_seconds,
+        profile=settings.profile,
+    )

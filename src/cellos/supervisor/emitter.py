@@ -1,0 +1,64 @@
+"""Turning event data into finished events: redact, chain, sign, deliver.
+
+The order matters: redaction happens before the chain hash and the signature, so that what a
+verifier checks is exactly what was delivered (DESIGN.md §4, sink chain Dlq(Sign(Redact(inner)))).
+A delivery failure never aborts a run: it is counted, and the supervisor fails the run's exit
+status instead, so teardown still happens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from cellos.core.chain import RunChain
+from cellos.core.events import new_event
+from cellos.core.ports import CloudEvent, EventSink
+from cellos.core.signing import Signer, wrap_signed
+from cellos.sinks.redact import Redactor
+
+log = logging.getLogger(__name__)
+
+
+class EventEmitter:
+    def __init__(
+        self,
+        *,
+        cell_id: str,
+        host: str,
+        sinks: Sequence[EventSink],
+        redactor: Redactor,
+        signer: Signer | None,
+        chain: RunChain | None = None,
+    ) -> None:
+        self.cell_id = cell_id
+        self.host = host
+        self.sinks = sinks
+        self.redactor = redactor
+        self.signer = signer
+        self.chain = chain or RunChain()
+        #: Inner (unsigned) events of this run, in order.
+        self.emitted: list[CloudEvent] = []
+        self.lost = 0
+
+    @property
+    def run_id(self) -> str:
+        return self.chain.run_id
+
+    def emit(self, event_type: str, data: dict[str, Any]) -> CloudEvent:
+        event = self.redactor.apply(new_event(event_type, self.cell_id, data, host=self.host))
+        event = self.chain.stamp(event)
+        self.emitted.append(event)
+        wire = wrap_signed(event, self.signer) if self.signer is not None else event
+        for sink in self.sinks:
+            try:
+                sink.emit(wire)
+            except Exception as exc:
+                self.lost += 1
+                log.error(
+                    "event lost: sink %s failed",
+                    getattr(sink, "name", type(sink).__name__),
+                    extra={"error": self.redactor.text(str(exc)), "event_id": event["id"]},
+                )
+        return event

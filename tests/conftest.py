@@ -1,0 +1,131 @@
+"""Shared fixtures: run the real CLIs in subprocesses, build environments, check residue."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CLOUDEVENTS_SCHEMA = SHARED / "reference" / "cloudevents-1.0.schema.json"
+
+
+def require_host(ok: bool, what: str) -> None:
+    """Skip when a host facility is missing, but fail under CELLOS_REQUIRE_HOST_FEATURES=1."""
+    if ok:
+        return
+    if os.environ.get("CELLOS_REQUIRE_HOST_FEATURES") == "1":
+        pytest.fail(f"host facility required but missing: {what}")
+    pytest.skip(f"host facility missing: {what}")
+
+
+def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A minimal environment for a CLI run: nothing of the test runner's CELLOS_* leaks in."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "LANG": "C.UTF-8",
+        "CELLOS_STATE_DIR": str(tmp_path / "state"),
+    }
+    env.update(extra)
+    return env
+
+
+def doc(cell_id: str = "cell-1", argv: list[str] | None = None, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": cell_id, "run": {"argv": ["/bin/true"] if argv is None else argv}}
+    for key, value in spec.items():
+        if key == "run":
+            body["run"].update(value)
+        else:
+            body[key] = value
+    return {"apiVersion": "cellos.io/v1", "kind": "ExecutionCell", "spec": body}
+
+
+def write_doc(path: Path, document: dict[str, Any] | str) -> Path:
+    text = document if isinstance(document, str) else yaml.safe_dump(document, sort_keys=False)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+class CliResult:
+    def __init__(self, proc: subprocess.CompletedProcess[str]) -> None:
+        self.code = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, stdout={self.stdout!r}, stderr={self.stderr!r})"
+
+
+def run_cli(
+    module: str, args: list[str], env: dict[str, str], stdin: str | None = None, timeout: float = 60
+) -> CliResult:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return CliResult(proc)
+
+
+@pytest.fixture
+def supervisor_cli() -> Callable[..., CliResult]:
+    def call(
+        spec: str, env: dict[str, str], stdin: str | None = None, timeout: float = 60
+    ) -> CliResult:
+        return run_cli("cellos.supervisor.cli", [spec], env, stdin, timeout)
+
+    return call
+
+
+@pytest.fixture
+def cellos_cli() -> Callable[..., CliResult]:
+    def call(args: list[str], env: dict[str, str], stdin: str | None = None) -> CliResult:
+        return run_cli("cellos.cli", args, env, stdin)
+
+    return call
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Inner events of a JSONL log (signed envelopes unwrapped)."""
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        if event["type"] == "dev.cellos.events.signed_envelope.v1":
+            event = event["data"]["event"]
+        events.append(event)
+    return events
+
+
+def short_types(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"].removeprefix("dev.cellos.events.cell.") for e in events]
+
+
+@pytest.fixture
+def cloudevents_validator() -> Any:
+    import jsonschema
+
+    schema = json.loads(CLOUDEVENTS_SCHEMA.read_text(encoding="utf-8"))
+    return jsonschema.Draft7Validator(schema)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_cells() -> Iterator[None]:
+    """Every test must leave the in-process live-cell table as it found it."""
+    from cellos.hosts.cellos import backend
+
+    before = set(backend._LIVE)
+    yield
+    assert set(backend._LIVE) == before, f"cells left tracked: {set(backend._LIVE) - before}"

@@ -1,0 +1,249 @@
+"""One contract, every backend: create/run/destroy, errors, hygiene, residue."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cellos.core.errors import ExportError, HostError
+from cellos.core.ports import CellBackend, WorkloadRequest
+from cellos.core.spec import CellSpec
+from cellos.hosts.cellos import CellosBackend
+from cellos.hosts.process import LOG_CAP_BYTES
+from cellos.hosts.stub import StubBackend
+from tests.conftest import doc
+
+BACKENDS = ["stub", "cellos"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CellBackend]:
+    if request.param == "stub":
+        yield StubBackend()
+    else:
+        yield CellosBackend(state_root=str(tmp_path / "state"))
+
+
+def spec(cell_id: str = "contract-1", **run: object) -> CellSpec:
+    from cellos.core.loading import validate_document
+
+    return validate_document(doc(cell_id, run=run)).spec
+
+
+def request_for(
+    argv: list[str], env: dict[str, str] | None = None, deadline: float | None = 30
+) -> WorkloadRequest:
+    return WorkloadRequest(
+        argv=argv,
+        env=env or {},
+        working_directory="/workspace",
+        deadline_seconds=deadline,
+        graceful_shutdown_seconds=1,
+    )
+
+
+def test_create_and_destroy(backend: CellBackend) -> None:
+    handle = backend.create(spec())
+    assert handle.cell_id == "contract-1"
+    assert handle.backend == backend.name
+    report = backend.destroy(handle)
+    assert report.destroyed is True
+    assert report.peers_tracked_after == 0
+    assert report.residue == ()
+
+
+def test_workload_env_is_exactly_the_declared_set(backend: CellBackend) -> None:
+    os.environ["CELLOS_TEST_AMBIENT"] = "leak"
+    try:
+        handle = backend.create(spec())
+        try:
+            result = backend.run(
+                handle,
+                request_for(["/bin/cat", "/proc/self/environ"], {"A": "1", "B": "two words"}),
+            )
+        finally:
+            backend.destroy(handle)
+    finally:
+        del os.environ["CELLOS_TEST_AMBIENT"]
+    assert result.exit_code == 0
+    assert sorted(result.stdout.split(b"\0")[:-1]) == [b"A=1", b"B=two words"]
+
+
+def test_no_supervisor_fd_leaks_and_stdio_are_pipes(backend: CellBackend, tmp_path: Path) -> None:
+    leaked = os.open(tmp_path, os.O_RDONLY)  # deliberately inheritable
+    os.set_inheritable(leaked, True)
+    try:
+        handle = backend.create(spec())
+        try:
+            result = backend.run(
+                handle,
+                request_for(
+                    [
+                        "/bin/sh",
+                        "-c",
+                        "ls /proc/$$/fd; for i in 0 1 2; do readlink /proc/$$/fd/$i; done; cat",
+                    ]
+                ),
+            )
+        finally:
+            backend.destroy(handle)
+    finally:
+        os.close(leaked)
+    lines = result.stdout.decode().split()
+    fds = [x for x in lines if x.isdigit()]
+    assert fds == ["0", "1", "2"], result.stdout
+    assert all(x.startswith("pipe:") for x in lines[3:6]), lines
+    assert result.exit_code == 0  # cat saw EOF on stdin at once
+
+
+def test_exit_code_and_streams(backend: CellBackend) -> None:
+    handle = backend.create(spec())
+    try:
+        result = backend.run(
+            handle, request_for(["/bin/sh", "-c", "echo out; echo err >&2; exit 7"])
+        )
+    finally:
+        backend.destroy(handle)
+    assert (result.exit_code, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
+    assert not result.forced and result.spawn_error is None
+
+
+def test_spawn_error_has_no_exit_code(backend: CellBackend) -> None:
+    handle = backend.create(spec())
+    try:
+        result = backend.run(handle, request_for(["/nonexistent/program"]))
+    finally:
+        backend.destroy(handle)
+    assert result.exit_code is None
+    assert result.spawn_error and "No such file" in result.spawn_error
+
+
+def test_deadline_kills_the_whole_process_group(backend: CellBackend, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    handle = backend.create(spec())
+    try:
+        result = backend.run(
+            handle,
+            request_for(
+                [
+                    "/bin/sh",
+                    "-c",
+                    f"trap '' TERM; sleep 300 & echo $! > {pids}; echo $$ >> {pids}; wait",
+                ],
+                deadline=0.5,
+            ),
+        )
+    finally:
+        backend.destroy(handle)
+    assert result.forced and result.exit_code is None
+    for pid in pids.read_text().split():
+        assert not _alive(int(pid)), f"process {pid} survived the deadline"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_cellos_tracks_live_cells(tmp_path: Path) -> None:
+    backend = CellosBackend(state_root=str(tmp_path / "state"))
+    a = backend.create(spec("live-a"))
+    b = backend.create(spec("live-b"))
+    with pytest.raises(HostError, match="already exists"):
+        backend.create(spec("live-a"))
+    # A second backend object (and the state-dir lock, for other processes) sees it too.
+    with pytest.raises(HostError, match="already exists"):
+        CellosBackend(state_root=str(tmp_path / "state")).create(spec("live-a"))
+    assert backend.destroy(a).peers_tracked_after == 1
+    with pytest.raises(HostError, match="not live"):
+        backend.destroy(a)
+    assert backend.destroy(b).peers_tracked_after == 0
+    assert os.listdir(tmp_path / "state" / "cells") == []
+
+
+def test_cellos_refuses_a_live_id_held_by_another_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    state = tmp_path / "state"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys,time\nfrom cellos.hosts.cellos import CellosBackend\n"
+            "from tests.test_backend_contract import spec\n"
+            f"CellosBackend(state_root={str(state)!r}).create(spec('shared-id'))\n"
+            "print('ready', flush=True)\ntime.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with pytest.raises(HostError, match="another process"):
+            CellosBackend(state_root=str(state)).create(spec("shared-id"))
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without destroying: its lock is gone with it, and the stale state is
+    # cleaned up when the id is created again.
+    backend = CellosBackend(state_root=str(state))
+    handle = backend.create(spec("shared-id"))
+    backend.destroy(handle)
+    assert os.listdir(state / "cells") == []
+
+
+def test_cellos_workspace_logs_and_artifacts(tmp_path: Path) -> None:
+    backend = CellosBackend(state_root=str(tmp_path / "state"))
+    handle = backend.create(spec())
+    workspace = Path(handle.resources["workspace"])
+    try:
+        result = backend.run(
+            handle,
+            request_for(
+                [
+                    "/bin/sh",
+                    "-c",
+                    f"mkdir out && echo data > out/a.txt && ln -s /etc/hostname out/link "
+                    f"&& head -c {LOG_CAP_BYTES + 4096} /dev/zero",
+                ]
+            ),
+        )
+        assert result.exit_code == 0
+        assert result.stdout_bytes == LOG_CAP_BYTES + 4096 and result.truncated
+        assert (workspace.parent / "stdout.log").stat().st_size == LOG_CAP_BYTES
+        with backend.open_artifact(handle, "/workspace/out/a.txt") as fh:
+            assert fh.read() == b"data\n"
+        with backend.open_artifact(handle, "out/a.txt") as fh:
+            assert fh.read() == b"data\n"
+        for bad, reason in [
+            ("/workspace/out/link", "symlink"),
+            ("/etc/passwd", "outside"),
+            ("/workspace/../etc/passwd", "outside"),
+            ("out/../../x", ".."),
+            ("/workspace/missing", "does not exist"),
+            ("/workspace/out", "not a regular"),
+        ]:
+            with pytest.raises(ExportError, match=reason):
+                backend.open_artifact(handle, bad)
+    finally:
+        report = backend.destroy(handle)
+    assert report.residue == ()
+    assert not workspace.exists()
+
+
+def test_stub_keeps_the_seed_contract() -> None:
+    backend = StubBackend()
+    empty = spec().model_copy(update={"id": ""})
+    with pytest.raises(HostError, match=r"spec\.id must be non-empty"):
+        backend.create(empty)
+    handle = backend.create(spec())
+    assert backend.destroy(handle).peers_tracked_after == 0
+    assert backend.destroy(handle).destroyed is True  # the stub tracks nothing

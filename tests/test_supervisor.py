@@ -1,0 +1,353 @@
+"""The supervisor end to end through the real ``cellos-supervisor`` CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    CliResult,
+    base_env,
+    doc,
+    read_events,
+    require_host,
+    short_types,
+    write_doc,
+)
+
+Run = Callable[..., CliResult]
+
+FULL_ORDER = [
+    "lifecycle.v1.started",
+    "observability.v1.process_spawned",
+    "command.v1.completed",
+    "export.v2.completed",
+    "evidence_bundle.v1.emitted",
+    "lifecycle.v1.destroyed",
+    "compliance.v1.summary",
+]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_seed_two_sequential_stub_runs_export_their_own_files(
+    tmp_path: Path, supervisor_cli: Run
+) -> None:
+    root = tmp_path / "exports"
+    env = base_env(
+        tmp_path,
+        CELLOS_DEPLOYMENT_PROFILE="portable",
+        CELL_OS_USE_NOOP_SINK="1",
+        CELLOS_CELL_BACKEND="stub",
+        CELLOS_EXPORT_DIR=str(root),
+    )
+    for name in ("seq-cell-a", "seq-cell-b"):
+        source = tmp_path / f"{name}.src"
+        source.write_text(f"content of {name}\n")
+        spec = write_doc(
+            tmp_path / f"{name}.yaml",
+            doc(name, export={"artifacts": [{"name": "out.txt", "path": str(source)}]}),
+        )
+        result = supervisor_cli(str(spec), env)
+        assert result.code == 0, result
+    assert sorted(os.listdir(root)) == ["seq-cell-a", "seq-cell-b"]
+    for name in ("seq-cell-a", "seq-cell-b"):
+        assert os.listdir(root / name) == ["out.txt"]
+        assert (root / name / "out.txt").read_text() == f"content of {name}\n"
+
+
+@pytest.mark.parametrize("backend", ["stub", "cellos"])
+def test_lifecycle_events_in_order_and_valid(
+    tmp_path: Path, supervisor_cli: Run, backend: str, cloudevents_validator: Any
+) -> None:
+    events_path = tmp_path / "events.jsonl"
+    env = base_env(
+        tmp_path,
+        CELLOS_CELL_BACKEND=backend,
+        CELL_OS_JSONL_EVENTS=str(events_path),
+        CELLOS_EXPORT_DIR=str(tmp_path / "exports"),
+    )
+    artifact = "/workspace/out.txt" if backend == "cellos" else str(tmp_path / "out.txt")
+    target = "out.txt" if backend == "cellos" else str(tmp_path / "out.txt")
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "order-1",
+            argv=["/bin/sh", "-c", f"printf 'hello cell' > {target}; echo said"],
+            correlation={"tenantId": "acme", "labels": {"k": "v"}},
+            export={"artifacts": [{"name": "out.txt", "path": artifact}]},
+        ),
+    )
+    result = supervisor_cli(str(spec), env)
+    assert result.code == 0, result
+    assert result.stdout == "said\n"
+    events = read_events(events_path)
+    assert short_types(events) == FULL_ORDER
+    for event in events:
+        cloudevents_validator.validate(event)
+        assert event["subject"] == "urn:cellos:cell:order-1"
+        assert event["source"].startswith("/cellos/supervisor/")
+    assert [e["cellosseq"] for e in events] == list(range(len(FULL_ORDER)))
+    assert len({e["cellosrunid"] for e in events}) == 1
+    by_type = {t: e["data"] for t, e in zip(short_types(events), events, strict=True)}
+    exported = (tmp_path / "exports" / "order-1" / "out.txt").read_bytes()
+    assert exported == b"hello cell"
+    assert by_type["export.v2.completed"]["sha256"] == hashlib.sha256(exported).hexdigest()
+    assert by_type["export.v2.completed"]["sizeBytes"] == len(exported)
+    assert by_type["command.v1.completed"]["exitCode"] == 0
+    assert by_type["observability.v1.process_spawned"] == {
+        "cellId": "order-1",
+        "program": "/bin/sh",
+        "argc": 3,
+    }
+    assert by_type["lifecycle.v1.destroyed"]["terminalState"] == "clean"
+    assert by_type["lifecycle.v1.destroyed"]["outcome"] == "succeeded"
+    assert (
+        by_type["evidence_bundle.v1.emitted"]["artifacts"][0]["sha256"]
+        == hashlib.sha256(exported).hexdigest()
+    )
+    summary = by_type["compliance.v1.summary"]
+    assert summary["correlation"] == {"tenantId": "acme", "labels": {"k": "v"}}
+    assert summary["exitCode"] == 0 and summary["outcome"] == "succeeded"
+
+
+def test_workload_exit_status_is_the_process_exit_status(
+    tmp_path: Path, supervisor_cli: Run
+) -> None:
+    env = base_env(tmp_path, CELL_OS_USE_NOOP_SINK="1")
+    spec = write_doc(tmp_path / "c.yaml", doc("exit-5", argv=["/bin/sh", "-c", "exit 5"]))
+    assert supervisor_cli(str(spec), env).code == 5
+
+
+@pytest.mark.parametrize("backend", ["stub", "cellos"])
+@pytest.mark.parametrize("bound", ["timeout", "ttl"])
+def test_timeout_and_ttl_kill_everything_and_report_forced(
+    tmp_path: Path, supervisor_cli: Run, backend: str, bound: str
+) -> None:
+    events_path = tmp_path / "events.jsonl"
+    pids = tmp_path / "pids"
+    env = base_env(tmp_path, CELLOS_CELL_BACKEND=backend, CELL_OS_JSONL_EVENTS=str(events_path))
+    limits: dict[str, Any] = (
+        {"lifetime": {"ttlSeconds": 1}} if bound == "ttl" else {"lifetime": {"ttlSeconds": 60}}
+    )
+    run = {"limits": {"gracefulShutdownSeconds": 1}}
+    if bound == "timeout":
+        run["timeoutSeconds"] = 1
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "slow-1",
+            argv=[
+                "/bin/sh",
+                "-c",
+                f"trap '' TERM; sleep 300 & echo $! > {pids}; echo $$ >> {pids}; "
+                "while :; do sleep 1; done",
+            ],
+            run=run,
+            **limits,
+        ),
+    )
+    result = supervisor_cli(str(spec), env)
+    assert result.code == 124, result
+    events = read_events(events_path)
+    destroyed = next(e["data"] for e in events if e["type"].endswith("lifecycle.v1.destroyed"))
+    assert destroyed["terminalState"] == "forced"
+    assert destroyed["outcome"] == "failed"
+    assert "exitCode" not in destroyed
+    assert destroyed["reason"] == bound
+    command = next(e["data"] for e in events if e["type"].endswith("command.v1.completed"))
+    assert command["exitCode"] is None and command["forced"] is True
+    for pid in pids.read_text().split():
+        assert not _alive(int(pid)), f"pid {pid} still running after {bound}"
+
+
+SECRET = "s3cr3t-" + uuid.uuid4().hex
+
+
+def test_secret_reaches_only_the_workload(tmp_path: Path, supervisor_cli: Run) -> None:
+    events_path = tmp_path / "events.jsonl"
+    env = base_env(
+        tmp_path,
+        CELLOS_BROKER="env",
+        CELLOS_SECRET_API_TOKEN=SECRET,
+        CELL_OS_JSONL_EVENTS=str(events_path),
+        CELLOS_EXPORT_DIR=str(tmp_path / "x"),
+    )
+    script = (
+        f'[ "$API_TOKEN" = "{SECRET}" ] && echo match; echo "leak $API_TOKEN"; '
+        'echo "err $API_TOKEN" >&2; echo "$API_TOKEN" > secret.txt; exit 3'
+    )
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "secret-1",
+            argv=["/bin/sh", "-c", script],
+            authority={"secretRefs": ["api-token"]},
+            export={"artifacts": [{"name": "secret.txt", "path": "/workspace/secret.txt"}]},
+        ),
+    )
+    result = supervisor_cli(str(spec), env)
+    assert result.code == 3
+    assert "match" in result.stdout
+    assert "leak [REDACTED]" in result.stdout and "err [REDACTED]" in result.stderr
+    for text in (result.stdout, result.stderr, events_path.read_text()):
+        assert SECRET not in text
+    # The workload's own artifact may hold it; its name never does.
+    assert os.listdir(tmp_path / "x" / "secret-1") == ["secret.txt"]
+
+
+def test_missing_secret_fails_before_anything_runs(tmp_path: Path, supervisor_cli: Run) -> None:
+    marker = tmp_path / "ran"
+    events_path = tmp_path / "events.jsonl"
+    env = base_env(
+        tmp_path,
+        CELLOS_BROKER="env",
+        CELL_OS_JSONL_EVENTS=str(events_path),
+        CELLOS_EXPORT_DIR=str(tmp_path / "x"),
+    )
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "nosecret",
+            argv=["/bin/touch", str(marker)],
+            authority={"secretRefs": ["ok", "db-pass"]},
+            export={"artifacts": [{"name": "a", "path": "/workspace/a"}]},
+        ),
+    )
+    env["CELLOS_SECRET_OK"] = "fine"
+    result = supervisor_cli(str(spec), env)
+    assert result.code == 1
+    assert result.stderr.startswith(
+        "error: spec.authority.secretRefs[1]: 'db-pass': secret not found"
+    )
+    assert "fine" not in result.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "state").exists()
+    events = read_events(events_path)
+    assert short_types(events) == ["compliance.v1.summary"]
+    assert events[0]["data"]["outcome"] == "failed"
+
+
+def test_symlink_at_export_destination_is_refused(tmp_path: Path, supervisor_cli: Run) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("original")
+    cell_dir = tmp_path / "x" / "sym-1"
+    cell_dir.mkdir(parents=True)
+    (cell_dir / "out.txt").symlink_to(victim)
+    events_path = tmp_path / "events.jsonl"
+    env = base_env(
+        tmp_path, CELL_OS_JSONL_EVENTS=str(events_path), CELLOS_EXPORT_DIR=str(tmp_path / "x")
+    )
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "sym-1",
+            argv=["/bin/sh", "-c", "echo evil > out.txt"],
+            export={"artifacts": [{"name": "out.txt", "path": "/workspace/out.txt"}]},
+        ),
+    )
+    result = supervisor_cli(str(spec), env)
+    assert result.code == 1
+    assert "error: spec.export.artifacts[0].path: export destination is a symlink" in result.stderr
+    assert victim.read_text() == "original"
+    assert os.listdir(cell_dir) == ["out.txt"]  # no partial file left behind
+    failed = [e for e in read_events(events_path) if e["type"].endswith("export.v2.failed")]
+    assert len(failed) == 1 and "symlink" in failed[0]["data"]["reason"]
+
+
+def test_missing_artifact_is_a_failed_export_never_an_empty_file(
+    tmp_path: Path, supervisor_cli: Run
+) -> None:
+    events_path = tmp_path / "events.jsonl"
+    env = base_env(
+        tmp_path, CELL_OS_JSONL_EVENTS=str(events_path), CELLOS_EXPORT_DIR=str(tmp_path / "x")
+    )
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc("miss-1", export={"artifacts": [{"name": "gone.txt", "path": "/workspace/gone.txt"}]}),
+    )
+    result = supervisor_cli(str(spec), env)
+    assert result.code == 1
+    assert "does not exist" in result.stderr
+    assert not (tmp_path / "x").exists()
+    types = short_types(read_events(events_path))
+    assert "export.v2.failed" in types and "export.v2.completed" not in types
+    assert types[-2:] == ["lifecycle.v1.destroyed", "compliance.v1.summary"]
+
+
+def test_workload_symlink_cannot_exfiltrate_host_files(tmp_path: Path, supervisor_cli: Run) -> None:
+    env = base_env(tmp_path, CELL_OS_USE_NOOP_SINK="1", CELLOS_EXPORT_DIR=str(tmp_path / "x"))
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "exfil-1",
+            argv=["/bin/sh", "-c", "mkdir d && ln -s /etc/shadow d/f && ln -s /etc d2"],
+            export={
+                "artifacts": [
+                    {"name": "a", "path": "/workspace/d/f"},
+                    {"name": "b", "path": "/workspace/d2/shadow"},
+                ]
+            },
+        ),
+    )
+    result = supervisor_cli(str(spec), env)
+    assert result.code == 1
+    assert result.stderr.count("symlink") == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_events_survive_a_failing_sink_in_the_dlq(tmp_path: Path, supervisor_cli: Run) -> None:
+    dlq = tmp_path / "dlq"
+    env = base_env(tmp_path, CELL_OS_JSONL_EVENTS="/dev/full", CELLOS_DLQ_DIR=str(dlq))
+    spec = write_doc(tmp_path / "c.yaml", doc("dlq-1"))
+    result = supervisor_cli(str(spec), env)
+    assert result.code == 0, result
+    kept = sorted(os.listdir(dlq / "jsonl"))
+    assert len(kept) == 6  # started, spawned, command, evidence, destroyed, summary
+    assert all(name.endswith(".json") for name in kept)
+
+
+def test_lost_events_fail_the_run(tmp_path: Path, supervisor_cli: Run) -> None:
+    env = base_env(tmp_path, CELL_OS_JSONL_EVENTS="/dev/full")
+    result = supervisor_cli(str(write_doc(tmp_path / "c.yaml", doc("lost-1"))), env)
+    assert result.code == 1
+    assert "could not be delivered" in result.stderr
+    assert os.listdir(tmp_path / "state" / "cells") == []  # teardown still happened
+
+
+def test_default_sink_is_stderr_jsonl(tmp_path: Path, supervisor_cli: Run) -> None:
+    result = supervisor_cli(
+        str(write_doc(tmp_path / "c.yaml", doc("stderr-1"))), base_env(tmp_path)
+    )
+    assert result.code == 0
+    assert result.stderr.count('"specversion":"1.0"') == 6
+
+
+def test_cgroup_leaf_is_created_joined_and_removed(tmp_path: Path, supervisor_cli: Run) -> None:
+    parent = Path("/sys/fs/cgroup/pids") / f"cellos-test-{uuid.uuid4().hex[:8]}"
+    try:
+        parent.mkdir()
+    except OSError as exc:
+        require_host(False, f"a writable cgroup hierarchy ({exc})")
+    try:
+        env = base_env(tmp_path, CELLOS_CGROUP_PARENT=str(parent), CELL_OS_USE_NOOP_SINK="1")
+        spec = write_doc(tmp_path / "c.yaml", doc("cg-1", argv=["/bin/cat", "/proc/self/cgroup"]))
+        result = supervisor_cli(str(spec), env)
+        assert result.code == 0, result
+        assert f"{parent.name}/cellos-cg-1" in result.stdout
+        assert list(parent.iterdir()) == [] or all(not p.is_dir() for p in parent.iterdir())
+    finally:
+        parent.rmdir()
