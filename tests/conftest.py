@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,34 @@ def require_host(ok: bool, what: str) -> None:
     if os.environ.get("CELLOS_REQUIRE_HOST_FEATURES") == "1":
         pytest.fail(f"host facility required but missing: {what}")
     pytest.skip(f"host facility missing: {what}")
+
+
+def unique_sleep() -> str:
+    """A ``sleep`` duration no other process on the machine uses: a marker for /proc scans."""
+    return f"300.{uuid.uuid4().int % 10**9:09d}"
+
+
+def running_with(marker: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmdline and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+# A workload that daemonizes (new session), ignores SIGTERM everywhere and keeps forking.
+def stubborn_workload(marker: str) -> list[str]:
+    return ["/bin/sh", "-c",
+            f"trap '' TERM; setsid /bin/sh -c \"trap '' TERM; sleep {marker}\" & "
+            f"sleep {marker} & echo started; while :; do sleep 1; done"]
 
 
 def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ from cellos.core.spec import CellSpec
 from cellos.hosts.cellos import CellosBackend
 from cellos.hosts.process import LOG_CAP_BYTES
 from cellos.hosts.stub import StubBackend
-from tests.conftest import doc
+from tests.conftest import doc, running_with, stubborn_workload, unique_sleep
 
 BACKENDS = ["stub", "cellos"]
 
@@ -121,34 +121,30 @@ def test_spawn_error_has_no_exit_code(backend: CellBackend) -> None:
     assert result.spawn_error and "No such file" in result.spawn_error
 
 
-def test_deadline_kills_the_whole_process_group(backend: CellBackend, tmp_path: Path) -> None:
-    pids = tmp_path / "pids"
+def test_deadline_kills_everything_the_workload_started(backend: CellBackend) -> None:
+    marker = unique_sleep()
+    argv = ["/bin/sh", "-c", f"trap '' TERM; sleep {marker} & echo started; wait"]
     handle = backend.create(spec())
     try:
-        result = backend.run(
-            handle,
-            request_for(
-                [
-                    "/bin/sh",
-                    "-c",
-                    f"trap '' TERM; sleep 300 & echo $! > {pids}; echo $$ >> {pids}; wait",
-                ],
-                deadline=0.5,
-            ),
-        )
+        result = backend.run(handle, request_for(argv, deadline=1))
+        assert result.forced and result.exit_code is None
+        assert result.stdout == b"started\n"
+        assert running_with(marker) == []
     finally:
         backend.destroy(handle)
-    assert result.forced and result.exit_code is None
-    for pid in pids.read_text().split():
-        assert not _alive(int(pid)), f"process {pid} survived the deadline"
 
 
-def _alive(pid: int) -> bool:
+def test_cellos_deadline_kills_a_daemonized_workload(tmp_path: Path) -> None:
+    """setsid escapes a process group, not the cell's pid namespace and cgroup."""
+    marker = unique_sleep()
+    backend = CellosBackend(state_root=str(tmp_path / "state"))
+    handle = backend.create(spec())
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+        result = backend.run(handle, request_for(stubborn_workload(marker), deadline=1))
+        assert result.forced and result.stdout == b"started\n"
+        assert running_with(marker) == []
+    finally:
+        backend.destroy(handle)
 
 
 def test_cellos_tracks_live_cells(tmp_path: Path) -> None:

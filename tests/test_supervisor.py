@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +21,10 @@ from tests.conftest import (
     doc,
     read_events,
     require_host,
+    running_with,
     short_types,
+    stubborn_workload,
+    unique_sleep,
     write_doc,
 )
 
@@ -32,14 +39,6 @@ FULL_ORDER = [
     "lifecycle.v1.destroyed",
     "compliance.v1.summary",
 ]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_seed_two_sequential_stub_runs_export_their_own_files(
@@ -137,30 +136,19 @@ def test_timeout_and_ttl_kill_everything_and_report_forced(
     tmp_path: Path, supervisor_cli: Run, backend: str, bound: str
 ) -> None:
     events_path = tmp_path / "events.jsonl"
-    pids = tmp_path / "pids"
+    marker = unique_sleep()
     env = base_env(tmp_path, CELLOS_CELL_BACKEND=backend, CELL_OS_JSONL_EVENTS=str(events_path))
-    limits: dict[str, Any] = (
-        {"lifetime": {"ttlSeconds": 1}} if bound == "ttl" else {"lifetime": {"ttlSeconds": 60}}
-    )
-    run = {"limits": {"gracefulShutdownSeconds": 1}}
+    lifetime = {"ttlSeconds": 1 if bound == "ttl" else 60}
+    run: dict[str, Any] = {"limits": {"gracefulShutdownSeconds": 1}}
     if bound == "timeout":
         run["timeoutSeconds"] = 1
-    spec = write_doc(
-        tmp_path / "c.yaml",
-        doc(
-            "slow-1",
-            argv=[
-                "/bin/sh",
-                "-c",
-                f"trap '' TERM; sleep 300 & echo $! > {pids}; echo $$ >> {pids}; "
-                "while :; do sleep 1; done",
-            ],
-            run=run,
-            **limits,
-        ),
-    )
+    # The stub has no pid namespace: a setsid daemon would escape its process group.
+    argv = (stubborn_workload(marker) if backend == "cellos" else
+            ["/bin/sh", "-c", f"trap '' TERM; sleep {marker} & echo started; wait"])
+    spec = write_doc(tmp_path / "c.yaml", doc("slow-1", argv=argv, run=run, lifetime=lifetime))
     result = supervisor_cli(str(spec), env)
     assert result.code == 124, result
+    assert result.stdout == "started\n"
     events = read_events(events_path)
     destroyed = next(e["data"] for e in events if e["type"].endswith("lifecycle.v1.destroyed"))
     assert destroyed["terminalState"] == "forced"
@@ -169,8 +157,7 @@ def test_timeout_and_ttl_kill_everything_and_report_forced(
     assert destroyed["reason"] == bound
     command = next(e["data"] for e in events if e["type"].endswith("command.v1.completed"))
     assert command["exitCode"] is None and command["forced"] is True
-    for pid in pids.read_text().split():
-        assert not _alive(int(pid)), f"pid {pid} still running after {bound}"
+    assert running_with(marker) == [], f"processes still running after {bound}"
 
 
 SECRET = "s3cr3t-" + uuid.uuid4().hex
@@ -336,18 +323,26 @@ def test_default_sink_is_stderr_jsonl(tmp_path: Path, supervisor_cli: Run) -> No
     assert result.stderr.count('"specversion":"1.0"') == 6
 
 
-def test_cgroup_leaf_is_created_joined_and_removed(tmp_path: Path, supervisor_cli: Run) -> None:
+def test_cgroup_leaf_is_created_joined_and_removed(tmp_path: Path) -> None:
     parent = Path("/sys/fs/cgroup/pids") / f"cellos-test-{uuid.uuid4().hex[:8]}"
     try:
         parent.mkdir()
     except OSError as exc:
         require_host(False, f"a writable cgroup hierarchy ({exc})")
+    leaf = parent / "cellos-cg-1"
     try:
         env = base_env(tmp_path, CELLOS_CGROUP_PARENT=str(parent), CELL_OS_USE_NOOP_SINK="1")
-        spec = write_doc(tmp_path / "c.yaml", doc("cg-1", argv=["/bin/cat", "/proc/self/cgroup"]))
-        result = supervisor_cli(str(spec), env)
-        assert result.code == 0, result
-        assert f"{parent.name}/cellos-cg-1" in result.stdout
-        assert list(parent.iterdir()) == [] or all(not p.is_dir() for p in parent.iterdir())
+        spec = write_doc(tmp_path / "c.yaml", doc("cg-1", argv=["/bin/sleep", "3"]))
+        proc = subprocess.Popen([sys.executable, "-m", "cellos.supervisor.cli", str(spec)], env=env)
+        members: list[str] = []
+        deadline = time.monotonic() + 10
+        while not members and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                members = (leaf / "cgroup.procs").read_text().split()
+            time.sleep(0.02)
+        assert proc.wait(timeout=30) == 0
+        # bwrap's outer process, the cell's pid 1 and the workload were all in the leaf.
+        assert len(members) >= 2, members
+        assert not leaf.exists()
     finally:
         parent.rmdir()

@@ -58,6 +58,39 @@ def _cmd_events_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from cellos.doctor import run_checks
+
+    checks = run_checks()
+    if args.json:
+        print(json.dumps([{"feature": c.feature, "ok": c.ok, "detail": c.detail} for c in checks],
+                         indent=2))
+    else:
+        width = max(len(c.feature) for c in checks)
+        for c in checks:
+            print(f"{c.feature:<{width}}  {'ok     ' if c.ok else 'MISSING'}  {c.detail}")
+    # The default backend needs the sandbox; everything else is optional.
+    return 0 if checks[0].ok else 1
+
+
+def _cmd_reap(args: argparse.Namespace) -> int:
+    import os
+
+    from cellos.supervisor.composition import build_supervisor
+
+    supervisor = build_supervisor(os.environ)
+    try:
+        reaped = supervisor.reap_stale()
+    finally:
+        supervisor.close()
+    for cell in reaped:
+        print(f"reaped {cell.cell_id}: removed {', '.join(cell.removed) or 'nothing'}"
+              + (f"; residue {', '.join(cell.residue)}" if cell.residue else ""))
+    if not reaped:
+        print("nothing to reap")
+    return 1 if any(cell.residue for cell in reaped) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellos", description="CellOS execution-cell runner")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", default=".", help="directory for <kid>.key and <kid>.verify-keys.json"
     )
     p.set_defaults(func=_cmd_keygen)
+
+    p = sub.add_parser("doctor", help="report which isolation features this host supports")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_doctor)
+
+    p = sub.add_parser("reap", help="remove what crashed supervisors left (emits an event each)")
+    p.set_defaults(func=_cmd_reap)
 
     events = sub.add_parser("events", help="work with event logs").add_subparsers(
         dest="events_command", required=True

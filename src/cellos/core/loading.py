@@ -100,9 +100,18 @@ def parse_document(data: bytes, source: str) -> Any:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        raise InvalidSpec(source, f"malformed YAML: {exc.problem}{where}") from None
+        raise InvalidSpec(source, _one_line(f"malformed YAML: {exc.problem}{where}")) from None
     except (yaml.YAMLError, RecursionError) as exc:
-        raise InvalidSpec(source, f"malformed YAML: {exc}") from None
+        raise InvalidSpec(source, _one_line(f"malformed YAML: {exc}")) from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        # PyYAML's constructors raise plain Python errors for values such as an impossible
+        # date, an unhashable key or an int too long to convert.
+        raise InvalidSpec(source, _one_line(f"malformed YAML: {exc}")) from None
+
+
+def _one_line(text: str) -> str:
+    """Errors are one ``error: <path>: <reason>`` line each, whatever the input contained."""
+    return " ".join(text.split())
 
 
 def json_path(loc: tuple[int | str, ...]) -> str:
@@ -111,6 +120,9 @@ def json_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif not part.isprintable() or not part or any(c in part for c in ".[]: "):
+            # A key the author typed may hold anything; quote it so the path stays one line.
+            out += f"[{json.dumps(part)}]"
         else:
             out += f".{part}" if out else str(part)
     return out or "<document>"

@@ -53,6 +53,15 @@ class TeardownReport:
 
 
 @dataclass(frozen=True)
+class ReapedCell:
+    """A cell of a dead supervisor that a reaper found and removed."""
+
+    cell_id: str
+    removed: tuple[str, ...]
+    residue: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class WorkloadRequest:
     """The workload to start inside a created cell."""
 
@@ -82,6 +91,8 @@ class WorkloadResult:
     stdout_bytes: int = 0
     stderr_bytes: int = 0
     truncated: bool = False
+    #: Kernel counters of the cell's limits (e.g. ``oomKills``, ``pidsLimitHits``).
+    limits: Mapping[str, int] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -99,6 +110,13 @@ class CellBackend(Protocol):
         ...
 
     def destroy(self, handle: CellHandle) -> TeardownReport: ...
+
+
+@runtime_checkable
+class ReapingBackend(Protocol):
+    """A backend that leaves host state a crashed supervisor could orphan."""
+
+    def reap(self) -> list[ReapedCell]: ...
 
 
 @runtime_checkable

@@ -34,7 +34,8 @@ class _Model(BaseModel):
         strict=True,
         extra="forbid",
         alias_generator=to_camel,
-        populate_by_name=True,
+        # Only the camelCase names of the document are accepted (snake_case is not a key).
+        populate_by_name=False,
         frozen=True,
     )
 

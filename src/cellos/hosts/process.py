@@ -21,11 +21,12 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import BinaryIO
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO, Protocol
 
 from cellos.core.ports import WorkloadRequest, WorkloadResult
+from cellos.hosts.procfs import iter_procs
 
 #: Bytes of each stream written to the log file; the rest is counted and dropped.
 LOG_CAP_BYTES = 16 << 20
@@ -53,6 +54,38 @@ class _BoundedStream:
         self.truncated = self.total > (LOG_CAP_BYTES if self.log is not None else RELAY_CAP_BYTES)
 
 
+class ProcessControl(Protocol):
+    """How to signal and enumerate everything a workload started (by default: its group)."""
+
+    def terminate(self, pid: int) -> None:
+        """First, graceful stage of a forced stop (SIGTERM to the workload's processes)."""
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL everything of the workload."""
+
+    def remaining(self, pid: int) -> list[int]:
+        """Processes of the workload still running (zombies excluded)."""
+
+
+class ProcessGroupControl:
+    """The workload and everything it forked share the process group led by ``pid``."""
+
+    def terminate(self, pid: int) -> None:
+        _kill_group(pid, signal.SIGTERM)
+
+    def kill(self, pid: int) -> None:
+        _kill_group(pid, signal.SIGKILL)
+
+    def remaining(self, pid: int) -> list[int]:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return []  # the common case: the group died with the workload
+        except PermissionError:
+            pass
+        return _group_members(pid)
+
+
 @dataclass(frozen=True)
 class SpawnOptions:
     cwd: str
@@ -62,6 +95,11 @@ class SpawnOptions:
     preexec: Callable[[], None] | None = None
     #: Called with the pid right after a successful spawn (e.g. to record it for a reaper).
     on_spawn: Callable[[int], None] | None = None
+    #: The command actually executed (e.g. the sandbox launcher); default ``request.argv``.
+    command: Sequence[str] | None = None
+    #: Extra descriptors the command needs (e.g. a seccomp program for the launcher).
+    pass_fds: tuple[int, ...] = ()
+    control: ProcessControl = field(default_factory=ProcessGroupControl)
 
 
 def _kill_group(pgid: int, sig: signal.Signals) -> None:
@@ -71,33 +109,15 @@ def _kill_group(pgid: int, sig: signal.Signals) -> None:
 
 def _group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is ``pgid``."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        # fields[0] is the state, fields[2] the process group.
-        if fields[0] != b"Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
+    return [p.pid for p in iter_procs() if p.state != "Z" and p.pgrp == pgid]
 
 
-def _wait_group_gone(pgid: int, timeout: float = 5.0) -> None:
-    """SIGKILL is asynchronous: wait until no member of the group is still running, so that
+def _wait_all_gone(control: ProcessControl, pid: int, timeout: float = 5.0) -> None:
+    """SIGKILL is asynchronous: wait until nothing of the workload is still running, so that
     "the workload ended" really means nothing of it is left."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return  # the common case: the group died with the workload
-    except PermissionError:
-        pass
     deadline = time.monotonic() + timeout
-    while _group_members(pgid) and time.monotonic() < deadline:
-        _kill_group(pgid, signal.SIGKILL)
+    while control.remaining(pid) and time.monotonic() < deadline:
+        control.kill(pid)
         time.sleep(0.005)
 
 
@@ -115,7 +135,7 @@ def _open_log(log_dir: str | None, name: str) -> BinaryIO | None:
 def spawn_isolated_workload(request: WorkloadRequest, options: SpawnOptions) -> WorkloadResult:
     """Run ``request.argv`` to completion or deadline; never raises for workload failures."""
     started = time.monotonic()
-    argv = list(request.argv)
+    argv = list(options.command or request.argv)
     # Logs are opened first: a failure here must not leave a started, unsupervised workload.
     out_log = _open_log(options.log_dir, "stdout.log")
     err_log = _open_log(options.log_dir, "stderr.log")
@@ -128,6 +148,7 @@ def spawn_isolated_workload(request: WorkloadRequest, options: SpawnOptions) -> 
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             close_fds=True,
+            pass_fds=options.pass_fds,
             start_new_session=True,
             preexec_fn=options.preexec,
         )
@@ -150,7 +171,7 @@ def spawn_isolated_workload(request: WorkloadRequest, options: SpawnOptions) -> 
     stdout_stream, stderr_stream = _BoundedStream(out_log), _BoundedStream(err_log)
     streams = {proc.stdout.fileno(): stdout_stream, proc.stderr.fileno(): stderr_stream}
     try:
-        forced, status = _supervise(proc, streams, request, started)
+        forced, status = _supervise(proc, streams, request, started, options.control)
     finally:
         for log in (out_log, err_log):
             if log is not None:
@@ -183,6 +204,7 @@ def _supervise(
     streams: dict[int, _BoundedStream],
     request: WorkloadRequest,
     started: float,
+    control: ProcessControl,
 ) -> tuple[bool, int]:
     """Drain output until the workload exits or its deadline passes; return (forced, status)."""
     pidfd = os.pidfd_open(proc.pid)
@@ -200,10 +222,10 @@ def _supervise(
             now = time.monotonic()
             if not forced and deadline is not None and now >= deadline:
                 forced = True
-                _kill_group(proc.pid, signal.SIGTERM)
+                control.terminate(proc.pid)
                 kill_at = now + request.graceful_shutdown_seconds
             if kill_at is not None and now >= kill_at:
-                _kill_group(proc.pid, signal.SIGKILL)
+                control.kill(proc.pid)
                 kill_at = None
             if exited and not any(k.fd in streams for k in sel.get_map().values()):
                 break
@@ -219,7 +241,7 @@ def _supervise(
                     # is still guaranteed to be ours, so that no orphan keeps the pipes open.
                     exited = True
                     sel.unregister(pidfd)
-                    _kill_group(proc.pid, signal.SIGKILL)
+                    control.kill(proc.pid)
                     kill_at = None
                     continue
                 try:
@@ -232,7 +254,7 @@ def _supervise(
                     sel.unregister(key.fd)
         _, status = os.waitpid(proc.pid, 0)
         proc.returncode = -1  # reaped here; keep Popen from waiting again
-        _wait_group_gone(proc.pid)
+        _wait_all_gone(control, proc.pid)
         return forced, status
     finally:
         sel.close()

@@ -23,6 +23,8 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
         return CellosBackend(
             state_root=env.get("CELLOS_STATE_DIR") or None,
             cgroup_parent=env.get("CELLOS_CGROUP_PARENT") or None,
+            rootfs=env.get("CELLOS_ROOTFS") or None,
+            bwrap=env.get("CELLOS_BWRAP") or None,
         )
     if name in PLANNED:
         raise PolicyRefused(

@@ -39,6 +39,7 @@ def run_spec(path: str) -> int:
         print_error(exc)
         return exc.exit_code
     try:
+        supervisor.reap_stale()
         outcome = supervisor.run(document)
     finally:
         supervisor.close()

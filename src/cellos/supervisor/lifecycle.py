@@ -31,6 +31,8 @@ from cellos.core.ports import (
     EventSink,
     ExportReceipt,
     ExportSink,
+    ReapedCell,
+    ReapingBackend,
     SecretBroker,
     TeardownReport,
     WorkloadRequest,
@@ -94,6 +96,23 @@ class Supervisor:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+
+    def reap_stale(self) -> list[ReapedCell]:
+        """Remove what crashed supervisors left; one destroyed event (and summary) per cell."""
+        if not isinstance(self.backend, ReapingBackend):
+            return []
+        reaped = self.backend.reap()
+        for cell in reaped:
+            emitter = EventEmitter(cell_id=cell.cell_id, host=self.host, sinks=self.sinks,
+                                   redactor=Redactor(), signer=self.signer)
+            common = {"cellId": cell.cell_id, "outcome": "failed", "terminalState": "forced",
+                      "reason": "reaped"}
+            emitter.emit(ev.LIFECYCLE_DESTROYED, {**common, "destroyed": not cell.residue,
+                                                  "removed": list(cell.removed),
+                                                  "residue": list(cell.residue)})
+            emitter.emit(ev.COMPLIANCE_SUMMARY, {**common, "errors": [
+                f"{cell.cell_id}: cell of a dead supervisor was reaped"]})
+        return reaped
 
     # -- the lifecycle -----------------------------------------------------------------------
 
@@ -247,6 +266,7 @@ class Supervisor:
                 "stdoutBytes": result.stdout_bytes,
                 "stderrBytes": result.stderr_bytes,
                 "outputTruncated": result.truncated,
+            "limits": dict(result.limits),
             },
         )
         if result.forced:

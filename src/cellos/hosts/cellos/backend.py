@@ -1,35 +1,49 @@
-"""The default ``cellos`` backend: tracks live cells and runs the workload with hygiene.
+"""The default ``cellos`` backend: a real sandbox per cell.
 
-This is the portable core of the backend: live-cell tracking (no duplicate live id, no double
-destroy, ``peers_tracked_after``), a private workspace per cell, bounded logs, an optional
-cgroup leaf, and everything the cell created recorded before it is created. Namespaces,
-seccomp and limits slot into :meth:`CellosBackend.run` through :class:`SpawnOptions`.
+Each cell gets new pid, mount, ipc, uts, network and cgroup namespaces (and a user namespace
+when the supervisor is not root), a private root of read-only binds entered with
+``pivot_root``, a fresh ``/proc``, a minimal ``/dev``, a private ``/tmp`` and a read-write
+workspace at ``run.workingDirectory``; ``no_new_privs``, no capabilities, a seccomp deny
+list; cgroup leaves with ``run.limits`` (v2, v1 or hybrid, detected at run time). The mount
+and namespace work is bubblewrap's (see :mod:`sandbox`).
+
+Live-cell tracking: no duplicate live id (in this process or any other, through the state
+directory lock), no double destroy, ``peers_tracked_after``. Every resource is recorded in the
+cell's state record before it is created, so ``cellos reap`` can always find it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import posixpath
-import signal
+import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
-from cellos.core.errors import ExportError, HostError
-from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
+from cellos.core.errors import ExportError, HostError, PolicyRefused
+from cellos.core.ports import (
+    CellHandle,
+    ReapedCell,
+    TeardownReport,
+    WorkloadRequest,
+    WorkloadResult,
+)
 from cellos.core.spec import CellSpec
 from cellos.hosts.artifacts import open_beneath
-from cellos.hosts.cellos import cgroup, state
+from cellos.hosts.cellos import cgroups, reaper, state
+from cellos.hosts.cellos.control import CellControl
+from cellos.hosts.cellos.sandbox import ENV_PROGRAM, SandboxPlan, bwrap_argv, isolation_features
+from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
 from cellos.hosts.process import SpawnOptions, spawn_isolated_workload
 
 
 @dataclass
 class _LiveCell:
     record: state.CellRecord
-    working_directory: str
-    cgroup: str | None = None
-    pgid: int | None = None
+    plan: SandboxPlan
+    cgroup: cgroups.CellCgroup | None = None
+    pid: int | None = None
 
 
 # Live cells are a property of the host, not of one backend object: every backend instance in
@@ -41,15 +55,41 @@ _LIVE_LOCK = threading.Lock()
 class CellosBackend:
     name = "cellos"
 
-    def __init__(self, *, state_root: str | None = None, cgroup_parent: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        state_root: str | None = None,
+        cgroup_parent: str | None = None,
+        rootfs: str | None = None,
+        bwrap: str | None = None,
+    ) -> None:
         self.state_root = state_root or state.default_state_root()
         self.cgroup_parent = cgroup_parent
         if cgroup_parent is not None and not os.path.isdir(cgroup_parent):
             raise HostError("CELLOS_CGROUP_PARENT", f"{cgroup_parent!r} is not a directory")
+        if rootfs is not None and not os.path.isdir(rootfs):
+            raise HostError("CELLOS_ROOTFS", f"{rootfs!r} is not a directory")
+        self.rootfs = rootfs
+        found = shutil.which(bwrap or "bwrap")
+        if found is None:
+            raise HostError("CELLOS_BWRAP", "bubblewrap (bwrap) is not installed; run "
+                            "scripts/setup.sh or apt-get install bubblewrap")
+        self.bwrap = found
+        self.layout = cgroups.detect()
+        self.cgroup_rel = cgroups.parent_relative(cgroup_parent, self.layout)
+        # Root runs cells without a user namespace; anyone else needs one to sandbox at all.
+        self.user_namespace = os.geteuid() != 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def create(self, spec: CellSpec) -> CellHandle:
+        limits = spec.run.limits
+        controllers = cgroups.needed_controllers(limits)
+        why_not = cgroups.usable(self.layout, self.cgroup_rel, controllers)
+        wants_limits = len(controllers) > 1 or (limits is not None and limits.pids_max is not None)
+        if why_not is not None and (wants_limits or self.cgroup_parent is not None):
+            raise PolicyRefused("spec.run.limits" if wants_limits else "CELLOS_CGROUP_PARENT",
+                                f"cannot be enforced on this host: {why_not}")
         with _LIVE_LOCK:
             if spec.id in _LIVE:
                 raise HostError("spec.id", f"a live cell with id {spec.id!r} already exists")
@@ -60,59 +100,107 @@ class CellosBackend:
                     "spec.id", f"a live cell with id {spec.id!r} already exists (another process)"
                 ) from None
             except OSError as exc:
-                raise HostError(
-                    "CELLOS_STATE_DIR", f"cannot create cell state: {exc.strerror}"
-                ) from None
-            live = _LiveCell(record=record, working_directory=spec.run.working_directory)
+                raise HostError("CELLOS_STATE_DIR",
+                                f"cannot create cell state: {exc.strerror}") from None
+            plan = SandboxPlan(
+                cell_id=spec.id,
+                workspace=record.workspace,
+                working_directory=spec.run.working_directory,
+                rootfs=self.rootfs,
+                user_namespace=self.user_namespace,
+            )
+            live = _LiveCell(record=record, plan=plan)
             _LIVE[spec.id] = live
-        if stale and isinstance(stale.get("cgroup"), str):
-            with contextlib.suppress(OSError):
-                cgroup.remove_leaf(stale["cgroup"])
+        if stale:
+            reaper.reap_resources(stale)
         try:
-            if self.cgroup_parent is not None:
-                leaf = cgroup.leaf_path(self.cgroup_parent, spec.id)
-                record.resources["cgroup"] = leaf
+            if why_not is None:
+                cell_cgroup = cgroups.CellCgroup.plan(self.layout, self.cgroup_rel, spec.id,
+                                                      controllers)
+                record.resources["cgroups"] = cell_cgroup.paths
                 record.save()  # recorded before it exists, so a reaper always finds it
-                cgroup.create_leaf(leaf)
-                live.cgroup = leaf
+                live.cgroup = cell_cgroup
+                cell_cgroup.create(limits)
         except OSError as exc:
             self._teardown(spec.id, live)
-            raise HostError(
-                "CELLOS_CGROUP_PARENT", f"cannot create cgroup leaf: {exc.strerror}"
-            ) from None
-        isolation = ["env-cleared", "fds-closed", "process-group", "private-workspace"]
-        resources = {"workspace": record.workspace}
-        if live.cgroup:
-            isolation.append("cgroup-leaf")
-            resources["cgroup"] = live.cgroup
-        return CellHandle(
-            cell_id=spec.id, backend=self.name, isolation=tuple(isolation), resources=resources
-        )
+            raise HostError("cgroup", f"cannot create the cell's cgroup: {exc.strerror}") from None
+        isolation = isolation_features(replace(plan, seccomp_fd=-1))
+        resources: dict[str, str] = {"workspace": record.workspace}
+        if live.cgroup is not None:
+            isolation.append("cgroup:" + ",".join(
+                f"{c}=v{v}" for c, v in sorted(live.cgroup.versions.items())))
+            resources["cgroup"] = live.cgroup.leaves["pids"]
+            if limits is not None:
+                isolation += [f"limit:{name}" for name, value in (
+                    ("memory", limits.memory_max_bytes), ("pids", limits.pids_max),
+                    ("cpu", limits.cpu_max)) if value is not None]
+        isolation.append("landlock:not-applied")
+        return CellHandle(cell_id=spec.id, backend=self.name, isolation=tuple(isolation),
+                          resources=resources)
 
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = self._live(handle)
         leaf = live.cgroup
+        if "=" in request.argv[0]:
+            return WorkloadResult(exit_code=None, duration_ms=0, reason="spawn_failed",
+                                  spawn_error=f"cannot start {request.argv[0]!r}: a program "
+                                  "name must not contain '='")
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            # The BPF program is small (far below a pipe's buffer), so this never blocks.
+            os.write(write_fd, workload_filter_bpf())
+            os.close(write_fd)
+            write_fd = -1
+            plan = replace(live.plan, seccomp_fd=read_fd)
 
-        def on_spawn(pid: int) -> None:
-            live.pgid = pid
-            live.record.resources["pgid"] = pid
-            live.record.save()
+            def on_spawn(pid: int) -> None:
+                live.pid = pid
+                live.record.resources["pid"] = pid
+                live.record.save()
 
-        options = SpawnOptions(
-            cwd=live.record.workspace,
-            log_dir=live.record.cell_dir,
-            preexec=(lambda: cgroup.join_current_process(leaf)) if leaf else None,
-            on_spawn=on_spawn,
-        )
-        return spawn_isolated_workload(request, options)
+            options = SpawnOptions(
+                cwd="/",
+                log_dir=live.record.cell_dir,
+                preexec=leaf.join_current_process if leaf else None,
+                on_spawn=on_spawn,
+                command=bwrap_argv(plan, request.argv, self.bwrap),
+                pass_fds=(read_fd,),
+                control=CellControl(leaf),
+            )
+            result = spawn_isolated_workload(request, options)
+        finally:
+            os.close(read_fd)
+            if write_fd >= 0:
+                os.close(write_fd)
+        return self._explain(live, result)
+
+    def _explain(self, live: _LiveCell, result: WorkloadResult) -> WorkloadResult:
+        """Turn launcher failures into spawn errors and limit kills into reasons."""
+        # bwrap exits 1 when it cannot set the cell up; env(1) 126/127 when it cannot exec.
+        for code, prefix in ((1, b"bwrap: "), (126, ENV_PROGRAM.encode() + b": "),
+                             (127, ENV_PROGRAM.encode() + b": ")):
+            if result.exit_code == code and result.stderr.startswith(prefix):
+                first, _, rest = result.stderr.partition(b"\n")
+                message = first[len(prefix):].decode(errors="replace")
+                return replace(result, exit_code=None, spawn_error=f"cannot start: {message}",
+                               reason="spawn_failed", stderr=rest)
+        if live.cgroup is None or result.forced:
+            return result
+        pressure = live.cgroup.pressure()
+        if pressure["oomKills"]:
+            return replace(result, reason="oom_killed", limits=pressure)
+        if pressure["pidsLimitHits"]:
+            return replace(result, reason=result.reason or "pids_limit_reached", limits=pressure)
+        return replace(result, limits=pressure)
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = self._live(handle)
-        workdir = live.working_directory
+        workdir = live.plan.working_directory
         if posixpath.isabs(path):
             norm = posixpath.normpath(path)
             if norm != workdir and not norm.startswith(workdir.rstrip("/") + "/"):
-                raise ExportError(path, f"is outside the cell's workspace {workdir}")
+                raise ExportError(path, f"is outside the cell's workspace {workdir} (the rest of "
+                                  "the cell's filesystem is read-only or discarded)")
             relative = posixpath.relpath(norm, workdir)
         else:
             relative = path
@@ -122,9 +210,8 @@ class CellosBackend:
         with _LIVE_LOCK:
             live = _LIVE.get(handle.cell_id)
             if live is None:
-                raise HostError(
-                    handle.cell_id, "cell is not live (already destroyed or never created)"
-                )
+                raise HostError(handle.cell_id,
+                                "cell is not live (already destroyed or never created)")
         killed, residue = self._teardown(handle.cell_id, live)
         with _LIVE_LOCK:
             peers = len(_LIVE)
@@ -135,6 +222,10 @@ class CellosBackend:
             processes_killed=killed,
             residue=tuple(residue),
         )
+
+    def reap(self) -> list[ReapedCell]:
+        """Remove what dead supervisors' cells left under this state root."""
+        return reaper.reap(self.state_root)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -147,14 +238,10 @@ class CellosBackend:
     def _teardown(self, cell_id: str, live: _LiveCell) -> tuple[int, list[str]]:
         killed = 0
         residue: list[str] = []
-        if live.pgid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(live.pgid, signal.SIGKILL)
+        if live.pid is not None:
+            CellControl(live.cgroup).kill(live.pid)
         if live.cgroup is not None:
-            try:
-                killed += cgroup.remove_leaf(live.cgroup)
-            except OSError:
-                residue.append(live.cgroup)
+            killed, residue = live.cgroup.remove()
         residue += state.release(self.state_root, live.record)
         with _LIVE_LOCK:
             _LIVE.pop(cell_id, None)

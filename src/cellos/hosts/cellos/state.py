@@ -48,7 +48,7 @@ class CellRecord:
             tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         with os.fdopen(fd, "w") as fh:
-            json.dump({"cellId": self.cell_id, "pid": os.getpid(), **self.resources}, fh)
+            json.dump({"cellId": self.cell_id, "supervisorPid": os.getpid(), **self.resources}, fh)
         os.replace(tmp, os.path.join(self.cell_dir, "record.json"))
 
 

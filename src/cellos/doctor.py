@@ -1,0 +1,127 @@
+"""``cellos doctor``: which isolation features this host supports, and what is missing."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Check:
+    feature: str
+    ok: bool
+    detail: str
+
+
+def _run(argv: list[str], timeout: float = 20) -> tuple[int, str]:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return -1, str(exc)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def check_sandbox() -> Check:
+    """A real one-shot cell through the same command line the backend uses."""
+    from cellos.hosts.cellos.sandbox import SandboxPlan, bwrap_argv
+
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return Check("namespaces", False, "bubblewrap (bwrap) not installed")
+    with tempfile.TemporaryDirectory() as workspace:
+        plan = SandboxPlan(cell_id="doctor", workspace=workspace, working_directory="/workspace",
+                           user_namespace=os.geteuid() != 0)
+        code, out = _run(bwrap_argv(plan, ["/bin/sh", "-c", "hostname; echo $$"], bwrap))
+    if code != 0 or out.split() != ["doctor", "2"]:
+        return Check("namespaces", False, f"sandbox failed: {out[:200]}")
+    kinds = "user,pid,mount,net,uts,ipc,cgroup" if plan.user_namespace else \
+        "pid,mount,net,uts,ipc,cgroup"
+    return Check("namespaces", True, f"{kinds} via {bwrap} (workload is pid 2)")
+
+
+def check_user_namespaces() -> Check:
+    try:
+        with open("/proc/sys/user/max_user_namespaces", encoding="ascii") as fh:
+            limit = int(fh.read())
+    except (OSError, ValueError):
+        return Check("user-namespaces", False, "cannot read user.max_user_namespaces")
+    return Check("user-namespaces", limit > 0, f"user.max_user_namespaces={limit}"
+                 + ("" if limit > 0 else ": unprivileged cells impossible"))
+
+
+def check_cgroups() -> list[Check]:
+    from cellos.hosts.cellos import cgroups
+
+    layout = cgroups.detect()
+    checks = []
+    for ctrl in cgroups.CONTROLLERS:
+        hierarchy = layout.by_controller.get(ctrl)
+        if hierarchy is None:
+            checks.append(Check(f"cgroup:{ctrl}", False, "no hierarchy offers this controller"))
+            continue
+        writable = os.access(hierarchy.mount, os.W_OK)
+        checks.append(Check(f"cgroup:{ctrl}", writable,
+                            f"v{hierarchy.version} at {hierarchy.mount}"
+                            + ("" if writable else " (not writable: limits cannot be enforced)")))
+    return checks
+
+
+def check_seccomp() -> Check:
+    try:
+        from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
+
+        size = len(workload_filter_bpf())
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        return Check("seccomp", False, f"libseccomp filter cannot be built: {exc}")
+    return Check("seccomp", True, f"deny-list filter, {size // 8} BPF instructions")
+
+
+def check_landlock() -> Check:
+    libc = ctypes.CDLL(None, use_errno=True)
+    landlock_create_ruleset = 444  # x86_64 and aarch64 share this number
+    version = libc.syscall(landlock_create_ruleset, None, 0, 1)
+    if version < 0:
+        return Check("landlock", False, f"not available ({os.strerror(ctypes.get_errno())})")
+    return Check("landlock", True, f"ABI {version}; not applied by this build (bubblewrap has "
+                 "no Landlock support; the read-only root confines the filesystem)")
+
+
+def check_tool(name: str, version_args: list[str], feature: str) -> Check:
+    path = shutil.which(name)
+    if path is None:
+        return Check(feature, False, f"{name} not installed")
+    code, out = _run([path, *version_args])
+    first = out.splitlines()[0] if out else ""
+    return Check(feature, code == 0, f"{path}: {first}")
+
+
+def check_kvm() -> Check:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return Check("kvm", False, f"/dev/kvm: {exc.strerror}")
+    try:
+        kvm_get_api_version = 0xAE00
+        api = fcntl.ioctl(fd, kvm_get_api_version)
+    finally:
+        os.close(fd)
+    return Check("kvm", api == 12, f"/dev/kvm API {api}; whether a guest boots is not checked "
+                 "(no microVM backend in this build)")
+
+
+def run_checks() -> list[Check]:
+    return [
+        check_sandbox(),
+        check_user_namespaces(),
+        *check_cgroups(),
+        check_seccomp(),
+        check_landlock(),
+        check_tool("nft", ["--version"], "nftables"),
+        check_tool("runsc", ["--version"], "gvisor"),
+        check_kvm(),
+    ]

@@ -1,0 +1,48 @@
+"""Small readers of /proc used to find every process that belongs to a cell."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    state: str
+    ppid: int
+    pgrp: int
+
+
+def iter_procs() -> Iterator[ProcStat]:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                # comm may contain spaces and parentheses: split after the last ')'.
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        yield ProcStat(int(entry), fields[0].decode(), int(fields[1]), int(fields[2]))
+
+
+def pid_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def live_in_namespace(ns: str) -> list[int]:
+    """Non-zombie processes whose pid namespace is ``ns`` (as read from /proc/<pid>/ns/pid)."""
+    return [p.pid for p in iter_procs() if p.state != "Z" and pid_namespace(p.pid) == ns]
+
+
+def is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
