@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 need_pkgs=()
+# The default backend sandboxes cells with bubblewrap and libseccomp.
+command -v bwrap >/dev/null 2>&1 || need_pkgs+=(bubblewrap)
+dpkg-query -W -f='${Status}' libseccomp2 2>/dev/null | grep -q 'ok installed' || need_pkgs+=(libseccomp2)
+# Tests and benchmarks use util-linux's unshare and setsid.
+command -v unshare >/dev/null 2>&1 || need_pkgs+=(util-linux)
 command -v "$PYTHON" >/dev/null 2>&1 || need_pkgs+=(python3)
 if command -v "$PYTHON" >/dev/null 2>&1; then
   "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \

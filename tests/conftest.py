@@ -150,11 +150,26 @@ def cloudevents_validator() -> Any:
     return jsonschema.Draft7Validator(schema)
 
 
+def _cellos_cgroup_leaves() -> set[str]:
+    from cellos.hosts.cellos import cgroups
+
+    leaves = set()
+    for mount in {h.mount for h in cgroups.detect().by_controller.values()}:
+        base = Path(mount) / cgroups.DEFAULT_PARENT
+        if base.is_dir():
+            leaves |= {str(p) for p in base.iterdir() if p.is_dir()}
+    return leaves
+
+
 @pytest.fixture(autouse=True)
-def _no_leftover_cells() -> Iterator[None]:
-    """Every test must leave the in-process live-cell table as it found it."""
+def _no_residue() -> Iterator[None]:
+    """After every test: no tracked cell, no cgroup leaf, no new mount left behind."""
     from cellos.hosts.cellos import backend
 
     before = set(backend._LIVE)
+    leaves = _cellos_cgroup_leaves()
+    mounts = Path("/proc/self/mountinfo").read_text().count("\n")
     yield
     assert set(backend._LIVE) == before, f"cells left tracked: {set(backend._LIVE) - before}"
+    assert _cellos_cgroup_leaves() == leaves, "cgroup leaves left behind"
+    assert Path("/proc/self/mountinfo").read_text().count("\n") == mounts, "mounts left behind"

@@ -668,7 +668,7 @@ def test_schema_rejects_wrong_types(schema: dict[str, Any]) -> None:
 # -- inputs PyYAML or pydantic mishandle unless the loader guards against them -----------------
 
 #: ``error: <path>: <reason>`` where a key that needs it is quoted as ``["..."]`` in the path.
-QUOTED_ERROR_LINE = re.compile(r'^error: (?:[^:\s\["]|\[\d+\]|\["(?:[^"\\]|\\.)*"\])+: .+$')
+QUOTED_ERROR_LINE = re.compile(r'^error: (?:[^:\s\[\]]|\[\d+\]|\["(?:[^"\\]|\\.)*"\])+: .+$')
 
 
 @pytest.mark.parametrize(
@@ -740,3 +740,20 @@ def test_snake_case_field_names_are_unknown_keys(
     sandbox.assert_refused(result, ())
     assert path in result.stderr
     sandbox.assert_no_residue()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cellos.core.loading.parse_document reads any text that starts with '{' as JSON, "
+    "so a valid flow-style YAML document is refused as malformed JSON (the same document "
+    "after a comment line or '---' is accepted)",
+)
+def test_flow_style_yaml_document_is_read_as_yaml(tmp_path: Path, cellos_cli: Run) -> None:
+    text = (
+        "{apiVersion: cellos.io/v1, kind: ExecutionCell,\n"
+        " spec: {id: flow, run: {argv: [/bin/true]}}}\n"
+    )
+    assert cellos_cli(["validate", "-"], base_env(tmp_path), stdin="---\n" + text).code == 0
+    result = cellos_cli(["validate", "-"], base_env(tmp_path), stdin=text)
+    assert result.code == 0, result
+    assert result.stdout == "ok: flow\n"

@@ -29,7 +29,7 @@ from cellos.supervisor.cli import run_spec
 
 #: One problem per line. A path is dotted names, ``[<index>]`` and ``["<json string>"]`` for a
 #: key that is not a plain name; the reason is the rest of the line.
-ERROR_LINE = re.compile(r'^error: (?:[^:\s\["]|\[\d+\]|\["(?:[^"\\]|\\.)*"\])+: \S.*$')
+ERROR_LINE = re.compile(r'^error: (?:[^:\s\[\]]|\[\d+\]|\["(?:[^"\\]|\\.)*"\])+: \S.*$')
 
 VALIDATE_SETTINGS = settings(
     max_examples=200,
@@ -126,7 +126,9 @@ FULL_BASE: dict[str, Any] = {
             ],
             "dnsAuthority": {
                 "hostnameAllowlist": ["registry.npmjs.org", "*.github.com"],
-                "resolvers": [{"resolverId": "corp", "protocol": "do53-udp", "address": "10.0.0.2:53"}],
+                "resolvers": [
+                    {"resolverId": "corp", "protocol": "do53-udp", "address": "10.0.0.2:53"}
+                ],
             },
         },
         "lifetime": {"ttlSeconds": 600},
@@ -204,7 +206,9 @@ def mutated(draw: st.DrawFn, base: dict[str, Any]) -> Any:
 def _serialize(data: Any, fmt: str) -> bytes:
     if fmt == "json":
         return json.dumps(data).encode()
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=fmt == "yaml-flow").encode()
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=fmt == "yaml-flow")
+    # A document starting with '{' is read as JSON, so flow-style YAML gets a start marker.
+    return (f"---\n{text}" if fmt == "yaml-flow" else text).encode()
 
 
 #: Pieces of YAML and JSON syntax (and of the document) for token soup.

@@ -65,8 +65,14 @@ class CellosBackend:
     ) -> None:
         self.state_root = state_root or state.default_state_root()
         self.cgroup_parent = cgroup_parent
-        if cgroup_parent is not None and not os.path.isdir(cgroup_parent):
-            raise HostError("CELLOS_CGROUP_PARENT", f"{cgroup_parent!r} is not a directory")
+        # An absolute parent names a directory in one hierarchy (it must exist); a relative
+        # one is created under every hierarchy the cell needs.
+        if cgroup_parent is not None and (
+            ".." in cgroup_parent.split("/")
+            or (os.path.isabs(cgroup_parent) and not os.path.isdir(cgroup_parent))
+        ):
+            raise HostError("CELLOS_CGROUP_PARENT",
+                            f"{cgroup_parent!r} is not an existing directory or a relative name")
         if rootfs is not None and not os.path.isdir(rootfs):
             raise HostError("CELLOS_ROOTFS", f"{rootfs!r} is not a directory")
         self.rootfs = rootfs
@@ -184,9 +190,11 @@ class CellosBackend:
                 message = first[len(prefix):].decode(errors="replace")
                 return replace(result, exit_code=None, spawn_error=f"cannot start: {message}",
                                reason="spawn_failed", stderr=rest)
-        if live.cgroup is None or result.forced:
+        if live.cgroup is None:
             return result
         pressure = live.cgroup.pressure()
+        if result.forced:
+            return replace(result, limits=pressure)
         if pressure["oomKills"]:
             return replace(result, reason="oom_killed", limits=pressure)
         if pressure["pidsLimitHits"]:
