@@ -51,9 +51,12 @@ def running_with(marker: str) -> list[int]:
 
 # A workload that daemonizes (new session), ignores SIGTERM everywhere and keeps forking.
 def stubborn_workload(marker: str) -> list[str]:
-    return ["/bin/sh", "-c",
-            f"trap '' TERM; setsid /bin/sh -c \"trap '' TERM; sleep {marker}\" & "
-            f"sleep {marker} & echo started; while :; do sleep 1; done"]
+    return [
+        "/bin/sh",
+        "-c",
+        f"trap '' TERM; setsid /bin/sh -c \"trap '' TERM; sleep {marker}\" & "
+        f"sleep {marker} & echo started; while :; do sleep 1; done",
+    ]
 
 
 def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -42,18 +42,31 @@ def _cellos_leaves() -> list[str]:
     return leaves
 
 
-def run_cell(backend: CellosBackend, argv: list[str], *, cell_id: str = "iso-1",
-             env: dict[str, str] | None = None, deadline: float = 60,
-             limits: dict[str, object] | None = None) -> WorkloadResult:
+def run_cell(
+    backend: CellosBackend,
+    argv: list[str],
+    *,
+    cell_id: str = "iso-1",
+    env: dict[str, str] | None = None,
+    deadline: float = 60,
+    limits: dict[str, object] | None = None,
+) -> WorkloadResult:
     run: dict[str, object] = {"argv": argv}
     if limits:
         run["limits"] = limits
     spec = validate_document(doc(cell_id, run=run)).spec
     handle = backend.create(spec)
     try:
-        return backend.run(handle, WorkloadRequest(
-            argv=argv, env=env or {}, working_directory="/workspace", deadline_seconds=deadline,
-            graceful_shutdown_seconds=1))
+        return backend.run(
+            handle,
+            WorkloadRequest(
+                argv=argv,
+                env=env or {},
+                working_directory="/workspace",
+                deadline_seconds=deadline,
+                graceful_shutdown_seconds=1,
+            ),
+        )
     finally:
         backend.destroy(handle)
 
@@ -74,17 +87,35 @@ def test_only_the_cells_processes_are_visible(backend: CellosBackend) -> None:
 def test_host_files_outside_the_binds_are_invisible(backend: CellosBackend, tmp_path: Path) -> None:
     secret = tmp_path / "host-only"
     secret.write_text("x")
-    result = sh(backend, f"for p in {secret} /root /home /etc/passwd /etc/shadow /work /run "
-                "/var /sys/fs/cgroup; do [ -e $p ] && echo visible $p; done; ls /")
+    result = sh(
+        backend,
+        f"for p in {secret} /root /home /etc/passwd /etc/shadow /work /run "
+        "/var /sys/fs/cgroup; do [ -e $p ] && echo visible $p; done; ls /",
+    )
     out = result.stdout.decode()
     assert "visible" not in out, out
-    assert set(out.split()) <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc",
-                                "sbin", "tmp", "usr", "workspace"}
+    assert set(out.split()) <= {
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        "lib32",
+        "lib64",
+        "libx32",
+        "proc",
+        "sbin",
+        "tmp",
+        "usr",
+        "workspace",
+    }
 
 
 def test_read_only_binds_cannot_be_written(backend: CellosBackend) -> None:
-    result = sh(backend, "touch /usr/cellos-x 2>&1; touch /etc/ssl/x 2>&1; "
-                "echo ok > /workspace/w && echo ws-ok; echo ok > /tmp/t && echo tmp-ok")
+    result = sh(
+        backend,
+        "touch /usr/cellos-x 2>&1; touch /etc/ssl/x 2>&1; "
+        "echo ok > /workspace/w && echo ws-ok; echo ok > /tmp/t && echo tmp-ok",
+    )
     out = result.stdout.decode()
     assert out.count("Read-only file system") == 2, out
     assert "ws-ok" in out and "tmp-ok" in out
@@ -92,14 +123,23 @@ def test_read_only_binds_cannot_be_written(backend: CellosBackend) -> None:
 
 
 def test_hostname_privileges_and_seccomp(backend: CellosBackend) -> None:
-    result = sh(backend, "hostname; grep -E '^(NoNewPrivs|CapEff|CapPrm|CapInh|CapAmb|Seccomp):' "
-                "/proc/self/status", cell_id="iso-host")
+    result = sh(
+        backend,
+        "hostname; grep -E '^(NoNewPrivs|CapEff|CapPrm|CapInh|CapAmb|Seccomp):' /proc/self/status",
+        cell_id="iso-host",
+    )
     lines = result.stdout.decode().split("\n")
     assert lines[0] == "iso-host"
     status = dict(line.split(":\t") for line in lines[1:] if line)
     zero = "0000000000000000"
-    assert status == {"NoNewPrivs": "1", "CapEff": zero, "CapPrm": zero, "CapInh": zero,
-                      "CapAmb": zero, "Seccomp": "2"}
+    assert status == {
+        "NoNewPrivs": "1",
+        "CapEff": zero,
+        "CapPrm": zero,
+        "CapInh": zero,
+        "CapAmb": zero,
+        "Seccomp": "2",
+    }
 
 
 def test_forbidden_syscalls_fail(backend: CellosBackend) -> None:
@@ -115,8 +155,9 @@ def test_forbidden_syscalls_fail(backend: CellosBackend) -> None:
     )
     result = run_cell(backend, ["/usr/bin/python3", "-c", probe])
     lines = dict(line.split(" ", 1) for line in result.stdout.decode().splitlines())
-    assert lines == {k: "Operation not permitted" for k in
-                     ("mount", "unshare", "ptrace", "bpf", "keyctl")}, result
+    assert lines == {
+        k: "Operation not permitted" for k in ("mount", "unshare", "ptrace", "bpf", "keyctl")
+    }, result
 
 
 def test_environment_and_fds_seen_from_the_host(backend: CellosBackend) -> None:
@@ -130,8 +171,11 @@ def test_environment_and_fds_seen_from_the_host(backend: CellosBackend) -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             # The launcher's command line names the marker too: pick the workload itself.
-            pids = [p for p in running_with(marker)
-                    if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"/bin/sleep\0")]
+            pids = [
+                p
+                for p in running_with(marker)
+                if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"/bin/sleep\0")
+            ]
             if pids:
                 pid = pids[0]
                 seen["environ"] = Path(f"/proc/{pid}/environ").read_bytes()
@@ -153,21 +197,28 @@ def test_environment_and_fds_seen_from_the_host(backend: CellosBackend) -> None:
 
 def test_fork_bomb_stops_at_pids_max(backend: CellosBackend) -> None:
     # First a bounded burst proves the limit holds before anything unbounded runs.
-    burst = sh(backend, "for i in $(seq 1 60); do sleep 5 & done 2>/dev/null; "
-               "echo $(jobs -p | wc -l)", limits={"pidsMax": 20}, deadline=10)
+    burst = sh(
+        backend,
+        "for i in $(seq 1 60); do sleep 5 & done 2>/dev/null; echo $(jobs -p | wc -l)",
+        limits={"pidsMax": 20},
+        deadline=10,
+    )
     assert burst.reason == "pids_limit_reached", burst
     assert burst.limits["pidsLimitHits"] > 0
     marker = unique_sleep()
-    bomb = sh(backend, f"bomb() {{ bomb | bomb & }}; bomb; sleep {marker}",
-              limits={"pidsMax": 64}, deadline=3)
+    bomb = sh(
+        backend,
+        f"bomb() {{ bomb | bomb & }}; bomb; sleep {marker}",
+        limits={"pidsMax": 64},
+        deadline=3,
+    )
     assert bomb.forced and bomb.reason == "timeout", bomb
     assert bomb.limits["pidsLimitHits"] > 0
     assert running_with(marker) == []
 
 
 def test_memory_hog_is_killed_at_memory_max(backend: CellosBackend) -> None:
-    hog = ["/usr/bin/python3", "-c",
-           "b = []\nwhile True: b.append(bytearray(8 << 20))"]
+    hog = ["/usr/bin/python3", "-c", "b = []\nwhile True: b.append(bytearray(8 << 20))"]
     result = run_cell(backend, hog, limits={"memoryMaxBytes": 64 << 20}, deadline=30)
     assert result.reason == "oom_killed", result
     assert result.limits["oomKills"] >= 1
@@ -175,11 +226,15 @@ def test_memory_hog_is_killed_at_memory_max(backend: CellosBackend) -> None:
 
 
 def test_cpu_spinner_is_throttled_to_cpu_max(backend: CellosBackend) -> None:
-    spin = ["/usr/bin/python3", "-c",
-            "import os, time\nt = time.monotonic()\nwhile time.monotonic() - t < 2: pass\n"
-            "c = os.times()\nprint(c.user + c.system)"]
-    limited = run_cell(backend, spin, limits={"cpuMax": {"quotaMicros": 20000,
-                                                          "periodMicros": 100000}})
+    spin = [
+        "/usr/bin/python3",
+        "-c",
+        "import os, time\nt = time.monotonic()\nwhile time.monotonic() - t < 2: pass\n"
+        "c = os.times()\nprint(c.user + c.system)",
+    ]
+    limited = run_cell(
+        backend, spin, limits={"cpuMax": {"quotaMicros": 20000, "periodMicros": 100000}}
+    )
     free = run_cell(backend, spin)
     used_limited = float(limited.stdout)
     used_free = float(free.stdout)
@@ -201,10 +256,16 @@ def test_kill_9_of_the_supervisor_is_cleaned_by_reap(tmp_path: Path) -> None:
     parent = f"cellos-reap-{os.getpid()}"
     events = tmp_path / "events.jsonl"
     env = base_env(tmp_path, CELL_OS_JSONL_EVENTS=str(events), CELLOS_CGROUP_PARENT=parent)
-    spec = write_doc(tmp_path / "c.yaml", doc(
-        "doomed-1", argv=["/bin/sleep", marker], run={"limits": {"pidsMax": 50}}))
-    supervisor = subprocess.Popen([sys.executable, "-m", "cellos.supervisor.cli", str(spec)],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc("doomed-1", argv=["/bin/sleep", marker], run={"limits": {"pidsMax": 50}}),
+    )
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "cellos.supervisor.cli", str(spec)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 20
         while not running_with(marker) and time.monotonic() < deadline:
@@ -221,8 +282,14 @@ def test_kill_9_of_the_supervisor_is_cleaned_by_reap(tmp_path: Path) -> None:
             time.sleep(0.02)
         assert running_with(marker) == []
         # ... but the cgroup leaf and the state directory stay until reaped.
-        reap = subprocess.run([sys.executable, "-m", "cellos.cli", "reap"], env=env,
-                              capture_output=True, text=True, timeout=60, check=False)
+        reap = subprocess.run(
+            [sys.executable, "-m", "cellos.cli", "reap"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert reap.returncode == 0, reap
         assert reap.stdout.startswith("reaped doomed-1: removed cgroup:")
         assert not any(Path(p).exists() for p in leaves)
@@ -230,8 +297,14 @@ def test_kill_9_of_the_supervisor_is_cleaned_by_reap(tmp_path: Path) -> None:
         reaped = [e for e in read_events(events) if e["data"].get("reason") == "reaped"]
         assert [e["type"].rsplit(".", 2)[-2] for e in reaped] == ["v1", "v1"]
         assert reaped[0]["data"]["cellId"] == "doomed-1"
-        again = subprocess.run([sys.executable, "-m", "cellos.cli", "reap"], env=env,
-                               capture_output=True, text=True, timeout=60, check=False)
+        again = subprocess.run(
+            [sys.executable, "-m", "cellos.cli", "reap"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert again.stdout == "nothing to reap\n"
     finally:
         supervisor.kill()
@@ -249,18 +322,44 @@ def test_started_event_records_the_isolation_applied(tmp_path: Path) -> None:
 
     _host_ready()
     events = tmp_path / "events.jsonl"
-    spec = write_doc(tmp_path / "c.yaml", doc("evidence-1", run={
-        "limits": {"memoryMaxBytes": 256 << 20, "pidsMax": 100,
-                   "cpuMax": {"quotaMicros": 50000}}}))
-    result = subprocess.run([sys.executable, "-m", "cellos.supervisor.cli", str(spec)],
-                            env=base_env(tmp_path, CELL_OS_JSONL_EVENTS=str(events)),
-                            capture_output=True, text=True, timeout=60, check=False)
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "evidence-1",
+            run={
+                "limits": {
+                    "memoryMaxBytes": 256 << 20,
+                    "pidsMax": 100,
+                    "cpuMax": {"quotaMicros": 50000},
+                }
+            },
+        ),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "cellos.supervisor.cli", str(spec)],
+        env=base_env(tmp_path, CELL_OS_JSONL_EVENTS=str(events)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result
     started = read_events(events)[0]["data"]
     isolation = set(started["isolation"])
-    assert {"ns:pid", "ns:mount", "ns:net", "ns:uts", "ns:ipc", "pivot_root", "no_new_privs",
-            "caps:none", "seccomp:deny-list", "limit:memory", "limit:pids",
-            "limit:cpu"} <= isolation, isolation
+    assert {
+        "ns:pid",
+        "ns:mount",
+        "ns:net",
+        "ns:uts",
+        "ns:ipc",
+        "pivot_root",
+        "no_new_privs",
+        "caps:none",
+        "seccomp:deny-list",
+        "limit:memory",
+        "limit:pids",
+        "limit:cpu",
+    } <= isolation, isolation
     assert any(f.startswith("cgroup:") for f in isolation)
 
 
@@ -270,11 +369,26 @@ def test_doctor_reports_this_hosts_features() -> None:
     import sys
 
     _host_ready()
-    result = subprocess.run([sys.executable, "-m", "cellos.cli", "doctor", "--json"],
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "cellos.cli", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result
     checks = {c["feature"]: c for c in json.loads(result.stdout)}
-    assert {"namespaces", "user-namespaces", "cgroup:pids", "cgroup:memory", "cgroup:cpu",
-            "seccomp", "landlock", "nftables", "gvisor", "kvm"} <= set(checks)
+    assert {
+        "namespaces",
+        "user-namespaces",
+        "cgroup:pids",
+        "cgroup:memory",
+        "cgroup:cpu",
+        "seccomp",
+        "landlock",
+        "nftables",
+        "gvisor",
+        "kvm",
+    } <= set(checks)
     assert checks["namespaces"]["ok"] and checks["seccomp"]["ok"]
     assert checks["cgroup:memory"]["detail"].startswith(("v1 ", "v2 "))

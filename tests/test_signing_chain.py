@@ -33,6 +33,7 @@ from cellos.core.signing import (
     wrap_signed,
 )
 from cellos.keygen import write_keypair
+from cellos.verify import load_verify_keys
 
 SCHEMA_PATH = (
     Path(__file__).resolve().parents[2] / "shared" / "reference" / "cloudevents-1.0.schema.json"
@@ -384,7 +385,7 @@ def write_json(path: Path, doc: Any) -> str:
 
 def test_verify_keys_load_round_trip(tmp_path: Path) -> None:
     signers: list[Signer] = [ed_signer("a"), HmacSigner("b", HMAC_KEY)]
-    keys = VerifyKeys.load(write_json(tmp_path / "k.json", verify_keys_document(signers)))
+    keys = load_verify_keys(write_json(tmp_path / "k.json", verify_keys_document(signers)))
     assert keys.kids == ("a", "b")
     assert len(keys) == 2
     for signer in signers:
@@ -411,24 +412,24 @@ def test_verify_keys_load_round_trip(tmp_path: Path) -> None:
 def test_verify_keys_load_refuses_bad_documents(tmp_path: Path, doc: Any, where: str) -> None:
     path = write_json(tmp_path / "k.json", doc)
     with pytest.raises(InvalidSpec) as info:
-        VerifyKeys.load(path)
+        load_verify_keys(path)
     assert info.value.path == path + where
 
 
 def test_verify_keys_load_refuses_duplicates_and_bad_files(tmp_path: Path) -> None:
     entry = verify_keys_document([ed_signer("a")])["keys"][0]
     with pytest.raises(InvalidSpec, match="duplicate kid"):
-        VerifyKeys.load(write_json(tmp_path / "d.json", {"keys": [entry, entry]}))
+        load_verify_keys(write_json(tmp_path / "d.json", {"keys": [entry, entry]}))
     dup = tmp_path / "dupkey.json"
     dup.write_text('{"keys": [], "keys": []}')
     with pytest.raises(InvalidSpec, match="duplicate"):
-        VerifyKeys.load(str(dup))
+        load_verify_keys(str(dup))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(InvalidSpec, match="not valid JSON"):
-        VerifyKeys.load(str(bad))
+        load_verify_keys(str(bad))
     with pytest.raises(InvalidSpec, match="cannot read"):
-        VerifyKeys.load(str(tmp_path / "missing.json"))
+        load_verify_keys(str(tmp_path / "missing.json"))
 
 
 def test_verify_keys_errors_never_contain_hmac_key(tmp_path: Path) -> None:
@@ -437,12 +438,12 @@ def test_verify_keys_errors_never_contain_hmac_key(tmp_path: Path) -> None:
         tmp_path / "k.json", {"keys": [{"kid": "h", "alg": "hmac-sha256", "key": short}]}
     )
     with pytest.raises(InvalidSpec) as info:
-        VerifyKeys.load(path)
+        load_verify_keys(path)
     assert all(short not in m for m in _messages(info.value))
     broken = tmp_path / "broken.json"
     broken.write_text('{"keys": [{"kid": "h", "alg": "hmac-sha256", "key": "c2VjcmV0c2VjcmV0" ')
     with pytest.raises(InvalidSpec) as info:
-        VerifyKeys.load(str(broken))
+        load_verify_keys(str(broken))
     assert all("c2VjcmV0c2VjcmV0" not in m for m in _messages(info.value))
     hmac_keys = VerifyKeys.from_signers(HmacSigner("h", HMAC_KEY))
     assert b64url_encode(HMAC_KEY) not in repr(hmac_keys.get("h"))
@@ -471,7 +472,7 @@ def test_keygen_writes_usable_keys(tmp_path: Path, alg: str) -> None:
     signer = signer_from_env(env(alg, key_text, kid="ops-2024.1"))
     assert signer is not None
     envelope = wrap_signed(sample_event(), signer)
-    keys = VerifyKeys.load(result.verify_keys_path)
+    keys = load_verify_keys(result.verify_keys_path)
     assert unwrap_signed(envelope, keys)["id"] == envelope["id"]
     if alg == "ed25519":
         assert key_text not in Path(result.verify_keys_path).read_text()

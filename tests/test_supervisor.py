@@ -143,8 +143,11 @@ def test_timeout_and_ttl_kill_everything_and_report_forced(
     if bound == "timeout":
         run["timeoutSeconds"] = 1
     # The stub has no pid namespace: a setsid daemon would escape its process group.
-    argv = (stubborn_workload(marker) if backend == "cellos" else
-            ["/bin/sh", "-c", f"trap '' TERM; sleep {marker} & echo started; wait"])
+    argv = (
+        stubborn_workload(marker)
+        if backend == "cellos"
+        else ["/bin/sh", "-c", f"trap '' TERM; sleep {marker} & echo started; wait"]
+    )
     spec = write_doc(tmp_path / "c.yaml", doc("slow-1", argv=argv, run=run, lifetime=lifetime))
     result = supervisor_cli(str(spec), env)
     assert result.code == 124, result

@@ -7,8 +7,6 @@ be readable by ``nobody``).
 
 from __future__ import annotations
 
-import encodings.ascii  # noqa: F401 - imported before the fork (see module doc)
-import encodings.latin_1  # noqa: F401
 import json
 import os
 import shutil
@@ -71,21 +69,34 @@ def _run(home: str, script: str, limits: dict[str, Any] | None = None) -> dict[s
     except CellosError as exc:
         return {"error": f"{exc.path}: {exc.reason}"}
     try:
-        result = backend.run(handle, WorkloadRequest(
-            argv=spec.run.argv, env={"X": "1"}, working_directory="/workspace",
-            deadline_seconds=30, graceful_shutdown_seconds=1))
+        result = backend.run(
+            handle,
+            WorkloadRequest(
+                argv=spec.run.argv,
+                env={"X": "1"},
+                working_directory="/workspace",
+                deadline_seconds=30,
+                graceful_shutdown_seconds=1,
+            ),
+        )
     finally:
         backend.destroy(handle)
-    return {"exit": result.exit_code, "stdout": result.stdout.decode(),
-            "stderr": result.stderr.decode(), "isolation": list(handle.isolation),
-            "left": os.listdir(os.path.join(home, "state", "cells"))}
+    return {
+        "exit": result.exit_code,
+        "stdout": result.stdout.decode(),
+        "stderr": result.stderr.decode(),
+        "isolation": list(handle.isolation),
+        "left": os.listdir(os.path.join(home, "state", "cells")),
+    }
 
 
 def test_unprivileged_user_gets_a_full_sandbox() -> None:
-    script = ("echo uid=$(id -u) pid=$$ host=$(hostname); "
-              "grep -E '^(NoNewPrivs|CapEff|Seccomp):' /proc/self/status; "
-              "touch /usr/x 2>/dev/null || echo ro; echo w > /workspace/f && echo rw; "
-              "ls /proc | grep -cE '^[0-9]+$'")
+    script = (
+        "echo uid=$(id -u) pid=$$ host=$(hostname); "
+        "grep -E '^(NoNewPrivs|CapEff|Seccomp):' /proc/self/status; "
+        "touch /usr/x 2>/dev/null || echo ro; echo w > /workspace/f && echo rw; "
+        "ls /proc | grep -cE '^[0-9]+$'"
+    )
     out = as_nobody(lambda home: _run(home, script))
     assert out["exit"] == 0, out
     lines = out["stdout"].splitlines()

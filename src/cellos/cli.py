@@ -43,10 +43,9 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_events_verify(args: argparse.Namespace) -> int:
-    from cellos.core.signing import VerifyKeys
-    from cellos.verify import verify_events_file
+    from cellos.verify import load_verify_keys, verify_events_file
 
-    keys = VerifyKeys.load(args.keys) if args.keys else None
+    keys = load_verify_keys(args.keys) if args.keys else None
     report = verify_events_file(args.file, keys, require_complete=not args.allow_incomplete)
     if report.ok:
         signed = "signed, " if keys else ""
@@ -63,8 +62,11 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     checks = run_checks()
     if args.json:
-        print(json.dumps([{"feature": c.feature, "ok": c.ok, "detail": c.detail} for c in checks],
-                         indent=2))
+        print(
+            json.dumps(
+                [{"feature": c.feature, "ok": c.ok, "detail": c.detail} for c in checks], indent=2
+            )
+        )
     else:
         width = max(len(c.feature) for c in checks)
         for c in checks:
@@ -84,8 +86,10 @@ def _cmd_reap(args: argparse.Namespace) -> int:
     finally:
         supervisor.close()
     for cell in reaped:
-        print(f"reaped {cell.cell_id}: removed {', '.join(cell.removed) or 'nothing'}"
-              + (f"; residue {', '.join(cell.residue)}" if cell.residue else ""))
+        print(
+            f"reaped {cell.cell_id}: removed {', '.join(cell.removed) or 'nothing'}"
+            + (f"; residue {', '.join(cell.residue)}" if cell.residue else "")
+        )
     if not reaped:
         print("nothing to reap")
     return 1 if any(cell.residue for cell in reaped) else 0

@@ -34,13 +34,20 @@ def check_sandbox() -> Check:
     if bwrap is None:
         return Check("namespaces", False, "bubblewrap (bwrap) not installed")
     with tempfile.TemporaryDirectory() as workspace:
-        plan = SandboxPlan(cell_id="doctor", workspace=workspace, working_directory="/workspace",
-                           user_namespace=os.geteuid() != 0)
+        plan = SandboxPlan(
+            cell_id="doctor",
+            workspace=workspace,
+            working_directory="/workspace",
+            user_namespace=os.geteuid() != 0,
+        )
         code, out = _run(bwrap_argv(plan, ["/bin/sh", "-c", "hostname; echo $$"], bwrap))
     if code != 0 or out.split() != ["doctor", "2"]:
         return Check("namespaces", False, f"sandbox failed: {out[:200]}")
-    kinds = "user,pid,mount,net,uts,ipc,cgroup" if plan.user_namespace else \
-        "pid,mount,net,uts,ipc,cgroup"
+    kinds = (
+        "user,pid,mount,net,uts,ipc,cgroup"
+        if plan.user_namespace
+        else "pid,mount,net,uts,ipc,cgroup"
+    )
     return Check("namespaces", True, f"{kinds} via {bwrap} (workload is pid 2)")
 
 
@@ -50,8 +57,12 @@ def check_user_namespaces() -> Check:
             limit = int(fh.read())
     except (OSError, ValueError):
         return Check("user-namespaces", False, "cannot read user.max_user_namespaces")
-    return Check("user-namespaces", limit > 0, f"user.max_user_namespaces={limit}"
-                 + ("" if limit > 0 else ": unprivileged cells impossible"))
+    return Check(
+        "user-namespaces",
+        limit > 0,
+        f"user.max_user_namespaces={limit}"
+        + ("" if limit > 0 else ": unprivileged cells impossible"),
+    )
 
 
 def check_cgroups() -> list[Check]:
@@ -65,9 +76,14 @@ def check_cgroups() -> list[Check]:
             checks.append(Check(f"cgroup:{ctrl}", False, "no hierarchy offers this controller"))
             continue
         writable = os.access(hierarchy.mount, os.W_OK)
-        checks.append(Check(f"cgroup:{ctrl}", writable,
-                            f"v{hierarchy.version} at {hierarchy.mount}"
-                            + ("" if writable else " (not writable: limits cannot be enforced)")))
+        checks.append(
+            Check(
+                f"cgroup:{ctrl}",
+                writable,
+                f"v{hierarchy.version} at {hierarchy.mount}"
+                + ("" if writable else " (not writable: limits cannot be enforced)"),
+            )
+        )
     return checks
 
 
@@ -87,8 +103,12 @@ def check_landlock() -> Check:
     version = libc.syscall(landlock_create_ruleset, None, 0, 1)
     if version < 0:
         return Check("landlock", False, f"not available ({os.strerror(ctypes.get_errno())})")
-    return Check("landlock", True, f"ABI {version}; not applied by this build (bubblewrap has "
-                 "no Landlock support; the read-only root confines the filesystem)")
+    return Check(
+        "landlock",
+        True,
+        f"ABI {version}; not applied by this build (bubblewrap has "
+        "no Landlock support; the read-only root confines the filesystem)",
+    )
 
 
 def check_tool(name: str, version_args: list[str], feature: str) -> Check:
@@ -110,8 +130,12 @@ def check_kvm() -> Check:
         api = fcntl.ioctl(fd, kvm_get_api_version)
     finally:
         os.close(fd)
-    return Check("kvm", api == 12, f"/dev/kvm API {api}; whether a guest boots is not checked "
-                 "(no microVM backend in this build)")
+    return Check(
+        "kvm",
+        api == 12,
+        f"/dev/kvm API {api}; whether a guest boots is not checked "
+        "(no microVM backend in this build)",
+    )
 
 
 def run_checks() -> list[Check]:

@@ -36,6 +36,29 @@ from cellos.core.events import COMPLIANCE_SUMMARY, SIGNED_ENVELOPE
 from cellos.core.signing import SignatureInvalid, VerifyKeys, parse_envelope, unwrap_signed
 
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
+_MAX_KEYS_FILE_BYTES: Final = 1 << 20
+
+
+def load_verify_keys(path: str) -> VerifyKeys:
+    """Read and parse a verify-keys JSON file; ``InvalidSpec(path..., reason)`` if bad."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_KEYS_FILE_BYTES + 1)
+    except OSError as exc:
+        raise InvalidSpec(path, f"cannot read verify keys: {exc.strerror}") from None
+    if len(raw) > _MAX_KEYS_FILE_BYTES:
+        raise InvalidSpec(path, f"larger than {_MAX_KEYS_FILE_BYTES} bytes")
+    try:
+        doc = strict_loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InvalidSpec(path, "is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        # The message and position only; never the text (an HMAC key may be in it).
+        reason = f"is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        raise InvalidSpec(path, reason) from None
+    except ValueError as exc:  # duplicate key or NaN, from strict_loads
+        raise InvalidSpec(path, f"is not valid JSON: {exc}") from None
+    return VerifyKeys.from_document(doc, source=path)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ can be added later without touching the sink chain.
 Secret hygiene: no error message or ``repr`` here ever contains key material, nor the value
 of a signing environment variable (a key pasted into the wrong variable must not leak either).
 
-The module does no I/O except ``VerifyKeys.load``, which reads one small file named by the
-operator; the parsing itself lives in ``VerifyKeys.from_document``.
+The module does no I/O: ``cellos.verify.load_verify_keys`` reads verify-key files and hands the
+parsed document to ``VerifyKeys.from_document``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import base64
 import copy
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from cellos.core.canonical import canonical_bytes, strict_loads
+from cellos.core.canonical import canonical_bytes
 from cellos.core.errors import CellosError, InvalidSpec, PolicyRefused
 from cellos.core.events import SIGNED_ENVELOPE
 
@@ -62,7 +61,6 @@ _ENVELOPE_ATTRIBUTES: Final = frozenset({*BOUND_ATTRIBUTES, "type", "datacontent
 _ENVELOPE_DATA_KEYS: Final = frozenset({"kid", "alg", "signature", "event"})
 
 # Verify-keys files are a handful of lines; the cap keeps a wrong path (a log, a device) cheap.
-_MAX_KEYS_FILE_BYTES: Final = 1 << 20
 
 
 def is_valid_kid(kid: str) -> bool:
@@ -406,28 +404,6 @@ class VerifyKeys:
                 raise InvalidSpec(f"{source}:keys[{i}].kid", f"duplicate kid {key.kid!r}")
             seen.add(key.kid)
         return cls(keys)
-
-    @classmethod
-    def load(cls, path: str) -> VerifyKeys:
-        """Read and parse a verify-keys JSON file; ``InvalidSpec(path..., reason)`` if bad."""
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(_MAX_KEYS_FILE_BYTES + 1)
-        except OSError as exc:
-            raise InvalidSpec(path, f"cannot read verify keys: {exc.strerror}") from None
-        if len(raw) > _MAX_KEYS_FILE_BYTES:
-            raise InvalidSpec(path, f"larger than {_MAX_KEYS_FILE_BYTES} bytes")
-        try:
-            doc = strict_loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise InvalidSpec(path, "is not UTF-8") from None
-        except json.JSONDecodeError as exc:
-            # The message and position only; never the text (an HMAC key may be in it).
-            reason = f"is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-            raise InvalidSpec(path, reason) from None
-        except ValueError as exc:  # duplicate key or NaN, from strict_loads
-            raise InvalidSpec(path, f"is not valid JSON: {exc}") from None
-        return cls.from_document(doc, source=path)
 
     @classmethod
     def from_signers(cls, *signers: Signer) -> VerifyKeys:

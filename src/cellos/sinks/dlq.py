@@ -35,7 +35,7 @@ class DlqSink:
     def emit(self, event: CloudEvent) -> None:
         try:
             self.inner.emit(event)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any delivery failure must dead-letter
             log.warning(
                 "sink %s failed, dead-lettering event",
                 self.sink_name,

@@ -54,7 +54,7 @@ class EventEmitter:
         for sink in self.sinks:
             try:
                 sink.emit(wire)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a sink failure must not abort teardown
                 self.lost += 1
                 log.error(
                     "event lost: sink %s failed",

@@ -103,15 +103,32 @@ class Supervisor:
             return []
         reaped = self.backend.reap()
         for cell in reaped:
-            emitter = EventEmitter(cell_id=cell.cell_id, host=self.host, sinks=self.sinks,
-                                   redactor=Redactor(), signer=self.signer)
-            common = {"cellId": cell.cell_id, "outcome": "failed", "terminalState": "forced",
-                      "reason": "reaped"}
-            emitter.emit(ev.LIFECYCLE_DESTROYED, {**common, "destroyed": not cell.residue,
-                                                  "removed": list(cell.removed),
-                                                  "residue": list(cell.residue)})
-            emitter.emit(ev.COMPLIANCE_SUMMARY, {**common, "errors": [
-                f"{cell.cell_id}: cell of a dead supervisor was reaped"]})
+            emitter = EventEmitter(
+                cell_id=cell.cell_id,
+                host=self.host,
+                sinks=self.sinks,
+                redactor=Redactor(),
+                signer=self.signer,
+            )
+            common = {
+                "cellId": cell.cell_id,
+                "outcome": "failed",
+                "terminalState": "forced",
+                "reason": "reaped",
+            }
+            emitter.emit(
+                ev.LIFECYCLE_DESTROYED,
+                {
+                    **common,
+                    "destroyed": not cell.residue,
+                    "removed": list(cell.removed),
+                    "residue": list(cell.residue),
+                },
+            )
+            emitter.emit(
+                ev.COMPLIANCE_SUMMARY,
+                {**common, "errors": [f"{cell.cell_id}: cell of a dead supervisor was reaped"]},
+            )
         return reaped
 
     # -- the lifecycle -----------------------------------------------------------------------
@@ -266,7 +283,7 @@ class Supervisor:
                 "stdoutBytes": result.stdout_bytes,
                 "stderrBytes": result.stderr_bytes,
                 "outputTruncated": result.truncated,
-            "limits": dict(result.limits),
+                "limits": dict(result.limits),
             },
         )
         if result.forced:

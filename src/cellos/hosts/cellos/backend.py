@@ -71,15 +71,20 @@ class CellosBackend:
             ".." in cgroup_parent.split("/")
             or (os.path.isabs(cgroup_parent) and not os.path.isdir(cgroup_parent))
         ):
-            raise HostError("CELLOS_CGROUP_PARENT",
-                            f"{cgroup_parent!r} is not an existing directory or a relative name")
+            raise HostError(
+                "CELLOS_CGROUP_PARENT",
+                f"{cgroup_parent!r} is not an existing directory or a relative name",
+            )
         if rootfs is not None and not os.path.isdir(rootfs):
             raise HostError("CELLOS_ROOTFS", f"{rootfs!r} is not a directory")
         self.rootfs = rootfs
         found = shutil.which(bwrap or "bwrap")
         if found is None:
-            raise HostError("CELLOS_BWRAP", "bubblewrap (bwrap) is not installed; run "
-                            "scripts/setup.sh or apt-get install bubblewrap")
+            raise HostError(
+                "CELLOS_BWRAP",
+                "bubblewrap (bwrap) is not installed; run "
+                "scripts/setup.sh or apt-get install bubblewrap",
+            )
         self.bwrap = found
         self.layout = cgroups.detect()
         self.cgroup_rel = cgroups.parent_relative(cgroup_parent, self.layout)
@@ -94,8 +99,10 @@ class CellosBackend:
         why_not = cgroups.usable(self.layout, self.cgroup_rel, controllers)
         wants_limits = len(controllers) > 1 or (limits is not None and limits.pids_max is not None)
         if why_not is not None and (wants_limits or self.cgroup_parent is not None):
-            raise PolicyRefused("spec.run.limits" if wants_limits else "CELLOS_CGROUP_PARENT",
-                                f"cannot be enforced on this host: {why_not}")
+            raise PolicyRefused(
+                "spec.run.limits" if wants_limits else "CELLOS_CGROUP_PARENT",
+                f"cannot be enforced on this host: {why_not}",
+            )
         with _LIVE_LOCK:
             if spec.id in _LIVE:
                 raise HostError("spec.id", f"a live cell with id {spec.id!r} already exists")
@@ -106,8 +113,9 @@ class CellosBackend:
                     "spec.id", f"a live cell with id {spec.id!r} already exists (another process)"
                 ) from None
             except OSError as exc:
-                raise HostError("CELLOS_STATE_DIR",
-                                f"cannot create cell state: {exc.strerror}") from None
+                raise HostError(
+                    "CELLOS_STATE_DIR", f"cannot create cell state: {exc.strerror}"
+                ) from None
             plan = SandboxPlan(
                 cell_id=spec.id,
                 workspace=record.workspace,
@@ -121,8 +129,9 @@ class CellosBackend:
             reaper.reap_resources(stale)
         try:
             if why_not is None:
-                cell_cgroup = cgroups.CellCgroup.plan(self.layout, self.cgroup_rel, spec.id,
-                                                      controllers)
+                cell_cgroup = cgroups.CellCgroup.plan(
+                    self.layout, self.cgroup_rel, spec.id, controllers
+                )
                 record.resources["cgroups"] = cell_cgroup.paths
                 record.save()  # recorded before it exists, so a reaper always finds it
                 live.cgroup = cell_cgroup
@@ -133,24 +142,36 @@ class CellosBackend:
         isolation = isolation_features(replace(plan, seccomp_fd=-1))
         resources: dict[str, str] = {"workspace": record.workspace}
         if live.cgroup is not None:
-            isolation.append("cgroup:" + ",".join(
-                f"{c}=v{v}" for c, v in sorted(live.cgroup.versions.items())))
+            isolation.append(
+                "cgroup:" + ",".join(f"{c}=v{v}" for c, v in sorted(live.cgroup.versions.items()))
+            )
             resources["cgroup"] = live.cgroup.leaves["pids"]
             if limits is not None:
-                isolation += [f"limit:{name}" for name, value in (
-                    ("memory", limits.memory_max_bytes), ("pids", limits.pids_max),
-                    ("cpu", limits.cpu_max)) if value is not None]
+                isolation += [
+                    f"limit:{name}"
+                    for name, value in (
+                        ("memory", limits.memory_max_bytes),
+                        ("pids", limits.pids_max),
+                        ("cpu", limits.cpu_max),
+                    )
+                    if value is not None
+                ]
         isolation.append("landlock:not-applied")
-        return CellHandle(cell_id=spec.id, backend=self.name, isolation=tuple(isolation),
-                          resources=resources)
+        return CellHandle(
+            cell_id=spec.id, backend=self.name, isolation=tuple(isolation), resources=resources
+        )
 
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = self._live(handle)
         leaf = live.cgroup
         if "=" in request.argv[0]:
-            return WorkloadResult(exit_code=None, duration_ms=0, reason="spawn_failed",
-                                  spawn_error=f"cannot start {request.argv[0]!r}: a program "
-                                  "name must not contain '='")
+            return WorkloadResult(
+                exit_code=None,
+                duration_ms=0,
+                reason="spawn_failed",
+                spawn_error=f"cannot start {request.argv[0]!r}: a program "
+                "name must not contain '='",
+            )
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             # The BPF program is small (far below a pipe's buffer), so this never blocks.
@@ -161,15 +182,13 @@ class CellosBackend:
 
             def on_spawn(pid: int) -> None:
                 live.pid = pid
-                live.record.resources["pid"] = pid
-                live.record.save()
 
+            command = bwrap_argv(plan, request.argv, self.bwrap)
             options = SpawnOptions(
                 cwd="/",
                 log_dir=live.record.cell_dir,
-                preexec=leaf.join_current_process if leaf else None,
                 on_spawn=on_spawn,
-                command=bwrap_argv(plan, request.argv, self.bwrap),
+                command=leaf.joining_command(command) if leaf else command,
                 pass_fds=(read_fd,),
                 control=CellControl(leaf),
             )
@@ -182,14 +201,24 @@ class CellosBackend:
 
     def _explain(self, live: _LiveCell, result: WorkloadResult) -> WorkloadResult:
         """Turn launcher failures into spawn errors and limit kills into reasons."""
-        # bwrap exits 1 when it cannot set the cell up; env(1) 126/127 when it cannot exec.
-        for code, prefix in ((1, b"bwrap: "), (126, ENV_PROGRAM.encode() + b": "),
-                             (127, ENV_PROGRAM.encode() + b": ")):
+        # bwrap exits 1 when it cannot set the cell up, env(1) 126/127 when it cannot exec,
+        # the cgroup-joining shell 125 when it cannot join.
+        for code, prefix in (
+            (1, b"bwrap: "),
+            (126, ENV_PROGRAM.encode() + b": "),
+            (127, ENV_PROGRAM.encode() + b": "),
+            (cgroups.JOIN_FAILED, b"cellos: "),
+        ):
             if result.exit_code == code and result.stderr.startswith(prefix):
                 first, _, rest = result.stderr.partition(b"\n")
-                message = first[len(prefix):].decode(errors="replace")
-                return replace(result, exit_code=None, spawn_error=f"cannot start: {message}",
-                               reason="spawn_failed", stderr=rest)
+                message = first[len(prefix) :].decode(errors="replace")
+                return replace(
+                    result,
+                    exit_code=None,
+                    spawn_error=f"cannot start: {message}",
+                    reason="spawn_failed",
+                    stderr=rest,
+                )
         if live.cgroup is None:
             return result
         pressure = live.cgroup.pressure()
@@ -207,8 +236,11 @@ class CellosBackend:
         if posixpath.isabs(path):
             norm = posixpath.normpath(path)
             if norm != workdir and not norm.startswith(workdir.rstrip("/") + "/"):
-                raise ExportError(path, f"is outside the cell's workspace {workdir} (the rest of "
-                                  "the cell's filesystem is read-only or discarded)")
+                raise ExportError(
+                    path,
+                    f"is outside the cell's workspace {workdir} (the rest of "
+                    "the cell's filesystem is read-only or discarded)",
+                )
             relative = posixpath.relpath(norm, workdir)
         else:
             relative = path
@@ -218,8 +250,9 @@ class CellosBackend:
         with _LIVE_LOCK:
             live = _LIVE.get(handle.cell_id)
             if live is None:
-                raise HostError(handle.cell_id,
-                                "cell is not live (already destroyed or never created)")
+                raise HostError(
+                    handle.cell_id, "cell is not live (already destroyed or never created)"
+                )
         killed, residue = self._teardown(handle.cell_id, live)
         with _LIVE_LOCK:
             peers = len(_LIVE)

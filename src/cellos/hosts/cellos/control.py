@@ -49,7 +49,9 @@ class CellControl:
                     os.kill(member, signal.SIGTERM)
 
     def kill(self, pid: int) -> None:
-        self._learn(pid)
+        if is_running(pid):
+            # Once the launcher has exited its pid 1 is gone too; no need to look for it.
+            self._learn(pid)
         if self.cgroup is not None:
             self.cgroup.kill_all()
         for target in (self._init_pid, pid):

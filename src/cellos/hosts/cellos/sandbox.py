@@ -19,9 +19,19 @@ from dataclasses import dataclass
 
 #: Host paths bound read-only into a cell built from the host (when they exist).
 HOST_BINDS: tuple[str, ...] = (
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
-    "/etc/ssl", "/etc/ca-certificates", "/etc/alternatives", "/etc/ld.so.cache",
-    "/etc/ld.so.conf", "/etc/ld.so.conf.d",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/alternatives",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
 )
 
 
@@ -84,9 +94,19 @@ def isolation_features(plan: SandboxPlan) -> list[str]:
         features.append("ns:net")
     if plan.user_namespace:
         features.append("ns:user")
-    features += ["pivot_root", "rootfs:" + ("directory" if plan.rootfs else "host-ro-binds"),
-                 "proc:fresh", "dev:minimal", "tmp:private", "workspace:private",
-                 "no_new_privs", "caps:none", "pid1:reaper", "env:declared-only", "fds:closed"]
+    features += [
+        "pivot_root",
+        "rootfs:" + ("directory" if plan.rootfs else "host-ro-binds"),
+        "proc:fresh",
+        "dev:minimal",
+        "tmp:private",
+        "workspace:private",
+        "no_new_privs",
+        "caps:none",
+        "pid1:reaper",
+        "env:declared-only",
+        "fds:closed",
+    ]
     if plan.seccomp_fd is not None:
         features.append("seccomp:deny-list")
     return features

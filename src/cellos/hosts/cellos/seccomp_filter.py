@@ -15,18 +15,51 @@ import functools
 import tempfile
 
 DENIED_SYSCALLS: tuple[str, ...] = (
-    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsmount",
-    "fsconfig", "fspick", "mount_setattr",
-    "unshare", "setns",
-    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
-    "kexec_load", "kexec_file_load", "reboot",
-    "init_module", "finit_module", "delete_module",
-    "bpf", "perf_event_open", "userfaultfd",
-    "keyctl", "add_key", "request_key",
-    "swapon", "swapoff", "acct", "quotactl", "syslog",
-    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
-    "open_by_handle_at", "name_to_handle_at", "lookup_dcookie",
-    "iopl", "ioperm", "vhangup", "nfsservctl",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsmount",
+    "fsconfig",
+    "fspick",
+    "mount_setattr",
+    "unshare",
+    "setns",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "kexec_load",
+    "kexec_file_load",
+    "reboot",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "swapon",
+    "swapoff",
+    "acct",
+    "quotactl",
+    "syslog",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "lookup_dcookie",
+    "iopl",
+    "ioperm",
+    "vhangup",
+    "nfsservctl",
 )
 
 # Namespace flags of clone(2) (linux/sched.h).
@@ -54,8 +87,9 @@ def workload_filter_bpf() -> bytes:
         except (RuntimeError, ValueError, OSError):
             continue  # not a syscall on this architecture
     for flag in CLONE_NAMESPACE_FLAGS:
-        flt.add_rule(seccomp.ERRNO(errno.EPERM), "clone",
-                     seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+        flt.add_rule(
+            seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag)
+        )
     flt.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
     # libseccomp writes to a file descriptor, not a Python buffer.
     with tempfile.TemporaryFile() as fh:
