@@ -90,11 +90,20 @@ def parse_document(data: bytes, source: str) -> Any:
         try:
             return json.loads(text, object_pairs_hook=_reject_duplicates)
         except json.JSONDecodeError as exc:
-            raise InvalidSpec(
+            json_error = InvalidSpec(
                 source, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            ) from None
+            )
         except (ValueError, RecursionError) as exc:
             raise InvalidSpec(source, f"malformed JSON: {exc}") from None
+        # Not JSON, but maybe a flow-style YAML mapping ({apiVersion: ..., ...}).
+        try:
+            return _parse_yaml(text, source)
+        except InvalidSpec:
+            raise json_error from None
+    return _parse_yaml(text, source)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
@@ -136,10 +145,35 @@ def _reason(error: Any) -> str:
     return msg
 
 
+def _check_text(data: Any, loc: tuple[int | str, ...] = ()) -> None:
+    """Every key and string must be real Unicode text: JSON's ``"\\ud800"`` (a lone
+    surrogate) parses, but cannot be encoded, hashed into a digest or written to a log."""
+    if isinstance(data, str):
+        if not _is_text(data):
+            raise InvalidSpec(json_path(loc), "contains a lone surrogate (not valid Unicode)")
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(key, str) and not _is_text(key):
+                raise InvalidSpec(json_path(loc), "has a key with a lone surrogate")
+            _check_text(value, (*loc, str(key)))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            _check_text(value, (*loc, index))
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_document(data: Any) -> ExecutionCell:
     """Validate parsed data; every problem is reported with its JSON path."""
     if not isinstance(data, dict):
         raise InvalidSpec("<document>", "must be a mapping with apiVersion, kind and spec")
+    _check_text(data)
     try:
         return ExecutionCell.model_validate(data)
     except ValidationError as exc:

@@ -71,12 +71,12 @@ class CellosBackend:
             ".." in cgroup_parent.split("/")
             or (os.path.isabs(cgroup_parent) and not os.path.isdir(cgroup_parent))
         ):
-            raise HostError(
+            raise PolicyRefused(
                 "CELLOS_CGROUP_PARENT",
                 f"{cgroup_parent!r} is not an existing directory or a relative name",
             )
         if rootfs is not None and not os.path.isdir(rootfs):
-            raise HostError("CELLOS_ROOTFS", f"{rootfs!r} is not a directory")
+            raise PolicyRefused("CELLOS_ROOTFS", f"{rootfs!r} is not a directory")
         self.rootfs = rootfs
         found = shutil.which(bwrap or "bwrap")
         if found is None:

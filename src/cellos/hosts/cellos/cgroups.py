@@ -27,7 +27,7 @@ JOIN_FAILED = 125
 _JOIN_SCRIPT = (
     'n=$1; shift; while [ "$n" -gt 0 ]; do '
     'printf 0 > "$1" || { echo "cellos: cannot join cgroup $1" >&2; exit 125; }; '
-    "shift; n=$((n - 1)); done; exec \"$@\""
+    'shift; n=$((n - 1)); done; exec "$@"'
 )
 DEFAULT_PARENT = "cellos"
 
