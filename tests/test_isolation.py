@@ -267,10 +267,18 @@ def test_kill_9_of_the_supervisor_is_cleaned_by_reap(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
+
+        def workload_running() -> bool:
+            # The launcher's command line names the marker too: wait for the workload itself.
+            return any(
+                Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"/bin/sleep\0")
+                for p in running_with(marker)
+            )
+
         deadline = time.monotonic() + 20
-        while not running_with(marker) and time.monotonic() < deadline:
+        while not workload_running() and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert running_with(marker), "the cell never started"
+        assert workload_running(), "the cell never started"
         supervisor.send_signal(signal.SIGKILL)
         supervisor.wait()
         record = json.loads((tmp_path / "state" / "cells" / "doomed-1" / "record.json").read_text())

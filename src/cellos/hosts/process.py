@@ -118,7 +118,7 @@ def _wait_all_gone(control: ProcessControl, pid: int, timeout: float = 5.0) -> N
     deadline = time.monotonic() + timeout
     while control.remaining(pid) and time.monotonic() < deadline:
         control.kill(pid)
-        time.sleep(0.005)
+        time.sleep(0.0005)
 
 
 def _open_log(log_dir: str | None, name: str) -> BinaryIO | None:

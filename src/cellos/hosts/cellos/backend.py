@@ -182,6 +182,9 @@ class CellosBackend:
 
             def on_spawn(pid: int) -> None:
                 live.pid = pid
+                # For the reaper: a supervisor killed while the sandbox is still starting (before
+                # --die-with-parent is armed) leaves a launcher that only this pid can name.
+                live.record.write_pid(pid)
 
             command = bwrap_argv(plan, request.argv, self.bwrap)
             options = SpawnOptions(

@@ -281,7 +281,7 @@ def remove_leaf(path: str, timeout: float = 5.0) -> int:
             # EBUSY until the killed members are fully gone.
             if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise
-        time.sleep(0.005)
+        time.sleep(0.0005)
 
 
 def usable(layout: CgroupLayout, parent: str, controllers: Iterable[str]) -> str | None:

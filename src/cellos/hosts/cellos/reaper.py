@@ -19,13 +19,24 @@ from cellos.hosts.cellos import cgroups
 from cellos.hosts.cellos.state import read_record
 
 
+def _is_launcher(pid: int, cell_id: str) -> bool:
+    """A recorded pid may have been reused since the crash: only kill the cell's launcher."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return False
+    return b"--hostname" in argv and cell_id.encode() in argv
+
+
 def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Kill a dead cell's launcher and remove its cgroup leaves; return (removed, residue)."""
     removed: list[str] = []
     residue: list[str] = []
     pid = record.get("pid")
-    if isinstance(pid, int) and pid > 1 and record.get("supervisorPid") != os.getpid():
-        # --die-with-parent normally took the cell down with its supervisor already.
+    cell_id = record.get("cellId")
+    if isinstance(pid, int) and pid > 1 and isinstance(cell_id, str) and _is_launcher(pid, cell_id):
+        # Normally --die-with-parent took the cell down with its supervisor already.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     paths = record.get("cgroups")
