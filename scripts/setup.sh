@@ -33,7 +33,12 @@ fi
 # Reinstall only when pyproject.toml changed since the last successful install.
 stamp=.venv/.cellos-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
+  # pip's output goes to a log, shown only when the install fails.
+  if ! { .venv/bin/python -m pip install -q --upgrade pip \
+         && .venv/bin/python -m pip install -q -e '.[test]'; } >.venv/pip.log 2>&1; then
+    cat .venv/pip.log >&2
+    echo "error: setup: pip install failed (log above, also in .venv/pip.log)" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
