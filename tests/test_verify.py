@@ -160,7 +160,10 @@ EDITS: dict[str, Callable[[dict[str, Any]], None]] = {
     "envelope time": _edit_attr("time"),
     "envelope type": _edit_attr("type"),
     "inner time": lambda e: e["data"]["event"].update(time="2001-01-01T00:00:00Z"),
-    "signature": lambda e: e["data"].update(signature="A" + e["data"]["signature"][1:]),
+    # Always a different first character (a signature may already start with "A").
+    "signature": lambda e: e["data"].update(
+        signature=("B" if e["data"]["signature"][0] == "A" else "A") + e["data"]["signature"][1:]
+    ),
 }
 
 
