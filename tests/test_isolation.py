@@ -22,13 +22,20 @@ def _host_ready() -> None:
     require_host(shutil.which("bwrap") is not None, "bubblewrap (bwrap)")
 
 
+def _limits_ready(*controllers: str) -> None:
+    _host_ready()
+    why = cgroups.usable(cgroups.detect(), cgroups.DEFAULT_PARENT, ["pids", *controllers])
+    require_host(why is None, f"writable cgroups for {controllers or 'pids'} ({why})")
+
+
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[CellosBackend]:
     _host_ready()
     mounts_before = Path("/proc/self/mountinfo").read_text().count("\n")
     yield CellosBackend(state_root=str(tmp_path / "state"))
     # Residue check: no state, no cgroup leaf, no new mount, no process of any cell.
-    assert os.listdir(tmp_path / "state" / "cells") == []
+    cells = tmp_path / "state" / "cells"
+    assert not cells.exists() or os.listdir(cells) == []
     assert Path("/proc/self/mountinfo").read_text().count("\n") == mounts_before
     assert _cellos_leaves() == []
 
@@ -196,6 +203,7 @@ def test_environment_and_fds_seen_from_the_host(backend: CellosBackend) -> None:
 
 
 def test_fork_bomb_stops_at_pids_max(backend: CellosBackend) -> None:
+    _limits_ready()
     # First a bounded burst proves the limit holds before anything unbounded runs.
     burst = sh(
         backend,
@@ -218,6 +226,7 @@ def test_fork_bomb_stops_at_pids_max(backend: CellosBackend) -> None:
 
 
 def test_memory_hog_is_killed_at_memory_max(backend: CellosBackend) -> None:
+    _limits_ready("memory")
     hog = ["/usr/bin/python3", "-c", "b = []\nwhile True: b.append(bytearray(8 << 20))"]
     result = run_cell(backend, hog, limits={"memoryMaxBytes": 64 << 20}, deadline=30)
     assert result.reason == "oom_killed", result
@@ -226,6 +235,7 @@ def test_memory_hog_is_killed_at_memory_max(backend: CellosBackend) -> None:
 
 
 def test_cpu_spinner_is_throttled_to_cpu_max(backend: CellosBackend) -> None:
+    _limits_ready("cpu")
     spin = [
         "/usr/bin/python3",
         "-c",
@@ -251,7 +261,7 @@ def test_kill_9_of_the_supervisor_is_cleaned_by_reap(tmp_path: Path) -> None:
 
     from tests.conftest import base_env, read_events, write_doc
 
-    _host_ready()
+    _limits_ready()
     marker = unique_sleep()
     parent = f"cellos-reap-{os.getpid()}"
     events = tmp_path / "events.jsonl"
