@@ -338,7 +338,7 @@ def test_started_event_records_the_isolation_applied(tmp_path: Path) -> None:
 
     from tests.conftest import base_env, read_events, write_doc
 
-    _host_ready()
+    _limits_ready("memory", "cpu")
     events = tmp_path / "events.jsonl"
     spec = write_doc(
         tmp_path / "c.yaml",
