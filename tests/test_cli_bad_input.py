@@ -268,7 +268,8 @@ BAD_DOCUMENTS = [
     Bad(
         "json-nan-as-ttl",
         lambda m: json.dumps(_valid(m, lifetime={"ttlSeconds": float("nan")})),
-        ("spec.lifetime.ttlSeconds",),
+        (FILE,),
+        "NaN is not valid JSON",
     ),
     Bad(
         "not-utf8",

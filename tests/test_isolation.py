@@ -15,7 +15,14 @@ import pytest
 from cellos.core.loading import validate_document
 from cellos.core.ports import WorkloadRequest, WorkloadResult
 from cellos.hosts.cellos import CellosBackend, cgroups
-from tests.conftest import doc, require_host, running_with, unique_sleep
+from tests.conftest import (
+    doc,
+    require_host,
+    run_cli,
+    running_with,
+    short_types,
+    unique_sleep,
+)
 
 
 def _host_ready() -> None:
@@ -300,29 +307,15 @@ def test_kill_9_of_the_supervisor_is_cleaned_by_reap(tmp_path: Path) -> None:
             time.sleep(0.02)
         assert running_with(marker) == []
         # ... but the cgroup leaf and the state directory stay until reaped.
-        reap = subprocess.run(
-            [sys.executable, "-m", "cellos.cli", "reap"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert reap.returncode == 0, reap
+        reap = run_cli("cellos.cli", ["reap"], env)
+        assert reap.code == 0, reap
         assert reap.stdout.startswith("reaped doomed-1: removed cgroup:")
         assert not any(Path(p).exists() for p in leaves)
         assert os.listdir(tmp_path / "state" / "cells") == []
         reaped = [e for e in read_events(events) if e["data"].get("reason") == "reaped"]
-        assert [e["type"].rsplit(".", 2)[-2] for e in reaped] == ["v1", "v1"]
+        assert short_types(reaped) == ["lifecycle.v1.destroyed", "compliance.v1.summary"]
         assert reaped[0]["data"]["cellId"] == "doomed-1"
-        again = subprocess.run(
-            [sys.executable, "-m", "cellos.cli", "reap"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        again = run_cli("cellos.cli", ["reap"], env)
         assert again.stdout == "nothing to reap\n"
     finally:
         supervisor.kill()

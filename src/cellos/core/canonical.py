@@ -44,7 +44,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise ValueError(f"duplicate object key {key!r}")
+            raise ValueError(f"duplicate key {key!r}")
         obj[key] = value
     return obj
 

@@ -17,6 +17,7 @@ from typing import IO, Any
 import yaml
 from pydantic import ValidationError
 
+from cellos.core.canonical import strict_loads
 from cellos.core.errors import InvalidSpec
 from cellos.core.spec import ExecutionCell
 
@@ -71,15 +72,6 @@ _UniqueKeyLoader.add_constructor(
 )
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
 def parse_document(data: bytes, source: str) -> Any:
     """Parse JSON (when the text starts with ``{``) or YAML into plain Python data."""
     try:
@@ -88,7 +80,8 @@ def parse_document(data: bytes, source: str) -> Any:
         raise InvalidSpec(source, f"not valid UTF-8 (byte {exc.start})") from None
     if text.lstrip().startswith("{"):
         try:
-            return json.loads(text, object_pairs_hook=_reject_duplicates)
+            # Duplicate keys and NaN/Infinity are refused, as for every JSON CellOS reads.
+            return strict_loads(text)
         except json.JSONDecodeError as exc:
             json_error = InvalidSpec(
                 source, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
