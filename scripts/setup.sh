@@ -18,13 +18,25 @@ if command -v "$PYTHON" >/dev/null 2>&1; then
   "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 fi
 
-if ((${#need_pkgs[@]})); then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "error: setup: missing Debian packages: ${need_pkgs[*]} (ask an administrator to install them)" >&2
-    exit 1
+# Optional backends: installed where we may install, otherwise reported (cellos doctor).
+want_pkgs=()
+command -v runsc >/dev/null 2>&1 || want_pkgs+=(runsc)
+
+if [ "$(id -u)" = 0 ]; then SUDO=""
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"
+else SUDO="none"
+fi
+if ((${#need_pkgs[@]})) && [ "$SUDO" = none ]; then
+  echo "error: setup: missing Debian packages: ${need_pkgs[*]} (ask an administrator to install them)" >&2
+  exit 1
+fi
+if [ "$SUDO" = none ]; then
+  if ((${#want_pkgs[@]})); then
+    echo "note: setup: optional packages not installed: ${want_pkgs[*]}" >&2
   fi
+elif ((${#need_pkgs[@]} + ${#want_pkgs[@]})); then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" "${want_pkgs[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -120,6 +121,62 @@ def check_tool(name: str, version_args: list[str], feature: str) -> Check:
     return Check(feature, code == 0, f"{path}: {first}")
 
 
+def _runsc_default_platform(runsc: str) -> str:
+    code, out = _run([runsc, "flags"])
+    match = re.search(r'-platform string\s.*?\(default "([a-z]+)"\)', out, re.DOTALL)
+    return match.group(1) if code == 0 and match else "unknown"
+
+
+def check_gvisor() -> Check:
+    """A real one-shot runsc container through the gvisor backend."""
+    runsc = shutil.which("runsc")
+    if runsc is None:
+        return Check("gvisor", False, "runsc not installed (apt-get install runsc)")
+    if os.geteuid() != 0:
+        return Check("gvisor", False, "runsc is installed but this build runs it as root only")
+    from cellos.core.loading import validate_document
+    from cellos.core.ports import WorkloadRequest
+    from cellos.hosts.gvisor import GvisorBackend
+
+    platform = os.environ.get("CELLOS_GVISOR_PLATFORM") or _runsc_default_platform(runsc)
+    spec = validate_document(
+        {
+            "apiVersion": "cellos.io/v1",
+            "kind": "ExecutionCell",
+            "spec": {"id": "doctor", "run": {"argv": ["/bin/uname", "-r"]}},
+        }
+    ).spec
+    with tempfile.TemporaryDirectory() as state:
+        backend = GvisorBackend(state_root=state, platform=os.environ.get("CELLOS_GVISOR_PLATFORM"))
+        handle = backend.create(spec)
+        try:
+            result = backend.run(
+                handle,
+                WorkloadRequest(
+                    argv=spec.run.argv,
+                    env={},
+                    working_directory="/workspace",
+                    deadline_seconds=60,
+                    graceful_shutdown_seconds=1,
+                ),
+            )
+        finally:
+            backend.destroy(handle)
+    kernel = result.stdout.decode(errors="replace").strip()
+    if result.exit_code != 0 or not kernel:
+        return Check(
+            "gvisor",
+            False,
+            f"runsc one-shot container failed: "
+            f"{result.spawn_error or result.stderr.decode(errors='replace')[:200]}",
+        )
+    return Check(
+        "gvisor",
+        True,
+        f"{runsc}: one-shot container ran, guest kernel {kernel}, platform {platform}",
+    )
+
+
 def check_kvm() -> Check:
     try:
         fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
@@ -146,6 +203,6 @@ def run_checks() -> list[Check]:
         check_seccomp(),
         check_landlock(),
         check_tool("nft", ["--version"], "nftables"),
-        check_tool("runsc", ["--version"], "gvisor"),
+        check_gvisor(),
         check_kvm(),
     ]

@@ -28,6 +28,9 @@ from typing import BinaryIO, Protocol
 from cellos.core.ports import WorkloadRequest, WorkloadResult
 from cellos.hosts.procfs import iter_procs
 
+#: env(1) inside a cell: removes variables a launcher adds (bubblewrap's PWD, runsc's HOME),
+#: so that the workload's environment is exactly the declared one.
+ENV_PROGRAM = "/usr/bin/env"
 #: Bytes of each stream written to the log file; the rest is counted and dropped.
 LOG_CAP_BYTES = 16 << 20
 #: Bytes of each stream kept in memory for the supervisor to relay.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from cellos.core.errors import PolicyRefused
 from cellos.core.ports import CellBackend
 
-KNOWN = ("cellos", "stub")
-PLANNED = ("gvisor", "firecracker", "qemu")
+KNOWN = ("cellos", "gvisor", "stub")
+PLANNED = ("firecracker", "qemu")
 
 
 def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
@@ -25,6 +26,16 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
             cgroup_parent=env.get("CELLOS_CGROUP_PARENT") or None,
             rootfs=env.get("CELLOS_ROOTFS") or None,
             bwrap=env.get("CELLOS_BWRAP") or None,
+        )
+    if name == "gvisor":
+        from cellos.hosts.gvisor import GvisorBackend
+
+        state = env.get("CELLOS_STATE_DIR")
+        return GvisorBackend(
+            state_root=os.path.join(state, "gvisor") if state else None,
+            rootfs=env.get("CELLOS_ROOTFS") or None,
+            runsc=env.get("CELLOS_RUNSC") or None,
+            platform=env.get("CELLOS_GVISOR_PLATFORM") or None,
         )
     if name in PLANNED:
         raise PolicyRefused(

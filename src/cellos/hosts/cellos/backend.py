@@ -33,9 +33,9 @@ from cellos.core.spec import CellSpec
 from cellos.hosts.artifacts import open_beneath
 from cellos.hosts.cellos import cgroups, reaper, state
 from cellos.hosts.cellos.control import CellControl
-from cellos.hosts.cellos.sandbox import ENV_PROGRAM, SandboxPlan, bwrap_argv, isolation_features
+from cellos.hosts.cellos.sandbox import SandboxPlan, bwrap_argv, isolation_features
 from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
-from cellos.hosts.process import SpawnOptions, spawn_isolated_workload
+from cellos.hosts.process import ENV_PROGRAM, SpawnOptions, spawn_isolated_workload
 
 
 @dataclass

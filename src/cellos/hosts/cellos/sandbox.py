@@ -17,6 +17,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cellos.hosts.process import ENV_PROGRAM
+
 #: Host paths bound read-only into a cell built from the host (when they exist).
 HOST_BINDS: tuple[str, ...] = (
     "/usr",
@@ -33,9 +35,6 @@ HOST_BINDS: tuple[str, ...] = (
     "/etc/ld.so.conf",
     "/etc/ld.so.conf.d",
 )
-
-
-ENV_PROGRAM = "/usr/bin/env"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,180 @@
+"""The OCI bundle of a gVisor cell: a pure function from the document (+ host config) to
+``config.json`` (OCI runtime-spec 1.0).
+
+The root filesystem is read-only: either a rootfs directory, or an empty per-cell skeleton onto
+which the host's ``/usr``, ``/lib*`` ... are bound read-only (as the ``cellos`` backend does).
+The workspace is the only writable, persistent mount. The process gets exactly the declared
+environment, no capabilities, ``noNewPrivileges`` and modest rlimits; ``run.limits`` become
+``linux.resources``. No user namespace: Debian's runsc cannot start its gofer inside one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cellos.core.errors import InvalidSpec
+from cellos.core.spec import CellSpec
+
+OCI_VERSION = "1.0.2"
+
+#: Host paths bound read-only into a cell whose root is built from the host.
+HOST_BINDS: tuple[str, ...] = (
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/alternatives",
+    "/etc/ld.so.cache",
+)
+
+
+class MissingCellId(InvalidSpec):
+    def __init__(self) -> None:
+        super().__init__("spec.id", "a cell id is required to build a bundle")
+
+
+class MissingArgv(InvalidSpec):
+    def __init__(self) -> None:
+        super().__init__("spec.run.argv", "a non-empty argv is required to build a bundle")
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    #: Host path of the root filesystem (read-only).
+    rootfs: str
+    #: Host directory mounted read-write at ``run.workingDirectory``.
+    workspace: str
+    #: Host paths bound read-only into the root (empty when ``rootfs`` is complete). Host
+    #: symlinks such as ``/bin -> usr/bin`` are not bound: the skeleton holds them as symlinks.
+    host_binds: tuple[str, ...] = ()
+    #: Extra environment (e.g. delivered secrets), merged over ``run.env``.
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    #: A network namespace to join (egress authority); None means runsc's ``--network=none``.
+    netns_path: str | None = None
+    uid: int = 0
+    gid: int = 0
+    nofile: int = 1024
+    tmp_size_bytes: int = 64 << 20
+
+
+def _mounts(spec: CellSpec, config: BundleConfig) -> list[dict[str, Any]]:
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/tmp",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "nodev", "mode=1777", f"size={config.tmp_size_bytes}"],
+        },
+    ]
+    for path in config.host_binds:
+        mounts.append(
+            {
+                "destination": path,
+                "type": "bind",
+                "source": path,
+                "options": ["rbind", "ro", "nosuid", "nodev"],
+            }
+        )
+    mounts.append(
+        {
+            "destination": spec.run.working_directory,
+            "type": "bind",
+            "source": config.workspace,
+            "options": ["rbind", "rw", "nosuid", "nodev"],
+        }
+    )
+    return mounts
+
+
+def _resources(spec: CellSpec) -> dict[str, Any]:
+    limits = spec.run.limits
+    resources: dict[str, Any] = {}
+    if limits is None:
+        return resources
+    if limits.memory_max_bytes is not None:
+        resources["memory"] = {"limit": limits.memory_max_bytes, "swap": limits.memory_max_bytes}
+    if limits.pids_max is not None:
+        resources["pids"] = {"limit": limits.pids_max}
+    if limits.cpu_max is not None:
+        resources["cpu"] = {
+            "quota": limits.cpu_max.quota_micros,
+            "period": limits.cpu_max.period_micros,
+        }
+    return resources
+
+
+def build_config(
+    spec: CellSpec,
+    config: BundleConfig,
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """``config.json`` for ``spec``; raises :class:`MissingCellId` / :class:`MissingArgv`."""
+    if not spec.id:
+        raise MissingCellId()
+    args = list(argv if argv is not None else spec.run.argv)
+    if not args or not args[0]:
+        raise MissingArgv()
+    environment = {**(env if env is not None else spec.run.env), **config.extra_env}
+    namespaces: list[dict[str, str]] = [
+        {"type": "pid"},
+        {"type": "ipc"},
+        {"type": "uts"},
+        {"type": "mount"},
+        {"type": "network", "path": config.netns_path}
+        if config.netns_path
+        else {"type": "network"},
+    ]
+    linux: dict[str, Any] = {
+        "namespaces": namespaces,
+        "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+        "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"],
+    }
+    resources = _resources(spec)
+    if resources:
+        linux["resources"] = resources
+    no_caps: list[str] = []
+    return {
+        "ociVersion": OCI_VERSION,
+        "hostname": spec.id,
+        "root": {"path": config.rootfs, "readonly": True},
+        "process": {
+            "terminal": False,
+            "user": {"uid": config.uid, "gid": config.gid},
+            "args": args,
+            "env": [f"{k}={v}" for k, v in sorted(environment.items())],
+            "cwd": spec.run.working_directory,
+            "capabilities": {
+                k: no_caps for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": config.nofile, "soft": config.nofile}],
+            "noNewPrivileges": True,
+        },
+        "mounts": _mounts(spec, config),
+        "linux": linux,
+    }
+
+
+def host_binds() -> tuple[str, ...]:
+    """The host paths this machine has that are real files or directories (bound read-only)."""
+    return tuple(p for p in HOST_BINDS if os.path.exists(p) and not os.path.islink(p))
+
+
+def host_symlinks() -> dict[str, str]:
+    """Host paths that are symlinks (merged-/usr ``/bin -> usr/bin``), recreated in a skeleton."""
+    return {p: os.readlink(p) for p in HOST_BINDS if os.path.islink(p)}

@@ -1,0 +1,232 @@
+"""The ``gvisor`` backend: cells under runsc's user-space kernel (real runsc, no fakes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT4
+
+from cellos.core.loading import load_document, validate_document
+from cellos.core.spec import CellSpec
+from cellos.hosts.gvisor.bundle import (
+    BundleConfig,
+    MissingArgv,
+    MissingCellId,
+    build_config,
+    host_binds,
+)
+from tests.conftest import (
+    REPO,
+    SHARED,
+    CliResult,
+    base_env,
+    doc,
+    read_events,
+    require_host,
+    running_with,
+    write_doc,
+)
+
+Run = Callable[..., CliResult]
+OCI_SCHEMA_DIR = SHARED / "reference" / "oci-runtime-schema"
+
+
+@pytest.fixture
+def gvisor_env(tmp_path: Path) -> dict[str, str]:
+    require_host(shutil.which("runsc") is not None, "gVisor runsc")
+    require_host(os.geteuid() == 0, "root (Debian's runsc cannot run rootless)")
+    return base_env(
+        tmp_path,
+        CELLOS_CELL_BACKEND="gvisor",
+        CELL_OS_JSONL_EVENTS=str(tmp_path / "events.jsonl"),
+        CELLOS_EXPORT_DIR=str(tmp_path / "exports"),
+    )
+
+
+def gvisor_state(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "gvisor"
+
+
+def assert_no_gvisor_residue(tmp_path: Path) -> None:
+    state = gvisor_state(tmp_path)
+    assert not state.exists() or os.listdir(state) == [], os.listdir(state)
+    # No runsc sandbox of this test is still running.
+    assert running_with(str(state)) == []
+
+
+def test_the_cell_runs_on_gvisors_kernel_and_sees_nothing_of_the_host(
+    tmp_path: Path, gvisor_env: dict[str, str], supervisor_cli: Run
+) -> None:
+    host_file = tmp_path / "host-only"
+    host_file.write_text("x")
+    script = (
+        f"uname -r; dmesg | head -1; echo /proc/[0-9]*; "
+        f"for p in {host_file} /etc/passwd /root /home /work; do "
+        "[ -e $p ] && echo visible $p; done; echo done"
+    )
+    spec = write_doc(tmp_path / "c.yaml", doc("gv-kernel", argv=["/bin/sh", "-c", script]))
+    result = supervisor_cli(str(spec), gvisor_env)
+    assert result.code == 0, result
+    lines = result.stdout.splitlines()
+    assert lines[0] != platform.release()  # gVisor's own kernel version, not the host's
+    assert "gVisor" in lines[1]
+    assert len(lines[2].split()) <= 3, lines[2]  # only the cell's own processes
+    assert lines[3:] == ["done"], lines
+    assert_no_gvisor_residue(tmp_path)
+
+
+def test_exit_code_stdout_and_artifacts_come_back(
+    tmp_path: Path, gvisor_env: dict[str, str], supervisor_cli: Run
+) -> None:
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "gv-io",
+            argv=["/bin/sh", "-c", "echo out; echo err >&2; printf report > r.txt; exit 3"],
+            export={"artifacts": [{"name": "r.txt", "path": "/workspace/r.txt"}]},
+        ),
+    )
+    result = supervisor_cli(str(spec), gvisor_env)
+    assert (result.code, result.stdout) == (3, "out\n"), result
+    assert "err" in result.stderr
+    assert (tmp_path / "exports" / "gv-io" / "r.txt").read_text() == "report"
+    started = read_events(tmp_path / "events.jsonl")[0]["data"]
+    assert started["backend"] == "gvisor" and "gvisor:runsc" in started["isolation"]
+    assert_no_gvisor_residue(tmp_path)
+
+
+@pytest.mark.parametrize("bound", ["timeout", "ttl"])
+def test_timeout_and_ttl_kill_the_sandbox_and_leave_nothing(
+    tmp_path: Path, gvisor_env: dict[str, str], supervisor_cli: Run, bound: str
+) -> None:
+    run: dict[str, Any] = {"limits": {"gracefulShutdownSeconds": 1}}
+    if bound == "timeout":
+        run["timeoutSeconds"] = 2
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "gv-slow",
+            argv=["/bin/sh", "-c", "trap '' TERM; sleep 300 & echo started; wait"],
+            run=run,
+            lifetime={"ttlSeconds": 2 if bound == "ttl" else 60},
+        ),
+    )
+    result = supervisor_cli(str(spec), gvisor_env, timeout=90)
+    assert result.code == 124, result
+    assert result.stdout == "started\n"
+    destroyed = next(
+        e["data"]
+        for e in read_events(tmp_path / "events.jsonl")
+        if e["type"].endswith("lifecycle.v1.destroyed")
+    )
+    assert destroyed["terminalState"] == "forced" and destroyed["reason"] == bound
+    assert "exitCode" not in destroyed
+    assert_no_gvisor_residue(tmp_path)
+
+
+def test_bad_input_fails_before_runsc_starts(
+    tmp_path: Path, gvisor_env: dict[str, str], supervisor_cli: Run
+) -> None:
+    for bad in (doc("gv-bad", argv=[]), doc("../evil")):
+        spec = write_doc(tmp_path / "bad.yaml", bad)
+        result = supervisor_cli(str(spec), gvisor_env)
+        assert result.code == 2, result
+        assert result.stderr.startswith("error: spec.")
+    assert not gvisor_state(tmp_path).exists()
+
+
+def test_bundle_errors_are_typed() -> None:
+    good = validate_document(doc("gv-typed")).spec
+    config = BundleConfig(rootfs="/nonexistent-root", workspace="/nonexistent-ws")
+    with pytest.raises(MissingCellId):
+        build_config(CellSpec.model_construct(**{**dict(good), "id": ""}), config)
+    with pytest.raises(MissingArgv):
+        build_config(good, config, argv=[])
+    assert issubclass(MissingArgv, Exception) and MissingArgv().path == "spec.run.argv"
+
+
+def _oci_validator() -> jsonschema.Draft4Validator:
+    resources = []
+    for path in OCI_SCHEMA_DIR.glob("*.json"):
+        contents = json.loads(path.read_text())
+        # The schema files refer to each other by file name ("defs.json#/...").
+        resources.append(
+            (path.name, Resource.from_contents(contents, default_specification=DRAFT4))
+        )
+    registry: Registry[Any] = Registry().with_resources(resources)
+    schema = json.loads((OCI_SCHEMA_DIR / "config-schema.json").read_text())
+    return jsonschema.Draft4Validator(schema, registry=registry)
+
+
+def example_documents() -> list[Path]:
+    return sorted((REPO / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", example_documents(), ids=lambda p: p.name)
+def test_every_example_bundle_validates_against_the_oci_schema(path: Path) -> None:
+    spec = load_document(str(path)).spec
+    config = BundleConfig(
+        rootfs="/var/lib/cellos/rootfs",
+        workspace="/run/cellos/ws",
+        host_binds=host_binds(),
+        extra_env={"SECRET_X": "v"},
+    )
+    bundle = build_config(spec, config)
+    _oci_validator().validate(bundle)
+    assert bundle["process"]["noNewPrivileges"] is True
+    assert all(v == [] for v in bundle["process"]["capabilities"].values())
+    assert bundle["process"]["env"] == sorted(
+        [f"{k}={v}" for k, v in spec.run.env.items()] + ["SECRET_X=v"]
+    )
+    assert bundle["root"]["readonly"] is True
+    assert bundle["hostname"] == spec.id
+
+
+def test_limits_become_oci_resources_and_the_schema_catches_a_broken_bundle() -> None:
+    spec = validate_document(
+        doc(
+            "gv-limits",
+            run={
+                "limits": {
+                    "memoryMaxBytes": 256 << 20,
+                    "pidsMax": 64,
+                    "cpuMax": {"quotaMicros": 50000, "periodMicros": 100000},
+                }
+            },
+        )
+    ).spec
+    bundle = build_config(spec, BundleConfig(rootfs="/r", workspace="/w"))
+    assert bundle["linux"]["resources"] == {
+        "memory": {"limit": 256 << 20, "swap": 256 << 20},
+        "pids": {"limit": 64},
+        "cpu": {"quota": 50000, "period": 100000},
+    }
+    validator = _oci_validator()
+    validator.validate(bundle)
+    broken = {**bundle, "process": {**bundle["process"], "args": "not-a-list"}}
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(broken)
+
+
+def test_examples_exist() -> None:
+    assert example_documents(), "examples/*.yaml is empty"
+    for path in example_documents():
+        assert yaml.safe_load(path.read_text())["kind"] == "ExecutionCell"
+
+
+def test_doctor_runs_a_real_gvisor_container(gvisor_env: dict[str, str], cellos_cli: Run) -> None:
+    result = cellos_cli(["doctor", "--json"], gvisor_env)
+    checks = {c["feature"]: c for c in json.loads(result.stdout)}
+    assert checks["gvisor"]["ok"], checks["gvisor"]
+    assert "one-shot container ran, guest kernel" in checks["gvisor"]["detail"]
+    assert "platform " in checks["gvisor"]["detail"]
