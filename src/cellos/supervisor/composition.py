@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from collections.abc import Mapping
@@ -49,15 +50,39 @@ def read_settings(env: Mapping[str, str]) -> Settings:
     )
 
 
+def default_dlq_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/cellos/dlq"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.join(base, "cellos", "dlq")
+
+
+def jetstream_wanted(env: Mapping[str, str]) -> bool:
+    return bool(env.get("CELLOS_NATS_URL", "").strip()) or _flag(env, "CELL_OS_REQUIRE_JETSTREAM")
+
+
 def _sinks(env: Mapping[str, str]) -> list[EventSink]:
     sinks: list[EventSink] = []
+    jetstream = jetstream_wanted(env)
+    if jetstream:
+        from cellos.sinks.jetstream import DEFAULT_URL, JetStreamSink
+
+        sinks.append(
+            JetStreamSink(
+                env.get("CELLOS_NATS_URL", "").strip() or DEFAULT_URL,
+                require=_flag(env, "CELL_OS_REQUIRE_JETSTREAM"),
+            )
+        )
     jsonl = env.get("CELL_OS_JSONL_EVENTS", "").strip()
     if jsonl:
         sinks.append(JsonlFileSink(jsonl))
-    elif not _flag(env, "CELL_OS_USE_NOOP_SINK"):
+    elif not jetstream and not _flag(env, "CELL_OS_USE_NOOP_SINK"):
         # With no sink configured, events go to stderr rather than nowhere.
         sinks.append(JsonlStreamSink(sys.stderr))
-    dlq = env.get("CELLOS_DLQ_DIR", "").strip()
+    # Events JetStream cannot take are kept on disk: a DLQ is always there with JetStream.
+    dlq = env.get("CELLOS_DLQ_DIR", "").strip() or (default_dlq_dir() if jetstream else "")
     if dlq:
         sinks = [DlqSink(s, dlq, getattr(s, "name", "sink")) for s in sinks]
     if not sinks:
@@ -82,10 +107,10 @@ def build_supervisor(env: Mapping[str, str]) -> Supervisor:
             raise PolicyRefused(
                 "CELLOS_EVENT_SIGNING", "the hardened profile requires signed events"
             )
-        raise PolicyRefused(
-            "CELLOS_NATS_URL",
-            "the hardened profile requires JetStream, which this build does not provide yet",
-        )
+        if not _flag(env, "CELL_OS_REQUIRE_JETSTREAM"):
+            raise PolicyRefused(
+                "CELL_OS_REQUIRE_JETSTREAM", "the hardened profile requires JetStream (set it to 1)"
+            )
     backend = make_backend(settings.backend, env)
     export_dir = env.get("CELLOS_EXPORT_DIR", "").strip()
     return Supervisor(

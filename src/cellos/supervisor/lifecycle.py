@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -133,7 +133,9 @@ class Supervisor:
 
     # -- the lifecycle -----------------------------------------------------------------------
 
-    def run(self, document: ExecutionCell) -> RunOutcome:
+    def run(self, document: ExecutionCell, delivery: Mapping[str, Any] | None = None) -> RunOutcome:
+        """Run one cell. ``delivery`` (e.g. a work-queue attempt number and the run ids of
+        earlier attempts) is recorded in the started event and the compliance summary."""
         spec = document.spec
         redactor = Redactor()
         emitter = EventEmitter(
@@ -173,6 +175,7 @@ class Supervisor:
                         "enforced": False,
                     },
                     "correlation": _correlation(document),
+                    "delivery": dict(delivery) if delivery else None,
                 },
             )
             try:
@@ -192,7 +195,7 @@ class Supervisor:
                 self._revoke(spec.id, out.errors)
             out.exit_code, out.outcome = self._exit_status(out)
             out.lost_events = emitter.lost
-            self._emit_summary(emitter, document, ttl, out)
+            self._emit_summary(emitter, document, ttl, out, delivery)
             out.lost_events = emitter.lost
             if out.lost_events and out.exit_code == 0:
                 out.exit_code = 1
@@ -394,7 +397,12 @@ class Supervisor:
         emitter.emit(ev.LIFECYCLE_DESTROYED, data)
 
     def _emit_summary(
-        self, emitter: EventEmitter, document: ExecutionCell, ttl: int, out: RunOutcome
+        self,
+        emitter: EventEmitter,
+        document: ExecutionCell,
+        ttl: int,
+        out: RunOutcome,
+        delivery: Mapping[str, Any] | None = None,
     ) -> None:
         spec = document.spec
         result = out.result
@@ -414,6 +422,7 @@ class Supervisor:
                 "eventsLost": emitter.lost,
                 "errors": [f"{e.path}: {e.reason}" for e in out.errors],
                 "correlation": _correlation(document),
+                "delivery": dict(delivery) if delivery else None,
                 "policy": document.spec.policy.model_dump(by_alias=True)
                 if document.spec.policy
                 else None,

@@ -1,0 +1,167 @@
+"""JetStream sink against a real nats-server: order, de-duplication, outage, fail-closed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from cellos.core.errors import SinkError
+from cellos.sinks.jetstream import STREAM, JetStreamSink
+from tests.conftest import CliResult, base_env, doc, write_doc
+
+Run = Callable[..., CliResult]
+
+
+def stream_messages(url: str, subject: str = "cellos.events.>") -> list[tuple[str, dict[str, Any]]]:
+    """Every message of CELLOS_EVENTS, in stream order: (subject, event)."""
+
+    async def fetch() -> list[tuple[str, dict[str, Any]]]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(STREAM)
+            out = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                msg = await js.get_msg(STREAM, seq)
+                if msg.subject is not None and msg.data is not None:
+                    out.append((msg.subject, json.loads(msg.data)))
+            return out
+        finally:
+            await nc.close()
+
+    return asyncio.run(fetch())
+
+
+def test_a_runs_events_arrive_in_order_on_their_subjects(
+    tmp_path: Path, nats_server: Any, supervisor_cli: Run
+) -> None:
+    env = base_env(
+        tmp_path,
+        CELLOS_NATS_URL=nats_server.url,
+        CELL_OS_REQUIRE_JETSTREAM="1",
+        CELLOS_DLQ_DIR=str(tmp_path / "dlq"),
+    )
+    spec = write_doc(tmp_path / "c.yaml", doc("js-1", correlation={"tenantId": "acme"}))
+    result = supervisor_cli(str(spec), env)
+    assert result.code == 0, result
+    messages = stream_messages(nats_server.url)
+    assert [e["cellosseq"] for _, e in messages] == list(range(6))
+    assert [s for s, _ in messages] == [
+        "cellos.events.cell.acme.js-1.started",
+        "cellos.events.cell.acme.js-1.observability",
+        "cellos.events.cell.acme.js-1.command",
+        "cellos.events.cell.acme.js-1.evidence",
+        "cellos.events.cell.acme.js-1.destroyed",
+        "cellos.events.cell.acme.js-1.compliance",
+    ]
+    assert not (tmp_path / "dlq").exists()
+
+
+def test_republishing_an_event_is_deduplicated(nats_server: Any) -> None:
+    sink = JetStreamSink(nats_server.url, require=True)
+    try:
+        event = {
+            "specversion": "1.0",
+            "id": "dup-1",
+            "type": "dev.cellos.events.cell.command.v1.completed",
+            "source": "/t",
+            "subject": "urn:cellos:cell:dup",
+            "data": {},
+            "cellosrunid": "r",
+        }
+        sink.emit(event)
+        sink.emit(event)
+        sink.emit({**event, "id": "dup-2"})
+    finally:
+        sink.close()
+    assert [e["id"] for _, e in stream_messages(nats_server.url)] == ["dup-1", "dup-2"]
+
+
+def test_required_jetstream_fails_the_start(tmp_path: Path, supervisor_cli: Run) -> None:
+    from tests.nats_server import free_port
+
+    marker = tmp_path / "ran"
+    env = base_env(
+        tmp_path, CELLOS_NATS_URL=f"nats://127.0.0.1:{free_port()}", CELL_OS_REQUIRE_JETSTREAM="1"
+    )
+    spec = write_doc(
+        tmp_path / "c.yaml", doc("js-down", argv=["/bin/touch", str(marker)], run={}, **{})
+    )
+    result = supervisor_cli(str(spec), env, timeout=60)
+    assert result.code == 1, result
+    assert result.stderr.startswith("error: CELL_OS_REQUIRE_JETSTREAM: JetStream at nats://")
+    assert not marker.exists()
+
+
+def test_server_down_mid_run_loses_no_event(
+    tmp_path: Path, nats_server: Any, supervisor_cli: Run
+) -> None:
+    """nats-server stops while the cell runs: the cell completes and tears down, the events
+    that could not be published are in the DLQ, and published + dead-lettered = all."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    dlq = tmp_path / "dlq"
+    events = tmp_path / "mirror.jsonl"
+    env = base_env(
+        tmp_path,
+        CELLOS_NATS_URL=nats_server.url,
+        CELLOS_DLQ_DIR=str(dlq),
+        CELL_OS_JSONL_EVENTS=str(events),
+    )
+    spec = write_doc(tmp_path / "c.yaml", doc("js-outage", argv=["/bin/sleep", "2"]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellos.supervisor.cli", str(spec)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def stop_when_started() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if events.exists() and "lifecycle.v1.started" in events.read_text():
+                nats_server.stop()
+                return
+            time.sleep(0.02)
+
+    stopper = threading.Thread(target=stop_when_started)
+    stopper.start()
+    _out, err = proc.communicate(timeout=120)
+    stopper.join()
+    assert proc.returncode == 0, err
+    mirrored = [json.loads(line)["id"] for line in events.read_text().splitlines()]
+    dead = [json.loads(p.read_text())["id"] for p in sorted((dlq / "jetstream").glob("*.json"))]
+    nats_server.start()
+    published = [e["id"] for _, e in stream_messages(nats_server.url)]
+    assert len(mirrored) == 6
+    assert dead, "nothing was dead-lettered although the server was down"
+    assert sorted(published + dead) == sorted(mirrored)
+    assert os.listdir(tmp_path / "state" / "cells") == []
+
+
+def test_circuit_breaker_fails_fast(tmp_path: Path) -> None:
+    from tests.nats_server import free_port
+
+    sink = JetStreamSink(
+        f"nats://127.0.0.1:{free_port()}", connect_timeout=0.2, publish_timeout=0.2, retries=0
+    )
+    try:
+        event = {"id": "x", "type": "t", "subject": "urn:cellos:cell:c", "data": {}}
+        for _ in range(sink.breaker.threshold):
+            with pytest.raises(SinkError):
+                sink.emit(event)
+        with pytest.raises(SinkError, match="circuit open"):
+            sink.emit(event)
+    finally:
+        sink.close()
