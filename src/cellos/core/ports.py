@@ -113,6 +113,13 @@ class CellBackend(Protocol):
 
 
 @runtime_checkable
+class NetworkEvidenceBackend(Protocol):
+    """A backend that enforces egress and can attribute flows to its rules."""
+
+    def flow_decisions(self, handle: CellHandle) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
 class ReapingBackend(Protocol):
     """A backend that leaves host state a crashed supervisor could orphan."""
 

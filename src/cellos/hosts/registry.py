@@ -26,6 +26,7 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
             cgroup_parent=env.get("CELLOS_CGROUP_PARENT") or None,
             rootfs=env.get("CELLOS_ROOTFS") or None,
             bwrap=env.get("CELLOS_BWRAP") or None,
+            network_pool=env.get("CELLOS_NETWORK_POOL") or None,
         )
     if name == "gvisor":
         from cellos.hosts.gvisor import GvisorBackend

@@ -31,6 +31,7 @@ from cellos.core.ports import (
     EventSink,
     ExportReceipt,
     ExportSink,
+    NetworkEvidenceBackend,
     ReapedCell,
     ReapingBackend,
     SecretBroker,
@@ -67,6 +68,8 @@ class RunOutcome:
     teardown: TeardownReport | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     lost_events: int = 0
+    #: Packets per decision (``allowed`` / ``dropped``) counted by the cell's egress rules.
+    flows: dict[str, int] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -171,8 +174,8 @@ class Supervisor:
                     "timeoutSeconds": spec.run.timeout_seconds,
                     "networkScope": {
                         "egressRuleCount": len(spec.authority.egress_rules),
-                        # No backend of this build enforces egress yet; say so in the evidence.
-                        "enforced": False,
+                        # Enforced when the backend applied an egress scope (or no network).
+                        "enforced": any(f.startswith("network:") for f in handle.isolation),
                     },
                     "correlation": _correlation(document),
                     "delivery": dict(delivery) if delivery else None,
@@ -182,6 +185,7 @@ class Supervisor:
                 out.result = self._run_workload(document, handle, secret_env, ttl_deadline, emitter)
                 if out.result.spawn_error:
                     out.errors.append(HostError("spec.run.argv[0]", out.result.spawn_error))
+                out.flows = self._emit_flows(handle, emitter)
                 out.exports = self._export(document, handle, emitter, out.errors)
             finally:
                 out.teardown = self._destroy(handle, out.errors)
@@ -292,6 +296,16 @@ class Supervisor:
         if result.forced:
             return _with_reason(result, reason)
         return result
+
+    def _emit_flows(self, handle: CellHandle, emitter: EventEmitter) -> dict[str, int]:
+        """nft counters become network_flow_decision events (one per counting rule)."""
+        if not isinstance(self.backend, NetworkEvidenceBackend):
+            return {}
+        totals = {"allowed": 0, "dropped": 0}
+        for decision in self.backend.flow_decisions(handle):
+            emitter.emit(ev.NETWORK_FLOW_DECISION, {"cellId": handle.cell_id, **decision})
+            totals[decision["decision"]] = totals.get(decision["decision"], 0) + decision["packets"]
+        return totals
 
     def _export(
         self,
@@ -420,6 +434,7 @@ class Supervisor:
                 "exportsCompleted": len(out.exports),
                 "exportsFailed": len(spec.artifacts) - len(out.exports) if result else 0,
                 "eventsLost": emitter.lost,
+                "networkFlows": dict(out.flows),
                 "errors": [f"{e.path}: {e.reason}" for e in out.errors],
                 "correlation": _correlation(document),
                 "delivery": dict(delivery) if delivery else None,

@@ -19,9 +19,9 @@ import posixpath
 import shutil
 import threading
 from dataclasses import dataclass, replace
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from cellos.core.errors import ExportError, HostError, PolicyRefused
+from cellos.core.errors import CellosError, ExportError, HostError, PolicyRefused
 from cellos.core.ports import (
     CellHandle,
     ReapedCell,
@@ -36,6 +36,7 @@ from cellos.hosts.cellos.control import CellControl
 from cellos.hosts.cellos.sandbox import SandboxPlan, bwrap_argv, isolation_features
 from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
 from cellos.hosts.process import ENV_PROGRAM, SpawnOptions, spawn_isolated_workload
+from cellos.network import scope
 
 
 @dataclass
@@ -44,6 +45,7 @@ class _LiveCell:
     plan: SandboxPlan
     cgroup: cgroups.CellCgroup | None = None
     pid: int | None = None
+    network: scope.CellNetwork | None = None
 
 
 # Live cells are a property of the host, not of one backend object: every backend instance in
@@ -62,8 +64,10 @@ class CellosBackend:
         cgroup_parent: str | None = None,
         rootfs: str | None = None,
         bwrap: str | None = None,
+        network_pool: str | None = None,
     ) -> None:
         self.state_root = state_root or state.default_state_root()
+        self.network_pool = network_pool or scope.DEFAULT_POOL
         self.cgroup_parent = cgroup_parent
         # An absolute parent names a directory in one hierarchy (it must exist); a relative
         # one is created under every hierarchy the cell needs.
@@ -139,6 +143,13 @@ class CellosBackend:
         except OSError as exc:
             self._teardown(spec.id, live)
             raise HostError("cgroup", f"cannot create the cell's cgroup: {exc.strerror}") from None
+        if spec.authority.egress_rules:
+            try:
+                self._create_network(spec, live)
+            except CellosError:
+                self._teardown(spec.id, live)
+                raise
+            plan = live.plan
         isolation = isolation_features(replace(plan, seccomp_fd=-1))
         resources: dict[str, str] = {"workspace": record.workspace}
         if live.cgroup is not None:
@@ -279,6 +290,26 @@ class CellosBackend:
             raise HostError(handle.cell_id, "cell is not live")
         return live
 
+    def _create_network(self, spec: CellSpec, live: _LiveCell) -> None:
+        """The cell's egress scope: netns, veth, nft table (recorded before it exists)."""
+        if os.geteuid() != 0:
+            raise PolicyRefused(
+                "spec.authority.egressRules",
+                "network authority needs root on this host (netns, veth, nft)",
+            )
+        rules = scope.resolve_rules(list(spec.authority.egress_rules))
+        net = scope.plan(spec.id, rules, self.state_root, self.network_pool)
+        live.network = net
+        live.record.resources["network"] = net.record()
+        live.record.save()
+        scope.create(net)
+        live.plan = replace(live.plan, netns_path=net.netns_path)
+
+    def flow_decisions(self, handle: CellHandle) -> list[dict[str, Any]]:
+        """nftables counters of the cell's egress rules (for network_flow_decision events)."""
+        live = self._live(handle)
+        return scope.flow_decisions(live.network) if live.network is not None else []
+
     def _teardown(self, cell_id: str, live: _LiveCell) -> tuple[int, list[str]]:
         killed = 0
         residue: list[str] = []
@@ -286,6 +317,8 @@ class CellosBackend:
             CellControl(live.cgroup).kill(live.pid)
         if live.cgroup is not None:
             killed, residue = live.cgroup.remove()
+        if live.network is not None:
+            residue += scope.destroy(live.network.record())
         residue += state.release(self.state_root, live.record)
         with _LIVE_LOCK:
             _LIVE.pop(cell_id, None)

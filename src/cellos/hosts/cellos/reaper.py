@@ -39,6 +39,14 @@ def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:
         # Normally --die-with-parent took the cell down with its supervisor already.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+    network = record.get("network")
+    if isinstance(network, dict):
+        from cellos.network import scope
+
+        left = scope.destroy(network)
+        residue += left
+        if not left:
+            removed.append(f"network:{network.get('netns')}")
     paths = record.get("cgroups")
     for path in paths if isinstance(paths, list) else []:
         if isinstance(path, str) and os.path.isdir(path):

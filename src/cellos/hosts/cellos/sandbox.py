@@ -47,6 +47,8 @@ class SandboxPlan:
     rootfs: str | None = None
     user_namespace: bool = False
     network_namespace: bool = True
+    #: A prepared network namespace to join instead (the cell's egress scope).
+    netns_path: str | None = None
     seccomp_fd: int | None = None
     tmp_size_bytes: int = 64 << 20
 
@@ -62,10 +64,15 @@ def _host_root_args() -> list[str]:
     return args
 
 
+NSENTER = "/usr/bin/nsenter"
+
+
 def bwrap_argv(plan: SandboxPlan, argv: Sequence[str], bwrap: str = "bwrap") -> list[str]:
-    args = [bwrap]
+    # A cell with egress authority runs in its prepared network namespace: nsenter(1) moves
+    # the launcher there first, and bubblewrap then keeps that namespace instead of a new one.
+    args = [NSENTER, f"--net={plan.netns_path}", "--", bwrap] if plan.netns_path else [bwrap]
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-    if plan.network_namespace:
+    if plan.network_namespace and not plan.netns_path:
         args.append("--unshare-net")
     if plan.user_namespace:
         args.append("--unshare-user")
@@ -89,8 +96,10 @@ def bwrap_argv(plan: SandboxPlan, argv: Sequence[str], bwrap: str = "bwrap") -> 
 def isolation_features(plan: SandboxPlan) -> list[str]:
     """What the plan applies, for the ``lifecycle.v1.started`` evidence."""
     features = ["ns:pid", "ns:mount", "ns:ipc", "ns:uts", "ns:cgroup"]
-    if plan.network_namespace:
-        features.append("ns:net")
+    if plan.netns_path:
+        features += ["ns:net", "network:egress-allowlist"]
+    elif plan.network_namespace:
+        features += ["ns:net", "network:loopback-only"]
     if plan.user_namespace:
         features.append("ns:user")
     features += [

@@ -1,0 +1,370 @@
+"""A cell's network scope: its own network namespace, a veth pair to the host, and an
+nftables table that allows exactly the declared egress and drops (and counts) the rest.
+
+Addresses come from a pool (``CELLOS_NETWORK_POOL``, default ``10.213.0.0/16``) carved into
+/30s: host side ``.1``, cell side ``.2``. A slot is claimed with an O_EXCL file under the
+state root, so cells of different supervisors never collide. Every name is derived from the
+cell id (netns ``cellos-<id>``, table ``cellos_<id>``) or from its slot (interfaces are
+limited to 15 characters: ``cvh<slot>`` / ``cvc<slot>``), and the whole scope is recorded in
+the cell's state record before anything is created, so a reaper can always remove it.
+
+Rules of the cell's table (family ``inet``, in the host's namespace):
+
+* forward, from the cell: one ``accept`` rule per egress rule (``ip daddr`` + ``dport``), then
+  TCP ``reject with tcp reset`` and ``reject`` (ICMP admin-prohibited) for everything else:
+  blocked connections fail visibly, and every rule counts.
+* forward, to the cell: only replies (``ct state established,related``).
+* input, from the cell: only replies; the cell cannot reach the host itself.
+* postrouting: masquerade of the cell's address, so only allowed flows ever leave NATed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import re
+import socket
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cellos.core.errors import HostError, PolicyRefused
+from cellos.core.spec import EgressRule
+from cellos.network import nft
+
+DEFAULT_POOL = "10.213.0.0/16"
+FAMILY = "inet"
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    index: int
+    addresses: tuple[str, ...]  # CIDRs
+    port: int
+    protocol: str
+    source: str  # "cidr:<x>" or "host:<name>"
+
+
+@dataclass
+class CellNetwork:
+    cell_id: str
+    slot: int
+    netns: str
+    host_if: str
+    cell_if: str
+    host_ip: str
+    cell_ip: str
+    table: str
+    slot_file: str
+    rules: list[AllowRule] = field(default_factory=list)
+
+    @property
+    def netns_path(self) -> str:
+        return f"/run/netns/{self.netns}"
+
+    def record(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rules"] = [asdict(r) for r in self.rules]
+        return data
+
+
+def _table_name(cell_id: str) -> str:
+    return "cellos_" + re.sub(r"[^A-Za-z0-9_]", "_", cell_id)
+
+
+def claim_slot(state_root: str, cell_id: str, pool: ipaddress.IPv4Network) -> tuple[int, str]:
+    slots = os.path.join(state_root, "net", "slots")
+    os.makedirs(slots, mode=0o700, exist_ok=True)
+    for slot in range(1, pool.num_addresses // 4):
+        path = os.path.join(slots, str(slot))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(cell_id)
+        return slot, path
+    raise HostError("CELLOS_NETWORK_POOL", f"no free /30 left in {pool}")
+
+
+def resolve_rules(rules: list[EgressRule]) -> list[AllowRule]:
+    """``host`` rules are resolved by the supervisor before the cell starts."""
+    resolved = []
+    for index, rule in enumerate(rules):
+        if rule.cidr is not None:
+            net = ipaddress.ip_network(rule.cidr)
+            if net.version != 4:
+                raise PolicyRefused(
+                    f"spec.authority.egressRules[{index}].cidr",
+                    "IPv6 egress is not supported by this build",
+                )
+            resolved.append(
+                AllowRule(index, (str(net),), rule.port, rule.protocol, f"cidr:{rule.cidr}")
+            )
+            continue
+        assert rule.host is not None
+        try:
+            infos = socket.getaddrinfo(rule.host, rule.port, socket.AF_INET)
+        except OSError as exc:
+            raise HostError(
+                f"spec.authority.egressRules[{index}].host",
+                f"cannot resolve {rule.host!r}: {exc.strerror or exc}",
+            ) from None
+        addresses = tuple(sorted({f"{info[4][0]}/32" for info in infos}))
+        resolved.append(AllowRule(index, addresses, rule.port, rule.protocol, f"host:{rule.host}"))
+    return resolved
+
+
+def plan(
+    cell_id: str, rules: list[AllowRule], state_root: str, pool: str = DEFAULT_POOL
+) -> CellNetwork:
+    network = ipaddress.ip_network(pool)
+    if not isinstance(network, ipaddress.IPv4Network):
+        raise PolicyRefused("CELLOS_NETWORK_POOL", "must be an IPv4 network")
+    slot, slot_file = claim_slot(state_root, cell_id, network)
+    base = network.network_address + slot * 4
+    return CellNetwork(
+        cell_id=cell_id,
+        slot=slot,
+        netns=f"cellos-{cell_id}",
+        host_if=f"cvh{slot}",
+        cell_if=f"cvc{slot}",
+        host_ip=str(base + 1),
+        cell_ip=str(base + 2),
+        table=_table_name(cell_id),
+        slot_file=slot_file,
+        rules=rules,
+    )
+
+
+def _addr_match(address: str) -> dict[str, Any]:
+    net = ipaddress.ip_network(address)
+    right: Any = (
+        str(net.network_address)
+        if net.prefixlen == 32
+        else {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+    )
+    return nft.match(nft.payload("ip", "daddr"), right)
+
+
+def _rule(table: str, chain: str, expr: list[Any], comment: str) -> dict[str, Any]:
+    return {
+        "add": {
+            "rule": {
+                "family": FAMILY,
+                "table": table,
+                "chain": chain,
+                "comment": comment,
+                "expr": expr,
+            }
+        }
+    }
+
+
+def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
+    t = net.table
+    cmds: list[dict[str, Any]] = [
+        {"add": {"table": {"family": FAMILY, "name": t}}},
+        {
+            "add": {
+                "chain": {
+                    "family": FAMILY,
+                    "table": t,
+                    "name": "forward",
+                    "type": "filter",
+                    "hook": "forward",
+                    "prio": 0,
+                    "policy": "accept",
+                }
+            }
+        },
+        {
+            "add": {
+                "chain": {
+                    "family": FAMILY,
+                    "table": t,
+                    "name": "input",
+                    "type": "filter",
+                    "hook": "input",
+                    "prio": 0,
+                    "policy": "accept",
+                }
+            }
+        },
+        {
+            "add": {
+                "chain": {
+                    "family": FAMILY,
+                    "table": t,
+                    "name": "postrouting",
+                    "type": "nat",
+                    "hook": "postrouting",
+                    "prio": 100,
+                    "policy": "accept",
+                }
+            }
+        },
+    ]
+    from_cell = nft.match(nft.meta("iifname"), net.host_if)
+    to_cell = nft.match(nft.meta("oifname"), net.host_if)
+    replies = nft.match({"ct": {"key": "state"}}, ["established", "related"], op="in")
+    cmds.append(_rule(t, "forward", [to_cell, replies, {"accept": None}], "replies to the cell"))
+    cmds.append(
+        _rule(t, "forward", [to_cell, {"counter": None}, {"drop": None}], "unsolicited to the cell")
+    )
+    cmds.append(_rule(t, "forward", [from_cell, replies, {"accept": None}], "cell replies"))
+    for rule in net.rules:
+        for address in rule.addresses:
+            cmds.append(
+                _rule(
+                    t,
+                    "forward",
+                    [
+                        from_cell,
+                        _addr_match(address),
+                        nft.match(nft.payload(rule.protocol, "dport"), rule.port),
+                        {"counter": None},
+                        {"accept": None},
+                    ],
+                    f"allow {rule.index} {rule.source} {address} {rule.protocol}/{rule.port}",
+                )
+            )
+    cmds.append(
+        _rule(
+            t,
+            "forward",
+            [
+                from_cell,
+                nft.match(nft.meta("l4proto"), "tcp"),
+                {"counter": None},
+                {"reject": {"type": "tcp reset"}},
+            ],
+            "deny tcp",
+        )
+    )
+    cmds.append(
+        _rule(
+            t,
+            "forward",
+            [
+                from_cell,
+                {"counter": None},
+                {"reject": {"type": "icmpx", "expr": "admin-prohibited"}},
+            ],
+            "deny other",
+        )
+    )
+    cmds.append(_rule(t, "input", [from_cell, replies, {"accept": None}], "host replies"))
+    cmds.append(_rule(t, "input", [from_cell, {"counter": None}, {"drop": None}], "deny to host"))
+    cmds.append(
+        _rule(
+            t,
+            "postrouting",
+            [
+                nft.match(nft.payload("ip", "saddr"), net.cell_ip),
+                nft.match(nft.meta("oifname"), net.host_if, op="!="),
+                {"masquerade": None},
+            ],
+            "nat out",
+        )
+    )
+    return cmds
+
+
+def create(net: CellNetwork) -> None:
+    """Build the namespace, the veth pair, addresses, routes and the table."""
+    from pyroute2 import IPRoute, NetNS, netns
+
+    try:
+        netns.create(net.netns)
+        with IPRoute() as ipr:
+            ipr.link(
+                "add",
+                ifname=net.host_if,
+                kind="veth",
+                peer={"ifname": net.cell_if, "net_ns_fd": net.netns},
+            )
+            index = ipr.link_lookup(ifname=net.host_if)[0]
+            ipr.addr("add", index=index, address=net.host_ip, prefixlen=30)
+            ipr.link("set", index=index, state="up")
+        with NetNS(net.netns) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            index = ns.link_lookup(ifname=net.cell_if)[0]
+            ns.addr("add", index=index, address=net.cell_ip, prefixlen=30)
+            ns.link("set", index=index, state="up")
+            ns.route("add", dst="default", gateway=net.host_ip)
+        _enable_forwarding()
+        nft.run(table_commands(net))
+    except HostError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - netlink errors come in many types
+        raise HostError("network", f"cannot create the cell's network scope: {exc}") from None
+
+
+def _enable_forwarding() -> None:
+    path = "/proc/sys/net/ipv4/ip_forward"
+    with open(path, encoding="ascii") as fh:
+        if fh.read().strip() == "1":
+            return
+    with open(path, "w", encoding="ascii") as fh:
+        fh.write("1")
+
+
+def destroy(record: dict[str, Any]) -> list[str]:
+    """Remove table, veth and namespace named in a record; return what could not be removed."""
+    from pyroute2 import IPRoute, netns
+
+    residue: list[str] = []
+    table = record.get("table")
+    if isinstance(table, str) and nft.table_exists(FAMILY, table):
+        try:
+            nft.run([{"delete": {"table": {"family": FAMILY, "name": table}}}])
+        except HostError:
+            residue.append(f"nft:{table}")
+    host_if = record.get("host_if")
+    if isinstance(host_if, str):
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=host_if)
+            if found:
+                try:
+                    ipr.link("del", index=found[0])
+                except Exception:  # noqa: BLE001 - reported as residue
+                    residue.append(f"veth:{host_if}")
+    name = record.get("netns")
+    if isinstance(name, str) and os.path.exists(f"/run/netns/{name}"):
+        try:
+            netns.remove(name)
+        except Exception:  # noqa: BLE001 - reported as residue
+            residue.append(f"netns:{name}")
+    slot_file = record.get("slot_file")
+    if isinstance(slot_file, str):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(slot_file)
+    return residue
+
+
+def flow_decisions(net: CellNetwork) -> list[dict[str, Any]]:
+    """nft counters of the cell's table, one entry per counting rule (for events)."""
+    decisions = []
+    for item in nft.list_table(FAMILY, net.table):
+        rule = item.get("rule")
+        if not isinstance(rule, dict):
+            continue
+        counter = next(
+            (e["counter"] for e in rule.get("expr", []) if isinstance(e, dict) and "counter" in e),
+            None,
+        )
+        if not isinstance(counter, dict):
+            continue
+        comment = str(rule.get("comment", ""))
+        decision = "allowed" if comment.startswith("allow") else "dropped"
+        decisions.append(
+            {
+                "rule": comment,
+                "chain": rule.get("chain"),
+                "decision": decision,
+                "packets": int(counter.get("packets", 0)),
+                "bytes": int(counter.get("bytes", 0)),
+            }
+        )
+    return decisions

@@ -1,0 +1,83 @@
+"""Test hosts of our own in network namespaces (no traffic leaves the machine).
+
+A ``TestHost`` is a network namespace ``ctest-<n>`` joined to the host by a veth pair on
+``10.214.<n>.0/30`` (host ``.1``, test host ``.2``), with servers started inside it through
+``nsenter``. Everything is removed by ``close()``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+
+from pyroute2 import IPRoute, NetNS, netns
+
+
+class TestHost:
+    __test__ = False  # not a pytest class
+
+    def __init__(self) -> None:
+        self.n = uuid.uuid4().int % 250 + 1
+        self.name = f"ctest-{uuid.uuid4().hex[:8]}"
+        self.host_if = f"cth{self.n}{uuid.uuid4().hex[:4]}"[:15]
+        self.peer_if = f"ctp{self.n}{uuid.uuid4().hex[:4]}"[:15]
+        self.host_ip = f"10.214.{self.n}.1"
+        self.ip = f"10.214.{self.n}.2"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        netns.create(self.name)
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=self.host_if, kind="veth",
+                     peer={"ifname": self.peer_if, "net_ns_fd": self.name})
+            index = ipr.link_lookup(ifname=self.host_if)[0]
+            ipr.addr("add", index=index, address=self.host_ip, prefixlen=30)
+            ipr.link("set", index=index, state="up")
+        with NetNS(self.name) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            index = ns.link_lookup(ifname=self.peer_if)[0]
+            ns.addr("add", index=index, address=self.ip, prefixlen=30)
+            ns.link("set", index=index, state="up")
+            ns.route("add", dst="default", gateway=self.host_ip)
+
+    def run(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.name}", "--", *argv],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def http_server(self, port: int, body: str) -> None:
+        """A tiny HTTP/1.0 responder (http.server would block on a reverse-DNS lookup of its
+        own address in a namespace without DNS)."""
+        script = (
+            "import socketserver, sys\n"
+            "body = sys.argv[3].encode()\n"
+            "class H(socketserver.StreamRequestHandler):\n"
+            "    def handle(self):\n"
+            "        self.rfile.readline()\n"
+            "        self.wfile.write(b'HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(body) + body)\n"
+            "socketserver.TCPServer.allow_reuse_address = True\n"
+            "socketserver.ThreadingTCPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()\n"
+        )
+        self.run([sys.executable, "-c", script, self.ip, str(port), body])
+        self.wait_port(port)
+
+    def wait_port(self, port: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        probe = [sys.executable, "-c", f"import socket; socket.create_connection(('{self.ip}', {port}), 1)"]
+        while time.monotonic() < deadline:
+            if subprocess.run(["nsenter", f"--net=/run/netns/{self.name}", "--", *probe],
+                              capture_output=True, check=False).returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"test host port {port} never opened")
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=self.host_if)
+            if found:
+                ipr.link("del", index=found[0])
+        netns.remove(self.name)
