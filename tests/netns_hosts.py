@@ -28,8 +28,12 @@ class TestHost:
         self.procs: list[subprocess.Popen[bytes]] = []
         netns.create(self.name)
         with IPRoute() as ipr:
-            ipr.link("add", ifname=self.host_if, kind="veth",
-                     peer={"ifname": self.peer_if, "net_ns_fd": self.name})
+            ipr.link(
+                "add",
+                ifname=self.host_if,
+                kind="veth",
+                peer={"ifname": self.peer_if, "net_ns_fd": self.name},
+            )
             index = ipr.link_lookup(ifname=self.host_if)[0]
             ipr.addr("add", index=index, address=self.host_ip, prefixlen=30)
             ipr.link("set", index=index, state="up")
@@ -41,8 +45,11 @@ class TestHost:
             ns.route("add", dst="default", gateway=self.host_ip)
 
     def run(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.name}", "--", *argv],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.name}", "--", *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.procs.append(proc)
         return proc
 
@@ -55,7 +62,8 @@ class TestHost:
             "class H(socketserver.StreamRequestHandler):\n"
             "    def handle(self):\n"
             "        self.rfile.readline()\n"
-            "        self.wfile.write(b'HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(body) + body)\n"
+            "        head = b'HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(body)\n"
+            "        self.wfile.write(head + body)\n"
             "socketserver.TCPServer.allow_reuse_address = True\n"
             "socketserver.ThreadingTCPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()\n"
         )
@@ -64,10 +72,20 @@ class TestHost:
 
     def wait_port(self, port: int, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
-        probe = [sys.executable, "-c", f"import socket; socket.create_connection(('{self.ip}', {port}), 1)"]
+        probe = [
+            sys.executable,
+            "-c",
+            f"import socket; socket.create_connection(('{self.ip}', {port}), 1)",
+        ]
         while time.monotonic() < deadline:
-            if subprocess.run(["nsenter", f"--net=/run/netns/{self.name}", "--", *probe],
-                              capture_output=True, check=False).returncode == 0:
+            if (
+                subprocess.run(
+                    ["nsenter", f"--net=/run/netns/{self.name}", "--", *probe],
+                    capture_output=True,
+                    check=False,
+                ).returncode
+                == 0
+            ):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"test host port {port} never opened")

@@ -14,7 +14,7 @@ Rules of the cell's table (family ``inet``, in the host's namespace):
   TCP ``reject with tcp reset`` and ``reject`` (ICMP admin-prohibited) for everything else:
   blocked connections fail visibly, and every rule counts.
 * forward, to the cell: only replies (``ct state established,related``).
-* input, from the cell: only replies; the cell cannot reach the host itself.
+* input, from the cell: only replies; the cell cannot reach the host itself (rejected).
 * postrouting: masquerade of the cell's address, so only allowed flows ever leave NATed.
 """
 
@@ -255,7 +255,31 @@ def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
         )
     )
     cmds.append(_rule(t, "input", [from_cell, replies, {"accept": None}], "host replies"))
-    cmds.append(_rule(t, "input", [from_cell, {"counter": None}, {"drop": None}], "deny to host"))
+    cmds.append(
+        _rule(
+            t,
+            "input",
+            [
+                from_cell,
+                nft.match(nft.meta("l4proto"), "tcp"),
+                {"counter": None},
+                {"reject": {"type": "tcp reset"}},
+            ],
+            "deny tcp to host",
+        )
+    )
+    cmds.append(
+        _rule(
+            t,
+            "input",
+            [
+                from_cell,
+                {"counter": None},
+                {"reject": {"type": "icmpx", "expr": "admin-prohibited"}},
+            ],
+            "deny other to host",
+        )
+    )
     cmds.append(
         _rule(
             t,

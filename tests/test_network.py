@@ -1,0 +1,226 @@
+"""Network authority on the ``cellos`` backend, against test hosts of our own in network
+namespaces (no traffic leaves the machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cellos.core.loading import validate_document
+from cellos.core.ports import WorkloadRequest, WorkloadResult
+from cellos.hosts.cellos import CellosBackend
+from tests.conftest import (
+    CliResult,
+    base_env,
+    doc,
+    read_events,
+    require_host,
+    short_types,
+    write_doc,
+)
+
+Run = Callable[..., CliResult]
+
+
+def _ready() -> None:
+    require_host(os.geteuid() == 0, "root (netns, veth, nftables)")
+    require_host(shutil.which("nft") is not None, "nftables (nft)")
+    require_host(shutil.which("bwrap") is not None, "bubblewrap (bwrap)")
+    require_host(shutil.which("nsenter") is not None, "util-linux nsenter")
+
+
+def network_residue() -> dict[str, list[str]]:
+    netns = (
+        sorted(n for n in os.listdir("/run/netns") if n.startswith("cellos-"))
+        if os.path.isdir("/run/netns")
+        else []
+    )
+    links = sorted(n for n in os.listdir("/sys/class/net") if n.startswith(("cvh", "cvc")))
+    tables = subprocess.run(
+        ["nft", "-j", "list", "tables"], capture_output=True, text=True, check=False
+    ).stdout
+    names = sorted(
+        t["table"]["name"]
+        for t in json.loads(tables or '{"nftables": []}')["nftables"]
+        if "table" in t and t["table"]["name"].startswith("cellos_")
+    )
+    return {"netns": netns, "links": links, "tables": names}
+
+
+@pytest.fixture
+def test_host() -> Iterator[Any]:
+    _ready()
+    from tests.netns_hosts import TestHost
+
+    before = network_residue()
+    host = TestHost()
+    try:
+        host.http_server(8080, "allowed port")
+        host.http_server(8081, "other port")
+        yield host
+    finally:
+        host.close()
+    assert network_residue() == before, "network residue left behind"
+
+
+PROBE = """
+import socket, sys
+for target in sys.argv[1:]:
+    ip, port = target.rsplit(":", 1)
+    try:
+        s = socket.create_connection((ip, int(port)), 3)
+        s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        print(target, "OK", s.recv(200).split(b"\\r\\n\\r\\n", 1)[1].decode())
+    except OSError as e:
+        print(target, "ERR", e.__class__.__name__)
+"""
+
+
+def probe(
+    backend: CellosBackend, cell_id: str, rules: list[dict[str, Any]], targets: list[str]
+) -> WorkloadResult:
+    argv = ["/usr/bin/python3", "-c", PROBE, *targets]
+    spec = validate_document(doc(cell_id, argv=argv, authority={"egressRules": rules})).spec
+    handle = backend.create(spec)
+    try:
+        return backend.run(
+            handle,
+            WorkloadRequest(
+                argv=argv,
+                env={},
+                working_directory="/workspace",
+                deadline_seconds=60,
+                graceful_shutdown_seconds=1,
+            ),
+        )
+    finally:
+        backend.destroy(handle)
+
+
+def lines(result: WorkloadResult) -> dict[str, str]:
+    return dict(line.split(" ", 1) for line in result.stdout.decode().splitlines())
+
+
+def test_allowed_cidr_and_port_only(test_host: Any, tmp_path: Path) -> None:
+    backend = CellosBackend(state_root=str(tmp_path / "state"))
+    other = test_host.host_ip  # the host side of the test host's link: a different address
+    result = probe(
+        backend,
+        "net-allow",
+        [{"cidr": f"{test_host.ip}/32", "port": 8080, "protocol": "tcp"}],
+        [f"{test_host.ip}:8080", f"{test_host.ip}:8081", f"{other}:8080"],
+    )
+    seen = lines(result)
+    assert seen[f"{test_host.ip}:8080"] == "OK allowed port"
+    # Blocked TCP is rejected visibly (RST), not left to time out.
+    assert seen[f"{test_host.ip}:8081"] == "ERR ConnectionRefusedError"
+    assert seen[f"{other}:8080"] == "ERR ConnectionRefusedError"
+
+
+def test_no_egress_rules_means_loopback_only(test_host: Any, tmp_path: Path) -> None:
+    backend = CellosBackend(state_root=str(tmp_path / "state"))
+    result = probe(backend, "net-none", [], [f"{test_host.ip}:8080"])
+    assert lines(result)[f"{test_host.ip}:8080"].startswith("ERR")
+
+
+def test_flow_decisions_become_events_and_the_summary_counts_them(
+    test_host: Any, tmp_path: Path, supervisor_cli: Run, cloudevents_validator: Any
+) -> None:
+    events = tmp_path / "events.jsonl"
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "net-events",
+            argv=["/usr/bin/python3", "-c", PROBE, f"{test_host.ip}:8080", f"{test_host.ip}:8081"],
+            authority={"egressRules": [{"cidr": f"{test_host.ip}/32", "port": 8080}]},
+        ),
+    )
+    result = supervisor_cli(str(spec), base_env(tmp_path, CELL_OS_JSONL_EVENTS=str(events)))
+    assert result.code == 0, result
+    all_events = read_events(events)
+    flows = [
+        e["data"]
+        for e in all_events
+        if e["type"].endswith("observability.v1.network_flow_decision")
+    ]
+    for event in all_events:
+        cloudevents_validator.validate(event)
+    allowed = [f for f in flows if f["decision"] == "allowed"]
+    assert allowed and allowed[0]["packets"] >= 1 and "tcp/8080" in allowed[0]["rule"]
+    assert any(f["rule"] == "deny tcp" and f["packets"] >= 1 for f in flows)
+    started = all_events[0]["data"]
+    assert started["networkScope"] == {"egressRuleCount": 1, "enforced": True}
+    assert "network:egress-allowlist" in started["isolation"]
+    summary = all_events[-1]["data"]
+    assert summary["networkFlows"]["allowed"] >= 1 and summary["networkFlows"]["dropped"] >= 1
+    assert short_types(all_events).index("observability.v1.network_flow_decision") > short_types(
+        all_events
+    ).index("command.v1.completed")
+
+
+def test_fifty_cells_in_parallel_batches_do_not_collide(test_host: Any, tmp_path: Path) -> None:
+    backend = CellosBackend(state_root=str(tmp_path / "state"))
+    rules = [{"cidr": f"{test_host.ip}/32", "port": 8080, "protocol": "tcp"}]
+    results: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def one(cell_id: str) -> None:
+        try:
+            results[cell_id] = lines(probe(backend, cell_id, rules, [f"{test_host.ip}:8080"]))[
+                f"{test_host.ip}:8080"
+            ]
+        except BaseException as exc:  # noqa: BLE001 - collected and reported below
+            errors.append(exc)
+
+    for batch in range(5):
+        threads = [threading.Thread(target=one, args=(f"par-{batch}-{i}",)) for i in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors[:3]
+    assert len(results) == 50
+    assert set(results.values()) == {"OK allowed port"}
+    assert os.listdir(tmp_path / "state" / "net" / "slots") == []
+
+
+def test_a_killed_supervisors_network_is_reaped(test_host: Any, tmp_path: Path) -> None:
+    import sys
+    import time
+
+    state = tmp_path / "state"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nfrom cellos.hosts.cellos import CellosBackend\n"
+            "from cellos.core.loading import validate_document\n"
+            "from tests.conftest import doc\n"
+            f"spec = validate_document(doc('net-orphan', authority={{'egressRules': "
+            f"[{{'cidr': '{test_host.ip}/32', 'port': 8080}}]}})).spec\n"
+            f"CellosBackend(state_root={str(state)!r}).create(spec)\n"
+            "print('ready', flush=True)\ntime.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        assert "cellos-net-orphan" in network_residue()["netns"]
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    reaped = CellosBackend(state_root=str(state)).reap()
+    assert [r.cell_id for r in reaped] == ["net-orphan"]
+    assert any(r.startswith("network:") for r in reaped[0].removed), reaped
+    assert "cellos-net-orphan" not in network_residue()["netns"]
