@@ -21,6 +21,8 @@ fi
 # Optional backends: installed where we may install, otherwise reported (cellos doctor).
 want_pkgs=()
 command -v runsc >/dev/null 2>&1 || want_pkgs+=(runsc)
+# Egress authority (cells with egressRules) needs nftables.
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want_pkgs+=(nftables)
 
 if [ "$(id -u)" = 0 ]; then SUDO=""
 elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"
