@@ -116,7 +116,9 @@ class CellBackend(Protocol):
 class NetworkEvidenceBackend(Protocol):
     """A backend that enforces egress and can attribute flows to its rules."""
 
-    def flow_decisions(self, handle: CellHandle) -> list[dict[str, Any]]: ...
+    def network_events(self, handle: CellHandle) -> list[tuple[str, dict[str, Any]]]:
+        """(event type, data) of every network decision of the cell, in order."""
+        ...
 
 
 @runtime_checkable

@@ -39,10 +39,16 @@ FAMILY = "inet"
 @dataclass(frozen=True)
 class AllowRule:
     index: int
-    addresses: tuple[str, ...]  # CIDRs
+    addresses: tuple[str, ...]  # CIDRs (for a host rule: its pinned addresses so far)
     port: int
     protocol: str
     source: str  # "cidr:<x>" or "host:<name>"
+    host: str | None = None
+
+    @property
+    def set_name(self) -> str:
+        """Host rules match a set, so the DNS proxy can pin answered addresses at run time."""
+        return f"h{self.index}"
 
 
 @dataclass
@@ -57,6 +63,8 @@ class CellNetwork:
     table: str
     slot_file: str
     rules: list[AllowRule] = field(default_factory=list)
+    #: (protocol, port) pairs on which names answered by the cell's DNS proxy are reachable.
+    dns_ports: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def netns_path(self) -> str:
@@ -87,8 +95,9 @@ def claim_slot(state_root: str, cell_id: str, pool: ipaddress.IPv4Network) -> tu
     raise HostError("CELLOS_NETWORK_POOL", f"no free /30 left in {pool}")
 
 
-def resolve_rules(rules: list[EgressRule]) -> list[AllowRule]:
-    """``host`` rules are resolved by the supervisor before the cell starts."""
+def resolve_rules(rules: list[EgressRule], *, pin_by_dns: bool = False) -> list[AllowRule]:
+    """``host`` rules are resolved by the supervisor before the cell starts; with a DNS
+    authority they start empty and are pinned to what the cell's DNS proxy answers."""
     resolved = []
     for index, rule in enumerate(rules):
         if rule.cidr is not None:
@@ -103,6 +112,18 @@ def resolve_rules(rules: list[EgressRule]) -> list[AllowRule]:
             )
             continue
         assert rule.host is not None
+        if pin_by_dns:
+            resolved.append(
+                AllowRule(
+                    index,
+                    (),
+                    rule.port,
+                    rule.protocol,
+                    f"host:{rule.host}",
+                    host=rule.host.lower().rstrip("."),
+                )
+            )
+            continue
         try:
             infos = socket.getaddrinfo(rule.host, rule.port, socket.AF_INET)
         except OSError as exc:
@@ -111,7 +132,16 @@ def resolve_rules(rules: list[EgressRule]) -> list[AllowRule]:
                 f"cannot resolve {rule.host!r}: {exc.strerror or exc}",
             ) from None
         addresses = tuple(sorted({f"{info[4][0]}/32" for info in infos}))
-        resolved.append(AllowRule(index, addresses, rule.port, rule.protocol, f"host:{rule.host}"))
+        resolved.append(
+            AllowRule(
+                index,
+                addresses,
+                rule.port,
+                rule.protocol,
+                f"host:{rule.host}",
+                host=rule.host.lower().rstrip("."),
+            )
+        )
     return resolved
 
 
@@ -159,6 +189,33 @@ def _rule(table: str, chain: str, expr: list[Any], comment: str) -> dict[str, An
             }
         }
     }
+
+
+DNS_SET = "dns_allowed"
+
+
+def _set(table: str, name: str, elements: list[str]) -> dict[str, Any]:
+    body: dict[str, Any] = {"family": FAMILY, "table": table, "name": name, "type": "ipv4_addr"}
+    if elements:
+        body["elem"] = elements
+    return {"add": {"set": body}}
+
+
+def pin(net: CellNetwork, name: str, addresses: list[str]) -> None:
+    """Make addresses the cell's DNS proxy answered for ``name`` reachable: into the set of
+    the host rules for that name, else into the set of names allowed by the DNS authority."""
+    v4 = [a for a in addresses if ipaddress.ip_address(a).version == 4]
+    if not v4:
+        return
+    sets = [r.set_name for r in net.rules if r.host is not None and r.host == name]
+    if not sets and net.dns_ports:
+        sets = [DNS_SET]
+    nft.run(
+        [
+            {"add": {"element": {"family": FAMILY, "table": net.table, "name": s, "elem": v4}}}
+            for s in sets
+        ]
+    )
 
 
 def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
@@ -214,19 +271,45 @@ def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
     )
     cmds.append(_rule(t, "forward", [from_cell, replies, {"accept": None}], "cell replies"))
     for rule in net.rules:
+        port = nft.match(nft.payload(rule.protocol, "dport"), rule.port)
+        if rule.host is not None:
+            # Host rules match a set, so the DNS proxy can pin answered addresses at run time.
+            cmds.append(_set(t, rule.set_name, [a.removesuffix("/32") for a in rule.addresses]))
+            in_set = nft.match(nft.payload("ip", "daddr"), f"@{rule.set_name}")
+            cmds.append(
+                _rule(
+                    t,
+                    "forward",
+                    [from_cell, in_set, port, {"counter": None}, {"accept": None}],
+                    f"allow {rule.index} {rule.source} {rule.protocol}/{rule.port}",
+                )
+            )
+            continue
         for address in rule.addresses:
+            cmds.append(
+                _rule(
+                    t,
+                    "forward",
+                    [from_cell, _addr_match(address), port, {"counter": None}, {"accept": None}],
+                    f"allow {rule.index} {rule.source} {address} {rule.protocol}/{rule.port}",
+                )
+            )
+    if net.dns_ports:
+        cmds.append(_set(t, DNS_SET, []))
+        in_dns_set = nft.match(nft.payload("ip", "daddr"), f"@{DNS_SET}")
+        for protocol, dport in net.dns_ports:
             cmds.append(
                 _rule(
                     t,
                     "forward",
                     [
                         from_cell,
-                        _addr_match(address),
-                        nft.match(nft.payload(rule.protocol, "dport"), rule.port),
+                        in_dns_set,
+                        nft.match(nft.payload(protocol, "dport"), dport),
                         {"counter": None},
                         {"accept": None},
                     ],
-                    f"allow {rule.index} {rule.source} {address} {rule.protocol}/{rule.port}",
+                    f"allow dns-pinned {protocol}/{dport}",
                 )
             )
     cmds.append(

@@ -185,7 +185,7 @@ class Supervisor:
                 out.result = self._run_workload(document, handle, secret_env, ttl_deadline, emitter)
                 if out.result.spawn_error:
                     out.errors.append(HostError("spec.run.argv[0]", out.result.spawn_error))
-                out.flows = self._emit_flows(handle, emitter)
+                out.flows = self._emit_network(handle, emitter)
                 out.exports = self._export(document, handle, emitter, out.errors)
             finally:
                 out.teardown = self._destroy(handle, out.errors)
@@ -297,14 +297,15 @@ class Supervisor:
             return _with_reason(result, reason)
         return result
 
-    def _emit_flows(self, handle: CellHandle, emitter: EventEmitter) -> dict[str, int]:
-        """nft counters become network_flow_decision events (one per counting rule)."""
+    def _emit_network(self, handle: CellHandle, emitter: EventEmitter) -> dict[str, int]:
+        """DNS/L7 decisions and nft counters become events; returns packets per decision."""
         if not isinstance(self.backend, NetworkEvidenceBackend):
             return {}
         totals = {"allowed": 0, "dropped": 0}
-        for decision in self.backend.flow_decisions(handle):
-            emitter.emit(ev.NETWORK_FLOW_DECISION, {"cellId": handle.cell_id, **decision})
-            totals[decision["decision"]] = totals.get(decision["decision"], 0) + decision["packets"]
+        for event_type, data in self.backend.network_events(handle):
+            emitter.emit(event_type, {"cellId": handle.cell_id, **data})
+            if event_type == ev.NETWORK_FLOW_DECISION:
+                totals[data["decision"]] = totals.get(data["decision"], 0) + data["packets"]
         return totals
 
     def _export(

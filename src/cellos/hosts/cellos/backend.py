@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
 from cellos.core.errors import CellosError, ExportError, HostError, PolicyRefused
+from cellos.core.events import NETWORK_FLOW_DECISION
 from cellos.core.ports import (
     CellHandle,
     ReapedCell,
@@ -37,6 +38,7 @@ from cellos.hosts.cellos.sandbox import SandboxPlan, bwrap_argv, isolation_featu
 from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
 from cellos.hosts.process import ENV_PROGRAM, SpawnOptions, spawn_isolated_workload
 from cellos.network import scope
+from cellos.network.proxies import CellProxies
 
 
 @dataclass
@@ -46,6 +48,7 @@ class _LiveCell:
     cgroup: cgroups.CellCgroup | None = None
     pid: int | None = None
     network: scope.CellNetwork | None = None
+    proxies: CellProxies | None = None
 
 
 # Live cells are a property of the host, not of one backend object: every backend instance in
@@ -297,18 +300,34 @@ class CellosBackend:
                 "spec.authority.egressRules",
                 "network authority needs root on this host (netns, veth, nft)",
             )
-        rules = scope.resolve_rules(list(spec.authority.egress_rules))
+        dns = spec.authority.dns_authority
+        rules = scope.resolve_rules(list(spec.authority.egress_rules), pin_by_dns=dns is not None)
         net = scope.plan(spec.id, rules, self.state_root, self.network_pool)
+        if dns is not None:
+            net.dns_ports = sorted({(r.protocol, r.port) for r in spec.authority.egress_rules})
         live.network = net
         live.record.resources["network"] = net.record()
         live.record.save()
         scope.create(net)
-        live.plan = replace(live.plan, netns_path=net.netns_path)
+        resolv_conf = None
+        if dns is not None:
+            # The cell asks its own DNS proxy (bound inside its namespace), nobody else.
+            resolv_conf = os.path.join(live.record.cell_dir, "resolv.conf")
+            with open(resolv_conf, "w", encoding="ascii") as fh:
+                fh.write("nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
+        live.proxies = CellProxies(net, dns)
+        live.proxies.start()
+        live.plan = replace(live.plan, netns_path=net.netns_path, resolv_conf=resolv_conf)
 
-    def flow_decisions(self, handle: CellHandle) -> list[dict[str, Any]]:
-        """nftables counters of the cell's egress rules (for network_flow_decision events)."""
+    def network_events(self, handle: CellHandle) -> list[tuple[str, dict[str, Any]]]:
+        """The proxies' decisions (DNS, L7) in order, then one network_flow_decision per
+        counting nftables rule of the cell."""
         live = self._live(handle)
-        return scope.flow_decisions(live.network) if live.network is not None else []
+        if live.network is None:
+            return []
+        found = live.proxies.drain() if live.proxies is not None else []
+        found += [(NETWORK_FLOW_DECISION, d) for d in scope.flow_decisions(live.network)]
+        return found
 
     def _teardown(self, cell_id: str, live: _LiveCell) -> tuple[int, list[str]]:
         killed = 0
@@ -317,6 +336,8 @@ class CellosBackend:
             CellControl(live.cgroup).kill(live.pid)
         if live.cgroup is not None:
             killed, residue = live.cgroup.remove()
+        if live.proxies is not None:
+            live.proxies.stop()
         if live.network is not None:
             residue += scope.destroy(live.network.record())
         residue += state.release(self.state_root, live.record)

@@ -49,6 +49,8 @@ class SandboxPlan:
     network_namespace: bool = True
     #: A prepared network namespace to join instead (the cell's egress scope).
     netns_path: str | None = None
+    #: Host file bound read-only at /etc/resolv.conf (the cell's DNS proxy).
+    resolv_conf: str | None = None
     seccomp_fd: int | None = None
     tmp_size_bytes: int = 64 << 20
 
@@ -81,6 +83,8 @@ def bwrap_argv(plan: SandboxPlan, argv: Sequence[str], bwrap: str = "bwrap") -> 
         args += ["--ro-bind", plan.rootfs, "/"]
     else:
         args += _host_root_args()
+    if plan.resolv_conf:
+        args += ["--ro-bind", plan.resolv_conf, "/etc/resolv.conf"]
     args += ["--proc", "/proc", "--dev", "/dev"]
     args += ["--size", str(plan.tmp_size_bytes), "--perms", "1777", "--tmpfs", "/tmp"]
     args += ["--bind", plan.workspace, plan.working_directory, "--chdir", plan.working_directory]

@@ -1,0 +1,126 @@
+"""The cell's in-namespace proxies (DNS authority now; L7 next), served by one event loop.
+
+The listening sockets are created inside the cell's network namespace (see
+:mod:`cellos.network.netns_sockets`); the proxies themselves run on a single asyncio loop in a
+daemon thread of the supervisor, shared by all its cells. Their decisions are buffered as
+``(event type, data)`` pairs and emitted by the supervisor after the run, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from cellos.core import events as ev
+from cellos.core.errors import HostError, PolicyRefused
+from cellos.core.spec import DnsAuthority
+from cellos.network import scope
+from cellos.network.dns_proxy import DnsProxy
+from cellos.network.netns_sockets import bound_socket, in_netns
+
+T = TypeVar("T")
+DNS_LISTEN = ("127.0.0.1", 53)
+
+
+class ProxyLoop:
+    """One event loop thread per process for every cell's proxies."""
+
+    _instance: ProxyLoop | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=self.loop.run_forever, name="cellos-proxies", daemon=True)
+        thread.start()
+
+    @classmethod
+    def get(cls) -> ProxyLoop:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = ProxyLoop()
+            return cls._instance
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+def upstream_of(dns: DnsAuthority) -> tuple[str, int, str | None, str]:
+    if dns.resolvers:
+        resolver = dns.resolvers[0]
+        host, _, port = resolver.address.rpartition(":")
+        return host.strip("[]"), int(port), resolver.resolver_id, resolver.protocol
+    try:
+        with open("/etc/resolv.conf", encoding="utf-8") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    return parts[1], 53, None, "do53-udp"
+    except OSError:
+        pass
+    raise PolicyRefused(
+        "spec.authority.dnsAuthority.resolvers",
+        "no resolver declared and the host has none in /etc/resolv.conf",
+    )
+
+
+class CellProxies:
+    def __init__(self, net: scope.CellNetwork, dns: DnsAuthority | None) -> None:
+        self.net = net
+        self.dns_authority = dns
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self._events_lock = threading.Lock()
+        self._dns: DnsProxy | None = None
+
+    def _record(self, event_type: str, data: dict[str, Any]) -> None:
+        with self._events_lock:
+            self.events.append((event_type, data))
+
+    def _on_dns_decision(self, data: dict[str, Any]) -> None:
+        kind = (
+            ev.DNS_QUERY_PERMITTED if data.get("decision") == "permitted" else ev.DNS_QUERY_REFUSED
+        )
+        self._record(kind, data)
+
+    def _on_answer(self, name: str, addresses: list[str]) -> None:
+        # Before the client gets the answer: the address is reachable once it knows it.
+        scope.pin(self.net, name, addresses)
+
+    def start(self) -> None:
+        if self.dns_authority is None:
+            return
+        host, port, resolver_id, protocol = upstream_of(self.dns_authority)
+        udp, tcp = in_netns(
+            self.net.netns_path,
+            lambda: (
+                bound_socket(socket.SOCK_DGRAM, DNS_LISTEN),
+                bound_socket(socket.SOCK_STREAM, DNS_LISTEN, listen=True),
+            ),
+        )
+        proxy = DnsProxy(
+            self.dns_authority.hostname_allowlist,
+            (host, port),
+            self._on_answer,
+            self._on_dns_decision,
+            resolver_id=resolver_id,
+            upstream_protocol="do53-tcp" if protocol == "do53-tcp" else "do53-udp",
+        )
+        try:
+            ProxyLoop.get().call(proxy.start_on(udp, tcp))
+        except Exception as exc:  # noqa: BLE001 - any failure is a host error for the cell
+            udp.close()
+            tcp.close()
+            raise HostError("network", f"cannot start the cell's DNS proxy: {exc}") from None
+        self._dns = proxy
+
+    def stop(self) -> None:
+        if self._dns is not None:
+            ProxyLoop.get().call(self._dns.close())
+            self._dns = None
+
+    def drain(self) -> list[tuple[str, dict[str, Any]]]:
+        with self._events_lock:
+            events, self.events = self.events, []
+        return events
