@@ -25,6 +25,8 @@ class TestHost:
         self.peer_if = f"ctp{self.n}{uuid.uuid4().hex[:4]}"[:15]
         self.host_ip = f"10.214.{self.n}.1"
         self.ip = f"10.214.{self.n}.2"
+        #: A second address of the same test host (a /29 link), for "another destination".
+        self.ip2 = f"10.214.{self.n}.3"
         self.procs: list[subprocess.Popen[bytes]] = []
         netns.create(self.name)
         with IPRoute() as ipr:
@@ -35,12 +37,13 @@ class TestHost:
                 peer={"ifname": self.peer_if, "net_ns_fd": self.name},
             )
             index = ipr.link_lookup(ifname=self.host_if)[0]
-            ipr.addr("add", index=index, address=self.host_ip, prefixlen=30)
+            ipr.addr("add", index=index, address=self.host_ip, prefixlen=29)
             ipr.link("set", index=index, state="up")
         with NetNS(self.name) as ns:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
             index = ns.link_lookup(ifname=self.peer_if)[0]
-            ns.addr("add", index=index, address=self.ip, prefixlen=30)
+            ns.addr("add", index=index, address=self.ip, prefixlen=29)
+            ns.addr("add", index=index, address=self.ip2, prefixlen=29)
             ns.link("set", index=index, state="up")
             ns.route("add", dst="default", gateway=self.host_ip)
 
@@ -69,6 +72,30 @@ class TestHost:
         )
         self.run([sys.executable, "-c", script, self.ip, str(port), body])
         self.wait_port(port)
+
+    def dns_server(self, records: dict[str, str]) -> None:
+        """An authoritative test DNS server (dnslib) answering A records for ``records``."""
+        script = (
+            "import sys, json, time\n"
+            "from dnslib import RR, QTYPE, A\n"
+            "from dnslib.server import DNSServer, BaseResolver\n"
+            "records = json.loads(sys.argv[2])\n"
+            "class R(BaseResolver):\n"
+            "    def resolve(self, request, handler):\n"
+            "        reply = request.reply()\n"
+            "        name = str(request.q.qname).rstrip('.').lower()\n"
+            "        if name in records and request.q.qtype == QTYPE.A:\n"
+            "            answer = A(records[name])\n"
+            "            reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=answer, ttl=5))\n"
+            "        return reply\n"
+            "DNSServer(R(), address=sys.argv[1], port=53).start_thread()\n"
+            "DNSServer(R(), address=sys.argv[1], port=53, tcp=True).start_thread()\n"
+            "while True: time.sleep(60)\n"
+        )
+        import json
+
+        self.run([sys.executable, "-c", script, self.ip, json.dumps(records)])
+        self.wait_port(53)
 
     def wait_port(self, port: int, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout

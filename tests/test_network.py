@@ -224,3 +224,65 @@ def test_a_killed_supervisors_network_is_reaped(test_host: Any, tmp_path: Path) 
     assert [r.cell_id for r in reaped] == ["net-orphan"]
     assert any(r.startswith("network:") for r in reaped[0].removed), reaped
     assert "cellos-net-orphan" not in network_residue()["netns"]
+
+
+DNS_PROBE = """
+import socket, sys
+ip, ip2 = sys.argv[1], sys.argv[2]
+def connect(label, addr):
+    try:
+        s = socket.create_connection((addr, 8080), 3)
+        s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        print(label, "OK", s.recv(200).split(b"\\r\\n\\r\\n", 1)[1].decode())
+    except OSError as e:
+        print(label, "ERR", e.__class__.__name__)
+def resolve(label, name):
+    try:
+        infos = socket.getaddrinfo(name, 8080, socket.AF_INET)
+        print(label, "RESOLVED", sorted({i[4][0] for i in infos}))
+    except socket.gaierror as e:
+        print(label, "NORESOLVE", e.errno)
+connect("before-resolve", ip)
+resolve("allowed", "Allowed.Test")
+connect("after-resolve", ip)
+resolve("refused", "refused.test")
+connect("refused-by-ip", ip2)
+"""
+
+
+def test_dns_authority_pins_allowed_names_and_refuses_the_rest(
+    test_host: Any, tmp_path: Path, supervisor_cli: Run
+) -> None:
+    test_host.dns_server({"allowed.test": test_host.ip, "refused.test": test_host.ip2})
+    events = tmp_path / "events.jsonl"
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "net-dns",
+            argv=["/usr/bin/python3", "-c", DNS_PROBE, test_host.ip, test_host.ip2],
+            authority={
+                "egressRules": [{"host": "allowed.test", "port": 8080, "protocol": "tcp"}],
+                "dnsAuthority": {
+                    "hostnameAllowlist": ["allowed.test"],
+                    "resolvers": [{"resolverId": "test", "address": f"{test_host.ip}:53"}],
+                },
+            },
+        ),
+    )
+    result = supervisor_cli(str(spec), base_env(tmp_path, CELL_OS_JSONL_EVENTS=str(events)))
+    assert result.code == 0, result
+    seen = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    # An allowed name is reachable only after the cell's own DNS proxy answered it ...
+    assert seen["before-resolve"] == "ERR ConnectionRefusedError"
+    assert seen["allowed"] == f"RESOLVED ['{test_host.ip}']"
+    assert seen["after-resolve"] == "OK allowed port"
+    # ... a refused name gets no address, and its address stays unreachable by IP.
+    assert seen["refused"].startswith("NORESOLVE")
+    assert seen["refused-by-ip"] == "ERR ConnectionRefusedError"
+    all_events = read_events(events)
+    permitted = [e["data"] for e in all_events if e["type"].endswith("dns_query_permitted")]
+    refused = [e["data"] for e in all_events if e["type"].endswith("dns_query_refused")]
+    assert any(
+        d["queryName"].lower() == "allowed.test" and test_host.ip in d["answers"] for d in permitted
+    ), permitted
+    assert any(d["queryName"] == "refused.test" for d in refused), refused
