@@ -73,6 +73,20 @@ class TestHost:
         self.run([sys.executable, "-c", script, self.ip, str(port), body])
         self.wait_port(port)
 
+    def greeter(self, port: int, reply: str) -> None:
+        """Answers ``reply`` to the first bytes of any connection (e.g. a ClientHello)."""
+        script = (
+            "import socketserver, sys\n"
+            "class H(socketserver.BaseRequestHandler):\n"
+            "    def handle(self):\n"
+            "        if self.request.recv(65536):\n"
+            "            self.request.sendall(sys.argv[3].encode())\n"
+            "socketserver.TCPServer.allow_reuse_address = True\n"
+            "socketserver.ThreadingTCPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()\n"
+        )
+        self.run([sys.executable, "-c", script, self.ip, str(port), reply])
+        self.wait_port(port)
+
     def dns_server(self, records: dict[str, str]) -> None:
         """An authoritative test DNS server (dnslib) answering A records for ``records``."""
         script = (

@@ -286,3 +286,61 @@ def test_dns_authority_pins_allowed_names_and_refuses_the_rest(
         d["queryName"].lower() == "allowed.test" and test_host.ip in d["answers"] for d in permitted
     ), permitted
     assert any(d["queryName"] == "refused.test" for d in refused), refused
+
+
+SNI_PROBE = """
+import socket, ssl, sys
+ip = sys.argv[1]
+socket.getaddrinfo("allowed.test", 443)  # the cell's DNS proxy pins the address
+def hello(server_name):
+    # A real ClientHello from Python's TLS stack, sent by hand to see what comes back.
+    ctx = ssl.create_default_context()
+    bio_in, bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(bio_in, bio_out, server_hostname=server_name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return bio_out.read()
+for name in ("allowed.test", "evil.test"):
+    try:
+        s = socket.create_connection((ip, 443), 3)
+        s.settimeout(3)
+        s.sendall(hello(name))
+        print(name, "REPLY", s.recv(100).decode() or "EOF")
+    except OSError as e:
+        print(name, "ERR", e.__class__.__name__)
+"""
+
+
+def test_tls_with_a_disallowed_sni_to_an_allowed_ip_is_cut(
+    test_host: Any, tmp_path: Path, supervisor_cli: Run
+) -> None:
+    test_host.dns_server({"allowed.test": test_host.ip})
+    test_host.greeter(443, "GOT")
+    events = tmp_path / "events.jsonl"
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "net-sni",
+            argv=["/usr/bin/python3", "-c", SNI_PROBE, test_host.ip],
+            authority={
+                "egressRules": [{"host": "allowed.test", "port": 443, "protocol": "tcp"}],
+                "dnsAuthority": {
+                    "hostnameAllowlist": ["allowed.test"],
+                    "resolvers": [{"resolverId": "test", "address": f"{test_host.ip}:53"}],
+                },
+            },
+        ),
+    )
+    result = supervisor_cli(str(spec), base_env(tmp_path, CELL_OS_JSONL_EVENTS=str(events)))
+    assert result.code == 0, result
+    seen = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert seen["allowed.test"] == "REPLY GOT"
+    assert seen["evil.test"] in ("ERR ConnectionResetError", "REPLY EOF"), seen
+    decisions = [e["data"] for e in read_events(events) if e["type"].endswith("l7_egress_decision")]
+    assert {(d["serverName"], d["decision"], d["reasonCode"]) for d in decisions} == {
+        ("allowed.test", "allowed", "l7_sni_allowlist_match"),
+        ("evil.test", "denied", "l7_sni_allowlist_miss"),
+    }
+    assert all(d["destination"] == f"{test_host.ip}:443" for d in decisions)

@@ -20,11 +20,13 @@ def nft_binary() -> str:
     return found
 
 
-def run(commands: list[Json]) -> None:
-    """Apply a batch atomically (nft applies one JSON document as one transaction)."""
+def run(commands: list[Json], netns: str | None = None) -> None:
+    """Apply a batch atomically (nft applies one JSON document as one transaction), in the
+    network namespace at ``netns`` when given."""
     doc = json.dumps({"nftables": commands})
+    prefix = ["/usr/bin/nsenter", f"--net={netns}", "--"] if netns else []
     proc = subprocess.run(
-        [nft_binary(), "-j", "-f", "-"],
+        [*prefix, nft_binary(), "-j", "-f", "-"],
         input=doc,
         capture_output=True,
         text=True,

@@ -17,12 +17,17 @@ from typing import Any, TypeVar
 from cellos.core import events as ev
 from cellos.core.errors import HostError, PolicyRefused
 from cellos.core.spec import DnsAuthority
-from cellos.network import scope
+from cellos.network import nft, scope
 from cellos.network.dns_proxy import DnsProxy
-from cellos.network.netns_sockets import bound_socket, in_netns
+from cellos.network.l7_proxy import L7Proxy
+from cellos.network.netns_sockets import bound_socket, in_netns, unbound_socket
 
 T = TypeVar("T")
 DNS_LISTEN = ("127.0.0.1", 53)
+L7_LISTEN = ("127.0.0.1", 15001)
+#: Firewall mark of the L7 proxy's own upstream connections (not redirected again).
+L7_MARK = 0x1
+L7_PORTS = (80, 443)
 
 
 class ProxyLoop:
@@ -66,10 +71,55 @@ def upstream_of(dns: DnsAuthority) -> tuple[str, int, str | None, str]:
     )
 
 
+def _redirect_commands(ports: list[int]) -> list[dict[str, Any]]:
+    """Inside the cell's namespace: unmarked TCP to the checked ports goes to the proxy."""
+    table = "cellos_l7"
+    return [
+        {"add": {"table": {"family": "ip", "name": table}}},
+        {
+            "add": {
+                "chain": {
+                    "family": "ip",
+                    "table": table,
+                    "name": "output",
+                    "type": "nat",
+                    "hook": "output",
+                    "prio": -100,
+                    "policy": "accept",
+                }
+            }
+        },
+        {
+            "add": {
+                "rule": {
+                    "family": "ip",
+                    "table": table,
+                    "chain": "output",
+                    "expr": [
+                        nft.match(nft.meta("mark"), L7_MARK, op="!="),
+                        nft.match(nft.meta("l4proto"), "tcp"),
+                        nft.match(nft.payload("tcp", "dport"), {"set": sorted(ports)}),
+                        {"redirect": {"port": L7_LISTEN[1]}},
+                    ],
+                }
+            }
+        },
+    ]
+
+
 class CellProxies:
-    def __init__(self, net: scope.CellNetwork, dns: DnsAuthority | None) -> None:
+    def __init__(
+        self,
+        net: scope.CellNetwork,
+        dns: DnsAuthority | None,
+        l7_names: list[str] | None = None,
+        l7_ports: list[int] | None = None,
+    ) -> None:
         self.net = net
         self.dns_authority = dns
+        self.l7_names = l7_names or []
+        self.l7_ports = l7_ports or []
+        self._l7: L7Proxy | None = None
         self.events: list[tuple[str, dict[str, Any]]] = []
         self._events_lock = threading.Lock()
         self._dns: DnsProxy | None = None
@@ -89,6 +139,44 @@ class CellProxies:
         scope.pin(self.net, name, addresses)
 
     def start(self) -> None:
+        self._start_dns()
+        self._start_l7()
+
+    def _start_l7(self) -> None:
+        """Ports 80/443 of the cell go through the SNI/Host check: an nft table inside the
+        cell's namespace redirects them to the proxy, whose own upstream connections carry a
+        mark and leave through the cell's egress rules like any other flow."""
+        if not self.l7_ports or not self.l7_names:
+            return
+        listen = in_netns(
+            self.net.netns_path, lambda: bound_socket(socket.SOCK_STREAM, L7_LISTEN, listen=True)
+        )
+        netns = self.net.netns_path
+
+        async def connect_upstream(host: str, port: int) -> tuple[Any, Any]:
+            sock = in_netns(netns, lambda: unbound_socket(mark=L7_MARK))
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.sock_connect(sock, (host, port))
+            except BaseException:
+                sock.close()
+                raise
+            return await asyncio.open_connection(sock=sock)
+
+        proxy = L7Proxy(
+            self.l7_names,
+            lambda d: self._record(ev.L7_EGRESS_DECISION, d),
+            connect_upstream=connect_upstream,
+        )
+        try:
+            nft.run(_redirect_commands(self.l7_ports), netns=netns)
+            ProxyLoop.get().call(proxy.start_on(listen))
+        except Exception as exc:  # noqa: BLE001 - any failure is a host error for the cell
+            listen.close()
+            raise HostError("network", f"cannot start the cell's L7 proxy: {exc}") from None
+        self._l7 = proxy
+
+    def _start_dns(self) -> None:
         if self.dns_authority is None:
             return
         host, port, resolver_id, protocol = upstream_of(self.dns_authority)
@@ -119,6 +207,9 @@ class CellProxies:
         if self._dns is not None:
             ProxyLoop.get().call(self._dns.close())
             self._dns = None
+        if self._l7 is not None:
+            ProxyLoop.get().call(self._l7.close())
+            self._l7 = None
 
     def drain(self) -> list[tuple[str, dict[str, Any]]]:
         with self._events_lock:

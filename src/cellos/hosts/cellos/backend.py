@@ -38,7 +38,7 @@ from cellos.hosts.cellos.sandbox import SandboxPlan, bwrap_argv, isolation_featu
 from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
 from cellos.hosts.process import ENV_PROGRAM, SpawnOptions, spawn_isolated_workload
 from cellos.network import scope
-from cellos.network.proxies import CellProxies
+from cellos.network.proxies import L7_PORTS, CellProxies
 
 
 @dataclass
@@ -315,7 +315,14 @@ class CellosBackend:
             resolv_conf = os.path.join(live.record.cell_dir, "resolv.conf")
             with open(resolv_conf, "w", encoding="ascii") as fh:
                 fh.write("nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
-        live.proxies = CellProxies(net, dns)
+        # Ports 80/443 are checked at L7 against the names the cell may reach.
+        names = sorted(
+            {r.host for r in rules if r.host} | set(dns.hostname_allowlist if dns else [])
+        )
+        l7_ports = sorted(
+            {r.port for r in spec.authority.egress_rules if r.protocol == "tcp"} & set(L7_PORTS)
+        )
+        live.proxies = CellProxies(net, dns, l7_names=names, l7_ports=l7_ports)
         live.proxies.start()
         live.plan = replace(live.plan, netns_path=net.netns_path, resolv_conf=resolv_conf)
 

@@ -1,0 +1,455 @@
+"""L7 egress check: let a cell's TCP connection out only if its SNI / Host is allowlisted.
+
+The cell's outbound TCP is redirected (nftables ``redirect``) to a socket this proxy serves.
+For each connection the proxy reads just enough of what the client sends to learn the name
+it wants (the TLS ClientHello's SNI, or the HTTP ``Host``), decides against the allowlist,
+reports an ``l7_egress_decision`` event, and then either cuts the connection or connects to
+the connection's *original destination address* and splices bytes both ways.
+
+Why the original address and never the name: the name is chosen by the workload. Connecting
+to it would turn the proxy into a forward proxy for any host the workload can name, bypassing
+the address-level policy. Connecting to the original address keeps the two layers
+independent: the firewall and DNS pinning decide which addresses are reachable at all, this
+proxy additionally checks which name is being asked for there.
+
+The proxy never creates listening sockets: the caller creates and binds one inside the
+cell's network namespace and passes it to :meth:`L7Proxy.start_on`; likewise the caller's
+``connect_upstream`` creates upstream sockets where (namespace, firewall mark) it must.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any, Final
+
+from cellos.network.sni import (
+    MAX_HTTP_HEADER_BYTES,
+    MAX_TLS_PEEK_BYTES,
+    HostStatus,
+    SniStatus,
+    looks_like_tls,
+    normalize_host_name,
+    parse_client_hello_sni,
+    parse_http_host,
+)
+
+__all__ = [
+    "REASON_HTTP_HOST_MATCH",
+    "REASON_HTTP_HOST_MISS",
+    "REASON_HTTP_HOST_MISSING",
+    "REASON_SNI_MATCH",
+    "REASON_SNI_MISS",
+    "REASON_SNI_MISSING",
+    "SO_ORIGINAL_DST",
+    "Allowlist",
+    "L7Proxy",
+    "OriginalDestination",
+    "UpstreamConnector",
+    "open_upstream",
+    "so_original_dst",
+]
+
+logger = logging.getLogger(__name__)
+
+# reasonCode values of the l7_egress_decision event (DESIGN §4); keep exactly.
+REASON_SNI_MATCH: Final = "l7_sni_allowlist_match"
+REASON_SNI_MISS: Final = "l7_sni_allowlist_miss"
+REASON_SNI_MISSING: Final = "l7_sni_missing"
+REASON_HTTP_HOST_MATCH: Final = "l7_http_host_allowlist_match"
+REASON_HTTP_HOST_MISS: Final = "l7_http_host_allowlist_miss"
+REASON_HTTP_HOST_MISSING: Final = "l7_http_host_missing"
+
+# <linux/netfilter_ipv4.h> SO_ORIGINAL_DST; <linux/netfilter_ipv6/ip6_tables.h>
+# IP6T_SO_ORIGINAL_DST has the same value at level SOL_IPV6.
+SO_ORIGINAL_DST: Final = 80
+_SOCKADDR_IN_LEN: Final = 16
+_SOCKADDR_IN6_LEN: Final = 28
+
+_READ_SIZE: Final = 64 * 1024
+# The parsers decide on their own once their limits are reached; this is a backstop so a
+# parser bug can never make the proxy buffer without bound.
+_MAX_PEEK_BYTES: Final = max(MAX_TLS_PEEK_BYTES, MAX_HTTP_HEADER_BYTES)
+_FORBIDDEN: Final = (
+    b"HTTP/1.1 403 Forbidden\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"Content-Length: 33\r\n"
+    b"Connection: close\r\n"
+    b"\r\n"
+    b"egress denied by cell L7 policy\r\n"
+)
+# accept() errors that mean "out of resources right now": back off instead of spinning.
+_ACCEPT_BACKOFF_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_BACKOFF_SECONDS: Final = 0.1
+
+OriginalDestination = Callable[[socket.socket], tuple[str, int]]
+UpstreamConnector = Callable[
+    [str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+]
+
+
+def so_original_dst(sock: socket.socket) -> tuple[str, int]:
+    """The pre-NAT destination ``(ip, port)`` of a connection accepted after ``REDIRECT``.
+
+    Asks conntrack via ``getsockopt(SOL_IP, SO_ORIGINAL_DST)`` (or the IPv6 equivalent).
+    Raises OSError when the connection has no conntrack entry (ENOENT) or conntrack is not
+    available (ENOPROTOOPT).
+    """
+    ipv6 = sock.family == socket.AF_INET6
+    if ipv6:
+        # A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; their conntrack entry
+        # is an IPv4 one and must be asked for at the IPv4 level.
+        local = ipaddress.IPv6Address(sock.getsockname()[0].split("%", 1)[0])
+        ipv6 = local.ipv4_mapped is None
+    if ipv6:
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
+        # struct sockaddr_in6: family(2, host order), port(2, network), flowinfo(4), addr(16)
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), int(port)
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN)
+    # struct sockaddr_in: family(2, host order), port(2, network), addr(4), zero(8)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return socket.inet_ntop(socket.AF_INET, raw[4:8]), int(port)
+
+
+async def open_upstream(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Default upstream connector: a plain connection from the current network namespace."""
+    return await asyncio.open_connection(host, port)
+
+
+class Allowlist:
+    """Names a connection may ask for.
+
+    An entry is an exact host name (matched case-insensitively, trailing dot ignored) or
+    ``*.example.com``, which matches every name below ``example.com`` at any depth but not
+    ``example.com`` itself (list it separately if wanted). IPv6 literals are accepted and
+    compared in compressed form, since that is how the Host parser reports them.
+    """
+
+    __slots__ = ("_exact", "_suffixes")
+
+    def __init__(self, entries: Sequence[str]) -> None:
+        # A bare str is a Sequence[str] too; iterating it would allow single letters.
+        if isinstance(entries, str):
+            raise TypeError("allowlist must be a sequence of names, not a single string")
+        exact: set[str] = set()
+        suffixes: set[str] = set()
+        for entry in entries:
+            if entry.startswith("*."):
+                base = normalize_host_name(entry[2:])
+                if base is None:
+                    raise ValueError(f"invalid allowlist entry: {entry!r}")
+                suffixes.add(base)
+                continue
+            name = normalize_host_name(entry) or _ipv6_literal(entry)
+            if name is None:
+                raise ValueError(f"invalid allowlist entry: {entry!r}")
+            exact.add(name)
+        self._exact = frozenset(exact)
+        self._suffixes = frozenset(suffixes)
+
+    def matches(self, name: str) -> bool:
+        """Whether ``name`` is allowed. Expects a name as the parsers report it."""
+        name = name.lower().removesuffix(".")
+        if name in self._exact:
+            return True
+        # Walk the proper parent domains: a.b.example.com -> b.example.com -> example.com.
+        rest = name
+        while "." in rest:
+            rest = rest.split(".", 1)[1]
+            if rest in self._suffixes:
+                return True
+        return False
+
+
+def _ipv6_literal(entry: str) -> str | None:
+    try:
+        return ipaddress.IPv6Address(entry.removeprefix("[").removesuffix("]")).compressed
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    allowed: bool
+    reason_code: str
+    server_name: str | None
+    # Only a client that spoke HTTP is answered with a 403; anything else is just closed.
+    send_forbidden: bool = False
+
+
+class L7Proxy:
+    """SNI / HTTP Host allowlist check in front of a cell's outbound TCP connections.
+
+    ``allowlist``: names and ``*.suffix`` patterns (see :class:`Allowlist`).
+    ``on_decision``: called synchronously with the data of one ``l7_egress_decision`` event
+    per connection, before the connection is cut or forwarded. If it raises, the connection
+    is cut: egress that cannot be recorded does not happen.
+    ``original_destination``: learns where the client wanted to go from the accepted socket.
+    ``connect_upstream``: opens the upstream connection to that ``(ip, port)``.
+    ``peek_timeout``: seconds the client has to send enough bytes for a decision.
+    ``connect_timeout``: seconds allowed for ``connect_upstream``.
+
+    Port 443 destinations follow the SNI rules and port 80 the Host rules; any other port is
+    sniffed (a TLS handshake record means SNI rules, anything else Host rules). A client that
+    sends nothing within ``peek_timeout`` is denied as "missing", which means protocols where
+    the server speaks first cannot pass this proxy.
+    """
+
+    def __init__(
+        self,
+        allowlist: Sequence[str],
+        on_decision: Callable[[dict[str, Any]], None],
+        *,
+        original_destination: OriginalDestination = so_original_dst,
+        connect_upstream: UpstreamConnector = open_upstream,
+        peek_timeout: float = 5.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if not peek_timeout > 0:
+            raise ValueError("peek_timeout must be positive")
+        if not connect_timeout > 0:
+            raise ValueError("connect_timeout must be positive")
+        self._allowlist = Allowlist(allowlist)
+        self._on_decision = on_decision
+        self._original_destination = original_destination
+        self._connect_upstream = connect_upstream
+        self._peek_timeout = peek_timeout
+        self._connect_timeout = connect_timeout
+        self._listen_sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def start_on(self, listen_sock: socket.socket) -> None:
+        """Start serving connections accepted on ``listen_sock`` and return.
+
+        The socket must already be bound and listening (the caller creates it in the cell's
+        network namespace). The proxy takes ownership of it and closes it in :meth:`close`.
+        """
+        if self._closed or self._listen_sock is not None:
+            raise RuntimeError("L7Proxy.start_on may be called once, before close()")
+        if listen_sock.type != socket.SOCK_STREAM or not listen_sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            raise ValueError("listen_sock must be a bound TCP socket in the listening state")
+        listen_sock.setblocking(False)
+        self._listen_sock = listen_sock
+        self._accept_task = asyncio.create_task(self._accept_loop(listen_sock))
+
+    async def close(self) -> None:
+        """Stop accepting, close the listening socket, and cut every open connection."""
+        self._closed = True
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            await asyncio.gather(self._accept_task, return_exceptions=True)
+            self._accept_task = None
+        if self._listen_sock is not None:
+            self._listen_sock.close()
+        connections = list(self._connections)
+        for task in connections:
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+
+    # --- accepting ---------------------------------------------------------------------
+
+    async def _accept_loop(self, listen_sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listen_sock)
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                    # The listening socket was closed or shut down under us: nothing more
+                    # can be accepted, and retrying would spin.
+                    logger.error("l7 proxy: listening socket unusable, stopping: %s", exc)
+                    return
+                if exc.errno in _ACCEPT_BACKOFF_ERRNOS:
+                    logger.warning("l7 proxy: accept failed, backing off: %s", exc)
+                    await asyncio.sleep(_ACCEPT_BACKOFF_SECONDS)
+                # Anything else (ECONNABORTED, EPROTO, ...) concerns one client only.
+                continue
+            task = asyncio.create_task(self._serve_connection(conn))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve_connection(self, conn: socket.socket) -> None:
+        client: asyncio.StreamWriter | None = None
+        try:
+            conn.setblocking(False)
+            try:
+                destination = self._original_destination(conn)
+            except Exception:
+                # Without a destination there is nothing to decide about or connect to.
+                logger.exception("l7 proxy: cannot determine original destination; closing")
+                return
+            reader, client = await asyncio.open_connection(sock=conn)
+            await self._handle(conn, reader, client, destination)
+        except Exception:
+            logger.exception("l7 proxy: connection handling failed")
+        finally:
+            if client is not None:
+                await _close_writer(client)
+            else:
+                conn.close()
+
+    # --- one connection ----------------------------------------------------------------
+
+    async def _handle(
+        self,
+        conn: socket.socket,
+        reader: asyncio.StreamReader,
+        client: asyncio.StreamWriter,
+        destination: tuple[str, int],
+    ) -> None:
+        host, port = destination
+        verdict, peeked = await self._peek(reader, port)
+        event: dict[str, Any] = {
+            "destination": _format_destination(host, port),
+            "serverName": verdict.server_name,
+            "decision": "allowed" if verdict.allowed else "denied",
+            "reasonCode": verdict.reason_code,
+        }
+        # Report before acting, so the decision is on record by the time the client or the
+        # upstream observes its effect.
+        recorded = self._emit(event)
+        if not verdict.allowed or not recorded:
+            if verdict.send_forbidden and recorded:
+                client.write(_FORBIDDEN)
+                with suppress(OSError, TimeoutError):
+                    await asyncio.wait_for(client.drain(), self._peek_timeout)
+                    client.write_eof()
+            else:
+                # RST rather than FIN: the client sees "connection reset" immediately
+                # instead of a truncated handshake it may retry (DESIGN §9: visible refusal).
+                _reset(conn)
+            return
+        if not await self._forward(reader, client, host, port, peeked):
+            _reset(conn)
+
+    async def _peek(self, reader: asyncio.StreamReader, port: int) -> tuple[_Verdict, bytes]:
+        """Read until a verdict is possible or the peek timeout / size limit hits."""
+        is_tls: bool | None = True if port == 443 else False if port == 80 else None
+        buffer = bytearray()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._peek_timeout
+        while True:
+            if is_tls is None and buffer:
+                is_tls = looks_like_tls(bytes(buffer))
+            if is_tls is not None:
+                verdict = self._judge(is_tls, bytes(buffer), final=len(buffer) >= _MAX_PEEK_BYTES)
+                if verdict is not None:
+                    return verdict, bytes(buffer)
+            chunk = b""
+            remaining = deadline - loop.time()
+            if remaining > 0:
+                # A reset or timeout ends the peek like EOF does: what was read is judged
+                # as final, which for an incomplete hello / header block means "missing".
+                with suppress(OSError, TimeoutError):
+                    chunk = await asyncio.wait_for(reader.read(_READ_SIZE), remaining)
+            if not chunk:
+                final = self._judge(bool(is_tls), bytes(buffer), final=True)
+                assert final is not None  # final=True always yields a verdict
+                return final, bytes(buffer)
+            buffer += chunk
+
+    def _judge(self, is_tls: bool, data: bytes, *, final: bool) -> _Verdict | None:
+        """The verdict for ``data``, or None if more bytes could change it (and not final)."""
+        if is_tls:
+            sni = parse_client_hello_sni(data)
+            if sni.status is SniStatus.SERVER_NAME and sni.server_name is not None:
+                if self._allowlist.matches(sni.server_name):
+                    return _Verdict(True, REASON_SNI_MATCH, sni.server_name)
+                return _Verdict(False, REASON_SNI_MISS, sni.server_name)
+            if sni.status is SniStatus.NEED_MORE and not final:
+                return None
+            return _Verdict(False, REASON_SNI_MISSING, None)
+        http = parse_http_host(data)
+        if http.status is HostStatus.HOST and http.host is not None:
+            if self._allowlist.matches(http.host):
+                return _Verdict(True, REASON_HTTP_HOST_MATCH, http.host)
+            return _Verdict(False, REASON_HTTP_HOST_MISS, http.host, send_forbidden=True)
+        if http.status is HostStatus.NEED_MORE and not final:
+            return None
+        return _Verdict(
+            False,
+            REASON_HTTP_HOST_MISSING,
+            None,
+            send_forbidden=http.status is HostStatus.NO_HOST,
+        )
+
+    def _emit(self, event: dict[str, Any]) -> bool:
+        try:
+            self._on_decision(event)
+        except Exception:
+            logger.exception("l7 proxy: on_decision failed; cutting the connection")
+            return False
+        return True
+
+    async def _forward(
+        self,
+        client_reader: asyncio.StreamReader,
+        client_writer: asyncio.StreamWriter,
+        host: str,
+        port: int,
+        peeked: bytes,
+    ) -> bool:
+        """Connect upstream and splice; False if the upstream could not be reached."""
+        try:
+            upstream_reader, upstream_writer = await asyncio.wait_for(
+                self._connect_upstream(host, port), self._connect_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            logger.info(
+                "l7 proxy: upstream %s unreachable: %r", _format_destination(host, port), exc
+            )
+            return False
+        try:
+            upstream_writer.write(peeked)
+            pumps = [
+                asyncio.create_task(_pump(client_reader, upstream_writer)),
+                asyncio.create_task(_pump(upstream_reader, client_writer)),
+            ]
+            try:
+                # Both directions run until their EOF (half-closes are passed on); an error
+                # in either one ends the whole connection.
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+        finally:
+            await _close_writer(upstream_writer)
+        return True
+
+
+async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    while data := await source.read(_READ_SIZE):
+        sink.write(data)
+        await sink.drain()
+    if sink.can_write_eof():
+        sink.write_eof()
+
+
+async def _close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with suppress(OSError):
+        await writer.wait_closed()
+
+
+def _reset(conn: socket.socket) -> None:
+    """Make the next close of ``conn`` send RST (SO_LINGER with zero timeout)."""
+    with suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _format_destination(host: str, port: int) -> str:
+    # Brackets keep "ip:port" unambiguous for IPv6 ("[2001:db8::1]:443").
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
