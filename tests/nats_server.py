@@ -46,7 +46,8 @@ class NatsServer:
         self.store.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from cellos.core.errors import CellosError
 from cellos.core.loading import load_document
 from cellos.core.spec import ExecutionCell
+from cellos.server.cli import register as register_server_commands
 from cellos.supervisor.cli import configure_logging, print_error, run_spec
+from cellos.worker.cli import register as register_worker_commands
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept runs that do not end with a compliance summary (live logs)",
     )
     p.set_defaults(func=_cmd_events_verify)
+    register_worker_commands(sub)
+    register_server_commands(sub)
     return parser
 
 

@@ -1,9 +1,12 @@
-"""Offline verification of a JSONL events file: signatures and the run chain (DESIGN.md §4).
+"""Verification of events: signatures and the run chain (DESIGN.md §4).
 
-Backs ``cellos events verify FILE --keys KEYS``. Lives outside ``cellos.core`` because it
-reads a file.
+One implementation, :class:`EventVerifier`, is fed one event at a time and says for each
+whether it passes or why not, naming the event by a *position* the caller chooses. It backs
+``cellos events verify FILE --keys KEYS`` (positions are 1-based line numbers, through
+:func:`verify_events_file`) and ``cellos events tail`` (positions are JetStream stream
+sequences). Lives outside ``cellos.core`` because it reads files.
 
-What is checked, line by line (line numbers are 1-based):
+What is checked, event by event:
 
 * every line is one JSON object (no blank lines; a final newline is optional), without
   duplicate keys or NaN;
@@ -18,8 +21,14 @@ What is checked, line by line (line numbers are 1-based):
   supervisor always emits last; so a truncated run (final lines deleted) fails, reported at
   the run's last remaining event.
 
-Verification stops at the first failing line: once the chain is broken, later "errors" are
-only echoes of the first.
+Verification of a file stops at the first failing line: once the chain is broken, later
+"errors" are only echoes of the first. The verifier itself changes its state only for an event
+that passes, so a consumer that must go on (the API server skipping a forged event) can.
+
+A reader that starts in the middle of a log (a stream whose oldest messages have expired, a
+tail from ``--since``) passes ``anchor_unknown_runs=True``: a run first seen at a sequence
+number other than 0 is then taken as it is, and verified from there on. That proves less (the
+events before the anchor are not seen), so it is never the default.
 """
 
 from __future__ import annotations
@@ -76,98 +85,194 @@ class VerifyReport:
     first_error: tuple[int, str] | None
 
 
-class _LineError(Exception):
-    """A reason why the current line fails; turned into ``first_error`` by the caller."""
+@dataclass(frozen=True)
+class Step:
+    """What :meth:`EventVerifier.feed` found for one event.
+
+    ``event`` is the inner event (envelope removed) when ``ok``; ``kid`` the key that signed it
+    (``None`` when it was not signed, or when no keys were given); ``reason`` why it failed.
+    """
+
+    position: int
+    ok: bool
+    event: dict[str, Any] | None = None
+    kid: str | None = None
+    reason: str | None = None
+
+    @property
+    def error(self) -> tuple[int, str] | None:
+        """``(position, reason)`` of a failed event, ``None`` when it passed."""
+        return None if self.ok else (self.position, self.reason or "failed")
+
+
+class _Reject(Exception):
+    """A reason why the current event fails; turned into a failed :class:`Step`."""
 
 
 @dataclass
 class _Run:
     next_seq: int
     prev: str
-    last_line: int
+    last_position: int
     last_type: str
+    anchored: bool = False
 
 
-def _parse_line(raw: bytes) -> dict[str, Any]:
+def _parse_bytes(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise _LineError("not UTF-8") from None
+        raise _Reject("not UTF-8") from None
     if not text.strip():
-        raise _LineError("blank line")
+        raise _Reject("blank line")
     try:
         obj = strict_loads(text)
     except json.JSONDecodeError as exc:
-        raise _LineError(f"malformed JSON: {exc.msg} (column {exc.colno})") from None
+        raise _Reject(f"malformed JSON: {exc.msg} (column {exc.colno})") from None
     except ValueError as exc:
-        raise _LineError(f"malformed JSON: {exc}") from None
+        raise _Reject(f"malformed JSON: {exc}") from None
     if not isinstance(obj, dict):
-        raise _LineError("not a JSON object")
+        raise _Reject("not a JSON object")
     return obj
 
 
-def _inner_event(obj: dict[str, Any], keys: VerifyKeys | None) -> dict[str, Any]:
+def _inner_event(obj: Any, keys: VerifyKeys | None) -> tuple[dict[str, Any], str | None]:
+    if not isinstance(obj, dict):
+        raise _Reject("not a JSON object")
     try:
         if keys is not None:
             if obj.get("type") != SIGNED_ENVELOPE:
-                raise _LineError("unsigned event, but verify keys were given")
-            return unwrap_signed(obj, keys)
+                raise _Reject("unsigned event, but verify keys were given")
+            inner = unwrap_signed(obj, keys)
+            return inner, str(obj["data"]["kid"])
         if obj.get("type") == SIGNED_ENVELOPE:
-            return parse_envelope(obj).event
+            return parse_envelope(obj).event, None
     except SignatureInvalid as exc:
-        raise _LineError(exc.reason) from None
-    return obj
+        raise _Reject(exc.reason) from None
+    return obj, None
 
 
 def _check_cloudevent(event: dict[str, Any]) -> None:
     if event.get("specversion") != "1.0":
-        raise _LineError("not a CloudEvents 1.0 event (specversion)")
+        raise _Reject("not a CloudEvents 1.0 event (specversion)")
     for attr in ("id", "source", "type"):
         if not isinstance(event.get(attr), str) or not event[attr]:
-            raise _LineError(f"not a CloudEvent: {attr!r} missing or not a string")
+            raise _Reject(f"not a CloudEvent: {attr!r} missing or not a string")
 
 
-def _check_chain(event: dict[str, Any], runs: dict[str, _Run], line: int) -> None:
-    run_id, seq, prev = event.get(RUN_ID_ATTR), event.get(SEQ_ATTR), event.get(PREV_ATTR)
-    if not isinstance(run_id, str) or not run_id:
-        raise _LineError(f"{RUN_ID_ATTR} missing or not a non-empty string")
-    # bool is an int subclass; JSON true is not a sequence number.
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        raise _LineError(f"{SEQ_ATTR} missing or not a non-negative integer")
-    if not isinstance(prev, str) or _HEX64.fullmatch(prev) is None:
-        raise _LineError(f"{PREV_ATTR} missing or not 64 lower-case hex digits")
-    try:
-        digest = event_digest(event)
-    except ValueError as exc:
-        raise _LineError(f"event has no canonical form: {exc}") from None
+class EventVerifier:
+    """Signatures and run chains of a sequence of events, fed one at a time.
 
-    state = runs.get(run_id)
-    if state is None:
-        if seq != 0:
-            raise _LineError(
-                f"run {run_id}: first event has {SEQ_ATTR} {seq}, expected 0 "
-                "(earlier events missing or out of order)"
+    ``keys``: with keys every event must be a signed envelope that verifies; without, envelopes
+    are opened structurally and plain events are accepted (chain integrity, not authenticity).
+    ``anchor_unknown_runs``: accept a run first seen mid-way (see the module docstring). The
+    state advances only for events that pass.
+    """
+
+    def __init__(
+        self,
+        keys: VerifyKeys | None,
+        *,
+        anchor_unknown_runs: bool = False,
+        position_name: str = "position",
+    ) -> None:
+        self.keys = keys
+        self.anchor_unknown_runs = anchor_unknown_runs
+        #: How reasons name another event's position ("line", "stream seq").
+        self.position_name = position_name
+        #: Events that passed.
+        self.events = 0
+        self._runs: dict[str, _Run] = {}
+
+    @property
+    def runs(self) -> int:
+        """Runs seen in events that passed."""
+        return len(self._runs)
+
+    def feed_bytes(self, raw: bytes, position: int) -> Step:
+        """Verify one serialised event (a JSONL line, a message payload)."""
+        try:
+            obj = _parse_bytes(raw)
+        except _Reject as exc:
+            return Step(position, False, reason=str(exc))
+        return self.feed(obj, position)
+
+    def feed(self, obj: Any, position: int) -> Step:
+        """Verify one decoded event (signed envelope or plain CloudEvent)."""
+        try:
+            event, kid = _inner_event(obj, self.keys)
+            _check_cloudevent(event)
+            self._check_chain(event, position)
+        except _Reject as exc:
+            return Step(position, False, reason=str(exc))
+        self.events += 1
+        return Step(position, True, event=event, kid=kid)
+
+    def incomplete(self) -> tuple[int, str] | None:
+        """``(position, reason)`` naming the earliest run whose last event is not its
+        compliance summary (at that run's last event), or ``None`` if every run is complete."""
+        open_runs = [
+            (s.last_position, rid)
+            for rid, s in self._runs.items()
+            if s.last_type != COMPLIANCE_SUMMARY
+        ]
+        if not open_runs:
+            return None
+        position, run_id = min(open_runs)
+        reason = (
+            f"run {run_id}: last event is {self._runs[run_id].last_type}, not the compliance "
+            "summary (run incomplete or its final events were removed)"
+        )
+        return position, reason
+
+    def _check_chain(self, event: dict[str, Any], position: int) -> None:
+        run_id, seq, prev = event.get(RUN_ID_ATTR), event.get(SEQ_ATTR), event.get(PREV_ATTR)
+        if not isinstance(run_id, str) or not run_id:
+            raise _Reject(f"{RUN_ID_ATTR} missing or not a non-empty string")
+        # bool is an int subclass; JSON true is not a sequence number.
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise _Reject(f"{SEQ_ATTR} missing or not a non-negative integer")
+        if not isinstance(prev, str) or _HEX64.fullmatch(prev) is None:
+            raise _Reject(f"{PREV_ATTR} missing or not 64 lower-case hex digits")
+        try:
+            digest = event_digest(event)
+        except ValueError as exc:
+            raise _Reject(f"event has no canonical form: {exc}") from None
+
+        state = self._runs.get(run_id)
+        if state is None:
+            if seq == 0 and prev != GENESIS:
+                raise _Reject(f"run {run_id}: {SEQ_ATTR} 0 must have {PREV_ATTR} of 64 zeros")
+            if seq != 0 and not self.anchor_unknown_runs:
+                raise _Reject(
+                    f"run {run_id}: first event has {SEQ_ATTR} {seq}, expected 0 "
+                    "(earlier events missing or out of order)"
+                )
+            self._runs[run_id] = _Run(
+                next_seq=seq + 1,
+                prev=digest,
+                last_position=position,
+                last_type=event["type"],
+                anchored=seq != 0,
             )
-        if prev != GENESIS:
-            raise _LineError(f"run {run_id}: {SEQ_ATTR} 0 must have {PREV_ATTR} of 64 zeros")
-        runs[run_id] = _Run(next_seq=1, prev=digest, last_line=line, last_type=event["type"])
-        return
-    if state.last_type == COMPLIANCE_SUMMARY:
-        raise _LineError(
-            f"run {run_id}: event after the run's compliance summary (line {state.last_line})"
-        )
-    if seq != state.next_seq:
-        raise _LineError(
-            f"run {run_id}: {SEQ_ATTR} {seq}, expected {state.next_seq} "
-            "(an event is missing, duplicated or out of order)"
-        )
-    if prev != state.prev:
-        raise _LineError(
-            f"run {run_id}: {PREV_ATTR} does not match the digest of the previous event "
-            f"(line {state.last_line}); an event was altered or replaced"
-        )
-    state.next_seq, state.prev = seq + 1, digest
-    state.last_line, state.last_type = line, event["type"]
+            return
+        if state.last_type == COMPLIANCE_SUMMARY:
+            raise _Reject(
+                f"run {run_id}: event after the run's compliance summary "
+                f"({self.position_name} {state.last_position})"
+            )
+        if seq != state.next_seq:
+            raise _Reject(
+                f"run {run_id}: {SEQ_ATTR} {seq}, expected {state.next_seq} "
+                "(an event is missing, duplicated or out of order)"
+            )
+        if prev != state.prev:
+            raise _Reject(
+                f"run {run_id}: {PREV_ATTR} does not match the digest of the previous event "
+                f"({self.position_name} {state.last_position}); an event was altered or replaced"
+            )
+        state.next_seq, state.prev = seq + 1, digest
+        state.last_position, state.last_type = position, event["type"]
 
 
 def verify_events_file(
@@ -178,34 +283,22 @@ def verify_events_file(
     Raises ``InvalidSpec(path, reason)`` only if the file cannot be read at all; every
     problem with its content is reported in the returned ``VerifyReport``.
     """
-    runs: dict[str, _Run] = {}
-    events = 0
+    verifier = EventVerifier(keys, position_name="line")
     try:
         with open(path, "rb") as f:
             # Iterating keeps memory flat for large files; each item keeps its b"\n", and a
             # final line without one is accepted, so only the trailing newline is optional.
             for line, raw in enumerate(f, start=1):
-                try:
-                    event = _inner_event(_parse_line(raw), keys)
-                    _check_cloudevent(event)
-                    _check_chain(event, runs, line)
-                except _LineError as exc:
-                    return VerifyReport(False, events, len(runs), (line, str(exc)))
-                events += 1
+                step = verifier.feed_bytes(raw, line)
+                if step.error is not None:
+                    return VerifyReport(False, verifier.events, verifier.runs, step.error)
     except OSError as exc:
         raise InvalidSpec(path, f"cannot read events file: {exc.strerror}") from None
 
     if require_complete:
-        if events == 0:
+        if verifier.events == 0:
             return VerifyReport(False, 0, 0, (0, "file contains no events"))
-        open_runs = [
-            (s.last_line, rid) for rid, s in runs.items() if s.last_type != COMPLIANCE_SUMMARY
-        ]
-        if open_runs:
-            line, run_id = min(open_runs)
-            reason = (
-                f"run {run_id}: last event is {runs[run_id].last_type}, not the compliance "
-                "summary (run incomplete or its final events were removed)"
-            )
-            return VerifyReport(False, events, len(runs), (line, reason))
-    return VerifyReport(True, events, len(runs), None)
+        incomplete = verifier.incomplete()
+        if incomplete is not None:
+            return VerifyReport(False, verifier.events, verifier.runs, incomplete)
+    return VerifyReport(True, verifier.events, verifier.runs, None)

@@ -57,9 +57,15 @@ def cell_id_of(event: CloudEvent) -> str:
     return subject.rsplit(":", 1)[-1] or "unknown"
 
 
+def subject_token(cell_id: str) -> str:
+    """A cell id may contain '.', which NATS reads as a token separator: it becomes '_' in
+    the subject (the event itself carries the real id)."""
+    return cell_id.replace(".", "_")
+
+
 def subject_for(event: CloudEvent, tenant: str) -> str:
     phase = PHASES.get(str(event.get("type")), "other")
-    return f"cellos.events.cell.{tenant}.{cell_id_of(event)}.{phase}"
+    return f"cellos.events.cell.{tenant}.{subject_token(cell_id_of(event))}.{phase}"
 
 
 class CircuitBreaker:

@@ -54,7 +54,7 @@ from cellos.core.errors import InvalidSpec
 from cellos.core.spec import ExecutionCell
 from cellos.hosts.procfs import iter_procs
 from cellos.sinks.jetstream import STREAM as EVENTS_STREAM
-from cellos.sinks.jetstream import inner_event
+from cellos.sinks.jetstream import inner_event, subject_token
 from cellos.supervisor.lifecycle import RunOutcome, Supervisor
 from cellos.worker.queue import (
     CONSUMER,
@@ -477,7 +477,7 @@ class Worker:
     async def _earlier_attempts(self, tenant: str, cell_id: str, seq: int) -> EarlierAttempts:
         """Runs of earlier deliveries of message ``seq``, from CELLOS_EVENTS (best effort)."""
         found = EarlierAttempts()
-        prefix = f"cellos.events.cell.{tenant}.{cell_id}"
+        prefix = f"cellos.events.cell.{tenant}.{subject_token(cell_id)}"
         try:
             async with asyncio.timeout(LOOKUP_SECONDS):
                 for event in await self._events_of(f"{prefix}.started", seq):
