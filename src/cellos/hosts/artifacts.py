@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import stat
 from typing import BinaryIO
 
@@ -67,3 +68,21 @@ def open_beneath(root: str, relative: str, shown_as: str) -> BinaryIO:
     finally:
         os.close(dir_fd)
     return _checked_file(fd, shown_as)
+
+
+def open_in_workspace(workspace: str, working_directory: str, path: str) -> BinaryIO:
+    """Open an artifact of an isolating backend: ``path`` is relative to the cell's working
+    directory or absolute under it (the only writable, persistent place of the cell); the host
+    directory behind it is ``workspace``."""
+    if posixpath.isabs(path):
+        norm = posixpath.normpath(path)
+        if norm != working_directory and not norm.startswith(working_directory.rstrip("/") + "/"):
+            raise ExportError(
+                path,
+                f"is outside the cell's workspace {working_directory} (the "
+                "rest of the cell's filesystem is read-only or discarded)",
+            )
+        relative = posixpath.relpath(norm, working_directory)
+    else:
+        relative = path
+    return open_beneath(workspace, relative, path)

@@ -15,13 +15,12 @@ cell's state record before it is created, so ``cellos reap`` can always find it.
 from __future__ import annotations
 
 import os
-import posixpath
 import shutil
 import threading
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
-from cellos.core.errors import CellosError, ExportError, HostError, PolicyRefused
+from cellos.core.errors import CellosError, HostError, PolicyRefused
 from cellos.core.events import NETWORK_FLOW_DECISION
 from cellos.core.ports import (
     CellHandle,
@@ -31,7 +30,7 @@ from cellos.core.ports import (
     WorkloadResult,
 )
 from cellos.core.spec import CellSpec
-from cellos.hosts.artifacts import open_beneath
+from cellos.hosts.artifacts import open_in_workspace
 from cellos.hosts.cellos import cgroups, reaper, state
 from cellos.hosts.cellos.control import CellControl
 from cellos.hosts.cellos.sandbox import SandboxPlan, bwrap_argv, isolation_features
@@ -249,19 +248,7 @@ class CellosBackend:
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = self._live(handle)
-        workdir = live.plan.working_directory
-        if posixpath.isabs(path):
-            norm = posixpath.normpath(path)
-            if norm != workdir and not norm.startswith(workdir.rstrip("/") + "/"):
-                raise ExportError(
-                    path,
-                    f"is outside the cell's workspace {workdir} (the rest of "
-                    "the cell's filesystem is read-only or discarded)",
-                )
-            relative = posixpath.relpath(norm, workdir)
-        else:
-            relative = path
-        return open_beneath(live.record.workspace, relative, path)
+        return open_in_workspace(live.record.workspace, live.plan.working_directory, path)
 
     def destroy(self, handle: CellHandle) -> TeardownReport:
         with _LIVE_LOCK:

@@ -13,28 +13,11 @@ bubblewrap passes its own environment, which is exactly the declared one, to the
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cellos.hosts.host_root import host_binds, host_symlinks
 from cellos.hosts.process import ENV_PROGRAM
-
-#: Host paths bound read-only into a cell built from the host (when they exist).
-HOST_BINDS: tuple[str, ...] = (
-    "/usr",
-    "/bin",
-    "/sbin",
-    "/lib",
-    "/lib32",
-    "/lib64",
-    "/libx32",
-    "/etc/ssl",
-    "/etc/ca-certificates",
-    "/etc/alternatives",
-    "/etc/ld.so.cache",
-    "/etc/ld.so.conf",
-    "/etc/ld.so.conf.d",
-)
 
 
 @dataclass(frozen=True)
@@ -57,12 +40,11 @@ class SandboxPlan:
 
 def _host_root_args() -> list[str]:
     args: list[str] = []
-    for path in HOST_BINDS:
-        if os.path.islink(path):
-            # Merged-/usr hosts: /bin -> usr/bin and friends stay symlinks inside the cell.
-            args += ["--symlink", os.readlink(path), path]
-        elif os.path.exists(path):
-            args += ["--ro-bind", path, path]
+    for path, target in host_symlinks().items():
+        # Merged-/usr hosts: /bin -> usr/bin and friends stay symlinks inside the cell.
+        args += ["--symlink", target, path]
+    for path in host_binds():
+        args += ["--ro-bind", path, path]
     return args
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import shutil
 import subprocess
 import threading
@@ -25,10 +24,10 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
-from cellos.core.errors import ExportError, HostError, PolicyRefused
+from cellos.core.errors import HostError, PolicyRefused
 from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
 from cellos.core.spec import CellSpec
-from cellos.hosts.artifacts import open_beneath
+from cellos.hosts.artifacts import open_in_workspace
 from cellos.hosts.gvisor.bundle import BundleConfig, build_config, host_binds, host_symlinks
 from cellos.hosts.process import (
     ENV_PROGRAM,
@@ -236,15 +235,7 @@ class GvisorBackend:
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = self._live(handle)
-        workdir = live.spec.run.working_directory
-        if posixpath.isabs(path):
-            norm = posixpath.normpath(path)
-            if norm != workdir and not norm.startswith(workdir.rstrip("/") + "/"):
-                raise ExportError(path, f"is outside the cell's workspace {workdir}")
-            relative = posixpath.relpath(norm, workdir)
-        else:
-            relative = path
-        return open_beneath(live.workspace, relative, path)
+        return open_in_workspace(live.workspace, live.spec.run.working_directory, path)
 
     def destroy(self, handle: CellHandle) -> TeardownReport:
         with _LIVE_LOCK:

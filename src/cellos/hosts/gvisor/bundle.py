@@ -10,30 +10,24 @@ environment, no capabilities, ``noNewPrivileges`` and modest rlimits; ``run.limi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cellos.core.errors import InvalidSpec
 from cellos.core.spec import CellSpec
+from cellos.hosts.host_root import host_binds, host_symlinks
+
+__all__ = [
+    "BundleConfig",
+    "MissingArgv",
+    "MissingCellId",
+    "build_config",
+    "host_binds",
+    "host_symlinks",
+]
 
 OCI_VERSION = "1.0.2"
-
-#: Host paths bound read-only into a cell whose root is built from the host.
-HOST_BINDS: tuple[str, ...] = (
-    "/usr",
-    "/bin",
-    "/sbin",
-    "/lib",
-    "/lib32",
-    "/lib64",
-    "/libx32",
-    "/etc/ssl",
-    "/etc/ca-certificates",
-    "/etc/alternatives",
-    "/etc/ld.so.cache",
-)
 
 
 class MissingCellId(InvalidSpec):
@@ -168,13 +162,3 @@ def build_config(
         "mounts": _mounts(spec, config),
         "linux": linux,
     }
-
-
-def host_binds() -> tuple[str, ...]:
-    """The host paths this machine has that are real files or directories (bound read-only)."""
-    return tuple(p for p in HOST_BINDS if os.path.exists(p) and not os.path.islink(p))
-
-
-def host_symlinks() -> dict[str, str]:
-    """Host paths that are symlinks (merged-/usr ``/bin -> usr/bin``), recreated in a skeleton."""
-    return {p: os.readlink(p) for p in HOST_BINDS if os.path.islink(p)}
