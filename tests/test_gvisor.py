@@ -230,3 +230,18 @@ def test_doctor_runs_a_real_gvisor_container(gvisor_env: dict[str, str], cellos_
     assert checks["gvisor"]["ok"], checks["gvisor"]
     assert "one-shot container ran, guest kernel" in checks["gvisor"]["detail"]
     assert "platform " in checks["gvisor"]["detail"]
+
+
+def test_egress_authority_is_refused_clearly_not_dropped(
+    tmp_path: Path, gvisor_env: dict[str, str], supervisor_cli: Run
+) -> None:
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc("gv-net", authority={"egressRules": [{"cidr": "10.0.0.0/8", "port": 443}]}),
+    )
+    result = supervisor_cli(str(spec), gvisor_env)
+    assert result.code == 2, result
+    assert result.stderr.startswith(
+        "error: spec.authority.egressRules: egress authority is not available on the gvisor backend"
+    )
+    assert_no_gvisor_residue(tmp_path)

@@ -132,6 +132,15 @@ class GvisorBackend:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def create(self, spec: CellSpec) -> CellHandle:
+        if spec.authority.egress_rules or spec.authority.dns_authority is not None:
+            # Refused rather than run without the network the document asks for. Debian's
+            # runsc (2022) will not attach its netstack to a prepared namespace here
+            # ("cannot run with network enabled in root network namespace").
+            raise PolicyRefused(
+                "spec.authority.egressRules",
+                "egress authority is not available on the gvisor backend in this "
+                "build (use the cellos backend)",
+            )
         with _LIVE_LOCK:
             if spec.id in _LIVE:
                 raise HostError("spec.id", f"a live cell with id {spec.id!r} already exists")
