@@ -30,13 +30,13 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Final
 
+from cellos.network.allowlist import HostnameAllowlist
 from cellos.network.sni import (
     MAX_HTTP_HEADER_BYTES,
     MAX_TLS_PEEK_BYTES,
     HostStatus,
     SniStatus,
     looks_like_tls,
-    normalize_host_name,
     parse_client_hello_sni,
     parse_http_host,
 )
@@ -125,48 +125,33 @@ async def open_upstream(host: str, port: int) -> tuple[asyncio.StreamReader, asy
 
 
 class Allowlist:
-    """Names a connection may ask for.
+    """Names a connection may ask for: the ``hostnameAllowlist`` semantics shared with the DNS
+    proxy (:class:`cellos.network.allowlist.HostnameAllowlist`), plus IPv6 literals, compared
+    in compressed form since that is how the Host parser reports them."""
 
-    An entry is an exact host name (matched case-insensitively, trailing dot ignored) or
-    ``*.example.com``, which matches every name below ``example.com`` at any depth but not
-    ``example.com`` itself (list it separately if wanted). IPv6 literals are accepted and
-    compared in compressed form, since that is how the Host parser reports them.
-    """
-
-    __slots__ = ("_exact", "_suffixes")
+    __slots__ = ("_names", "_v6")
 
     def __init__(self, entries: Sequence[str]) -> None:
         # A bare str is a Sequence[str] too; iterating it would allow single letters.
         if isinstance(entries, str):
             raise TypeError("allowlist must be a sequence of names, not a single string")
-        exact: set[str] = set()
-        suffixes: set[str] = set()
+        names: list[str] = []
+        v6: set[str] = set()
         for entry in entries:
-            if entry.startswith("*."):
-                base = normalize_host_name(entry[2:])
-                if base is None:
-                    raise ValueError(f"invalid allowlist entry: {entry!r}")
-                suffixes.add(base)
-                continue
-            name = normalize_host_name(entry) or _ipv6_literal(entry)
-            if name is None:
-                raise ValueError(f"invalid allowlist entry: {entry!r}")
-            exact.add(name)
-        self._exact = frozenset(exact)
-        self._suffixes = frozenset(suffixes)
+            literal = _ipv6_literal(entry) if ":" in entry else None
+            if literal is not None:
+                v6.add(literal)
+            else:
+                names.append(entry)
+        try:
+            self._names = HostnameAllowlist(names)
+        except ValueError as exc:
+            raise ValueError(f"invalid allowlist entry: {exc}") from None
+        self._v6 = frozenset(v6)
 
     def matches(self, name: str) -> bool:
         """Whether ``name`` is allowed. Expects a name as the parsers report it."""
-        name = name.lower().removesuffix(".")
-        if name in self._exact:
-            return True
-        # Walk the proper parent domains: a.b.example.com -> b.example.com -> example.com.
-        rest = name
-        while "." in rest:
-            rest = rest.split(".", 1)[1]
-            if rest in self._suffixes:
-                return True
-        return False
+        return name in self._v6 or self._names.match(name) is not None
 
 
 def _ipv6_literal(entry: str) -> str | None:
