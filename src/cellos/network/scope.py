@@ -218,6 +218,35 @@ def pin(net: CellNetwork, name: str, addresses: list[str]) -> None:
     )
 
 
+def _visible_denials(
+    table: str, chain: str, from_cell: dict[str, Any], suffix: str
+) -> list[dict[str, Any]]:
+    """Blocked traffic fails visibly (TCP reset, ICMP admin-prohibited), and is counted."""
+    return [
+        _rule(
+            table,
+            chain,
+            [
+                from_cell,
+                nft.match(nft.meta("l4proto"), "tcp"),
+                {"counter": None},
+                {"reject": {"type": "tcp reset"}},
+            ],
+            f"deny tcp{suffix}",
+        ),
+        _rule(
+            table,
+            chain,
+            [
+                from_cell,
+                {"counter": None},
+                {"reject": {"type": "icmpx", "expr": "admin-prohibited"}},
+            ],
+            f"deny other{suffix}",
+        ),
+    ]
+
+
 def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
     t = net.table
     cmds: list[dict[str, Any]] = [
@@ -312,57 +341,9 @@ def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
                     f"allow dns-pinned {protocol}/{dport}",
                 )
             )
-    cmds.append(
-        _rule(
-            t,
-            "forward",
-            [
-                from_cell,
-                nft.match(nft.meta("l4proto"), "tcp"),
-                {"counter": None},
-                {"reject": {"type": "tcp reset"}},
-            ],
-            "deny tcp",
-        )
-    )
-    cmds.append(
-        _rule(
-            t,
-            "forward",
-            [
-                from_cell,
-                {"counter": None},
-                {"reject": {"type": "icmpx", "expr": "admin-prohibited"}},
-            ],
-            "deny other",
-        )
-    )
+    cmds += _visible_denials(t, "forward", from_cell, "")
     cmds.append(_rule(t, "input", [from_cell, replies, {"accept": None}], "host replies"))
-    cmds.append(
-        _rule(
-            t,
-            "input",
-            [
-                from_cell,
-                nft.match(nft.meta("l4proto"), "tcp"),
-                {"counter": None},
-                {"reject": {"type": "tcp reset"}},
-            ],
-            "deny tcp to host",
-        )
-    )
-    cmds.append(
-        _rule(
-            t,
-            "input",
-            [
-                from_cell,
-                {"counter": None},
-                {"reject": {"type": "icmpx", "expr": "admin-prohibited"}},
-            ],
-            "deny other to host",
-        )
-    )
+    cmds += _visible_denials(t, "input", from_cell, " to host")
     cmds.append(
         _rule(
             t,
