@@ -64,6 +64,7 @@ from lifecycle import (
     positive_or_zero,
     ratio_to,
     reference,
+    render_table,
     residue,
     run_rounds,
     run_true,
@@ -476,41 +477,8 @@ def footer(report: Mapping[str, Any]) -> list[str]:
 
 
 def print_table(report: Mapping[str, Any]) -> None:
-    rows = table_rows(report)
     title = "CellOS gvisor: a full /bin/true cell vs a bare runsc run of the same bundle"
-    try:
-        from rich import box
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADERS)]
-
-        def line(cells: Sequence[str]) -> str:
-            first = cells[0].ljust(widths[0])
-            rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-            return "  ".join([first, *rest]).rstrip()
-
-        print(title)
-        print(line(HEADERS))
-        print(line(["-" * w for w in widths]))
-        for row in rows:
-            print(line(row))
-        for text in footer(report):
-            print(text)
-        return
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column(HEADERS[0], no_wrap=True)
-    for header in HEADERS[1:]:
-        table.add_column(header, justify="right")
-    references = len(report["references"])
-    for index, row in enumerate(rows):
-        table.add_row(*row, end_section=index == references - 1)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=120)  # a pipe or a file: do not wrap at rich's default 80
-    console.print(table)
-    for text in footer(report):
-        console.print(text, highlight=False, soft_wrap=True)
+    render_table(title, HEADERS, table_rows(report), footer(report), len(report["references"]))
 
 
 # -- CLI -------------------------------------------------------------------------------------

@@ -914,15 +914,20 @@ def acceptance_line(acc: Mapping[str, Any]) -> str:
     return f"{head}: {acc['ratio']:.2f}x ({target}): {verdict}"
 
 
-def print_table(report: Mapping[str, Any]) -> None:
-    rows = table_rows(report)
-    title = "CellOS lifecycle: a full /bin/true cell vs subprocess.run(['/bin/true']) and unshare"
+def render_table(
+    title: str,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    footer_lines: Sequence[str],
+    references: int,
+) -> None:
+    """The result table: rich when installed, plain text otherwise; reference rows first."""
     try:
         from rich import box
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADERS)]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
         def line(cells: Sequence[str]) -> str:
             first = cells[0].ljust(widths[0])
@@ -930,26 +935,30 @@ def print_table(report: Mapping[str, Any]) -> None:
             return "  ".join([first, *rest]).rstrip()
 
         print(title)
-        print(line(HEADERS))
+        print(line(headers))
         print(line(["-" * w for w in widths]))
         for row in rows:
             print(line(row))
-        for text in footer(report):
+        for text in footer_lines:
             print(text)
         return
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column(HEADERS[0], no_wrap=True)
-    for header in HEADERS[1:]:
+    table.add_column(headers[0], no_wrap=True)
+    for header in headers[1:]:
         table.add_column(header, justify="right")
-    references = len(report["references"])
     for index, row in enumerate(rows):
         table.add_row(*row, end_section=index == references - 1)
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # a pipe or a file: do not wrap at rich's default 80
     console.print(table)
-    for text in footer(report):
+    for text in footer_lines:
         console.print(text, highlight=False, soft_wrap=True)
+
+
+def print_table(report: Mapping[str, Any]) -> None:
+    title = "CellOS lifecycle: a full /bin/true cell vs subprocess.run(['/bin/true']) and unshare"
+    render_table(title, HEADERS, table_rows(report), footer(report), len(report["references"]))
 
 
 # -- CLI -------------------------------------------------------------------------------------
