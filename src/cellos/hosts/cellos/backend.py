@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
@@ -35,6 +34,7 @@ from cellos.hosts.cellos import cgroups, reaper, state
 from cellos.hosts.cellos.control import CellControl
 from cellos.hosts.cellos.sandbox import SandboxPlan, bwrap_argv, isolation_features
 from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
+from cellos.hosts.live import LiveCells
 from cellos.hosts.process import ENV_PROGRAM, SpawnOptions, spawn_isolated_workload
 from cellos.network import scope
 from cellos.network.proxies import L7_PORTS, CellProxies
@@ -52,8 +52,7 @@ class _LiveCell:
 
 # Live cells are a property of the host, not of one backend object: every backend instance in
 # this process shares the table (other processes are kept out by the state-dir lock).
-_LIVE: dict[str, _LiveCell] = {}
-_LIVE_LOCK = threading.Lock()
+_LIVE: LiveCells[_LiveCell] = LiveCells()
 
 
 class CellosBackend:
@@ -109,9 +108,10 @@ class CellosBackend:
                 "spec.run.limits" if wants_limits else "CELLOS_CGROUP_PARENT",
                 f"cannot be enforced on this host: {why_not}",
             )
-        with _LIVE_LOCK:
-            if spec.id in _LIVE:
-                raise HostError("spec.id", f"a live cell with id {spec.id!r} already exists")
+        stale: dict[str, Any] | None = None
+
+        def track() -> _LiveCell:
+            nonlocal stale
             try:
                 record, stale = state.acquire(self.state_root, spec.id)
             except state.CellBusy:
@@ -129,8 +129,10 @@ class CellosBackend:
                 rootfs=self.rootfs,
                 user_namespace=self.user_namespace,
             )
-            live = _LiveCell(record=record, plan=plan)
-            _LIVE[spec.id] = live
+            return _LiveCell(record=record, plan=plan)
+
+        live = _LIVE.add(spec.id, track)
+        record = live.record
         if stale:
             reaper.reap_resources(stale)
         try:
@@ -151,8 +153,7 @@ class CellosBackend:
             except CellosError:
                 self._teardown(spec.id, live)
                 raise
-            plan = live.plan
-        isolation = isolation_features(replace(plan, seccomp_fd=-1))
+        isolation = isolation_features(replace(live.plan, seccomp_fd=-1))
         resources: dict[str, str] = {"workspace": record.workspace}
         if live.cgroup is not None:
             isolation.append(
@@ -251,15 +252,9 @@ class CellosBackend:
         return open_in_workspace(live.record.workspace, live.plan.working_directory, path)
 
     def destroy(self, handle: CellHandle) -> TeardownReport:
-        with _LIVE_LOCK:
-            live = _LIVE.get(handle.cell_id)
-            if live is None:
-                raise HostError(
-                    handle.cell_id, "cell is not live (already destroyed or never created)"
-                )
+        live = _LIVE.get(handle.cell_id)
         killed, residue = self._teardown(handle.cell_id, live)
-        with _LIVE_LOCK:
-            peers = len(_LIVE)
+        peers = len(_LIVE)
         return TeardownReport(
             cell_id=handle.cell_id,
             destroyed=not residue,
@@ -275,10 +270,7 @@ class CellosBackend:
     # -- helpers -----------------------------------------------------------------------------
 
     def _live(self, handle: CellHandle) -> _LiveCell:
-        live = _LIVE.get(handle.cell_id)
-        if live is None:
-            raise HostError(handle.cell_id, "cell is not live")
-        return live
+        return _LIVE.get(handle.cell_id)
 
     def _create_network(self, spec: CellSpec, live: _LiveCell) -> None:
         """The cell's egress scope: netns, veth, nft table (recorded before it exists)."""
@@ -335,6 +327,5 @@ class CellosBackend:
         if live.network is not None:
             residue += scope.destroy(live.network.record())
         residue += state.release(self.state_root, live.record)
-        with _LIVE_LOCK:
-            _LIVE.pop(cell_id, None)
+        _LIVE.remove(cell_id)
         return killed, residue

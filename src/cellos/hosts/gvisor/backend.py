@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import uuid
 from dataclasses import dataclass, replace
 from typing import BinaryIO
@@ -29,6 +28,7 @@ from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, Workl
 from cellos.core.spec import CellSpec
 from cellos.hosts.artifacts import open_in_workspace
 from cellos.hosts.gvisor.bundle import BundleConfig, build_config, host_binds, host_symlinks
+from cellos.hosts.live import LiveCells
 from cellos.hosts.process import (
     ENV_PROGRAM,
     ProcessGroupControl,
@@ -60,8 +60,7 @@ class _LiveCell:
         return os.path.join(self.cell_dir, "runsc")
 
 
-_LIVE: dict[str, _LiveCell] = {}
-_LIVE_LOCK = threading.Lock()
+_LIVE: LiveCells[_LiveCell] = LiveCells()
 
 
 class RunscControl:
@@ -141,13 +140,11 @@ class GvisorBackend:
                 "egress authority is not available on the gvisor backend in this "
                 "build (use the cellos backend)",
             )
-        with _LIVE_LOCK:
-            if spec.id in _LIVE:
-                raise HostError("spec.id", f"a live cell with id {spec.id!r} already exists")
-            container_id = f"cellos-{spec.id}-{uuid.uuid4().hex[:12]}"
-            cell_dir = os.path.join(self.state_root, container_id)
-            live = _LiveCell(spec=spec, cell_dir=cell_dir, container_id=container_id)
-            _LIVE[spec.id] = live
+        container_id = f"cellos-{spec.id}-{uuid.uuid4().hex[:12]}"
+        cell_dir = os.path.join(self.state_root, container_id)
+        live = _LIVE.add(
+            spec.id, lambda: _LiveCell(spec=spec, cell_dir=cell_dir, container_id=container_id)
+        )
         try:
             os.makedirs(self.state_root, mode=0o711, exist_ok=True)
             os.mkdir(cell_dir, 0o700)
@@ -247,15 +244,9 @@ class GvisorBackend:
         return open_in_workspace(live.workspace, live.spec.run.working_directory, path)
 
     def destroy(self, handle: CellHandle) -> TeardownReport:
-        with _LIVE_LOCK:
-            live = _LIVE.get(handle.cell_id)
-            if live is None:
-                raise HostError(
-                    handle.cell_id, "cell is not live (already destroyed or never created)"
-                )
+        live = _LIVE.get(handle.cell_id)
         residue = self._teardown(live)
-        with _LIVE_LOCK:
-            peers = len(_LIVE)
+        peers = len(_LIVE)
         return TeardownReport(
             cell_id=handle.cell_id,
             destroyed=not residue,
@@ -266,10 +257,7 @@ class GvisorBackend:
     # -- helpers -----------------------------------------------------------------------------
 
     def _live(self, handle: CellHandle) -> _LiveCell:
-        live = _LIVE.get(handle.cell_id)
-        if live is None:
-            raise HostError(handle.cell_id, "cell is not live")
-        return live
+        return _LIVE.get(handle.cell_id)
 
     def _teardown(self, live: _LiveCell) -> list[str]:
         residue: list[str] = []
@@ -292,8 +280,7 @@ class GvisorBackend:
         shutil.rmtree(live.cell_dir, ignore_errors=True)
         if os.path.lexists(live.cell_dir):
             residue.append(live.cell_dir)
-        with _LIVE_LOCK:
-            _LIVE.pop(live.spec.id, None)
+        _LIVE.remove(live.spec.id)
         return residue
 
 
