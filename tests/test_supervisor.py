@@ -349,3 +349,34 @@ def test_cgroup_leaf_is_created_joined_and_removed(tmp_path: Path) -> None:
         assert not leaf.exists()
     finally:
         parent.rmdir()
+
+
+def test_a_backend_bug_still_ends_in_teardown_and_a_summary() -> None:
+    """A deliberately broken backend (a stub whose ``run`` raises, standing in for a bug that
+    cannot be provoked in a real backend on purpose): no traceback escapes, the cell is still
+    destroyed and the run still ends with a compliance summary."""
+    from cellos.brokers import MemoryBroker
+    from cellos.core.loading import validate_document
+    from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
+    from cellos.hosts.stub import StubBackend
+    from cellos.supervisor import Supervisor
+
+    destroyed: list[str] = []
+
+    class BrokenBackend(StubBackend):
+        def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
+            raise RuntimeError("boom")
+
+        def destroy(self, handle: CellHandle) -> TeardownReport:
+            destroyed.append(handle.cell_id)
+            return super().destroy(handle)
+
+    supervisor = Supervisor(backend=BrokenBackend(), sinks=[], broker=MemoryBroker(), exporter=None)
+    out = supervisor.run(validate_document(doc("bug-1")))
+    assert out.exit_code == 1
+    assert (out.errors[0].path, out.errors[0].reason) == (
+        "supervisor",
+        "unexpected RuntimeError: boom",
+    )
+    assert destroyed == ["bug-1"]
+    assert short_types(out.events)[-2:] == ["lifecycle.v1.destroyed", "compliance.v1.summary"]

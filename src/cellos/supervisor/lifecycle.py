@@ -194,11 +194,14 @@ class Supervisor:
                 self._emit_end(emitter, document, handle, spec_digest, out)
         except CellosError as exc:
             out.errors.insert(0, exc)
+        except Exception as exc:
+            # A bug must still end in teardown, a summary and a clear error, not a traceback.
+            log.exception("unexpected failure of cell %s", spec.id)
+            out.errors.insert(0, HostError("supervisor", f"unexpected {type(exc).__name__}: {exc}"))
         finally:
             if revoke_pending:
                 self._revoke(spec.id, out.errors)
             out.exit_code, out.outcome = self._exit_status(out)
-            out.lost_events = emitter.lost
             self._emit_summary(emitter, document, ttl, out, delivery)
             out.lost_events = emitter.lost
             if out.lost_events and out.exit_code == 0:
