@@ -97,6 +97,29 @@ def _cmd_reap(args: argparse.Namespace) -> int:
     return 1 if any(cell.residue for cell in reaped) else 0
 
 
+def _cmd_microvm_build_image(args: argparse.Namespace) -> int:
+    import shutil
+
+    from cellos.hosts.microvm.image import build_image
+
+    vmm = args.vmm or shutil.which("qemu-system-x86_64")
+    if vmm is None:
+        print(
+            "error: --vmm: qemu-system-x86_64 not found (apt-get install qemu-system-x86)",
+            file=sys.stderr,
+        )
+        return 2
+    manifest = build_image(args.dir, vmm=vmm)
+    print(f"image: {args.dir}")
+    for name, item in (
+        ("kernel", manifest.kernel),
+        ("initrd", manifest.initrd),
+        ("vmm", manifest.vmm),
+    ):
+        print(f"  {name:<7} {item.sha256}  {item.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellos", description="CellOS execution-cell runner")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept runs that do not end with a compliance summary (live logs)",
     )
     p.set_defaults(func=_cmd_events_verify)
+    microvm = sub.add_parser("microvm", help="microVM guest images").add_subparsers(
+        dest="microvm_command", required=True
+    )
+    p = microvm.add_parser("build-image", help="build the guest kernel + initrd and its manifest")
+    p.add_argument("dir", help="output directory (vmlinuz, initrd.cpio.gz, manifest.json)")
+    p.add_argument("--vmm", help="VMM binary recorded in the manifest (default: qemu on PATH)")
+    p.set_defaults(func=_cmd_microvm_build_image)
     register_worker_commands(sub)
     register_server_commands(sub)
     return parser

@@ -190,8 +190,7 @@ def check_kvm() -> Check:
     return Check(
         "kvm",
         api == 12,
-        f"/dev/kvm API {api}; whether a guest boots is not checked "
-        "(no microVM backend in this build)",
+        f"/dev/kvm API {api} (whether a guest boots: see microvm:qemu)",
     )
 
 
@@ -205,4 +204,60 @@ def run_checks() -> list[Check]:
         check_tool("nft", ["--version"], "nftables"),
         check_gvisor(),
         check_kvm(),
+        *check_microvm(),
     ]
+
+
+def check_microvm() -> list[Check]:
+    """Which microVM drivers can boot here, and with which acceleration."""
+    from cellos.hosts.microvm.firecracker import find_firecracker
+
+    checks: list[Check] = []
+    qemu = shutil.which("qemu-system-x86_64")
+    image = os.environ.get("CELLOS_MICROVM_IMAGE")
+    if qemu is None:
+        checks.append(Check("microvm:qemu", False, "qemu-system-x86_64 not installed"))
+    elif not image:
+        checks.append(
+            Check(
+                "microvm:qemu",
+                False,
+                f"{qemu} present; no CELLOS_MICROVM_IMAGE "
+                "(build one: cellos microvm build-image DIR)",
+            )
+        )
+    else:
+        from cellos.core.errors import CellosError
+        from cellos.hosts.microvm.backend import MicrovmBackend
+        from cellos.hosts.microvm.image import MANIFEST_NAME
+        from cellos.hosts.microvm.manifest import load_manifest
+
+        try:
+            backend = MicrovmBackend(image_dir=image, allow_tcg=True)
+            manifest = load_manifest(os.path.join(image, MANIFEST_NAME))
+            accel = backend.accel(manifest)
+            with tempfile.TemporaryDirectory() as work:
+                result, _ = backend._boot(
+                    manifest, ["/bin/true"], {}, [], accel, work, 60.0, 1.0, None
+                )
+            booted = result.exit_code == 0
+            note = " (KVM cannot boot this guest here)" if accel == "tcg" else ""
+            checks.append(
+                Check(
+                    "microvm:qemu",
+                    booted,
+                    f"{qemu}: a one-shot guest of {image} "
+                    f"{'booted' if booted else 'failed'} with {accel}{note}",
+                )
+            )
+        except CellosError as exc:
+            checks.append(Check("microvm:qemu", False, f"{exc.path}: {exc.reason}"))
+    firecracker = find_firecracker()
+    checks.append(
+        Check(
+            "microvm:firecracker",
+            firecracker is not None,
+            f"{firecracker}" if firecracker else "firecracker binary not present",
+        )
+    )
+    return checks

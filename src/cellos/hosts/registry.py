@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from cellos.core.errors import PolicyRefused
 from cellos.core.ports import CellBackend
 
-KNOWN = ("cellos", "gvisor", "stub")
-PLANNED = ("firecracker", "qemu")
+KNOWN = ("cellos", "gvisor", "qemu", "stub")
+PLANNED = ("firecracker",)
 
 
 def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
@@ -37,6 +37,16 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
             rootfs=env.get("CELLOS_ROOTFS") or None,
             runsc=env.get("CELLOS_RUNSC") or None,
             platform=env.get("CELLOS_GVISOR_PLATFORM") or None,
+        )
+    if name == "qemu":
+        from cellos.hosts.microvm.backend import MicrovmBackend
+
+        state = env.get("CELLOS_STATE_DIR")
+        return MicrovmBackend(
+            image_dir=env.get("CELLOS_MICROVM_IMAGE") or None,
+            state_root=os.path.join(state, "microvm") if state else None,
+            allow_tcg=env.get("CELLOS_MICROVM_ALLOW_TCG", "").strip() in {"1", "true", "yes"},
+            accel=env.get("CELLOS_MICROVM_ACCEL") or None,
         )
     if name in PLANNED:
         raise PolicyRefused(

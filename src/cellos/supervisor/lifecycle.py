@@ -160,7 +160,24 @@ class Supervisor:
             self._check_policy(document)
             revoke_pending = True
             secret_env = self._resolve_secrets(document, redactor)
-            handle = self.backend.create(spec)
+            try:
+                handle = self.backend.create(spec)
+            except CellosError as exc:
+                # Evidence that the cell was refused at creation (e.g. a boot image whose
+                # digest does not match its manifest): nothing was created, nothing runs.
+                emitter.emit(
+                    ev.LIFECYCLE_DESTROYED,
+                    {
+                        "cellId": spec.id,
+                        "outcome": "failed",
+                        "terminalState": "clean",
+                        "reason": "create_failed",
+                        "created": False,
+                        "destroyed": True,
+                        "error": f"{exc.path}: {exc.reason}",
+                    },
+                )
+                raise
             emitter.emit(
                 ev.LIFECYCLE_STARTED,
                 {

@@ -1,0 +1,849 @@
+/*
+ * CellOS guest init: PID 1 of a CellOS microVM guest (DESIGN.md section 5).
+ *
+ * It runs exactly one workload and reports on the host channel, the first serial port
+ * (/dev/ttyS0).  Every line on the channel is "CELLOS:<KIND>[:<field>...]\n":
+ *
+ *   CELLOS:READY                                  init is up, the workload is about to start
+ *   CELLOS:OUT:<base64 chunk>                     workload stdout
+ *   CELLOS:ERR:<base64 chunk>                     workload stderr
+ *   CELLOS:SPAWNERR:<message>                     the workload could not be started
+ *   CELLOS:ART:<base64url path>:<base64 chunk>    artifact content (read as root)
+ *   CELLOS:ARTEND:<base64url path>:<sha256 hex | MISSING>
+ *   CELLOS:UNAME:<uname -r>
+ *   CELLOS:EXIT:<code>                            128+signal when killed, 127 spawn failure
+ *
+ * The request comes from the kernel command line (/proc/cmdline):
+ *   cellos.argv=<base64url JSON array of strings>          required
+ *   cellos.env=<base64url JSON object string -> string>   optional (default: empty env)
+ *   cellos.artifacts=<base64url JSON array of abs paths>  optional
+ *
+ * The workload runs as uid/gid 65534 with no capabilities and no_new_privs, so it cannot
+ * open the channel (or /dev/console, which is the same serial line) to forge lines.
+ * When the workload exits, every other guest process is killed: the cell is over.
+ *
+ * Built statically (gcc -static -Os) so the initramfs needs no libc.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/openat2.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+#define NOBODY 65534
+#define CHUNK 3072 /* raw bytes per OUT/ERR/ART line: 4096 base64 characters */
+#define MAX_ART_PATH 1024 /* bytes; bounds the line buffers */
+
+static int chan = -1; /* the host channel; never inherited by the workload (O_CLOEXEC) */
+
+/* ------------------------------------------------------------------ channel output */
+
+static void write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR || errno == EAGAIN)
+                continue;
+            return; /* nothing sensible left to do: the host will time out */
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+static const char B64STD[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+static const char B64URL[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/* Encode n bytes into out (size >= 4*ceil(n/3)+1), with '=' padding; returns length. */
+static size_t b64_encode(const unsigned char *in, size_t n, char *out, const char *alpha)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < n; i += 3) {
+        uint32_t v = (uint32_t)in[i] << 16;
+        if (i + 1 < n)
+            v |= (uint32_t)in[i + 1] << 8;
+        if (i + 2 < n)
+            v |= in[i + 2];
+        out[o++] = alpha[(v >> 18) & 63];
+        out[o++] = alpha[(v >> 12) & 63];
+        out[o++] = i + 1 < n ? alpha[(v >> 6) & 63] : '=';
+        out[o++] = i + 2 < n ? alpha[v & 63] : '=';
+    }
+    out[o] = '\0';
+    return o;
+}
+
+/* Send one line "CELLOS:<kind>:<payload>" (payload may be empty/NULL for "CELLOS:<kind>"). */
+static void send_line(const char *kind, const char *payload)
+{
+    static char line[16384];
+    int n = payload ? snprintf(line, sizeof line, "CELLOS:%s:%s\n", kind, payload)
+                    : snprintf(line, sizeof line, "CELLOS:%s\n", kind);
+    if (n > 0 && (size_t)n < sizeof line)
+        write_all(chan, line, (size_t)n);
+}
+
+/* Send a chunk of bytes as CELLOS:<kind>:[<prefix>:]<base64>. */
+static void send_chunk(const char *kind, const char *prefix, const unsigned char *p, size_t n)
+{
+    static char enc[4 * CHUNK / 3 + 8];
+    static char payload[sizeof enc + 4 * MAX_ART_PATH / 3 + 16];
+    b64_encode(p, n, enc, B64STD);
+    if (prefix)
+        snprintf(payload, sizeof payload, "%s:%s", prefix, enc);
+    else
+        snprintf(payload, sizeof payload, "%s", enc);
+    send_line(kind, payload);
+}
+
+/* A message that is safe on one channel line: printable ASCII only, bounded length. */
+static void send_text(const char *kind, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    for (char *c = msg; *c; c++)
+        if (*c < 0x20 || *c > 0x7e)
+            *c = '?';
+    send_line(kind, msg);
+}
+
+/* ------------------------------------------------------------------ base64url decode */
+
+static int b64_value(int c)
+{
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '-' || c == '+') return 62; /* accept both alphabets: base64url is specified */
+    if (c == '_' || c == '/') return 63;
+    return -1;
+}
+
+/* Decode base64url (padding optional) into a fresh NUL-terminated buffer; NULL on error. */
+static char *b64url_decode(const char *in, size_t n, size_t *outlen)
+{
+    while (n > 0 && in[n - 1] == '=')
+        n--;
+    if (n % 4 == 1)
+        return NULL;
+    char *out = malloc(n * 3 / 4 + 4);
+    if (!out)
+        return NULL;
+    size_t o = 0;
+    uint32_t acc = 0;
+    int bits = 0;
+    for (size_t i = 0; i < n; i++) {
+        int v = b64_value((unsigned char)in[i]);
+        if (v < 0) {
+            free(out);
+            return NULL;
+        }
+        acc = (acc << 6) | (uint32_t)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            out[o++] = (char)((acc >> bits) & 0xff);
+        }
+    }
+    out[o] = '\0';
+    *outlen = o;
+    return out;
+}
+
+/* ------------------------------------------------------------------ tiny JSON parser
+ * Only the two shapes the protocol uses: an array of strings and an object whose values
+ * are strings.  Strings are decoded to UTF-8; an embedded NUL is rejected because argv,
+ * environment entries and paths cannot carry one.
+ */
+
+struct json {
+    const char *p, *end;
+    const char *err;
+};
+
+static void skip_ws(struct json *j)
+{
+    while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r'))
+        j->p++;
+}
+
+static int hex4(struct json *j, unsigned *out)
+{
+    unsigned v = 0;
+    if (j->end - j->p < 4)
+        return -1;
+    for (int i = 0; i < 4; i++) {
+        char c = *j->p++;
+        v <<= 4;
+        if (c >= '0' && c <= '9') v |= (unsigned)(c - '0');
+        else if (c >= 'a' && c <= 'f') v |= (unsigned)(c - 'a' + 10);
+        else if (c >= 'A' && c <= 'F') v |= (unsigned)(c - 'A' + 10);
+        else return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static size_t put_utf8(char *o, unsigned cp)
+{
+    if (cp < 0x80) { o[0] = (char)cp; return 1; }
+    if (cp < 0x800) {
+        o[0] = (char)(0xc0 | (cp >> 6));
+        o[1] = (char)(0x80 | (cp & 0x3f));
+        return 2;
+    }
+    if (cp < 0x10000) {
+        o[0] = (char)(0xe0 | (cp >> 12));
+        o[1] = (char)(0x80 | ((cp >> 6) & 0x3f));
+        o[2] = (char)(0x80 | (cp & 0x3f));
+        return 3;
+    }
+    o[0] = (char)(0xf0 | (cp >> 18));
+    o[1] = (char)(0x80 | ((cp >> 12) & 0x3f));
+    o[2] = (char)(0x80 | ((cp >> 6) & 0x3f));
+    o[3] = (char)(0x80 | (cp & 0x3f));
+    return 4;
+}
+
+/* Parse a JSON string at j->p; returns a malloc'd NUL-terminated UTF-8 string or NULL. */
+static char *json_string(struct json *j)
+{
+    skip_ws(j);
+    if (j->p >= j->end || *j->p != '"') {
+        j->err = "expected a string";
+        return NULL;
+    }
+    j->p++;
+    /* Decoded output is never longer than the escaped input (\uXXXX -> <= 3 bytes,
+     * a surrogate pair of 12 characters -> 4 bytes). */
+    char *out = malloc((size_t)(j->end - j->p) + 1), *o = out;
+    if (!out) {
+        j->err = "out of memory";
+        return NULL;
+    }
+    while (j->p < j->end) {
+        unsigned char c = (unsigned char)*j->p++;
+        if (c == '"') {
+            *o = '\0';
+            return out;
+        }
+        if (c < 0x20) {
+            j->err = "control character in string";
+            break;
+        }
+        if (c != '\\') {
+            *o++ = (char)c; /* raw UTF-8 bytes pass through unchanged */
+            continue;
+        }
+        if (j->p >= j->end)
+            break;
+        c = (unsigned char)*j->p++;
+        switch (c) {
+        case '"': *o++ = '"'; continue;
+        case '\\': *o++ = '\\'; continue;
+        case '/': *o++ = '/'; continue;
+        case 'b': *o++ = '\b'; continue;
+        case 'f': *o++ = '\f'; continue;
+        case 'n': *o++ = '\n'; continue;
+        case 'r': *o++ = '\r'; continue;
+        case 't': *o++ = '\t'; continue;
+        case 'u': {
+            unsigned cp, lo;
+            if (hex4(j, &cp) < 0) {
+                j->err = "bad \\u escape";
+                goto fail;
+            }
+            if (cp >= 0xd800 && cp <= 0xdbff) { /* high surrogate: a low one must follow */
+                if (j->end - j->p < 6 || j->p[0] != '\\' || j->p[1] != 'u') {
+                    j->err = "unpaired surrogate";
+                    goto fail;
+                }
+                j->p += 2;
+                if (hex4(j, &lo) < 0 || lo < 0xdc00 || lo > 0xdfff) {
+                    j->err = "unpaired surrogate";
+                    goto fail;
+                }
+                cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+            } else if (cp >= 0xdc00 && cp <= 0xdfff) {
+                j->err = "unpaired surrogate";
+                goto fail;
+            }
+            if (cp == 0) {
+                j->err = "NUL in string";
+                goto fail;
+            }
+            o += put_utf8(o, cp);
+            continue;
+        }
+        default:
+            j->err = "bad escape";
+            goto fail;
+        }
+    }
+    if (!j->err)
+        j->err = "unterminated string";
+fail:
+    free(out);
+    return NULL;
+}
+
+static int json_expect(struct json *j, char c)
+{
+    skip_ws(j);
+    if (j->p < j->end && *j->p == c) {
+        j->p++;
+        return 0;
+    }
+    return -1;
+}
+
+static int json_done(struct json *j)
+{
+    skip_ws(j);
+    if (j->p != j->end) {
+        j->err = "trailing data";
+        return -1;
+    }
+    return 0;
+}
+
+/* Parse ["a", "b", ...] into a NULL-terminated vector; count in *n. */
+static char **json_string_array(struct json *j, size_t *n)
+{
+    size_t cap = 8, len = 0;
+    char **v = calloc(cap + 1, sizeof *v);
+    if (!v || json_expect(j, '[') < 0) {
+        j->err = "expected an array";
+        return NULL;
+    }
+    if (json_expect(j, ']') == 0)
+        goto done;
+    for (;;) {
+        char *s = json_string(j);
+        if (!s)
+            return NULL;
+        if (len == cap) {
+            cap *= 2;
+            v = realloc(v, (cap + 1) * sizeof *v);
+            if (!v) {
+                j->err = "out of memory";
+                return NULL;
+            }
+        }
+        v[len++] = s;
+        if (json_expect(j, ',') == 0)
+            continue;
+        if (json_expect(j, ']') == 0)
+            break;
+        j->err = "expected ',' or ']'";
+        return NULL;
+    }
+done:
+    v[len] = NULL;
+    if (json_done(j) < 0)
+        return NULL;
+    *n = len;
+    return v;
+}
+
+/* Parse {"K": "V", ...} into a NULL-terminated "K=V" environment vector. */
+static char **json_env_object(struct json *j)
+{
+    size_t cap = 8, len = 0;
+    char **v = calloc(cap + 1, sizeof *v);
+    if (!v || json_expect(j, '{') < 0) {
+        j->err = "expected an object";
+        return NULL;
+    }
+    if (json_expect(j, '}') == 0)
+        goto done;
+    for (;;) {
+        char *k = json_string(j);
+        if (!k)
+            return NULL;
+        if (!*k || strchr(k, '=')) {
+            j->err = "environment name is empty or contains '='";
+            return NULL;
+        }
+        if (json_expect(j, ':') < 0) {
+            j->err = "expected ':'";
+            return NULL;
+        }
+        char *val = json_string(j);
+        if (!val)
+            return NULL;
+        if (len == cap) {
+            cap *= 2;
+            v = realloc(v, (cap + 1) * sizeof *v);
+            if (!v) {
+                j->err = "out of memory";
+                return NULL;
+            }
+        }
+        if (asprintf(&v[len++], "%s=%s", k, val) < 0) {
+            j->err = "out of memory";
+            return NULL;
+        }
+        free(k);
+        free(val);
+        if (json_expect(j, ',') == 0)
+            continue;
+        if (json_expect(j, '}') == 0)
+            break;
+        j->err = "expected ',' or '}'";
+        return NULL;
+    }
+done:
+    v[len] = NULL;
+    if (json_done(j) < 0)
+        return NULL;
+    return v;
+}
+
+/* ------------------------------------------------------------------ SHA-256 (FIPS 180-4) */
+
+struct sha256 {
+    uint32_t h[8];
+    uint64_t len;
+    unsigned char buf[64];
+    size_t fill;
+};
+
+static const uint32_t K256[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+};
+
+#define ROR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void sha256_block(struct sha256 *s, const unsigned char *b)
+{
+    uint32_t w[64], a, bb, c, d, e, f, g, h;
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)b[4 * i] << 24 | (uint32_t)b[4 * i + 1] << 16 |
+               (uint32_t)b[4 * i + 2] << 8 | b[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ROR(w[i - 15], 7) ^ ROR(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ROR(w[i - 2], 17) ^ ROR(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    a = s->h[0]; bb = s->h[1]; c = s->h[2]; d = s->h[3];
+    e = s->h[4]; f = s->h[5]; g = s->h[6]; h = s->h[7];
+    for (int i = 0; i < 64; i++) {
+        uint32_t t1 = h + (ROR(e, 6) ^ ROR(e, 11) ^ ROR(e, 25)) + ((e & f) ^ (~e & g)) + K256[i] + w[i];
+        uint32_t t2 = (ROR(a, 2) ^ ROR(a, 13) ^ ROR(a, 22)) + ((a & bb) ^ (a & c) ^ (bb & c));
+        h = g; g = f; f = e; e = d + t1; d = c; c = bb; bb = a; a = t1 + t2;
+    }
+    s->h[0] += a; s->h[1] += bb; s->h[2] += c; s->h[3] += d;
+    s->h[4] += e; s->h[5] += f; s->h[6] += g; s->h[7] += h;
+}
+
+static void sha256_init(struct sha256 *s)
+{
+    static const uint32_t iv[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    memcpy(s->h, iv, sizeof iv);
+    s->len = 0;
+    s->fill = 0;
+}
+
+static void sha256_update(struct sha256 *s, const unsigned char *p, size_t n)
+{
+    s->len += n;
+    while (n > 0) {
+        size_t take = 64 - s->fill < n ? 64 - s->fill : n;
+        memcpy(s->buf + s->fill, p, take);
+        s->fill += take;
+        p += take;
+        n -= take;
+        if (s->fill == 64) {
+            sha256_block(s, s->buf);
+            s->fill = 0;
+        }
+    }
+}
+
+static void sha256_hex(struct sha256 *s, char out[65])
+{
+    uint64_t bits = s->len * 8;
+    unsigned char pad = 0x80, zero = 0, lenb[8];
+    sha256_update(s, &pad, 1);
+    while (s->fill != 56)
+        sha256_update(s, &zero, 1);
+    for (int i = 0; i < 8; i++)
+        lenb[i] = (unsigned char)(bits >> (56 - 8 * i));
+    sha256_update(s, lenb, 8);
+    for (int i = 0; i < 8; i++)
+        snprintf(out + 8 * i, 9, "%08x", s->h[i]);
+}
+
+/* ------------------------------------------------------------------ setup */
+
+/* Find "name=value" on the kernel command line; returns the decoded JSON text or NULL. */
+static char *cmdline_param(const char *cmdline, const char *name, const char **err)
+{
+    size_t nl = strlen(name);
+    for (const char *p = cmdline; *p;) {
+        while (*p == ' ' || *p == '\n')
+            p++;
+        const char *tok = p;
+        while (*p && *p != ' ' && *p != '\n')
+            p++;
+        if ((size_t)(p - tok) > nl && !strncmp(tok, name, nl) && tok[nl] == '=') {
+            size_t len;
+            char *dec = b64url_decode(tok + nl + 1, (size_t)(p - tok - nl - 1), &len);
+            if (!dec || strlen(dec) != len) /* a NUL byte is never valid JSON text */
+                *err = "not valid base64url";
+            return dec;
+        }
+    }
+    return NULL;
+}
+
+static void fail_spawn(const char *what, const char *why) __attribute__((noreturn));
+
+static void mount_fs(void)
+{
+    /* Errors are ignored on purpose: a missing /proc shows up as a clear SPAWNERR later,
+     * and the kernel may already have mounted devtmpfs (CONFIG_DEVTMPFS_MOUNT). */
+    mkdir("/proc", 0555);
+    mkdir("/sys", 0555);
+    mkdir("/dev", 0755);
+    mkdir("/tmp", 01777);
+    mkdir("/workspace", 0755);
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755");
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    mount("tmpfs", "/workspace", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,uid=65534,gid=65534");
+    /* The serial line is the channel; /dev/console and /dev/kmsg reach it too (console=ttyS0).
+     * Make them root-only so the unprivileged workload cannot write forged lines. */
+    static const char *const priv[] = {"/dev/ttyS0", "/dev/ttyS1", "/dev/ttyS2", "/dev/ttyS3",
+                                       "/dev/console", "/dev/kmsg", "/dev/tty0", "/dev/hvc0",
+                                       "/dev/mem", "/dev/port", NULL};
+    for (int i = 0; priv[i]; i++)
+        chmod(priv[i], 0600);
+}
+
+static void open_channel(void)
+{
+    chan = open("/dev/ttyS0", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (chan < 0) {
+        /* Without a channel nobody can hear us; power off so the host sees no EXIT. */
+        sync();
+        reboot(RB_POWER_OFF);
+        _exit(1);
+    }
+    /* Raw mode: no echo of anything the host sends, no CR/LF translation of our output. */
+    struct termios t;
+    if (tcgetattr(chan, &t) == 0) {
+        cfmakeraw(&t);
+        t.c_cflag |= CLOCAL;
+        cfsetspeed(&t, B115200);
+        tcsetattr(chan, TCSANOW, &t);
+    }
+}
+
+/* ------------------------------------------------------------------ the workload */
+
+/* Drop to nobody: no groups, no capabilities (bounding set included), no_new_privs. */
+static int drop_privileges(void)
+{
+    for (int cap = 0; cap <= 63; cap++)
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
+            return -1;
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
+        return -1;
+    if (setgroups(0, NULL) < 0 || setresgid(NOBODY, NOBODY, NOBODY) < 0 ||
+        setresuid(NOBODY, NOBODY, NOBODY) < 0) /* clears permitted/effective capabilities */
+        return -1;
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        return -1;
+    return 0;
+}
+
+/* execve with a PATH search when argv[0] has no slash (PATH from the given env, or /bin). */
+static void exec_workload(char **argv, char **envp)
+{
+    if (strchr(argv[0], '/')) {
+        execve(argv[0], argv, envp);
+        return;
+    }
+    const char *path = "/bin:/usr/bin";
+    for (char **e = envp; *e; e++)
+        if (!strncmp(*e, "PATH=", 5))
+            path = *e + 5;
+    int saved = ENOENT;
+    char buf[4096];
+    for (const char *p = path;; p++) {
+        const char *colon = strchrnul(p, ':');
+        int n = snprintf(buf, sizeof buf, "%.*s/%s", (int)(colon - p), p, argv[0]);
+        if (n > 0 && (size_t)n < sizeof buf) {
+            execve(buf, argv, envp);
+            if (errno != ENOENT)
+                saved = errno;
+        }
+        if (!*colon)
+            break;
+        p = colon;
+    }
+    errno = saved;
+}
+
+static void child(char **argv, char **envp, int out, int err, int report)
+{
+    const char *step = "stdin";
+    int null = open("/dev/null", O_RDONLY);
+    if (null < 0 || dup2(null, 0) < 0)
+        goto fail;
+    step = "stdio";
+    if (dup2(out, 1) < 0 || dup2(err, 2) < 0)
+        goto fail;
+    step = "setsid";
+    if (setsid() < 0)
+        goto fail;
+    step = "chdir /workspace";
+    if (chdir("/workspace") < 0)
+        goto fail;
+    step = "drop privileges";
+    if (drop_privileges() < 0)
+        goto fail;
+    /* Signals init ignores must not stay ignored in the workload. */
+    signal(SIGPIPE, SIG_DFL);
+    step = "exec";
+    exec_workload(argv, envp);
+fail:;
+    /* Tell init why over the CLOEXEC report pipe: a successful exec closes it silently. */
+    char msg[512];
+    int n = snprintf(msg, sizeof msg, "%s %s: %s", step, argv[0], strerror(errno));
+    if (n > 0)
+        write_all(report, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
+    _exit(127);
+}
+
+struct stream {
+    int fd;
+    const char *kind;
+};
+
+/* Relay one read from a pipe; returns 0 at EOF. */
+static int relay(struct stream *s)
+{
+    unsigned char buf[CHUNK];
+    ssize_t n = read(s->fd, buf, sizeof buf);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN))
+        return 1;
+    if (n <= 0) {
+        close(s->fd);
+        s->fd = -1;
+        return 0;
+    }
+    send_chunk(s->kind, NULL, buf, (size_t)n);
+    return 1;
+}
+
+/* Run the workload; returns its exit code in the CELLOS:EXIT convention. */
+static int run_workload(char **argv, char **envp)
+{
+    int out[2], err[2], rep[2];
+    if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 || pipe2(rep, O_CLOEXEC) < 0) {
+        send_text("SPAWNERR", "pipe: %s", strerror(errno));
+        return 127;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        send_text("SPAWNERR", "fork: %s", strerror(errno));
+        return 127;
+    }
+    if (pid == 0)
+        child(argv, envp, out[1], err[1], rep[1]);
+    close(out[1]);
+    close(err[1]);
+    close(rep[1]);
+
+    struct stream st[2] = {{out[0], "OUT"}, {err[0], "ERR"}};
+    int status = 0, exited = 0;
+    while (st[0].fd >= 0 || st[1].fd >= 0 || !exited) {
+        struct pollfd pf[2] = {{st[0].fd, POLLIN, 0}, {st[1].fd, POLLIN, 0}};
+        /* Short timeout: waitpid below notices the workload's exit without SIGCHLD plumbing. */
+        int r = poll(pf, 2, exited ? -1 : 50);
+        if (r > 0)
+            for (int i = 0; i < 2; i++)
+                if (pf[i].revents)
+                    relay(&st[i]);
+        /* As PID 1 we inherit every orphan: reap them all, note the workload's status. */
+        int ws;
+        pid_t w;
+        while ((w = waitpid(-1, &ws, WNOHANG)) > 0)
+            if (w == pid) {
+                status = ws;
+                exited = 1;
+                /* The cell ends with its workload: kill leftovers (they may hold the pipes
+                 * open) so the drain below reaches EOF.  kill(-1) spares PID 1 itself. */
+                kill(-1, SIGKILL);
+            }
+    }
+    while (waitpid(-1, NULL, 0) > 0) /* reap the killed leftovers */
+        ;
+
+    char why[512];
+    ssize_t n = read(rep[0], why, sizeof why - 1);
+    close(rep[0]);
+    if (n > 0) {
+        why[n] = '\0';
+        send_text("SPAWNERR", "%s", why);
+        return 127;
+    }
+    if (WIFEXITED(status))
+        return WEXITSTATUS(status);
+    if (WIFSIGNALED(status))
+        return 128 + WTERMSIG(status);
+    return 127;
+}
+
+/* ------------------------------------------------------------------ artifacts */
+
+static void send_artifact(const char *path)
+{
+    char tag[4 * MAX_ART_PATH / 3 + 8], hex[65];
+    b64_encode((const unsigned char *)path, strlen(path), tag, B64URL);
+    /* openat2 with RESOLVE_NO_SYMLINKS: the workload owns /workspace and could plant a
+     * symlink to make root read something else; such a path reports MISSING. */
+    struct open_how how = {.flags = O_RDONLY | O_CLOEXEC | O_NOFOLLOW,
+                           .resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS};
+    int fd = (int)syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof how);
+    struct stat sb;
+    if (fd < 0 || fstat(fd, &sb) < 0 || !S_ISREG(sb.st_mode)) {
+        if (fd >= 0)
+            close(fd);
+        snprintf(hex, sizeof hex, "MISSING");
+        goto end;
+    }
+    struct sha256 s;
+    sha256_init(&s);
+    unsigned char buf[CHUNK];
+    for (;;) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        sha256_update(&s, buf, (size_t)n);
+        send_chunk("ART", tag, buf, (size_t)n);
+    }
+    close(fd);
+    sha256_hex(&s, hex);
+end:;
+    char payload[sizeof tag + 80];
+    snprintf(payload, sizeof payload, "%s:%s", tag, hex);
+    send_line("ARTEND", payload);
+}
+
+/* ------------------------------------------------------------------ main */
+
+static void finish(int code) __attribute__((noreturn));
+static void finish(int code)
+{
+    struct utsname u;
+    if (uname(&u) == 0)
+        send_text("UNAME", "%s", u.release);
+    char num[16];
+    snprintf(num, sizeof num, "%d", code);
+    send_line("EXIT", num);
+    tcdrain(chan); /* the host must see EXIT before the machine disappears */
+    sync();
+    reboot(RB_POWER_OFF);
+    reboot(RB_AUTOBOOT); /* with -no-reboot the VMM exits on reset too */
+    for (;;)
+        pause(); /* PID 1 must never exit: that would panic the kernel */
+}
+
+static void fail_spawn(const char *what, const char *why)
+{
+    send_text("SPAWNERR", "%s: %s", what, why);
+    finish(127);
+}
+
+int main(void)
+{
+    mount_fs();
+    open_channel();
+    signal(SIGPIPE, SIG_IGN); /* a closed channel must not kill PID 1 */
+    /* Firmware (SeaBIOS on q35/pc) may leave escape codes on the serial line without a
+     * newline: start READY on a fresh line so the host's line parser sees it. */
+    write_all(chan, "\n", 1);
+    send_line("READY", NULL);
+
+    static char cmdline[8192];
+    int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd < 0 ? -1 : read(fd, cmdline, sizeof cmdline - 1);
+    if (n < 0)
+        fail_spawn("/proc/cmdline", strerror(errno));
+    cmdline[n] = '\0';
+    if (fd >= 0)
+        close(fd);
+
+    const char *err = NULL;
+    size_t argc = 0, nart = 0;
+    char *text = cmdline_param(cmdline, "cellos.argv", &err);
+    if (!text || err)
+        fail_spawn("cellos.argv", err ? err : "missing");
+    struct json j = {text, text + strlen(text), NULL};
+    char **argv = json_string_array(&j, &argc);
+    if (!argv || argc == 0)
+        fail_spawn("cellos.argv", argv ? "empty array" : j.err);
+
+    static char *empty_env[] = {NULL};
+    char **envp = empty_env;
+    if ((text = cmdline_param(cmdline, "cellos.env", &err)) != NULL || err) {
+        if (err)
+            fail_spawn("cellos.env", err);
+        j = (struct json){text, text + strlen(text), NULL};
+        if (!(envp = json_env_object(&j)))
+            fail_spawn("cellos.env", j.err);
+    }
+
+    char **arts = NULL;
+    if ((text = cmdline_param(cmdline, "cellos.artifacts", &err)) != NULL || err) {
+        if (err)
+            fail_spawn("cellos.artifacts", err);
+        j = (struct json){text, text + strlen(text), NULL};
+        if (!(arts = json_string_array(&j, &nart)))
+            fail_spawn("cellos.artifacts", j.err);
+        for (size_t i = 0; i < nart; i++)
+            if (arts[i][0] != '/' || strlen(arts[i]) >= MAX_ART_PATH)
+                fail_spawn("cellos.artifacts", "paths must be absolute and < 1024 bytes");
+    }
+
+    int code = run_workload(argv, envp);
+    for (size_t i = 0; i < nart; i++)
+        send_artifact(arts[i]);
+    finish(code);
+}

@@ -1,0 +1,154 @@
+"""The ``qemu`` microVM backend: a real guest kernel under QEMU (TCG on this machine, KVM
+where it can boot the guest), booted from an image this project builds."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    CliResult,
+    base_env,
+    doc,
+    read_events,
+    require_host,
+    running_with,
+    short_types,
+    write_doc,
+)
+
+Run = Callable[..., CliResult]
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_host(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64")
+    require_host(os.geteuid() == 0, "root (the image build fetches Debian packages)")
+    from cellos.hosts.microvm.image import build_image
+
+    out = tmp_path_factory.mktemp("microvm-image")
+    build_image(str(out), vmm=shutil.which("qemu-system-x86_64") or "qemu-system-x86_64")
+    return out
+
+
+def vm_env(tmp_path: Path, image: Path, **extra: str) -> dict[str, str]:
+    return base_env(
+        tmp_path,
+        CELLOS_CELL_BACKEND="qemu",
+        CELLOS_MICROVM_IMAGE=str(image),
+        CELLOS_MICROVM_ALLOW_TCG="1",
+        CELL_OS_JSONL_EVENTS=str(tmp_path / "ev.jsonl"),
+        CELLOS_EXPORT_DIR=str(tmp_path / "x"),
+        **extra,
+    )
+
+
+def assert_no_vm_residue(tmp_path: Path, image: Path) -> None:
+    assert running_with(str(image)) == [], "a VMM process is still running"
+    state = tmp_path / "state" / "microvm"
+    assert not state.exists() or os.listdir(state) == []
+
+
+@pytest.mark.parametrize("code", [0, 7])
+def test_a_cell_boots_a_guest_kernel_and_returns_everything(
+    tmp_path: Path, image_dir: Path, supervisor_cli: Run, code: int
+) -> None:
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            f"vm-{code}",
+            argv=[
+                "/bin/sh",
+                "-c",
+                f"echo out; echo err >&2; uname -r; echo $ONLY; "
+                f"printf report > /workspace/r.txt; exit {code}",
+            ],
+            run={"env": {"ONLY": "declared"}},
+            export={"artifacts": [{"name": "r.txt", "path": "/workspace/r.txt"}]},
+        ),
+    )
+    result = supervisor_cli(str(spec), vm_env(tmp_path, image_dir), timeout=180)
+    assert result.code == code, result
+    lines = result.stdout.splitlines()
+    assert lines[0] == "out" and lines[2] == "declared"
+    assert lines[1] != platform.release()  # the guest's own kernel
+    assert "err" in result.stderr
+    assert (tmp_path / "x" / f"vm-{code}" / "r.txt").read_text() == "report"
+    events = read_events(tmp_path / "ev.jsonl")
+    started = events[0]["data"]
+    assert set(started["digests"]) == {"kernelSha256", "initrdSha256", "vmmSha256"}
+    assert "manifest:verified" in started["isolation"]
+    assert_no_vm_residue(tmp_path, image_dir)
+
+
+@pytest.mark.parametrize("victim", ["vmlinuz", "initrd.cpio.gz"])
+def test_a_tampered_image_is_refused_before_boot(
+    tmp_path: Path, image_dir: Path, supervisor_cli: Run, victim: str
+) -> None:
+    tampered = tmp_path / "image"
+    shutil.copytree(image_dir, tampered)
+    data = bytearray((tampered / victim).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (tampered / victim).write_bytes(bytes(data))
+    marker = tmp_path / "never"
+    spec = write_doc(tmp_path / "c.yaml", doc("vm-tamper", argv=["/bin/touch", str(marker)]))
+    result = supervisor_cli(str(spec), vm_env(tmp_path, tampered), timeout=120)
+    assert result.code == 1, result
+    assert victim in result.stderr and "sha256" in result.stderr.lower(), result.stderr
+    events = read_events(tmp_path / "ev.jsonl")
+    assert short_types(events) == ["lifecycle.v1.destroyed", "compliance.v1.summary"]
+    assert (
+        events[0]["data"]["reason"] == "create_failed" and events[0]["data"]["outcome"] == "failed"
+    )
+    assert running_with(str(tampered)) == []
+
+
+@pytest.mark.parametrize("bound", ["timeout", "ttl"])
+def test_timeout_and_ttl_kill_the_vm_and_leave_nothing(
+    tmp_path: Path, image_dir: Path, supervisor_cli: Run, bound: str
+) -> None:
+    run: dict[str, Any] = {"limits": {"gracefulShutdownSeconds": 1}}
+    if bound == "timeout":
+        run["timeoutSeconds"] = 8
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "vm-slow",
+            argv=["/bin/sleep", "300"],
+            run=run,
+            lifetime={"ttlSeconds": 8 if bound == "ttl" else 120},
+        ),
+    )
+    result = supervisor_cli(str(spec), vm_env(tmp_path, image_dir), timeout=180)
+    assert result.code == 124, result
+    destroyed = next(
+        e["data"]
+        for e in read_events(tmp_path / "ev.jsonl")
+        if e["type"].endswith("lifecycle.v1.destroyed")
+    )
+    assert destroyed["terminalState"] == "forced" and destroyed["reason"] == bound
+    assert "exitCode" not in destroyed
+    assert_no_vm_residue(tmp_path, image_dir)
+
+
+def test_tcg_must_be_allowed_explicitly_when_kvm_cannot_boot(
+    tmp_path: Path, image_dir: Path, supervisor_cli: Run
+) -> None:
+    from cellos.hosts.microvm.backend import MicrovmBackend
+    from cellos.hosts.microvm.image import MANIFEST_NAME
+    from cellos.hosts.microvm.manifest import load_manifest
+
+    backend = MicrovmBackend(image_dir=str(image_dir), allow_tcg=False)
+    manifest = load_manifest(image_dir / MANIFEST_NAME)
+    try:
+        accel = backend.accel(manifest)
+    except Exception as exc:  # noqa: BLE001 - the refusal is what this host should produce
+        assert "CELLOS_MICROVM_ALLOW_TCG" in str(exc)
+        return
+    assert accel == "kvm"  # only where KVM really boots the guest
