@@ -23,6 +23,9 @@ want_pkgs=()
 command -v runsc >/dev/null 2>&1 || want_pkgs+=(runsc)
 # Egress authority (cells with egressRules) needs nftables.
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want_pkgs+=(nftables)
+# The microVM backend boots guests with QEMU; its image is built with gcc (static guest init).
+command -v qemu-system-x86_64 >/dev/null 2>&1 || want_pkgs+=(qemu-system-x86)
+command -v gcc >/dev/null 2>&1 || want_pkgs+=(gcc libc6-dev)
 
 if [ "$(id -u)" = 0 ]; then SUDO=""
 elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"
