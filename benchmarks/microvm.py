@@ -27,36 +27,21 @@ from cellos.hosts.microvm.backend import MicrovmBackend
 from cellos.hosts.microvm.firecracker import find_firecracker
 from cellos.hosts.microvm.image import MANIFEST_NAME, build_image
 from cellos.hosts.microvm.manifest import load_manifest
-from cellos.hosts.microvm.qemu_probe import default_machine, kernel_append
+from cellos.hosts.microvm.qemu_probe import default_machine, kernel_append, qemu_command
 from cellos.supervisor.composition import build_supervisor
 
 
 def bare_boot(image: Path, accel: str) -> tuple[float, float]:
     """(ms to CELLOS:READY, ms to QEMU exit) of one bare boot running /bin/true."""
     manifest = load_manifest(image / MANIFEST_NAME)
-    cmd = [
+    cmd = qemu_command(
         manifest.vmm.path,
-        "-M",
-        default_machine(accel),
-        "-accel",
-        accel,
-        "-m",
-        "256",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-        str(image / manifest.kernel.path),
-        "-initrd",
-        str(image / manifest.initrd.path),
-        "-append",
+        image,
         kernel_append(["/bin/true"], {}, []),
-    ]
+        accel,
+        manifest.kernel.path,
+        manifest.initrd.path,
+    )
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     assert proc.stdout is not None

@@ -34,7 +34,7 @@ from cellos.hosts.live import LiveCells
 from cellos.hosts.microvm.firecracker import mem_mib_for, vcpus_for
 from cellos.hosts.microvm.image import MANIFEST_NAME
 from cellos.hosts.microvm.manifest import Manifest, load_manifest, verify
-from cellos.hosts.microvm.qemu_probe import default_machine, kernel_append, parse_channel
+from cellos.hosts.microvm.qemu_probe import kernel_append, parse_channel, qemu_command
 from cellos.hosts.process import SpawnOptions, spawn_isolated_workload
 
 
@@ -175,31 +175,16 @@ class MicrovmBackend:
 
         lim = limits if isinstance(limits, Limits) else None
         append = kernel_append(argv, env, artifacts)
-        command = [
+        command = qemu_command(
             manifest.vmm.path,
-            "-M",
-            default_machine(accel),
-            "-accel",
-            accel,
-            "-m",
-            str(max(MIN_GUEST_MIB, mem_mib_for(lim.memory_max_bytes if lim else None))),
-            "-smp",
-            str(vcpus_for(lim.cpu_max if lim else None)),
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-kernel",
-            str(self.image_dir / manifest.kernel.path),
-            "-initrd",
-            str(self.image_dir / manifest.initrd.path),
-            "-append",
+            self.image_dir,
             append,
-        ]
-        if accel == "kvm":
-            command[5:5] = ["-cpu", "host"]
+            accel,
+            manifest.kernel.path,
+            manifest.initrd.path,
+            memory_mib=max(MIN_GUEST_MIB, mem_mib_for(lim.memory_max_bytes if lim else None)),
+            vcpus=vcpus_for(lim.cpu_max if lim else None),
+        )
         vmm_request = WorkloadRequest(
             argv=argv,
             env={},

@@ -77,10 +77,15 @@ def qemu_command(
     kernel: str,
     initrd: str,
     machine: str | None = None,
+    *,
+    memory_mib: int = 256,
+    vcpus: int = 1,
 ) -> list[str]:
+    """The one QEMU command line of a CellOS guest (the backend, the probe and the benchmark)."""
     cmd = [
-        vmm, "-M", machine or default_machine(accel), "-accel", accel, "-m", "256",
-        "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
+        vmm, "-M", machine or default_machine(accel), "-accel", accel, "-m", str(memory_mib),
+        "-smp", str(vcpus), "-nodefaults", "-no-user-config", "-nographic",
+        "-serial", "stdio", "-no-reboot",
         "-kernel", str(image_dir / kernel), "-initrd", str(image_dir / initrd), "-append", append,
     ]  # fmt: skip
     if accel == "kvm":
