@@ -66,6 +66,7 @@ from lifecycle import (
     reference,
     render_table,
     residue,
+    run_and_report,
     run_rounds,
     run_true,
 )
@@ -507,23 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if why is not None:
         print(f"gvisor benchmark not run: {why}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    try:
-        report = benchmark(Config(cells=args.cells, warmup=args.warmup, seed=args.seed))
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ImportError as exc:
-        print(
-            f"error: {exc}; run with the project's environment (pip install -e .)",
-            file=sys.stderr,
-        )
-        return 1
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print_table(report)
-    return 0
+    config = Config(cells=args.cells, warmup=args.warmup, seed=args.seed)
+    return run_and_report(lambda: benchmark(config), args.json, print_table)
 
 
 if __name__ == "__main__":

@@ -964,6 +964,30 @@ def print_table(report: Mapping[str, Any]) -> None:
 # -- CLI -------------------------------------------------------------------------------------
 
 
+def run_and_report(
+    produce: Callable[[], dict[str, Any]],
+    as_json: bool,
+    show: Callable[[Mapping[str, Any]], None],
+) -> int:
+    """Run a benchmark and print its report (JSON or table); exit status 1 on failure."""
+    try:
+        report = produce()
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:
+        print(
+            f"error: {exc}; run with the project's environment (pip install -e .)", file=sys.stderr
+        )
+        return 1
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        show(report)
+    return 0
+
+
 def positive_or_zero(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -1027,23 +1051,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         signing=not args.no_signing,
     )
-    try:
-        report = benchmark(config)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ImportError as exc:
-        print(
-            f"error: {exc}; run with the project's environment (pip install -e .)",
-            file=sys.stderr,
-        )
-        return 1
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print_table(report)
-    return 0
+    return run_and_report(lambda: benchmark(config), args.json, print_table)
 
 
 if __name__ == "__main__":
