@@ -18,10 +18,11 @@ interleaved with the cells: every round runs, in a shuffled order, each variant'
 
 * ``unshare --pid --fork --mount --net --uts --ipc true``, the bare isolation primitive (it
   needs root; when it fails it is reported as unavailable and not measured);
-* the bare bubblewrap launch of a ``/bin/true`` cell: the exact command line the ``cellos``
-  backend builds (``bwrap_argv`` of the same ``SandboxPlan``, for a temporary workspace), with
-  the seccomp program written to a pipe whose read end is passed to bubblewrap, as the backend
-  does. It separates the sandbox's cost from the supervisor's.
+* the bare launch of a ``/bin/true`` cell by the sandbox launcher (``cellos-sandbox``): the
+  exact command line the ``cellos`` backend builds (``launcher_argv`` of the same
+  ``SandboxPlan``, for a temporary workspace, Landlock as on this kernel), with the seccomp
+  program written to a pipe whose read end is passed to the launcher, as the backend does
+  (no cgroup leaves). It separates the sandbox's cost from the supervisor's.
 
 Reported per variant: median, p90, and the ratios ``median(cell) / median(reference)``; the
 ``cellos/warm`` ratio to ``unshare`` is checked against the target (<= 3x).
@@ -180,17 +181,17 @@ def probe_unshare() -> str | None:
     return why
 
 
-class BwrapLaunch:
-    """The bare bubblewrap launch of a ``/bin/true`` cell, exactly as the ``cellos`` backend
-    builds it (same ``bwrap`` binary, rootfs, user-namespace choice and working directory;
-    the seccomp program written to a pipe whose read end bubblewrap reads), without the
-    supervisor around it: no validation, state record, cgroups, pidfd loop, events or
-    teardown.
+class LauncherLaunch:
+    """The bare launch of a ``/bin/true`` cell by ``cellos-sandbox``, exactly as the
+    ``cellos`` backend builds it (same launcher binary, rootfs, user-namespace choice, Landlock
+    and working directory; the seccomp program written to a pipe whose read end the launcher
+    reads), without the supervisor around it: no validation, state record, cgroups, pidfd
+    loop, events or teardown.
     """
 
     def __init__(self, backend: Any, workspace: Path, cell_id: str) -> None:
         from cellos.core.loading import validate_document
-        from cellos.hosts.cellos.sandbox import SandboxPlan, bwrap_argv
+        from cellos.hosts.cellos.sandbox import SandboxPlan, launcher_argv
         from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
 
         document = validate_document(cell_document(cell_id))
@@ -204,16 +205,17 @@ class BwrapLaunch:
             working_directory=document.spec.run.working_directory,
             rootfs=backend.rootfs,
             user_namespace=backend.user_namespace,
+            landlock_abi=backend.landlock_abi,
         )
-        self.bwrap: str = backend.bwrap
-        self._bwrap_argv = bwrap_argv
+        self.launcher: str = backend.launcher
+        self._launcher_argv = launcher_argv
         self._filter = workload_filter_bpf
         self._filter()  # compiled once per process (cached), as in the backend
         self.last_command: list[str] = []
 
     def command(self, seccomp_fd: int) -> list[str]:
-        return self._bwrap_argv(
-            dataclasses.replace(self.plan, seccomp_fd=seccomp_fd), self.argv, self.bwrap
+        return self._launcher_argv(
+            dataclasses.replace(self.plan, seccomp_fd=seccomp_fd), self.argv, self.launcher
         )
 
     def __call__(self) -> None:
@@ -240,7 +242,7 @@ class BwrapLaunch:
                 os.close(write_fd)
         if proc.returncode != 0:
             stderr = proc.stderr.decode(errors="replace").strip()
-            raise BenchError(f"bare bwrap launch exited {proc.returncode}: {stderr[-2000:]}")
+            raise BenchError(f"bare launcher launch exited {proc.returncode}: {stderr[-2000:]}")
 
 
 def cell_id_for(key: str, index: int) -> str:
@@ -583,33 +585,33 @@ def benchmark(config: Config) -> dict[str, Any]:
         for v in warm:
             warm_tasks += [v.run_cell, reference(warm_true, run_true)]
         # The sandbox references run once per warm round (not once per variant): they are
-        # compared with every warm row, and a bubblewrap launch is not cheap.
+        # compared with every warm row, and a sandbox launch is not cheap.
         unshare = Series(f"{UNSHARE_NAME} (warm phase)")
-        bwrap_ref = Series("bare bwrap launch of the /bin/true cell (warm phase)")
-        bwrap_command: list[str] | None = None
+        launcher_ref = Series("bare cellos-sandbox launch of the /bin/true cell (warm phase)")
+        launcher_command: list[str] | None = None
         cellos_warm = next((v for v in warm if v.key == ACCEPTANCE_VARIANT), None)
         if config.cells == 0:
-            unshare.unavailable = bwrap_ref.unavailable = "no warm phase (--cells 0)"
+            unshare.unavailable = launcher_ref.unavailable = "no warm phase (--cells 0)"
         else:
             unshare.unavailable = probe_unshare()
             if unshare.unavailable is None:
                 warm_tasks.append(reference(unshare, run_unshare))
             if cellos_warm is None:
-                bwrap_ref.unavailable = "the cellos backend is not selected"
+                launcher_ref.unavailable = "the cellos backend is not selected"
             else:
                 try:
-                    launch = BwrapLaunch(
+                    launch = LauncherLaunch(
                         cellos_warm.backend_object(),
-                        tmp / "bwrap-workspace",
-                        cell_id_for("bwrap", 0),
+                        tmp / "launcher-workspace",
+                        cell_id_for("launcher", 0),
                     )
-                    launch()  # untimed: fail now, with bubblewrap's message, if it cannot run
+                    launch()  # untimed: fail now, with the launcher's message, if it cannot run
                 except BaseException:
                     for v in warm:
                         v.close()
                     raise
-                bwrap_command = launch.last_command  # as run (the seccomp fd number varies)
-                warm_tasks.append(reference(bwrap_ref, launch))
+                launcher_command = launch.last_command  # as run (the seccomp fd number varies)
+                warm_tasks.append(reference(launcher_ref, launch))
         cold_tasks: list[Task] = []
         for c in cold:
             cold_tasks += [
@@ -696,7 +698,7 @@ def benchmark(config: Config) -> dict[str, Any]:
     if config.cells > 0:
         references += [
             sandbox_reference("unshare", unshare, list(UNSHARE_ARGV)),
-            sandbox_reference("bwrap", bwrap_ref, bwrap_command),
+            sandbox_reference("launcher", launcher_ref, launcher_command),
         ]
     references += plain_reference("true-cold", "cold", cold_true)
     references += plain_reference("python-pass", "cold", python_pass)
@@ -722,7 +724,7 @@ def benchmark(config: Config) -> dict[str, Any]:
         "references": references,
         "results": results,
         "acceptance": acceptance(results, unshare),
-        "sandbox_split": sandbox_split(results, bwrap_ref, unshare),
+        "sandbox_split": sandbox_split(results, launcher_ref, unshare),
         "signing_cost": signing_cost(results),
         "signed_events_verified": verified,
         "elapsed_seconds": time.perf_counter() - started,
@@ -768,26 +770,26 @@ def acceptance(results: Sequence[Mapping[str, Any]], unshare: Series) -> dict[st
 
 
 def sandbox_split(
-    results: Sequence[Mapping[str, Any]], bwrap_ref: Series, unshare: Series
+    results: Sequence[Mapping[str, Any]], launcher_ref: Series, unshare: Series
 ) -> dict[str, Any] | None:
     """Split median(cellos/warm) into the bare sandbox launch and what the supervisor adds.
 
     Differences of medians: an estimate of where the time goes, not an exact decomposition.
     """
     row = next((r for r in results if r["variant"] == ACCEPTANCE_VARIANT), None)
-    if row is None or not bwrap_ref.samples:
+    if row is None or not launcher_ref.samples:
         return None
     cell_ms = row["median_ms"]
-    bwrap_ms = median_ns(bwrap_ref.samples) / 1e6
+    launcher_ms = median_ns(launcher_ref.samples) / 1e6
     unshare_ms = median_ns(unshare.samples) / 1e6 if unshare.samples else None
     return {
         "variant": ACCEPTANCE_VARIANT,
         "cell_median_ms": cell_ms,
-        "bwrap_median_ms": bwrap_ms,
+        "launcher_median_ms": launcher_ms,
         "unshare_median_ms": unshare_ms,
-        "supervisor_ms": cell_ms - bwrap_ms,
-        "sandbox_share": bwrap_ms / cell_ms,
-        "bwrap_over_unshare_ms": bwrap_ms - unshare_ms if unshare_ms is not None else None,
+        "supervisor_ms": cell_ms - launcher_ms,
+        "sandbox_share": launcher_ms / cell_ms,
+        "launcher_over_unshare_ms": launcher_ms - unshare_ms if unshare_ms is not None else None,
     }
 
 
@@ -880,8 +882,8 @@ def footer(report: Mapping[str, Any]) -> list[str]:
             else ""
         )
         lines.append(
-            f"{split['variant']} {_ms(split['cell_median_ms'])} ms = bare bwrap launch "
-            f"{_ms(split['bwrap_median_ms'])} ms (sandbox, {split['sandbox_share']:.0%}"
+            f"{split['variant']} {_ms(split['cell_median_ms'])} ms = bare launcher "
+            f"{_ms(split['launcher_median_ms'])} ms (sandbox, {split['sandbox_share']:.0%}"
             f"{unshare_part}) + {_ms(split['supervisor_ms'])} ms supervisor "
             "(difference of medians)"
         )
@@ -1000,7 +1002,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="benchmarks/lifecycle.py",
         description="Median time of a full /bin/true cell per backend, warm and cold, "
         "as a ratio against subprocess.run(['/bin/true']) (and, warm, against "
-        f"'{UNSHARE_NAME}' and the bare bubblewrap launch) measured in the same run.",
+        f"'{UNSHARE_NAME}' and the bare sandbox launcher) measured in the same run.",
     )
     parser.add_argument(
         "--cells", type=positive_or_zero, default=200, help="measured warm cells per variant"

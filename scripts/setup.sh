@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 need_pkgs=()
-# The default backend sandboxes cells with bubblewrap and libseccomp.
-command -v bwrap >/dev/null 2>&1 || need_pkgs+=(bubblewrap)
+# The default backend sandboxes cells with its own small C launcher (built once, on first use,
+# with gcc and the libc/kernel headers) and a libseccomp filter.
+command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
+dpkg-query -W -f='${Status}' libc6-dev 2>/dev/null | grep -q 'ok installed' || need_pkgs+=(libc6-dev)
 dpkg-query -W -f='${Status}' libseccomp2 2>/dev/null | grep -q 'ok installed' || need_pkgs+=(libseccomp2)
 # Tests and benchmarks use util-linux's unshare and setsid.
 command -v unshare >/dev/null 2>&1 || need_pkgs+=(util-linux)
@@ -25,7 +27,6 @@ command -v runsc >/dev/null 2>&1 || want_pkgs+=(runsc)
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want_pkgs+=(nftables)
 # The microVM backend boots guests with QEMU; its image is built with gcc (static guest init).
 command -v qemu-system-x86_64 >/dev/null 2>&1 || want_pkgs+=(qemu-system-x86)
-command -v gcc >/dev/null 2>&1 || want_pkgs+=(gcc libc6-dev)
 
 if [ "$(id -u)" = 0 ]; then SUDO=""
 elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"
@@ -59,3 +60,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   fi
   touch "$stamp"
 fi
+# Build the sandbox launcher now (it is cached per user), so a broken toolchain shows here.
+.venv/bin/python - <<'PY'
+import sys
+from cellos.core.errors import CellosError
+from cellos.hosts.cellos.launcher import launcher_path
+try:
+    launcher_path()
+except CellosError as exc:
+    sys.exit(f"error: setup: {exc.path}: {exc.reason}")
+PY

@@ -28,6 +28,17 @@ def require_host(ok: bool, what: str) -> None:
     pytest.skip(f"host facility missing: {what}")
 
 
+def require_sandbox() -> None:
+    """The ``cellos`` backend's launcher can be built (or is configured) on this host."""
+    from cellos.core.errors import CellosError
+    from cellos.hosts.cellos.launcher import launcher_path
+
+    try:
+        launcher_path(os.environ.get("CELLOS_LAUNCHER") or None)
+    except CellosError as exc:
+        require_host(False, f"the cellos-sandbox launcher ({exc.reason})")
+
+
 def unique_sleep() -> str:
     """A ``sleep`` duration no other process on the machine uses: a marker for /proc scans."""
     return f"300.{uuid.uuid4().int % 10**9:09d}"

@@ -15,7 +15,7 @@ from cellos.core.spec import CellSpec
 from cellos.hosts.cellos import CellosBackend
 from cellos.hosts.process import LOG_CAP_BYTES
 from cellos.hosts.stub import StubBackend
-from tests.conftest import doc, require_host, running_with, stubborn_workload, unique_sleep
+from tests.conftest import doc, require_host, running_with, stubborn_workload, unique_sleep, require_sandbox
 
 BACKENDS = ["stub", "cellos", "gvisor"]
 
@@ -33,7 +33,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CellBack
     if request.param == "stub":
         yield StubBackend()
     elif request.param == "cellos":
-        require_host(shutil.which("bwrap") is not None, "bubblewrap (bwrap)")
+        require_sandbox()
         yield CellosBackend(state_root=str(tmp_path / "state"))
     else:
         yield gvisor_backend(tmp_path / "gvisor")

@@ -16,6 +16,7 @@ from cellos.core.loading import validate_document
 from cellos.core.ports import WorkloadRequest, WorkloadResult
 from cellos.hosts.cellos import CellosBackend, cgroups
 from tests.conftest import (
+    require_sandbox,
     doc,
     require_host,
     run_cli,
@@ -26,7 +27,7 @@ from tests.conftest import (
 
 
 def _host_ready() -> None:
-    require_host(shutil.which("bwrap") is not None, "bubblewrap (bwrap)")
+    require_sandbox()
 
 
 def _limits_ready(*controllers: str) -> None:

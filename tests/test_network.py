@@ -18,6 +18,7 @@ from cellos.core.loading import validate_document
 from cellos.core.ports import WorkloadRequest, WorkloadResult
 from cellos.hosts.cellos import CellosBackend
 from tests.conftest import (
+    require_sandbox,
     CliResult,
     base_env,
     doc,
@@ -33,7 +34,7 @@ Run = Callable[..., CliResult]
 def _ready() -> None:
     require_host(os.geteuid() == 0, "root (netns, veth, nftables)")
     require_host(shutil.which("nft") is not None, "nftables (nft)")
-    require_host(shutil.which("bwrap") is not None, "bubblewrap (bwrap)")
+    require_sandbox()
     require_host(shutil.which("nsenter") is not None, "util-linux nsenter")
 
 

@@ -339,13 +339,15 @@ def test_cgroup_leaf_is_created_joined_and_removed(tmp_path: Path) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "cellos.supervisor.cli", str(spec)], env=env)
         members: list[str] = []
         deadline = time.monotonic() + 10
-        while not members and time.monotonic() < deadline:
+        # Until the cell has started: its launcher joins first, then forks pid 1 and the
+        # workload inside the leaf.
+        while len(members) < 3 and time.monotonic() < deadline:
             with contextlib.suppress(OSError):
                 members = (leaf / "cgroup.procs").read_text().split()
             time.sleep(0.02)
         assert proc.wait(timeout=30) == 0
-        # bwrap's outer process, the cell's pid 1 and the workload were all in the leaf.
-        assert len(members) >= 2, members
+        # The launcher, the cell's pid 1 and the workload were all in the leaf.
+        assert len(members) == 3, members
         assert not leaf.exists()
     finally:
         parent.rmdir()

@@ -22,7 +22,7 @@ from cellos.core.loading import validate_document
 from cellos.core.ports import WorkloadRequest
 from cellos.hosts.cellos import CellosBackend
 from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
-from tests.conftest import doc, require_host
+from tests.conftest import doc, require_host, require_sandbox
 
 NOBODY = 65534
 
@@ -30,7 +30,7 @@ NOBODY = 65534
 def as_nobody(work: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
     if os.geteuid() != 0:
         pytest.skip("needs root to create the unprivileged user's process")
-    require_host(shutil.which("bwrap") is not None, "bubblewrap (bwrap)")
+    require_sandbox()
     workload_filter_bpf()  # compiled and cached before the fork
     home = tempfile.mkdtemp(prefix="cellos-nobody-")
     os.chown(home, NOBODY, NOBODY)

@@ -30,7 +30,7 @@ from cellos.worker.queue import (
     ensure_queue,
     publish_document,
 )
-from tests.conftest import CliResult, base_env, doc, require_host, running_with, write_doc
+from tests.conftest import CliResult, base_env, doc, require_host, running_with, write_doc, require_sandbox
 
 EVENTS = "CELLOS_EVENTS"
 STARTED = "dev.cellos.events.cell.lifecycle.v1.started"
@@ -262,7 +262,7 @@ def test_killed_worker_cell_is_redelivered_and_names_the_first_run(
     """kill -9 of the worker running a cell: the other worker (same host, same state
     directory) runs it again after the ack wait, and the new run names the first one."""
     if backend == "cellos":
-        require_host(shutil.which("bwrap") is not None, "bubblewrap (bwrap)")
+        require_sandbox()
     pool = [workers(name, "--ack-wait", "2", backend=backend) for name in ("w1", "w2")]
     for worker in pool:
         worker.wait_for("ready:")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import re
@@ -28,20 +27,24 @@ def _run(argv: list[str], timeout: float = 20) -> tuple[int, str]:
 
 
 def check_sandbox() -> Check:
-    """A real one-shot cell through the same command line the backend uses."""
-    from cellos.hosts.cellos.sandbox import SandboxPlan, bwrap_argv
+    """A real one-shot cell through the same launcher and command line the backend uses."""
+    from cellos.core.errors import CellosError
+    from cellos.hosts.cellos.launcher import landlock_abi, launcher_path
+    from cellos.hosts.cellos.sandbox import SandboxPlan, launcher_argv
 
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
-        return Check("namespaces", False, "bubblewrap (bwrap) not installed")
+    try:
+        launcher = launcher_path(os.environ.get("CELLOS_LAUNCHER") or None)
+    except CellosError as exc:
+        return Check("namespaces", False, exc.reason)
     with tempfile.TemporaryDirectory() as workspace:
         plan = SandboxPlan(
             cell_id="doctor",
             workspace=workspace,
             working_directory="/workspace",
             user_namespace=os.geteuid() != 0,
+            landlock_abi=landlock_abi(),
         )
-        code, out = _run(bwrap_argv(plan, ["/bin/sh", "-c", "hostname; echo $$"], bwrap))
+        code, out = _run(launcher_argv(plan, ["/bin/sh", "-c", "hostname; echo $$"], launcher))
     if code != 0 or out.split() != ["doctor", "2"]:
         return Check("namespaces", False, f"sandbox failed: {out[:200]}")
     kinds = (
@@ -49,7 +52,7 @@ def check_sandbox() -> Check:
         if plan.user_namespace
         else "pid,mount,net,uts,ipc,cgroup"
     )
-    return Check("namespaces", True, f"{kinds} via {bwrap} (workload is pid 2)")
+    return Check("namespaces", True, f"{kinds} via {launcher} (workload is pid 2)")
 
 
 def check_user_namespaces() -> Check:
@@ -99,16 +102,15 @@ def check_seccomp() -> Check:
 
 
 def check_landlock() -> Check:
-    libc = ctypes.CDLL(None, use_errno=True)
-    landlock_create_ruleset = 444  # x86_64 and aarch64 share this number
-    version = libc.syscall(landlock_create_ruleset, None, 0, 1)
-    if version < 0:
-        return Check("landlock", False, f"not available ({os.strerror(ctypes.get_errno())})")
+    from cellos.hosts.cellos.launcher import landlock_abi
+
+    version = landlock_abi()
+    if not version:
+        return Check("landlock", False, "not available (kernel without Landlock or disabled)")
     return Check(
         "landlock",
         True,
-        f"ABI {version}; not applied by this build (bubblewrap has "
-        "no Landlock support; the read-only root confines the filesystem)",
+        f"ABI {version}; applied to every cell (writes only in the workspace, /tmp, /dev)",
     )
 
 

@@ -25,7 +25,7 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
             state_root=env.get("CELLOS_STATE_DIR") or None,
             cgroup_parent=env.get("CELLOS_CGROUP_PARENT") or None,
             rootfs=env.get("CELLOS_ROOTFS") or None,
-            bwrap=env.get("CELLOS_BWRAP") or None,
+            launcher=env.get("CELLOS_LAUNCHER") or None,
             network_pool=env.get("CELLOS_NETWORK_POOL") or None,
         )
     if name == "gvisor":

@@ -4,8 +4,8 @@ Each cell gets new pid, mount, ipc, uts, network and cgroup namespaces (and a us
 when the supervisor is not root), a private root of read-only binds entered with
 ``pivot_root``, a fresh ``/proc``, a minimal ``/dev``, a private ``/tmp`` and a read-write
 workspace at ``run.workingDirectory``; ``no_new_privs``, no capabilities, a seccomp deny
-list; cgroup leaves with ``run.limits`` (v2, v1 or hybrid, detected at run time). The mount
-and namespace work is bubblewrap's (see :mod:`sandbox`).
+list and Landlock; cgroup leaves with ``run.limits`` (v2, v1 or hybrid, detected at run time).
+The mount and namespace work is the ``cellos-sandbox`` launcher's (see :mod:`sandbox`).
 
 Live-cell tracking: no duplicate live id (in this process or any other, through the state
 directory lock), no double destroy, ``peers_tracked_after``. Every resource is recorded in the
@@ -14,8 +14,8 @@ cell's state record before it is created, so ``cellos reap`` can always find it.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
@@ -32,10 +32,11 @@ from cellos.core.spec import CellSpec
 from cellos.hosts.artifacts import open_in_workspace
 from cellos.hosts.cellos import cgroups, reaper, state
 from cellos.hosts.cellos.control import CellControl
-from cellos.hosts.cellos.sandbox import SandboxPlan, bwrap_argv, isolation_features
+from cellos.hosts.cellos.launcher import landlock_abi, launcher_path
+from cellos.hosts.cellos.sandbox import SandboxPlan, isolation_features, launcher_argv
 from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
 from cellos.hosts.live import LiveCells
-from cellos.hosts.process import ENV_PROGRAM, SpawnOptions, spawn_isolated_workload
+from cellos.hosts.process import SpawnOptions, spawn_isolated_workload
 from cellos.network import scope
 from cellos.network.proxies import L7_PORTS, CellProxies
 
@@ -64,7 +65,7 @@ class CellosBackend:
         state_root: str | None = None,
         cgroup_parent: str | None = None,
         rootfs: str | None = None,
-        bwrap: str | None = None,
+        launcher: str | None = None,
         network_pool: str | None = None,
     ) -> None:
         self.state_root = state_root or state.default_state_root()
@@ -83,14 +84,8 @@ class CellosBackend:
         if rootfs is not None and not os.path.isdir(rootfs):
             raise PolicyRefused("CELLOS_ROOTFS", f"{rootfs!r} is not a directory")
         self.rootfs = rootfs
-        found = shutil.which(bwrap or "bwrap")
-        if found is None:
-            raise HostError(
-                "CELLOS_BWRAP",
-                "bubblewrap (bwrap) is not installed; run "
-                "scripts/setup.sh or apt-get install bubblewrap",
-            )
-        self.bwrap = found
+        self.launcher = launcher_path(launcher)
+        self.landlock_abi = landlock_abi()
         self.layout = cgroups.detect()
         self.cgroup_rel = cgroups.parent_relative(cgroup_parent, self.layout)
         # Root runs cells without a user namespace; anyone else needs one to sandbox at all.
@@ -128,6 +123,7 @@ class CellosBackend:
                 working_directory=spec.run.working_directory,
                 rootfs=self.rootfs,
                 user_namespace=self.user_namespace,
+                landlock_abi=self.landlock_abi,
             )
             return _LiveCell(record=record, plan=plan)
 
@@ -144,6 +140,7 @@ class CellosBackend:
                 record.save()  # recorded before it exists, so a reaper always finds it
                 live.cgroup = cell_cgroup
                 cell_cgroup.create(limits)
+                live.plan = replace(live.plan, cgroup_procs=cell_cgroup.procs_files())
         except OSError as exc:
             self._teardown(spec.id, live)
             raise HostError("cgroup", f"cannot create the cell's cgroup: {exc.strerror}") from None
@@ -170,72 +167,60 @@ class CellosBackend:
                     )
                     if value is not None
                 ]
-        isolation.append("landlock:not-applied")
+        if not self.landlock_abi:
+            isolation.append("landlock:unavailable")
         return CellHandle(
             cell_id=spec.id, backend=self.name, isolation=tuple(isolation), resources=resources
         )
 
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = self._live(handle)
-        leaf = live.cgroup
-        if "=" in request.argv[0]:
-            return WorkloadResult(
-                exit_code=None,
-                duration_ms=0,
-                reason="spawn_failed",
-                spawn_error=f"cannot start {request.argv[0]!r}: a program "
-                "name must not contain '='",
-            )
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        # The seccomp program goes through a pipe (far smaller than a pipe's buffer, so the
+        # write never blocks); the launcher reports setup and exec failures through another,
+        # close-on-exec one, which a workload cannot write to or forge.
+        seccomp_read, seccomp_write = os.pipe2(os.O_CLOEXEC)
+        error_read, error_write = os.pipe2(os.O_CLOEXEC)
         try:
-            # The BPF program is small (far below a pipe's buffer), so this never blocks.
-            os.write(write_fd, workload_filter_bpf())
-            os.close(write_fd)
-            write_fd = -1
-            plan = replace(live.plan, seccomp_fd=read_fd)
+            os.write(seccomp_write, workload_filter_bpf())
+            os.close(seccomp_write)
+            seccomp_write = -1
+            plan = replace(live.plan, seccomp_fd=seccomp_read, error_fd=error_write)
 
             def on_spawn(pid: int) -> None:
                 live.pid = pid
-                # For the reaper: a supervisor killed while the sandbox is still starting (before
-                # --die-with-parent is armed) leaves a launcher that only this pid can name.
+                # For the reaper: a supervisor killed while the cell is still starting leaves
+                # a launcher that only this pid can name.
                 live.record.write_pid(pid)
 
-            command = bwrap_argv(plan, request.argv, self.bwrap)
             options = SpawnOptions(
                 cwd="/",
                 log_dir=live.record.cell_dir,
                 on_spawn=on_spawn,
-                command=leaf.joining_command(command) if leaf else command,
-                pass_fds=(read_fd,),
-                control=CellControl(leaf),
+                command=launcher_argv(plan, request.argv, self.launcher),
+                pass_fds=(seccomp_read, error_write),
+                control=CellControl(live.cgroup),
             )
             result = spawn_isolated_workload(request, options)
+            os.close(error_write)
+            error_write = -1
+            setup_error = _read_all(error_read)
         finally:
-            os.close(read_fd)
-            if write_fd >= 0:
-                os.close(write_fd)
-        return self._explain(live, result)
+            for fd in (seccomp_read, seccomp_write, error_read, error_write):
+                if fd >= 0:
+                    os.close(fd)
+        return self._explain(live, result, setup_error)
 
-    def _explain(self, live: _LiveCell, result: WorkloadResult) -> WorkloadResult:
+    def _explain(
+        self, live: _LiveCell, result: WorkloadResult, setup_error: bytes
+    ) -> WorkloadResult:
         """Turn launcher failures into spawn errors and limit kills into reasons."""
-        # bwrap exits 1 when it cannot set the cell up, env(1) 126/127 when it cannot exec,
-        # the cgroup-joining shell 125 when it cannot join.
-        for code, prefix in (
-            (1, b"bwrap: "),
-            (126, ENV_PROGRAM.encode() + b": "),
-            (127, ENV_PROGRAM.encode() + b": "),
-            (cgroups.JOIN_FAILED, b"cellos: "),
-        ):
-            if result.exit_code == code and result.stderr.startswith(prefix):
-                first, _, rest = result.stderr.partition(b"\n")
-                message = first[len(prefix) :].decode(errors="replace")
-                return replace(
-                    result,
-                    exit_code=None,
-                    spawn_error=f"cannot start: {message}",
-                    reason="spawn_failed",
-                    stderr=rest,
-                )
+        if setup_error:
+            return replace(
+                result,
+                exit_code=None,
+                spawn_error="cannot start: " + setup_error.decode(errors="replace").strip(),
+                reason="spawn_failed",
+            )
         if live.cgroup is None:
             return result
         pressure = live.cgroup.pressure()
@@ -329,3 +314,13 @@ class CellosBackend:
         residue += state.release(self.state_root, live.record)
         _LIVE.remove(cell_id)
         return killed, residue
+
+
+def _read_all(fd: int) -> bytes:
+    """What the launcher wrote before it exited (every writer has closed by now)."""
+    chunks = []
+    with contextlib.suppress(BlockingIOError):
+        os.set_blocking(fd, False)
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+    return b"".join(chunks)[:4096]

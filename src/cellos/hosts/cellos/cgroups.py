@@ -16,19 +16,12 @@ import errno
 import os
 import signal
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cellos.core.spec import Limits
 
 CONTROLLERS = ("pids", "memory", "cpu")
-#: Exit status of the joining shell when it cannot enter a leaf.
-JOIN_FAILED = 125
-_JOIN_SCRIPT = (
-    'n=$1; shift; while [ "$n" -gt 0 ]; do '
-    'printf 0 > "$1" || { echo "cellos: cannot join cgroup $1" >&2; exit 125; }; '
-    'shift; n=$((n - 1)); done; exec "$@"'
-)
 DEFAULT_PARENT = "cellos"
 
 
@@ -185,16 +178,10 @@ class CellCgroup:
                 _write(os.path.join(path, "cpu.cfs_period_us"), str(period))
                 _write(os.path.join(path, "cpu.cfs_quota_us"), str(quota))
 
-    def joining_command(self, command: Sequence[str]) -> list[str]:
-        """``command`` prefixed by a shell that moves itself into every leaf, then execs it.
-
-        The process joins before the sandbox launcher runs, so nothing of the cell ever runs
-        outside the leaves. A shell is used rather than a ``preexec_fn`` because the latter
-        forces CPython to fork() the whole supervisor instead of vfork(), which costs several
-        milliseconds per cell.
-        """
-        procs = [os.path.join(path, "cgroup.procs") for path in self.paths]
-        return ["/bin/sh", "-c", _JOIN_SCRIPT, "cellos-join", str(len(procs)), *procs, *command]
+    def procs_files(self) -> tuple[str, ...]:
+        """The leaves' ``cgroup.procs`` files: the launcher writes its pid into each before it
+        creates any namespace, so nothing of the cell ever runs outside the leaves."""
+        return tuple(os.path.join(path, "cgroup.procs") for path in self.paths)
 
     def procs(self) -> list[int]:
         return pids_in(self.leaves["pids"])

@@ -1,14 +1,15 @@
-"""The bubblewrap command line of a cell (a pure function of the plan).
+"""The launcher command line of a cell (a pure function of the plan).
 
-bubblewrap (Debian's ``bubblewrap``) does the namespace and mount work that every sandbox
-needs and that is easy to get subtly wrong by hand: new pid/mount/ipc/uts/net (and, when not
-root, user) namespaces, a tmpfs root built from read-only binds and entered with
-``pivot_root``, a fresh ``/proc``, a minimal ``/dev``, a private ``/tmp``, ``no_new_privs``,
-all capabilities dropped, a seccomp filter, and a minimal pid 1 that reaps orphans while the
-workload runs as pid 2. ``--die-with-parent`` ties the whole cell to the supervisor.
+``cellos-sandbox`` (see ``cellos-sandbox.c`` and :mod:`launcher`) does the namespace and mount
+work in one process: it joins the cell's cgroup leaves, enters new pid/mount/ipc/uts/cgroup/net
+(and, when not root, user) namespaces, builds a root of read-only binds on a tmpfs and enters it
+with ``pivot_root``, mounts a fresh ``/proc`` (kernel knobs covered read-only), a minimal
+``/dev``, a private ``/tmp`` and the workspace, then runs a pid 1 that reaps orphans while the
+workload, pid 2 in its own session, gets ``no_new_privs``, no capabilities, Landlock and the
+seccomp filter, and nothing but stdio open.
 
 The environment is not put on the command line (it would show in ``/proc/<pid>/cmdline``):
-bubblewrap passes its own environment, which is exactly the declared one, to the workload.
+the launcher passes its own environment, which is exactly the declared one, to the workload.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cellos.hosts.host_root import host_binds, host_symlinks
-from cellos.hosts.process import ENV_PROGRAM
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,16 @@ class SandboxPlan:
     #: A root filesystem directory to use instead of host binds.
     rootfs: str | None = None
     user_namespace: bool = False
-    network_namespace: bool = True
-    #: A prepared network namespace to join instead (the cell's egress scope).
+    #: A prepared network namespace to join instead of a new empty one (the egress scope).
     netns_path: str | None = None
     #: Host file bound read-only at /etc/resolv.conf (the cell's DNS proxy).
     resolv_conf: str | None = None
+    #: ``cgroup.procs`` files of the cell's leaves, joined before any namespace exists.
+    cgroup_procs: tuple[str, ...] = ()
+    #: The Landlock ABI the kernel offers (0: none; then no Landlock is applied).
+    landlock_abi: int = 0
     seccomp_fd: int | None = None
+    error_fd: int | None = None
     tmp_size_bytes: int = 64 << 20
 
 
@@ -48,50 +52,40 @@ def _host_root_args() -> list[str]:
     return args
 
 
-NSENTER = "/usr/bin/nsenter"
-
-
-def bwrap_argv(plan: SandboxPlan, argv: Sequence[str], bwrap: str = "bwrap") -> list[str]:
-    # A cell with egress authority runs in its prepared network namespace: nsenter(1) moves
-    # the launcher there first, and bubblewrap then keeps that namespace instead of a new one.
-    args = [NSENTER, f"--net={plan.netns_path}", "--", bwrap] if plan.netns_path else [bwrap]
-    args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-    if plan.network_namespace and not plan.netns_path:
-        args.append("--unshare-net")
+def launcher_argv(plan: SandboxPlan, argv: Sequence[str], launcher: str) -> list[str]:
+    args = [launcher, "--hostname", plan.cell_id]
+    for procs in plan.cgroup_procs:
+        args += ["--cgroup", procs]
+    if plan.netns_path:
+        args += ["--netns", plan.netns_path]
     if plan.user_namespace:
-        args.append("--unshare-user")
-    args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", plan.cell_id]
-    if plan.rootfs:
-        args += ["--ro-bind", plan.rootfs, "/"]
-    else:
-        args += _host_root_args()
+        args.append("--userns")
+    args += ["--rootfs", plan.rootfs] if plan.rootfs else _host_root_args()
     if plan.resolv_conf:
         args += ["--ro-bind", plan.resolv_conf, "/etc/resolv.conf"]
-    args += ["--proc", "/proc", "--dev", "/dev"]
-    args += ["--size", str(plan.tmp_size_bytes), "--perms", "1777", "--tmpfs", "/tmp"]
-    args += ["--bind", plan.workspace, plan.working_directory, "--chdir", plan.working_directory]
+    args += ["--tmp-size", str(plan.tmp_size_bytes)]
+    args += ["--workspace", plan.workspace, plan.working_directory]
+    if plan.landlock_abi:
+        args.append("--landlock")
     if plan.seccomp_fd is not None:
         args += ["--seccomp", str(plan.seccomp_fd)]
-    # bubblewrap always sets PWD; env(1) removes it so the workload's environment is exactly
-    # the declared one. (env would read a first word containing '=' as an assignment, so the
-    # backend refuses such an argv[0] before it gets here.)
-    args += ["--", ENV_PROGRAM, "-u", "PWD", "--", *argv]
-    return args
+    if plan.error_fd is not None:
+        args += ["--error-fd", str(plan.error_fd)]
+    return [*args, "--", *argv]
 
 
 def isolation_features(plan: SandboxPlan) -> list[str]:
     """What the plan applies, for the ``lifecycle.v1.started`` evidence."""
-    features = ["ns:pid", "ns:mount", "ns:ipc", "ns:uts", "ns:cgroup"]
-    if plan.netns_path:
-        features += ["ns:net", "network:egress-allowlist"]
-    elif plan.network_namespace:
-        features += ["ns:net", "network:loopback-only"]
+    features = ["ns:pid", "ns:mount", "ns:ipc", "ns:uts", "ns:cgroup", "ns:net"]
+    features.append("network:egress-allowlist" if plan.netns_path else "network:loopback-only")
     if plan.user_namespace:
         features.append("ns:user")
     features += [
         "pivot_root",
         "rootfs:" + ("directory" if plan.rootfs else "host-ro-binds"),
+        "root:read-only",
         "proc:fresh",
+        "proc:knobs-read-only",
         "dev:minimal",
         "tmp:private",
         "workspace:private",
@@ -101,6 +95,8 @@ def isolation_features(plan: SandboxPlan) -> list[str]:
         "env:declared-only",
         "fds:closed",
     ]
+    if plan.landlock_abi:
+        features.append(f"landlock:abi{plan.landlock_abi}")
     if plan.seccomp_fd is not None:
         features.append("seccomp:deny-list")
     return features

@@ -1,0 +1,127 @@
+"""The sandbox launcher binary (``cellos-sandbox.c``): found, or built once and cached.
+
+The launcher is C because it runs between ``fork`` and the workload's ``exec`` in namespaces
+of its own, where an interpreter cannot run; it is built from the source shipped in this
+package the first time a cell needs it (a C compiler and libc headers, installed by
+``scripts/setup.sh``), into a cache directory only the current user can write, named by the
+digest of the source and the compiler flags, so an upgraded source gets a new binary and a
+stale one is never used. ``CELLOS_LAUNCHER`` names a prebuilt binary instead (hosts without a
+compiler).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from cellos.core.errors import HostError
+
+SOURCE = Path(__file__).with_name("cellos-sandbox.c")
+CFLAGS = ("-O2", "-Wall", "-Wextra")
+_lock = threading.Lock()
+_built: dict[str, str] = {}
+
+
+def default_cache_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/cache/cellos"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cellos")
+
+
+def _private_dir(path: str) -> None:
+    """Create ``path`` (0700) or check that an existing one is ours and not writable by others:
+    a binary that root executes must not be replaceable by anyone else."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.stat(path, follow_symlinks=False)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise HostError(
+            "CELLOS_CACHE_DIR",
+            f"{path} must be a directory owned by uid {os.geteuid()} and not writable by others",
+        )
+
+
+def _trusted_binary(path: str) -> bool:
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (
+        stat.S_ISREG(info.st_mode)
+        and info.st_uid in (0, os.geteuid())
+        and not info.st_mode & 0o022
+        and bool(info.st_mode & 0o100)
+    )
+
+
+def _build(cache_dir: str) -> str:
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + "\0".join(CFLAGS).encode()).hexdigest()[:16]
+    target = os.path.join(cache_dir, f"cellos-sandbox-{digest}")
+    if _trusted_binary(target):
+        return target
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise HostError(
+            "CELLOS_LAUNCHER",
+            "the sandbox launcher must be built once and no C compiler was found; run "
+            "scripts/setup.sh (apt-get install gcc libc6-dev) or set CELLOS_LAUNCHER to a "
+            "prebuilt cellos-sandbox binary",
+        )
+    _private_dir(cache_dir)
+    fd, partial = tempfile.mkstemp(dir=cache_dir, prefix=".build-")
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *CFLAGS, "-o", partial, str(SOURCE)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise HostError(
+                "CELLOS_LAUNCHER",
+                f"building the sandbox launcher failed: {done.stderr.strip()[-2000:]}",
+            )
+        os.chmod(partial, 0o755)  # noqa: S103 - a program, in a directory only we can write
+        os.replace(partial, target)  # atomic: concurrent builders end with one good binary
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def launcher_path(configured: str | None = None, cache_dir: str | None = None) -> str:
+    """The launcher to run: ``configured`` when given (it must be a trusted executable), else
+    the cached build of the shipped source (built now if missing)."""
+    if configured:
+        if not _trusted_binary(configured):
+            raise HostError(
+                "CELLOS_LAUNCHER",
+                f"{configured} is not an executable file owned by root or uid {os.geteuid()} "
+                "and writable only by its owner",
+            )
+        return configured
+    where = cache_dir or default_cache_dir()
+    with _lock:
+        if where not in _built or not os.path.exists(_built[where]):
+            _built[where] = _build(where)
+        return _built[where]
+
+
+@functools.cache
+def landlock_abi() -> int:
+    """The Landlock ABI version this kernel offers (0 when it has none or it is disabled)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION); the syscall number is
+    # the same on x86_64 and aarch64 (unified numbering from 424 on).
+    version: int = libc.syscall(444, None, 0, 1)
+    return max(version, 0)

@@ -1,0 +1,181 @@
+"""The ``cellos-sandbox`` launcher: Landlock, the read-only root and /proc knobs, launcher
+errors that a workload cannot forge, and how the binary is built, cached and trusted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cellos.core.errors import HostError
+from cellos.hosts.cellos import CellosBackend
+from cellos.hosts.cellos import launcher as launcher_mod
+from cellos.hosts.cellos.launcher import landlock_abi, launcher_path
+from tests.conftest import require_host, require_sandbox
+from tests.test_isolation import run_cell, sh
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[CellosBackend]:
+    require_sandbox()
+    mounts_before = Path("/proc/self/mountinfo").read_text().count("\n")
+    yield CellosBackend(state_root=str(tmp_path / "state"))
+    cells = tmp_path / "state" / "cells"
+    assert not cells.exists() or os.listdir(cells) == []
+    assert Path("/proc/self/mountinfo").read_text().count("\n") == mounts_before
+
+
+def test_landlock_refuses_writes_outside_the_workspace_tmp_and_dev(
+    backend: CellosBackend,
+) -> None:
+    require_host(landlock_abi() > 0, "Landlock in the kernel")
+    result = sh(
+        backend,
+        "{ echo x > /proc/self/comm; } 2>&1 || echo comm-refused; "
+        "echo ok > /workspace/w && echo ws-ok; echo ok > /tmp/t && echo tmp-ok; "
+        "echo ok > /dev/null && echo null-ok; echo ok > /dev/shm/s && echo shm-ok",
+    )
+    out = result.stdout.decode()
+    # Without Landlock, a process may write its own comm; with it, /proc is read-only.
+    assert "Permission denied" in out and "comm-refused" in out, out
+    for ok in ("ws-ok", "tmp-ok", "null-ok", "shm-ok"):
+        assert ok in out, out
+    assert result.exit_code == 0
+
+
+def test_the_landlock_abi_is_recorded_in_the_isolation_evidence(tmp_path: Path) -> None:
+    require_sandbox()
+    abi = landlock_abi()
+    require_host(abi > 0, "Landlock in the kernel")
+    from cellos.core.loading import validate_document
+    from tests.conftest import doc
+
+    backend = CellosBackend(state_root=str(tmp_path / "state"))
+    handle = backend.create(validate_document(doc("ll-evidence")).spec)
+    try:
+        assert f"landlock:abi{abi}" in handle.isolation
+        assert "landlock:unavailable" not in handle.isolation
+    finally:
+        backend.destroy(handle)
+
+
+def test_root_and_proc_knobs_are_read_only(backend: CellosBackend) -> None:
+    result = sh(
+        backend,
+        "touch /new-file 2>&1; mkdir /new-dir 2>&1; "
+        "{ echo 1 > /proc/sys/kernel/ns_last_pid; } 2>&1; cat /proc/self/mountinfo",
+    )
+    out = result.stdout.decode()
+    assert out.count("Read-only file system") >= 2, out  # the root tmpfs
+    assert "ns_last_pid" in out  # refused, with a message
+    # mountinfo: id, parent, dev, root, mount point, options, ...
+    options = {
+        fields[4]: fields[5].split(",")
+        for fields in (line.split() for line in out.splitlines())
+        if len(fields) > 5 and fields[4].startswith("/")
+    }
+    # (/proc/sysrq-trigger is covered too where the kernel has one; this one has not.)
+    for point in ("/", "/proc/sys", "/usr"):
+        assert "ro" in options[point], (point, options[point])
+    assert "rw" in options["/workspace"] and "rw" in options["/tmp"]
+
+
+def test_a_workload_cannot_forge_a_launcher_error(backend: CellosBackend) -> None:
+    """Exit 125 with a launcher-looking message is the workload's own result, not a failed
+    start: launcher errors come only through the close-on-exec pipe."""
+    result = sh(backend, "echo 'cellos-sandbox: cannot create namespaces' >&2; exit 125")
+    assert result.exit_code == 125
+    assert result.reason != "spawn_failed" and result.spawn_error is None
+    assert b"cannot create namespaces" in result.stderr
+
+
+def test_a_missing_program_is_a_spawn_failure_naming_it(backend: CellosBackend) -> None:
+    result = run_cell(backend, ["/no/such/program", "x"])
+    assert result.exit_code is None and result.reason == "spawn_failed"
+    assert result.spawn_error == (
+        "cannot start: cannot execute /no/such/program: No such file or directory"
+    )
+
+
+def test_a_launcher_setup_failure_is_a_spawn_failure(tmp_path: Path) -> None:
+    """A working directory the launcher cannot create (under the read-only /proc)."""
+    require_sandbox()
+    from cellos.core.loading import validate_document
+    from cellos.core.ports import WorkloadRequest
+    from tests.conftest import doc
+
+    backend = CellosBackend(state_root=str(tmp_path / "state"))
+    spec = validate_document(doc("ll-setup", run={"workingDirectory": "/proc/sys/x"})).spec
+    handle = backend.create(spec)
+    try:
+        result = backend.run(
+            handle,
+            WorkloadRequest(
+                argv=["/bin/true"],
+                env={},
+                working_directory="/proc/sys/x",
+                deadline_seconds=30,
+                graceful_shutdown_seconds=1,
+            ),
+        )
+    finally:
+        backend.destroy(handle)
+    assert result.reason == "spawn_failed" and result.exit_code is None
+    assert result.spawn_error is not None and "/proc/sys/x" in result.spawn_error
+
+
+# -- the binary ---------------------------------------------------------------------------
+
+
+def _needs_compiler() -> None:
+    require_host(shutil.which("cc") is not None or shutil.which("gcc") is not None, "gcc")
+
+
+def test_the_launcher_is_built_once_per_source_into_a_private_cache(tmp_path: Path) -> None:
+    _needs_compiler()
+    cache = tmp_path / "cache"
+    first = launcher_path(cache_dir=str(cache))
+    assert Path(first).parent == cache and Path(first).name.startswith("cellos-sandbox-")
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    mtime = Path(first).stat().st_mtime_ns
+    launcher_mod._built.clear()
+    assert launcher_path(cache_dir=str(cache)) == first  # found, not rebuilt
+    assert Path(first).stat().st_mtime_ns == mtime
+    assert [p.name for p in cache.iterdir()] == [Path(first).name]  # no partial builds left
+
+
+def test_a_cache_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    _needs_compiler()
+    cache = tmp_path / "shared"
+    cache.mkdir()
+    cache.chmod(0o777)
+    with pytest.raises(HostError) as caught:
+        launcher_path(cache_dir=str(cache))
+    assert "not writable by others" in caught.value.reason
+    assert list(cache.iterdir()) == []
+
+
+def test_a_configured_launcher_must_be_trusted(tmp_path: Path) -> None:
+    require_sandbox()
+    copy = tmp_path / "cellos-sandbox"
+    shutil.copy(launcher_path(), copy)
+    copy.chmod(0o775)  # group-writable: anyone in the group could swap what root runs
+    with pytest.raises(HostError) as caught:
+        launcher_path(str(copy))
+    assert caught.value.path == "CELLOS_LAUNCHER" and str(copy) in caught.value.reason
+    copy.chmod(0o755)
+    assert launcher_path(str(copy)) == str(copy)
+
+
+def test_no_compiler_and_no_binary_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(HostError) as caught:
+        launcher_path(cache_dir=str(tmp_path / "cache"))
+    assert caught.value.path == "CELLOS_LAUNCHER"
+    assert "no C compiler" in caught.value.reason and "scripts/setup.sh" in caught.value.reason
