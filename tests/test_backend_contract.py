@@ -15,7 +15,14 @@ from cellos.core.spec import CellSpec
 from cellos.hosts.cellos import CellosBackend
 from cellos.hosts.process import LOG_CAP_BYTES
 from cellos.hosts.stub import StubBackend
-from tests.conftest import doc, require_host, running_with, stubborn_workload, unique_sleep, require_sandbox
+from tests.conftest import (
+    doc,
+    require_host,
+    require_sandbox,
+    running_with,
+    stubborn_workload,
+    unique_sleep,
+)
 
 BACKENDS = ["stub", "cellos", "gvisor"]
 

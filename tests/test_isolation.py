@@ -4,7 +4,6 @@ seccomp, no capabilities, limits, cell-wide kill, no residue)."""
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +15,9 @@ from cellos.core.loading import validate_document
 from cellos.core.ports import WorkloadRequest, WorkloadResult
 from cellos.hosts.cellos import CellosBackend, cgroups
 from tests.conftest import (
-    require_sandbox,
     doc,
     require_host,
+    require_sandbox,
     run_cli,
     running_with,
     short_types,

@@ -18,12 +18,12 @@ from cellos.core.loading import validate_document
 from cellos.core.ports import WorkloadRequest, WorkloadResult
 from cellos.hosts.cellos import CellosBackend
 from tests.conftest import (
-    require_sandbox,
     CliResult,
     base_env,
     doc,
     read_events,
     require_host,
+    require_sandbox,
     short_types,
     write_doc,
 )

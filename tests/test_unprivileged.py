@@ -22,7 +22,7 @@ from cellos.core.loading import validate_document
 from cellos.core.ports import WorkloadRequest
 from cellos.hosts.cellos import CellosBackend
 from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
-from tests.conftest import doc, require_host, require_sandbox
+from tests.conftest import doc, require_sandbox
 
 NOBODY = 65534
 

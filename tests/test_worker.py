@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +29,14 @@ from cellos.worker.queue import (
     ensure_queue,
     publish_document,
 )
-from tests.conftest import CliResult, base_env, doc, require_host, running_with, write_doc, require_sandbox
+from tests.conftest import (
+    CliResult,
+    base_env,
+    doc,
+    require_sandbox,
+    running_with,
+    write_doc,
+)
 
 EVENTS = "CELLOS_EVENTS"
 STARTED = "dev.cellos.events.cell.lifecycle.v1.started"
