@@ -139,7 +139,8 @@ def test_read_only_binds_cannot_be_written(backend: CellosBackend) -> None:
 def test_hostname_privileges_and_seccomp(backend: CellosBackend) -> None:
     result = sh(
         backend,
-        "hostname; grep -E '^(NoNewPrivs|CapEff|CapPrm|CapInh|CapAmb|Seccomp):' /proc/self/status",
+        "hostname; "
+        "grep -E '^(NoNewPrivs|CapEff|CapPrm|CapInh|CapAmb|CapBnd|Seccomp):' /proc/self/status",
         cell_id="iso-host",
     )
     lines = result.stdout.decode().split("\n")
@@ -152,6 +153,7 @@ def test_hostname_privileges_and_seccomp(backend: CellosBackend) -> None:
         "CapPrm": zero,
         "CapInh": zero,
         "CapAmb": zero,
+        "CapBnd": zero,
         "Seccomp": "2",
     }
 

@@ -104,11 +104,19 @@ class CellosBackend:
                 f"cannot be enforced on this host: {why_not}",
             )
         stale: dict[str, Any] | None = None
+        # Planned (pure) now so that the first state record already names the leaves: a
+        # reaper must always find what exists, and one record write is cheaper than two.
+        planned = (
+            cgroups.CellCgroup.plan(self.layout, self.cgroup_rel, spec.id, controllers)
+            if why_not is None
+            else None
+        )
 
         def track() -> _LiveCell:
             nonlocal stale
+            resources = {"cgroups": planned.paths} if planned is not None else {}
             try:
-                record, stale = state.acquire(self.state_root, spec.id)
+                record, stale = state.acquire(self.state_root, spec.id, resources)
             except state.CellBusy:
                 raise HostError(
                     "spec.id", f"a live cell with id {spec.id!r} already exists (another process)"
@@ -132,15 +140,10 @@ class CellosBackend:
         if stale:
             reaper.reap_resources(stale)
         try:
-            if why_not is None:
-                cell_cgroup = cgroups.CellCgroup.plan(
-                    self.layout, self.cgroup_rel, spec.id, controllers
-                )
-                record.resources["cgroups"] = cell_cgroup.paths
-                record.save()  # recorded before it exists, so a reaper always finds it
-                live.cgroup = cell_cgroup
-                cell_cgroup.create(limits)
-                live.plan = replace(live.plan, cgroup_procs=cell_cgroup.procs_files())
+            if planned is not None:
+                live.cgroup = planned
+                planned.create(limits)
+                live.plan = replace(live.plan, cgroup_procs=planned.procs_files())
         except OSError as exc:
             self._teardown(spec.id, live)
             raise HostError("cgroup", f"cannot create the cell's cgroup: {exc.strerror}") from None

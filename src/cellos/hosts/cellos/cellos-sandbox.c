@@ -421,9 +421,11 @@ static void build_root(void) {
 }
 
 static void drop_capabilities(void) {
+    /* Every capability the kernel knows: EINVAL marks the first one past the last. */
     for (int cap = 0; cap <= 63; cap++) {
-        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
-            die(SETUP_FAILED, "cannot drop capability %d: %s", cap, strerror(errno));
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0) continue;
+        if (errno == EINVAL && cap > 0) break;
+        die(SETUP_FAILED, "cannot drop capability %d: %s", cap, strerror(errno));
     }
     CHECK(prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "ambient caps: %s",
           strerror(errno));

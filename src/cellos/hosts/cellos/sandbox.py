@@ -14,6 +14,7 @@ the launcher passes its own environment, which is exactly the declared one, to t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,14 +43,17 @@ class SandboxPlan:
     tmp_size_bytes: int = 64 << 20
 
 
-def _host_root_args() -> list[str]:
+@functools.cache
+def _host_root_args() -> tuple[str, ...]:
+    """Looked up once per process: which host paths exist (and are symlinks) does not change
+    under a running supervisor, and a dozen stats per cell are measurable."""
     args: list[str] = []
     for path, target in host_symlinks().items():
         # Merged-/usr hosts: /bin -> usr/bin and friends stay symlinks inside the cell.
         args += ["--symlink", target, path]
     for path in host_binds():
         args += ["--ro-bind", path, path]
-    return args
+    return tuple(args)
 
 
 def launcher_argv(plan: SandboxPlan, argv: Sequence[str], launcher: str) -> list[str]:
@@ -60,7 +64,7 @@ def launcher_argv(plan: SandboxPlan, argv: Sequence[str], launcher: str) -> list
         args += ["--netns", plan.netns_path]
     if plan.user_namespace:
         args.append("--userns")
-    args += ["--rootfs", plan.rootfs] if plan.rootfs else _host_root_args()
+    args += ["--rootfs", plan.rootfs] if plan.rootfs else list(_host_root_args())
     if plan.resolv_conf:
         args += ["--ro-bind", plan.resolv_conf, "/etc/resolv.conf"]
     args += ["--tmp-size", str(plan.tmp_size_bytes)]

@@ -70,8 +70,11 @@ def _cells_dir(root: str) -> str:
     return path
 
 
-def acquire(root: str, cell_id: str) -> tuple[CellRecord, dict[str, Any] | None]:
-    """Lock ``cell_id``; return its fresh record and the stale record a crash left, if any."""
+def acquire(
+    root: str, cell_id: str, resources: dict[str, Any] | None = None
+) -> tuple[CellRecord, dict[str, Any] | None]:
+    """Lock ``cell_id``; return its fresh record (saved, naming ``resources`` the caller is
+    about to create) and the stale record a crash left, if any."""
     cells = _cells_dir(root)
     lock_path = os.path.join(cells, f"{cell_id}.lock")
     while True:
@@ -95,7 +98,9 @@ def acquire(root: str, cell_id: str) -> tuple[CellRecord, dict[str, Any] | None]
     if os.path.lexists(cell_dir):
         shutil.rmtree(cell_dir, ignore_errors=True)
     os.mkdir(cell_dir, 0o700)
-    record = CellRecord(cell_id=cell_id, cell_dir=cell_dir, lock_fd=fd)
+    record = CellRecord(
+        cell_id=cell_id, cell_dir=cell_dir, lock_fd=fd, resources=dict(resources or {})
+    )
     record.save()
     os.mkdir(record.workspace, 0o700)
     return record, stale
@@ -120,10 +125,22 @@ def read_record(cell_dir: str) -> dict[str, Any] | None:
 def release(root: str, record: CellRecord) -> list[str]:
     """Remove the cell's directory and lock; return what could not be removed."""
     residue: list[str] = []
-    shutil.rmtree(record.cell_dir, ignore_errors=True)
+    _remove_cell_dir(record.cell_dir)
     if os.path.lexists(record.cell_dir):
         residue.append(record.cell_dir)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(root, "cells", f"{record.cell_id}.lock"))
     os.close(record.lock_fd)
     return residue
+
+
+def _remove_cell_dir(cell_dir: str) -> None:
+    """Remove a cell's directory: the usual few files directly, anything else by rmtree."""
+    with contextlib.suppress(OSError):
+        for name in ("record.json", "pid", "stdout.log", "stderr.log"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(cell_dir, name))
+        os.rmdir(os.path.join(cell_dir, "workspace"))  # fails unless empty: then rmtree
+        os.rmdir(cell_dir)
+        return
+    shutil.rmtree(cell_dir, ignore_errors=True)
