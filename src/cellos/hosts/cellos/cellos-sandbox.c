@@ -220,6 +220,13 @@ static void read_seccomp(void) {
     seccomp_prog.filter = (struct sock_filter *)buf;
 }
 
+/* A path as the user knows it: inside the cell ("/newroot/x" -> "/x") or on the host
+ * ("/oldroot/x" -> "/x"), not the launcher's staging names. */
+static const char *shown(const char *path) {
+    if (!strncmp(path, "/newroot/", 9) || !strncmp(path, "/oldroot/", 9)) return path + 8;
+    return path;
+}
+
 /* mkdir -p for a path inside the new root (all components are created 0755). */
 static void make_dirs(const char *path) {
     char buf[4096];
@@ -229,17 +236,17 @@ static void make_dirs(const char *path) {
         if (*p != '/') continue;
         *p = '\0';
         if (mkdir(buf, 0755) < 0 && errno != EEXIST)
-            die(SETUP_FAILED, "cannot create %s: %s", buf, strerror(errno));
+            die(SETUP_FAILED, "cannot create %s: %s", shown(buf), strerror(errno));
         *p = '/';
     }
     if (mkdir(buf, 0755) < 0 && errno != EEXIST)
-        die(SETUP_FAILED, "cannot create %s: %s", buf, strerror(errno));
+        die(SETUP_FAILED, "cannot create %s: %s", shown(buf), strerror(errno));
 }
 
 /* Create an empty file or directory at dst (inside the new root) to bind src onto. */
 static void make_mount_point(const char *src, const char *dst) {
     struct stat st;
-    if (stat(src, &st) < 0) die(SETUP_FAILED, "cannot bind %s: %s", src, strerror(errno));
+    if (stat(src, &st) < 0) die(SETUP_FAILED, "cannot bind %s: %s", shown(src), strerror(errno));
     if (S_ISDIR(st.st_mode)) {
         make_dirs(dst);
         return;
@@ -253,13 +260,13 @@ static void make_mount_point(const char *src, const char *dst) {
     }
     int fd = open(dst, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
     if (fd < 0 && errno != EEXIST && errno != EACCES && errno != EROFS)
-        die(SETUP_FAILED, "cannot create %s: %s", dst, strerror(errno));
+        die(SETUP_FAILED, "cannot create %s: %s", shown(dst), strerror(errno));
     if (fd >= 0) close(fd);
 }
 
 static void bind(const char *src, const char *dst) {
     make_mount_point(src, dst);
-    CHECK(mount(src, dst, NULL, MS_BIND | MS_REC, NULL), "cannot bind %s: %s", src,
+    CHECK(mount(src, dst, NULL, MS_BIND | MS_REC, NULL), "cannot bind %s: %s", shown(src),
           strerror(errno));
 }
 
@@ -269,10 +276,10 @@ static void make_read_only(const char *path, int recursive) {
     if (syscall(SYS_mount_setattr, AT_FDCWD, path, recursive ? AT_RECURSIVE_FLAG : 0, &attr,
                 sizeof attr) == 0)
         return;
-    if (errno != ENOSYS) die(SETUP_FAILED, "cannot make %s read-only: %s", path, strerror(errno));
+    if (errno != ENOSYS) die(SETUP_FAILED, "cannot make %s read-only: %s", shown(path), strerror(errno));
     /* Kernels before 5.12: remount the top mount only. */
     CHECK(mount(NULL, path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL),
-          "cannot make %s read-only: %s", path, strerror(errno));
+          "cannot make %s read-only: %s", shown(path), strerror(errno));
 }
 
 static void join_cgroups(void) {
