@@ -84,6 +84,19 @@ def test_root_and_proc_knobs_are_read_only(backend: CellosBackend) -> None:
     assert "rw" in options["/workspace"] and "rw" in options["/tmp"]
 
 
+def test_the_cells_pid_1_is_out_of_the_workloads_reach(backend: CellosBackend) -> None:
+    """pid 1 runs outside the workload's seccomp and Landlock domain: it must hold no
+    capabilities and its memory and environment must not be open to the workload."""
+    result = sh(
+        backend,
+        "grep -E '^(CapEff|CapBnd):' /proc/1/status; "
+        "{ head -c 1 /proc/1/environ; } 2>&1; { head -c 1 /proc/1/mem; } 2>&1",
+    )
+    out = result.stdout.decode()
+    assert "CapEff:\t0000000000000000" in out and "CapBnd:\t0000000000000000" in out, out
+    assert out.count("Permission denied") == 2, out
+
+
 def test_a_workload_cannot_forge_a_launcher_error(backend: CellosBackend) -> None:
     """Exit 125 with a launcher-looking message is the workload's own result, not a failed
     start: launcher errors come only through the close-on-exec pipe."""
@@ -180,3 +193,37 @@ def test_no_compiler_and_no_binary_is_a_clear_error(
         launcher_path(cache_dir=str(tmp_path / "cache"))
     assert caught.value.path == "CELLOS_LAUNCHER"
     assert "no C compiler" in caught.value.reason and "scripts/setup.sh" in caught.value.reason
+
+
+def test_a_rootfs_directory_is_the_cells_read_only_root(tmp_path: Path) -> None:
+    """``CELLOS_ROOTFS``: a directory (here: dash and the libraries it links) bound read-only
+    at ``/`` instead of the host binds; the launcher adds /proc, /dev, /tmp and the
+    workspace, and nothing of the host's tree is visible."""
+    require_sandbox()
+    root = tmp_path / "rootfs"
+    for host_file in (
+        "/usr/bin/dash",
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/ld-linux-x86-64.so.2",
+    ):
+        require_host(os.path.exists(host_file), host_file)
+        target = root / host_file.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(host_file, target)
+    (root / "bin").symlink_to("usr/bin")
+    backend = CellosBackend(state_root=str(tmp_path / "state"), rootfs=str(root))
+    result = run_cell(
+        backend,
+        [
+            "/bin/dash",
+            "-c",
+            "cd /; echo *; { echo x > /usr/x; } 2>&1; echo w > /workspace/w && echo ws-ok; "
+            "read -r line < /proc/self/status && echo $line",
+        ],
+    )
+    out = result.stdout.decode().splitlines()
+    assert result.exit_code == 0, result
+    assert out[0].split() == ["bin", "dev", "lib", "lib64", "proc", "tmp", "usr", "workspace"]
+    assert "Read-only file system" in out[1]
+    assert out[2:] == ["ws-ok", "Name: dash"]
+    assert not (root / "usr" / "x").exists()

@@ -28,7 +28,7 @@ from typing import BinaryIO, Protocol
 from cellos.core.ports import WorkloadRequest, WorkloadResult
 from cellos.hosts.procfs import iter_procs
 
-#: env(1) inside a cell: removes variables a launcher adds (bubblewrap's PWD, runsc's HOME),
+#: env(1) inside a gVisor cell: removes the variable runsc adds (HOME),
 #: so that the workload's environment is exactly the declared one.
 ENV_PROGRAM = "/usr/bin/env"
 #: Bytes of each stream written to the log file; the rest is counted and dropped.

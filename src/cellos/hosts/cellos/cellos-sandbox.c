@@ -328,8 +328,7 @@ static void make_dev(void) {
     static const char *links[][2] = {{"/proc/self/fd", "fd"},     {"/proc/self/fd/0", "stdin"},
                                      {"/proc/self/fd/1", "stdout"}, {"/proc/self/fd/2", "stderr"},
                                      {"pts/ptmx", "ptmx"}};
-    CHECK(mkdir("/newroot/dev", 0755) < 0 && errno != EEXIST ? -1 : 0, "cannot create /dev: %s",
-          strerror(errno));
+    make_dirs("/newroot/dev");
     CHECK(mount("tmpfs", "/newroot/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755"),
           "cannot mount /dev: %s", strerror(errno));
     for (size_t i = 0; i < sizeof nodes / sizeof *nodes; i++) {
@@ -384,6 +383,19 @@ static void build_root(void) {
         path_in(src, sizeof src, "/oldroot", opt.rootfs);
         CHECK(mount(src, "/newroot", NULL, MS_BIND | MS_REC, NULL), "cannot bind rootfs %s: %s",
               opt.rootfs, strerror(errno));
+        /* The mount points the cell needs, then the whole tree read-only at once (sub-mounts
+         * included); a rootfs that lacks one and cannot take it is refused here. */
+        make_dirs("/newroot/proc");
+        make_dirs("/newroot/dev");
+        make_dirs("/newroot/tmp");
+        path_in(dst, sizeof dst, "/newroot", opt.workspace.b);
+        make_dirs(dst);
+        for (int i = 0; i < opt.n_ro_binds; i++) {
+            path_in(src, sizeof src, "/oldroot", opt.ro_binds[i].a);
+            path_in(dst, sizeof dst, "/newroot", opt.ro_binds[i].b);
+            make_mount_point(src, dst);
+        }
+        make_read_only("/newroot", 1);
     } else {
         CHECK(mount("tmpfs", "/newroot", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
               "cannot mount the root tmpfs: %s", strerror(errno));
@@ -512,9 +524,15 @@ static int exit_status(int status) {
     return SETUP_FAILED;
 }
 
-/* pid 1: reap everything; leave with the workload's status when it ends. */
+/* pid 1: reap everything; leave with the workload's status when it ends. It runs outside the
+ * workload's seccomp and Landlock domain, so it keeps nothing worth taking: no capabilities,
+ * and not dumpable, so that the workload (same uid) cannot open /proc/1/mem or /proc/1/environ
+ * or attach to it. */
 static void __attribute__((noreturn)) reap_until(pid_t workload) {
     if (opt.error_fd >= 0) close(opt.error_fd);
+    CHECK(prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable: %s", strerror(errno));
+    CHECK(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs: %s", strerror(errno));
+    drop_capabilities();
     for (;;) {
         int status;
         pid_t pid = wait(&status);

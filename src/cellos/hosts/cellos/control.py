@@ -1,6 +1,6 @@
 """Signalling and enumerating every process of a sandboxed cell.
 
-The process the supervisor starts is bubblewrap's outer process; inside, bubblewrap's pid 1
+The process the supervisor starts is the launcher's outer process; inside, the launcher's pid 1
 reaps orphans and the workload runs as pid 2 in its own session. So:
 
 * graceful stop: SIGTERM to every process of the cell's pid namespace except its pid 1
