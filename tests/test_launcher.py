@@ -227,3 +227,18 @@ def test_a_rootfs_directory_is_the_cells_read_only_root(tmp_path: Path) -> None:
     assert "Read-only file system" in out[1]
     assert out[2:] == ["ws-ok", "Name: dash"]
     assert not (root / "usr" / "x").exists()
+
+
+def test_a_changed_source_gets_a_new_binary_and_the_old_one_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _needs_compiler()
+    cache = tmp_path / "cache"
+    old = launcher_path(cache_dir=str(cache))
+    changed = tmp_path / "cellos-sandbox.c"
+    changed.write_text(launcher_mod.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(launcher_mod, "SOURCE", changed)
+    launcher_mod._built.clear()
+    new = launcher_path(cache_dir=str(cache))
+    assert new != old
+    assert [p.name for p in cache.iterdir()] == [Path(new).name]

@@ -14,6 +14,8 @@ from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cellos.core import events as ev
 from cellos.core.canonical import canonical_bytes, event_digest, sha256_hex, strict_loads
@@ -504,3 +506,63 @@ def test_keygen_does_not_follow_symlinks(tmp_path: Path) -> None:
     with pytest.raises(InvalidSpec):
         write_keypair(str(tmp_path), "k4")
     assert not target.exists()
+
+
+# The fast path (json.dumps for plain values) must give exactly the rfc8785 library's bytes,
+# and refuse exactly what it refuses.
+_json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(alphabet=st.characters(), max_size=12)
+)
+_json_values = st.recursive(
+    _json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(alphabet=st.characters(), max_size=6), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_json_values)
+def test_canonical_bytes_match_the_reference_jcs_implementation(value: object) -> None:
+    import rfc8785
+
+    try:
+        expected: bytes | type[BaseException] = rfc8785.dumps(value)
+    except ValueError:
+        expected = ValueError
+    try:
+        got: bytes | type[BaseException] = canonical_bytes(value)
+    except ValueError:
+        got = ValueError
+    assert got == expected, value
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=5), _json_values, max_size=5))
+def test_copy_and_digest_is_a_deep_copy_and_the_jcs_digest(value: dict[str, object]) -> None:
+    import copy
+
+    import rfc8785
+
+    from cellos.core.canonical import copy_and_digest
+
+    before = copy.deepcopy(value)
+    try:
+        reference = sha256_hex(rfc8785.dumps(value))
+    except ValueError:
+        with pytest.raises(ValueError):
+            copy_and_digest(value)
+        return
+    copied, digest = copy_and_digest(value)
+    assert digest == reference and copied == value
+    value["mutated"] = [1]
+    for item in value.values():
+        if isinstance(item, (list, dict)):
+            item.clear()
+    assert copied == before  # nothing of the copy is shared with the original

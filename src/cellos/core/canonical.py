@@ -8,22 +8,91 @@ arrives at the same bytes and therefore the same digest.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
 
 import rfc8785
 
+#: I-JSON's exact integer range: JCS refuses integers beyond it.
+_MAX_SAFE_INT = 2**53 - 1
+
+
+class _NotPlain(Exception):
+    """The value needs the full JCS serializer (floats, non-ASCII keys, odd types)."""
+
+
+def _plain_copy(obj: Any) -> Any:
+    """A deep copy of a *plain* JSON value, or ``_NotPlain``.
+
+    Plain: dicts with ASCII string keys, lists, strings, booleans, ``None`` and integers in the
+    I-JSON range. For those, ``json.dumps(sort_keys=True, ensure_ascii=False, compact)`` writes
+    exactly the RFC 8785 bytes: the same escapes (``\\b \\f \\n \\r \\t``, other control
+    characters as lower-case ``\\u00xx``), and ASCII keys sort the same by code point as by
+    UTF-16 unit. Floats (JCS number formatting) and non-ASCII keys (UTF-16 order) are left to
+    the ``rfc8785`` library. The equivalence is property-tested against it.
+    """
+    kind = type(obj)
+    if kind is str or kind is bool or obj is None:
+        return obj
+    if kind is int:
+        if -_MAX_SAFE_INT <= obj <= _MAX_SAFE_INT:
+            return obj
+        raise _NotPlain
+    if kind is dict:
+        out = {}
+        for key, value in obj.items():
+            if type(key) is not str or not key.isascii():
+                raise _NotPlain
+            out[key] = _plain_copy(value)
+        return out
+    if kind is list:
+        return [_plain_copy(value) for value in obj]
+    raise _NotPlain
+
+
+def _plain_bytes(plain: Any) -> bytes:
+    text = json.dumps(
+        plain, ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
+    )
+    return text.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError (a ValueError)
+
 
 def canonical_bytes(obj: Any) -> bytes:
     """RFC 8785 canonical UTF-8 bytes of a JSON value.
 
-    Raises ``rfc8785.CanonicalizationError`` (a ``ValueError``) for values JCS cannot represent:
-    integers beyond the I-JSON safe range (±2**53-1), NaN/Infinity, non-string keys, or
-    non-JSON types. Failing is deliberate: a value two parsers could read differently must not
-    be signed.
+    Raises ``ValueError`` (``rfc8785.CanonicalizationError`` or ``UnicodeEncodeError``) for
+    values JCS cannot represent: integers beyond the I-JSON safe range (±2**53-1),
+    NaN/Infinity, non-string keys, lone surrogates or non-JSON types. Failing is deliberate: a
+    value two parsers could read differently must not be signed.
     """
-    return rfc8785.dumps(obj)
+    try:
+        plain = _plain_copy(obj)
+    except _NotPlain:
+        return rfc8785.dumps(obj)
+    except RecursionError:
+        raise ValueError("value nested too deeply to canonicalise") from None
+    return _plain_bytes(plain)
+
+
+def copy_and_canonical(obj: Any) -> tuple[Any, bytes]:
+    """A deep copy of ``obj`` (a JSON value) and its canonical bytes, in one walk when the
+    value is plain (the hot path: every event of every cell is chained, many are signed)."""
+    try:
+        plain = _plain_copy(obj)
+    except _NotPlain:
+        copied = copy.deepcopy(obj)
+        return copied, rfc8785.dumps(copied)
+    except RecursionError:
+        raise ValueError("value nested too deeply to canonicalise") from None
+    return plain, _plain_bytes(plain)
+
+
+def copy_and_digest(obj: Any) -> tuple[Any, str]:
+    """A deep copy of ``obj`` and the SHA-256 of its canonical bytes (see above)."""
+    copied, data = copy_and_canonical(obj)
+    return copied, sha256_hex(data)
 
 
 def sha256_hex(data: bytes) -> str:

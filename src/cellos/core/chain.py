@@ -13,12 +13,11 @@ particular): the digest covers the event exactly as a verifier will read it back
 
 from __future__ import annotations
 
-import copy
 import threading
 import uuid
 from typing import Any, Final
 
-from cellos.core.canonical import event_digest
+from cellos.core.canonical import copy_and_digest
 
 #: ``cellosprev`` of the first event of a run.
 GENESIS: Final = "0" * 64
@@ -56,11 +55,10 @@ class RunChain:
         advance, so the sequence stays dense.
         """
         with self._lock:
-            stamped = copy.deepcopy(event)
-            stamped[RUN_ID_ATTR] = self._run_id
-            stamped[SEQ_ATTR] = self._next_seq
-            stamped[PREV_ATTR] = self._prev
-            digest = event_digest(stamped)  # may raise; state is untouched until it succeeds
+            attrs = {RUN_ID_ATTR: self._run_id, SEQ_ATTR: self._next_seq, PREV_ATTR: self._prev}
+            # may raise; state is untouched until it succeeds
+            stamped: dict[str, Any]
+            stamped, digest = copy_and_digest({**event, **attrs})
             self._next_seq += 1
             self._prev = digest
             return stamped

@@ -21,7 +21,6 @@ parsed document to ``VerifyKeys.from_document``.
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import hmac
 import re
@@ -33,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from cellos.core.canonical import canonical_bytes
+from cellos.core.canonical import canonical_bytes, copy_and_canonical
 from cellos.core.errors import CellosError, InvalidSpec, PolicyRefused
 from cellos.core.events import SIGNED_ENVELOPE
 
@@ -230,8 +229,8 @@ def wrap_signed(event: dict[str, Any], signer: Signer) -> dict[str, Any]:
     for attr in (*_REQUIRED_BOUND, "type"):
         if not isinstance(event.get(attr), str) or not event[attr]:
             raise ValueError(f"event lacks the CloudEvents attribute {attr!r}")
-    inner = copy.deepcopy(event)
-    signature = signer.sign(canonical_bytes(inner))
+    inner, data = copy_and_canonical(event)
+    signature = signer.sign(data)
     envelope: dict[str, Any] = {attr: inner[attr] for attr in BOUND_ATTRIBUTES if attr in inner}
     envelope["type"] = SIGNED_ENVELOPE
     envelope["datacontenttype"] = "application/json"

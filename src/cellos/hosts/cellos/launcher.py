@@ -11,6 +11,7 @@ compiler).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -93,10 +94,21 @@ def _build(cache_dir: str) -> str:
             )
         os.chmod(partial, 0o755)  # noqa: S103 - a program, in a directory only we can write
         os.replace(partial, target)  # atomic: concurrent builders end with one good binary
+        _remove_older_builds(cache_dir, keep=target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
     return target
+
+
+def _remove_older_builds(cache_dir: str, keep: str) -> None:
+    """Builds of earlier sources are dead weight (a supervisor still running one rebuilds its
+    own when it finds its binary gone, and running cells keep theirs open)."""
+    for name in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, name)
+        if name.startswith("cellos-sandbox-") and path != keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def launcher_path(configured: str | None = None, cache_dir: str | None = None) -> str:
