@@ -171,6 +171,14 @@ def test_a_cache_directory_others_can_write_is_refused(tmp_path: Path) -> None:
         launcher_path(cache_dir=str(cache))
     assert "not writable by others" in caught.value.reason
     assert list(cache.iterdir()) == []
+    # Also when a good build is already there: anyone could swap it before the next exec.
+    private = tmp_path / "private"
+    built = launcher_path(cache_dir=str(private))
+    private.chmod(0o777)
+    launcher_mod._built.clear()
+    with pytest.raises(HostError):
+        launcher_path(cache_dir=str(private))
+    assert Path(built).exists()
 
 
 def test_a_configured_launcher_must_be_trusted(tmp_path: Path) -> None:

@@ -67,6 +67,9 @@ def _build(cache_dir: str) -> str:
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + "\0".join(CFLAGS).encode()).hexdigest()[:16]
     target = os.path.join(cache_dir, f"cellos-sandbox-{digest}")
+    # The directory is checked even when the binary is there: in a directory others can
+    # write, the file could be swapped between this check and every later exec.
+    _private_dir(cache_dir)
     if _trusted_binary(target):
         return target
     compiler = shutil.which("cc") or shutil.which("gcc")
@@ -77,7 +80,6 @@ def _build(cache_dir: str) -> str:
             "scripts/setup.sh (apt-get install gcc libc6-dev) or set CELLOS_LAUNCHER to a "
             "prebuilt cellos-sandbox binary",
         )
-    _private_dir(cache_dir)
     fd, partial = tempfile.mkstemp(dir=cache_dir, prefix=".build-")
     os.close(fd)
     try:
