@@ -175,6 +175,21 @@ def _cellos_cgroup_leaves() -> set[str]:
     return leaves
 
 
+@pytest.fixture
+def cellos_backend(tmp_path: Path) -> Iterator[Any]:
+    """A ``cellos`` backend with its own state root; afterwards no state, no cgroup leaf, no
+    new mount may be left (the launcher must be buildable here)."""
+    from cellos.hosts.cellos import CellosBackend
+
+    require_sandbox()
+    mounts_before = Path("/proc/self/mountinfo").read_text().count("\n")
+    yield CellosBackend(state_root=str(tmp_path / "state"))
+    cells = tmp_path / "state" / "cells"
+    assert not cells.exists() or os.listdir(cells) == []
+    assert Path("/proc/self/mountinfo").read_text().count("\n") == mounts_before
+    assert _cellos_cgroup_leaves() == set()
+
+
 @pytest.fixture(autouse=True)
 def _no_residue() -> Iterator[None]:
     """After every test: no tracked cell, no cgroup leaf, no new mount left behind."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,24 +35,8 @@ def _limits_ready(*controllers: str) -> None:
 
 
 @pytest.fixture
-def backend(tmp_path: Path) -> Iterator[CellosBackend]:
-    _host_ready()
-    mounts_before = Path("/proc/self/mountinfo").read_text().count("\n")
-    yield CellosBackend(state_root=str(tmp_path / "state"))
-    # Residue check: no state, no cgroup leaf, no new mount, no process of any cell.
-    cells = tmp_path / "state" / "cells"
-    assert not cells.exists() or os.listdir(cells) == []
-    assert Path("/proc/self/mountinfo").read_text().count("\n") == mounts_before
-    assert _cellos_leaves() == []
-
-
-def _cellos_leaves() -> list[str]:
-    leaves = []
-    for hierarchy in {h.mount for h in cgroups.detect().by_controller.values()}:
-        base = Path(hierarchy) / cgroups.DEFAULT_PARENT
-        if base.is_dir():
-            leaves += [str(p) for p in base.iterdir() if p.is_dir()]
-    return leaves
+def backend(cellos_backend: CellosBackend) -> CellosBackend:
+    return cellos_backend
 
 
 def run_cell(

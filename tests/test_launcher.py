@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,22 +18,12 @@ from tests.conftest import require_host, require_sandbox
 from tests.test_isolation import run_cell, sh
 
 
-@pytest.fixture
-def backend(tmp_path: Path) -> Iterator[CellosBackend]:
-    require_sandbox()
-    mounts_before = Path("/proc/self/mountinfo").read_text().count("\n")
-    yield CellosBackend(state_root=str(tmp_path / "state"))
-    cells = tmp_path / "state" / "cells"
-    assert not cells.exists() or os.listdir(cells) == []
-    assert Path("/proc/self/mountinfo").read_text().count("\n") == mounts_before
-
-
 def test_landlock_refuses_writes_outside_the_workspace_tmp_and_dev(
-    backend: CellosBackend,
+    cellos_backend: CellosBackend,
 ) -> None:
     require_host(landlock_abi() > 0, "Landlock in the kernel")
     result = sh(
-        backend,
+        cellos_backend,
         "{ echo x > /proc/self/comm; } 2>&1 || echo comm-refused; "
         "echo ok > /workspace/w && echo ws-ok; echo ok > /tmp/t && echo tmp-ok; "
         "echo ok > /dev/null && echo null-ok; echo ok > /dev/shm/s && echo shm-ok",
@@ -63,9 +52,9 @@ def test_the_landlock_abi_is_recorded_in_the_isolation_evidence(tmp_path: Path) 
         backend.destroy(handle)
 
 
-def test_root_and_proc_knobs_are_read_only(backend: CellosBackend) -> None:
+def test_root_and_proc_knobs_are_read_only(cellos_backend: CellosBackend) -> None:
     result = sh(
-        backend,
+        cellos_backend,
         "touch /new-file 2>&1; mkdir /new-dir 2>&1; "
         "{ echo 1 > /proc/sys/kernel/ns_last_pid; } 2>&1; cat /proc/self/mountinfo",
     )
@@ -84,11 +73,11 @@ def test_root_and_proc_knobs_are_read_only(backend: CellosBackend) -> None:
     assert "rw" in options["/workspace"] and "rw" in options["/tmp"]
 
 
-def test_the_cells_pid_1_is_out_of_the_workloads_reach(backend: CellosBackend) -> None:
+def test_the_cells_pid_1_is_out_of_the_workloads_reach(cellos_backend: CellosBackend) -> None:
     """pid 1 runs outside the workload's seccomp and Landlock domain: it must hold no
     capabilities and its memory and environment must not be open to the workload."""
     result = sh(
-        backend,
+        cellos_backend,
         "grep -E '^(CapEff|CapBnd):' /proc/1/status; "
         "{ head -c 1 /proc/1/environ; } 2>&1; { head -c 1 /proc/1/mem; } 2>&1",
     )
@@ -97,17 +86,17 @@ def test_the_cells_pid_1_is_out_of_the_workloads_reach(backend: CellosBackend) -
     assert out.count("Permission denied") == 2, out
 
 
-def test_a_workload_cannot_forge_a_launcher_error(backend: CellosBackend) -> None:
+def test_a_workload_cannot_forge_a_launcher_error(cellos_backend: CellosBackend) -> None:
     """Exit 125 with a launcher-looking message is the workload's own result, not a failed
     start: launcher errors come only through the close-on-exec pipe."""
-    result = sh(backend, "echo 'cellos-sandbox: cannot create namespaces' >&2; exit 125")
+    result = sh(cellos_backend, "echo 'cellos-sandbox: cannot create namespaces' >&2; exit 125")
     assert result.exit_code == 125
     assert result.reason != "spawn_failed" and result.spawn_error is None
     assert b"cannot create namespaces" in result.stderr
 
 
-def test_a_missing_program_is_a_spawn_failure_naming_it(backend: CellosBackend) -> None:
-    result = run_cell(backend, ["/no/such/program", "x"])
+def test_a_missing_program_is_a_spawn_failure_naming_it(cellos_backend: CellosBackend) -> None:
+    result = run_cell(cellos_backend, ["/no/such/program", "x"])
     assert result.exit_code is None and result.reason == "spawn_failed"
     assert result.spawn_error == (
         "cannot start: cannot execute /no/such/program: No such file or directory"
