@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, replace
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cellos.core.errors import CellosError, HostError, PolicyRefused
 from cellos.core.events import NETWORK_FLOW_DECISION
@@ -38,7 +38,9 @@ from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
 from cellos.hosts.live import LiveCells
 from cellos.hosts.process import SpawnOptions, spawn_isolated_workload
 from cellos.network import scope
-from cellos.network.proxies import L7_PORTS, CellProxies
+
+if TYPE_CHECKING:
+    from cellos.network.proxies import CellProxies
 
 
 @dataclass
@@ -267,6 +269,10 @@ class CellosBackend:
                 "spec.authority.egressRules",
                 "network authority needs root on this host (netns, veth, nft)",
             )
+        # Imported here: the proxies pull in asyncio and dnslib (~25 ms), which a cell without
+        # egress authority, and every one-shot CLI run of one, never needs.
+        from cellos.network.proxies import L7_PORTS, CellProxies
+
         dns = spec.authority.dns_authority
         rules = scope.resolve_rules(list(spec.authority.egress_rules), pin_by_dns=dns is not None)
         net = scope.plan(spec.id, rules, self.state_root, self.network_pool)
