@@ -260,7 +260,12 @@ def test_kill_9_of_the_supervisor_is_cleaned_by_reap(tmp_path: Path) -> None:
     env = base_env(tmp_path, CELL_OS_JSONL_EVENTS=str(events), CELLOS_CGROUP_PARENT=parent)
     spec = write_doc(
         tmp_path / "c.yaml",
-        doc("doomed-1", argv=["/bin/sleep", marker], run={"limits": {"pidsMax": 50}}),
+        doc(
+            "doomed-1",
+            argv=["/bin/sleep", marker],
+            run={"limits": {"pidsMax": 50}},
+            correlation={"tenantId": "acme", "externalRunId": "r-7"},
+        ),
     )
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "cellos.supervisor.cli", str(spec)],
@@ -286,7 +291,7 @@ def test_kill_9_of_the_supervisor_is_cleaned_by_reap(tmp_path: Path) -> None:
         record = json.loads((tmp_path / "state" / "cells" / "doomed-1" / "record.json").read_text())
         leaves = record["cgroups"]
         assert leaves and all(Path(p).is_dir() for p in leaves)
-        # --die-with-parent takes the workload down with its supervisor ...
+        # The launcher's PDEATHSIG takes the workload down with its supervisor ...
         deadline = time.monotonic() + 5
         while running_with(marker) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -300,6 +305,11 @@ def test_kill_9_of_the_supervisor_is_cleaned_by_reap(tmp_path: Path) -> None:
         reaped = [e for e in read_events(events) if e["data"].get("reason") == "reaped"]
         assert short_types(reaped) == ["lifecycle.v1.destroyed", "compliance.v1.summary"]
         assert reaped[0]["data"]["cellId"] == "doomed-1"
+        # The reap events belong to the dead cell's tenant and run, like its own events did.
+        own = next(e for e in read_events(events) if e["type"].endswith("lifecycle.v1.started"))
+        assert own["data"]["correlation"]["tenantId"] == "acme"
+        for event in reaped:
+            assert event["data"]["correlation"] == own["data"]["correlation"]
         again = run_cli("cellos.cli", ["reap"], env)
         assert again.stdout == "nothing to reap\n"
     finally:

@@ -59,6 +59,9 @@ class ReapedCell:
     cell_id: str
     removed: tuple[str, ...]
     residue: tuple[str, ...]
+    #: The dead cell's ``spec.correlation`` (tenant, run ids), when its state recorded it, so
+    #: that the reap events reach the same tenant and run as the cell's own events.
+    correlation: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -113,12 +113,14 @@ class Supervisor:
                 redactor=Redactor(),
                 signer=self.signer,
             )
-            common = {
+            common: dict[str, Any] = {
                 "cellId": cell.cell_id,
                 "outcome": "failed",
                 "terminalState": "forced",
                 "reason": "reaped",
             }
+            if cell.correlation:
+                common["correlation"] = dict(cell.correlation)
             emitter.emit(
                 ev.LIFECYCLE_DESTROYED,
                 {

@@ -116,7 +116,12 @@ class CellosBackend:
 
         def track() -> _LiveCell:
             nonlocal stale
-            resources = {"cgroups": planned.paths} if planned is not None else {}
+            resources: dict[str, Any] = {"cgroups": planned.paths} if planned else {}
+            if spec.correlation is not None:
+                # For the reaper's events, should this supervisor die with the cell.
+                resources["correlation"] = spec.correlation.model_dump(
+                    mode="json", by_alias=True, exclude_none=True
+                )
             try:
                 record, stale = state.acquire(self.state_root, spec.id, resources)
             except state.CellBusy:

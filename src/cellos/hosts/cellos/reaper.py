@@ -36,7 +36,7 @@ def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:
     pid = record.get("pid")
     cell_id = record.get("cellId")
     if isinstance(pid, int) and pid > 1 and isinstance(cell_id, str) and _is_launcher(pid, cell_id):
-        # Normally --die-with-parent took the cell down with its supervisor already.
+        # Normally the cell died with its supervisor already (the launcher's PDEATHSIG).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     network = record.get("network")
@@ -70,13 +70,20 @@ def _reap_one(cells: str, cell_id: str) -> ReapedCell | None:
             os.close(fd)
             return None  # a live supervisor owns it
     try:
-        removed, residue = reap_resources(read_record(cell_dir) or {})
+        record = read_record(cell_dir) or {}
+        removed, residue = reap_resources(record)
         if os.path.lexists(cell_dir):
             shutil.rmtree(cell_dir, ignore_errors=True)
             (residue if os.path.lexists(cell_dir) else removed).append(f"dir:{cell_dir}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock_path)
-        return ReapedCell(cell_id, tuple(removed), tuple(residue))
+        correlation = record.get("correlation")
+        return ReapedCell(
+            cell_id,
+            tuple(removed),
+            tuple(residue),
+            correlation=correlation if isinstance(correlation, dict) else None,
+        )
     finally:
         if fd >= 0:
             os.close(fd)
