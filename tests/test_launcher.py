@@ -103,23 +103,42 @@ def test_a_missing_program_is_a_spawn_failure_naming_it(cellos_backend: CellosBa
     )
 
 
+def _dash_rootfs(root: Path, *dirs: str) -> Path:
+    """A minimal root filesystem: dash, the libraries it links, and the given directories."""
+    for host_file in (
+        "/usr/bin/dash",
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/ld-linux-x86-64.so.2",
+    ):
+        require_host(os.path.exists(host_file), host_file)
+        target = root / host_file.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(host_file, target)
+    (root / "bin").symlink_to("usr/bin")
+    for name in dirs:
+        (root / name).mkdir()
+    return root
+
+
 def test_a_launcher_setup_failure_is_a_spawn_failure(tmp_path: Path) -> None:
-    """A working directory the launcher cannot create (under the read-only /proc)."""
+    """A rootfs without the working directory: the launcher refuses to create it (it never
+    writes into the operator's rootfs) and says so; nothing runs."""
     require_sandbox()
     from cellos.core.loading import validate_document
     from cellos.core.ports import WorkloadRequest
     from tests.conftest import doc
 
-    backend = CellosBackend(state_root=str(tmp_path / "state"))
-    spec = validate_document(doc("ll-setup", run={"workingDirectory": "/proc/sys/x"})).spec
+    root = _dash_rootfs(tmp_path / "rootfs", "proc", "dev", "tmp")
+    backend = CellosBackend(state_root=str(tmp_path / "state"), rootfs=str(root))
+    spec = validate_document(doc("ll-setup", argv=["/bin/dash", "-c", "true"])).spec
     handle = backend.create(spec)
     try:
         result = backend.run(
             handle,
             WorkloadRequest(
-                argv=["/bin/true"],
+                argv=spec.run.argv,
                 env={},
-                working_directory="/proc/sys/x",
+                working_directory="/workspace",
                 deadline_seconds=30,
                 graceful_shutdown_seconds=1,
             ),
@@ -127,8 +146,65 @@ def test_a_launcher_setup_failure_is_a_spawn_failure(tmp_path: Path) -> None:
     finally:
         backend.destroy(handle)
     assert result.reason == "spawn_failed" and result.exit_code is None
-    assert result.spawn_error is not None
-    assert result.spawn_error.startswith("cannot start: cannot create /proc/sys/x: "), result
+    assert result.spawn_error == (
+        "cannot start: cannot create /workspace: Read-only file system"
+    ), result
+    assert sorted(p.name for p in root.iterdir()) == [
+        "bin",
+        "dev",
+        "lib",
+        "lib64",
+        "proc",
+        "tmp",
+        "usr",
+    ]
+
+
+@pytest.mark.parametrize(
+    "working_directory", ["/usr/local/cellos-wd", "/usr", "/bin/x", "/etc/ssl/x", "/proc/x", "/dev"]
+)
+def test_a_working_directory_in_the_cells_fixed_tree_is_refused(
+    cellos_backend: CellosBackend, working_directory: str
+) -> None:
+    """The workspace's mount point would have to be created inside a read-only host bind
+    (that is, in the host's own tree) or in /proc or /dev: refused before anything exists."""
+    from cellos.core.errors import PolicyRefused
+    from cellos.core.loading import validate_document
+    from tests.conftest import doc
+
+    spec = validate_document(doc("wd-1", run={"workingDirectory": working_directory})).spec
+    with pytest.raises(PolicyRefused) as caught:
+        cellos_backend.create(spec)
+    assert caught.value.path == "spec.run.workingDirectory"
+    assert working_directory in caught.value.reason
+    assert not os.path.exists("/usr/local/cellos-wd")
+
+
+def test_the_launcher_never_creates_a_mount_point_in_a_host_bind(tmp_path: Path) -> None:
+    """Below the backend's check: the launcher makes every host bind read-only before it
+    creates any mount point, so a workspace under /usr fails instead of appearing on the
+    host."""
+    require_sandbox()
+    import subprocess
+
+    from cellos.hosts.cellos.sandbox import SandboxPlan, launcher_argv
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    plan = SandboxPlan(
+        cell_id="ll-mp", workspace=str(workspace), working_directory="/usr/local/cellos-mp"
+    )
+    done = subprocess.run(
+        launcher_argv(plan, ["/bin/true"], launcher_path()),
+        capture_output=True,
+        text=True,
+        env={},
+        check=False,
+        timeout=30,
+    )
+    assert done.returncode == 125
+    assert "cannot create /usr/local/cellos-mp: Read-only file system" in done.stderr
+    assert not os.path.exists("/usr/local/cellos-mp")
 
 
 # -- the binary ---------------------------------------------------------------------------
@@ -197,17 +273,7 @@ def test_a_rootfs_directory_is_the_cells_read_only_root(tmp_path: Path) -> None:
     at ``/`` instead of the host binds; the launcher adds /proc, /dev, /tmp and the
     workspace, and nothing of the host's tree is visible."""
     require_sandbox()
-    root = tmp_path / "rootfs"
-    for host_file in (
-        "/usr/bin/dash",
-        "/lib/x86_64-linux-gnu/libc.so.6",
-        "/lib64/ld-linux-x86-64.so.2",
-    ):
-        require_host(os.path.exists(host_file), host_file)
-        target = root / host_file.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(host_file, target)
-    (root / "bin").symlink_to("usr/bin")
+    root = _dash_rootfs(tmp_path / "rootfs", "proc", "dev", "tmp", "workspace")
     backend = CellosBackend(state_root=str(tmp_path / "state"), rootfs=str(root))
     result = run_cell(
         backend,

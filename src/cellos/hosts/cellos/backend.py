@@ -35,6 +35,7 @@ from cellos.hosts.cellos.control import CellControl
 from cellos.hosts.cellos.launcher import landlock_abi, launcher_path
 from cellos.hosts.cellos.sandbox import SandboxPlan, isolation_features, launcher_argv
 from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
+from cellos.hosts.host_root import host_binds, host_symlinks
 from cellos.hosts.live import LiveCells
 from cellos.hosts.process import SpawnOptions, spawn_isolated_workload
 from cellos.network import scope
@@ -96,6 +97,7 @@ class CellosBackend:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def create(self, spec: CellSpec) -> CellHandle:
+        self._check_working_directory(spec.run.working_directory)
         limits = spec.run.limits
         controllers = cgroups.needed_controllers(limits)
         why_not = cgroups.usable(self.layout, self.cgroup_rel, controllers)
@@ -263,6 +265,22 @@ class CellosBackend:
         return reaper.reap(self.state_root)
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _check_working_directory(self, path: str) -> None:
+        """The workspace is mounted at ``path``: not inside what the cell's root binds from
+        the host (read-only; its mount point would have to be created in the host's tree),
+        and not in /proc or /dev. (With a rootfs directory the launcher needs the directory
+        to exist there and refuses otherwise: it never writes into the rootfs.)"""
+        reserved = ["/proc", "/dev"]
+        if not self.rootfs:
+            reserved += [*host_binds(), *host_symlinks()]
+        for prefix in reserved:
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                raise PolicyRefused(
+                    "spec.run.workingDirectory",
+                    f"{path} is inside {prefix}, which the cellos backend provides "
+                    "read-only or itself; choose a path such as /workspace",
+                )
 
     def _live(self, handle: CellHandle) -> _LiveCell:
         return _LIVE.get(handle.cell_id)

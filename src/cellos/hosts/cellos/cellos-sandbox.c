@@ -247,6 +247,7 @@ static void make_dirs(const char *path) {
 static void make_mount_point(const char *src, const char *dst) {
     struct stat st;
     if (stat(src, &st) < 0) die(SETUP_FAILED, "cannot bind %s: %s", shown(src), strerror(errno));
+    if (lstat(dst, &st) == 0) return; /* (a read-only rootfs must already have it) */
     if (S_ISDIR(st.st_mode)) {
         make_dirs(dst);
         return;
@@ -258,10 +259,9 @@ static void make_mount_point(const char *src, const char *dst) {
         *slash = '\0';
         make_dirs(parent);
     }
-    int fd = open(dst, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
-    if (fd < 0 && errno != EEXIST && errno != EACCES && errno != EROFS)
-        die(SETUP_FAILED, "cannot create %s: %s", shown(dst), strerror(errno));
-    if (fd >= 0) close(fd);
+    int fd = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd < 0) die(SETUP_FAILED, "cannot create %s: %s", shown(dst), strerror(errno));
+    close(fd);
 }
 
 static void bind(const char *src, const char *dst) {
@@ -383,18 +383,9 @@ static void build_root(void) {
         path_in(src, sizeof src, "/oldroot", opt.rootfs);
         CHECK(mount(src, "/newroot", NULL, MS_BIND | MS_REC, NULL), "cannot bind rootfs %s: %s",
               opt.rootfs, strerror(errno));
-        /* The mount points the cell needs, then the whole tree read-only at once (sub-mounts
-         * included); a rootfs that lacks one and cannot take it is refused here. */
-        make_dirs("/newroot/proc");
-        make_dirs("/newroot/dev");
-        make_dirs("/newroot/tmp");
-        path_in(dst, sizeof dst, "/newroot", opt.workspace.b);
-        make_dirs(dst);
-        for (int i = 0; i < opt.n_ro_binds; i++) {
-            path_in(src, sizeof src, "/oldroot", opt.ro_binds[i].a);
-            path_in(dst, sizeof dst, "/newroot", opt.ro_binds[i].b);
-            make_mount_point(src, dst);
-        }
+        /* Read-only at once, sub-mounts included: the cell never writes into the operator's
+         * directory, not even a mount point; a rootfs without /proc, /dev, /tmp or the
+         * working directory is refused (read-only file system) rather than changed. */
         make_read_only("/newroot", 1);
     } else {
         CHECK(mount("tmpfs", "/newroot", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
@@ -409,6 +400,9 @@ static void build_root(void) {
         path_in(src, sizeof src, "/oldroot", opt.ro_binds[i].a);
         path_in(dst, sizeof dst, "/newroot", opt.ro_binds[i].b);
         bind(src, dst);
+        /* Read-only before anything else is mounted: a mount point created later (e.g. a
+         * working directory under /usr) must fail, not appear in the host's tree. */
+        make_read_only(dst, 1);
     }
     make_dirs("/newroot/proc");
     CHECK(mount("proc", "/newroot/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL),
@@ -425,12 +419,8 @@ static void build_root(void) {
     bind(src, dst);
     CHECK(mount(NULL, dst, NULL, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV, NULL),
           "cannot remount the workspace: %s", strerror(errno));
-    for (int i = 0; i < opt.n_ro_binds; i++) {
-        path_in(dst, sizeof dst, "/newroot", opt.ro_binds[i].b);
-        make_read_only(dst, 1);
-    }
     /* The root itself (the tmpfs holding the mount points) is read-only too. */
-    make_read_only("/newroot", 0);
+    if (!opt.rootfs) make_read_only("/newroot", 0);
 
     CHECK(umount2("/oldroot", MNT_DETACH), "cannot detach the host root: %s", strerror(errno));
     CHECK(chdir("/newroot"), "cannot enter the new root: %s", strerror(errno));
