@@ -362,6 +362,7 @@ def test_started_event_records_the_isolation_applied(tmp_path: Path) -> None:
         "no_new_privs",
         "caps:none",
         "seccomp:deny-list",
+        "user:65534",
         "limit:memory",
         "limit:pids",
         "limit:cpu",

@@ -86,6 +86,24 @@ def test_the_cells_pid_1_is_out_of_the_workloads_reach(cellos_backend: CellosBac
     assert out.count("Permission denied") == 2, out
 
 
+def test_a_root_supervisors_workload_runs_as_nobody(cellos_backend: CellosBackend) -> None:
+    """uid 0 without capabilities still owns the host's root-only files in the binds
+    (/etc/ssl/private holds TLS keys on Debian): the workload runs as 65534 instead, with no
+    supplementary groups, and its workspace is its own."""
+    if os.geteuid() != 0:
+        pytest.skip("the workload keeps the supervisor's uid when the supervisor is not root")
+    require_host(os.path.isdir("/etc/ssl/private"), "/etc/ssl/private (Debian's ssl-cert)")
+    result = sh(
+        cellos_backend,
+        "id -u; id -g; grep '^Groups:' /proc/self/status; { ls /etc/ssl/private; } 2>&1; "
+        "echo w > /workspace/w && stat -c '%u:%g' /workspace/w",
+    )
+    lines = result.stdout.decode().splitlines()
+    assert lines[:2] == ["65534", "65534"] and lines[2].split() == ["Groups:"], lines
+    assert "Permission denied" in lines[3]
+    assert lines[4] == "65534:65534"
+
+
 def test_a_workload_cannot_forge_a_launcher_error(cellos_backend: CellosBackend) -> None:
     """Exit 125 with a launcher-looking message is the workload's own result, not a failed
     start: launcher errors come only through the close-on-exec pipe."""

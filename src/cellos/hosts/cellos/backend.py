@@ -54,6 +54,11 @@ class _LiveCell:
     proxies: CellProxies | None = None
 
 
+#: A root supervisor's workloads run as nobody/nogroup: without capabilities uid 0 would still
+#: own, and so could read, the root-only files in the host binds (e.g. /etc/ssl/private).
+#: (The microVM guest init uses the same ids.)
+WORKLOAD_UID = WORKLOAD_GID = 65534
+
 # Live cells are a property of the host, not of one backend object: every backend instance in
 # this process shares the table (other processes are kept out by the state-dir lock).
 _LIVE: LiveCells[_LiveCell] = LiveCells()
@@ -141,7 +146,11 @@ class CellosBackend:
                 rootfs=self.rootfs,
                 user_namespace=self.user_namespace,
                 landlock_abi=self.landlock_abi,
+                workload_user=None if self.user_namespace else (WORKLOAD_UID, WORKLOAD_GID),
             )
+            if not self.user_namespace:
+                # The workload's own directory: the only host path it may write.
+                os.chown(record.workspace, WORKLOAD_UID, WORKLOAD_GID)
             return _LiveCell(record=record, plan=plan)
 
         live = _LIVE.add(spec.id, track)

@@ -20,6 +20,8 @@
  *   --workspace SRC DST    read-write bind; the workload's working directory
  *   --seccomp FD           a BPF program (struct sock_filter[]) loaded last
  *   --landlock             apply the Landlock rules (fail if the kernel has no Landlock)
+ *   --user UID GID         run the workload as this (non-zero) uid and gid, no supplementary
+ *                          groups (a root supervisor's cells: root-owned host files stay shut)
  *   --error-fd FD          setup and exec errors are written here, then exit 125 (setup) or
  *                          127 (exec); the descriptor is close-on-exec, so the supervisor
  *                          reads end-of-file and nothing else when the workload started
@@ -46,6 +48,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <grp.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -116,8 +119,9 @@ static struct {
     const char *tmp_size;
     struct pair workspace;
     int seccomp_fd, error_fd;
+    long uid, gid;
     char **argv;
-} opt = {.seccomp_fd = -1, .error_fd = -1};
+} opt = {.seccomp_fd = -1, .error_fd = -1, .uid = -1, .gid = -1};
 
 static struct sock_fprog seccomp_prog;
 
@@ -158,6 +162,13 @@ static int parse_fd(const char *s) {
     return (int)v;
 }
 
+static long parse_id(const char *s) {
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (*s == '\0' || *end != '\0' || v < 1 || v > 0x7fffffffL) die(SETUP_FAILED, "bad id %s", s);
+    return v;
+}
+
 static void parse(int argc, char **argv) {
     int i = 1;
     for (; i < argc; i++) {
@@ -193,6 +204,12 @@ static void parse(int argc, char **argv) {
             i += 2;
         } else if (!strcmp(a, "--seccomp")) { NEED(1); opt.seccomp_fd = parse_fd(argv[++i]); }
         else if (!strcmp(a, "--error-fd")) { NEED(1); opt.error_fd = parse_fd(argv[++i]); }
+        else if (!strcmp(a, "--user")) {
+            NEED(2);
+            opt.uid = parse_id(argv[i + 1]);
+            opt.gid = parse_id(argv[i + 2]);
+            i += 2;
+        }
         else die(SETUP_FAILED, "unknown option %s", a);
 #undef NEED
     }
@@ -429,15 +446,23 @@ static void build_root(void) {
     CHECK(chdir("/"), "chdir /: %s", strerror(errno));
 }
 
-static void drop_capabilities(void) {
+/* The bounding and ambient sets (dropping from the bounding set needs CAP_SETPCAP, so this
+ * comes before any change of uid). */
+static void drop_inheritable_capabilities(void) {
     /* Every capability the kernel knows: EINVAL marks the first one past the last. */
     for (int cap = 0; cap <= 63; cap++) {
-        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0) continue;
-        if (errno == EINVAL && cap > 0) break;
-        die(SETUP_FAILED, "cannot drop capability %d: %s", cap, strerror(errno));
+        int held = prctl(PR_CAPBSET_READ, cap, 0, 0, 0);
+        if (held < 0 && errno == EINVAL && cap > 0) break;
+        if (held == 0) continue; /* already gone (a second call, after the uid change) */
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0)
+            die(SETUP_FAILED, "cannot drop capability %d: %s", cap, strerror(errno));
     }
     CHECK(prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "ambient caps: %s",
           strerror(errno));
+}
+
+static void drop_capabilities(void) {
+    drop_inheritable_capabilities();
     struct __user_cap_header_struct hdr = {.version = _LINUX_CAPABILITY_VERSION_3};
     struct __user_cap_data_struct data[2];
     memset(data, 0, sizeof data);
@@ -497,6 +522,14 @@ static void __attribute__((noreturn)) exec_workload(void) {
     CHECK(setsid(), "setsid: %s", strerror(errno));
     if (chdir(opt.workspace.b) < 0)
         die(SETUP_FAILED, "cannot enter %s: %s", opt.workspace.b, strerror(errno));
+    if (opt.uid >= 0) {
+        drop_inheritable_capabilities();
+        gid_t gid = (gid_t)opt.gid;
+        uid_t uid = (uid_t)opt.uid;
+        CHECK(setgroups(0, NULL), "setgroups: %s", strerror(errno));
+        CHECK(setresgid(gid, gid, gid), "cannot switch to gid %u: %s", gid, strerror(errno));
+        CHECK(setresuid(uid, uid, uid), "cannot switch to uid %u: %s", uid, strerror(errno));
+    }
     CHECK(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs: %s", strerror(errno));
     drop_capabilities();
     if (opt.landlock) apply_landlock();

@@ -38,6 +38,8 @@ class SandboxPlan:
     cgroup_procs: tuple[str, ...] = ()
     #: The Landlock ABI the kernel offers (0: none; then no Landlock is applied).
     landlock_abi: int = 0
+    #: (uid, gid) the workload runs as; None: the supervisor's own (mapped in its user namespace).
+    workload_user: tuple[int, int] | None = None
     seccomp_fd: int | None = None
     error_fd: int | None = None
     tmp_size_bytes: int = 64 << 20
@@ -71,6 +73,8 @@ def launcher_argv(plan: SandboxPlan, argv: Sequence[str], launcher: str) -> list
     args += ["--workspace", plan.workspace, plan.working_directory]
     if plan.landlock_abi:
         args.append("--landlock")
+    if plan.workload_user is not None:
+        args += ["--user", str(plan.workload_user[0]), str(plan.workload_user[1])]
     if plan.seccomp_fd is not None:
         args += ["--seccomp", str(plan.seccomp_fd)]
     if plan.error_fd is not None:
@@ -84,6 +88,8 @@ def isolation_features(plan: SandboxPlan) -> list[str]:
     features.append("network:egress-allowlist" if plan.netns_path else "network:loopback-only")
     if plan.user_namespace:
         features.append("ns:user")
+    if plan.workload_user is not None:
+        features.append(f"user:{plan.workload_user[0]}")
     features += [
         "pivot_root",
         "rootfs:" + ("directory" if plan.rootfs else "host-ro-binds"),
