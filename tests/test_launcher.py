@@ -104,6 +104,16 @@ def test_a_root_supervisors_workload_runs_as_nobody(cellos_backend: CellosBacken
     assert lines[4] == "65534:65534"
 
 
+def test_a_cell_id_longer_than_a_hostname_runs_with_its_first_64_characters(
+    cellos_backend: CellosBackend,
+) -> None:
+    """Cell ids may have 128 characters, the kernel's hostnames 64."""
+    cell_id = "long-" + "x" * 120
+    result = run_cell(cellos_backend, ["/bin/hostname"], cell_id=cell_id)
+    assert result.exit_code == 0, result
+    assert result.stdout.decode().strip() == cell_id[:64]
+
+
 def test_a_workload_cannot_forge_a_launcher_error(cellos_backend: CellosBackend) -> None:
     """Exit 125 with a launcher-looking message is the workload's own result, not a failed
     start: launcher errors come only through the close-on-exec pipe."""
@@ -223,6 +233,28 @@ def test_the_launcher_never_creates_a_mount_point_in_a_host_bind(tmp_path: Path)
     assert done.returncode == 125
     assert "cannot create /usr/local/cellos-mp: Read-only file system" in done.stderr
     assert not os.path.exists("/usr/local/cellos-mp")
+
+
+def test_a_launcher_whose_supervisor_is_gone_runs_nothing(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG cannot fire for a parent that died before the launcher set it: the
+    launcher compares its parent with the supervisor's pid it was given and stops."""
+    require_sandbox()
+    import subprocess
+
+    from cellos.hosts.cellos.sandbox import SandboxPlan, launcher_argv
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    argv = launcher_argv(
+        SandboxPlan(cell_id="ll-orphan", workspace=str(workspace), working_directory="/w"),
+        ["/bin/sh", "-c", "echo ran > /w/ran"],
+        launcher_path(),
+    )
+    assert argv[1:3] == ["--parent", str(os.getpid())]
+    argv[2] = "1"  # as if the supervisor had died and the launcher been adopted by init
+    done = subprocess.run(argv, capture_output=True, text=True, env={}, check=False, timeout=30)
+    assert done.returncode == 125 and "the supervisor (pid 1) is gone" in done.stderr
+    assert not (workspace / "ran").exists()
 
 
 # -- the binary ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@
  *   --workspace SRC DST    read-write bind; the workload's working directory
  *   --seccomp FD           a BPF program (struct sock_filter[]) loaded last
  *   --landlock             apply the Landlock rules (fail if the kernel has no Landlock)
+ *   --parent PID           the supervisor's pid: if it is already gone, do nothing
  *   --user UID GID         run the workload as this (non-zero) uid and gid, no supplementary
  *                          groups (a root supervisor's cells: root-owned host files stay shut)
  *   --error-fd FD          setup and exec errors are written here, then exit 125 (setup) or
@@ -49,6 +50,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <grp.h>
+#include <poll.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -119,9 +121,9 @@ static struct {
     const char *tmp_size;
     struct pair workspace;
     int seccomp_fd, error_fd;
-    long uid, gid;
+    long uid, gid, parent;
     char **argv;
-} opt = {.seccomp_fd = -1, .error_fd = -1, .uid = -1, .gid = -1};
+} opt = {.seccomp_fd = -1, .error_fd = -1, .uid = -1, .gid = -1, .parent = -1};
 
 static struct sock_fprog seccomp_prog;
 
@@ -204,6 +206,7 @@ static void parse(int argc, char **argv) {
             i += 2;
         } else if (!strcmp(a, "--seccomp")) { NEED(1); opt.seccomp_fd = parse_fd(argv[++i]); }
         else if (!strcmp(a, "--error-fd")) { NEED(1); opt.error_fd = parse_fd(argv[++i]); }
+        else if (!strcmp(a, "--parent")) { NEED(1); opt.parent = parse_id(argv[++i]); }
         else if (!strcmp(a, "--user")) {
             NEED(2);
             opt.uid = parse_id(argv[i + 1]);
@@ -220,21 +223,22 @@ static void parse(int argc, char **argv) {
 }
 
 static void read_seccomp(void) {
-    static unsigned char buf[65536];
+    static struct sock_filter program[BPF_MAXINSNS + 1];
+    unsigned char *buf = (unsigned char *)program;
     size_t len = 0;
     for (;;) {
-        ssize_t n = read(opt.seccomp_fd, buf + len, sizeof buf - len);
+        ssize_t n = read(opt.seccomp_fd, buf + len, sizeof program - len);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) die(SETUP_FAILED, "cannot read the seccomp program: %s", strerror(errno));
         if (n == 0) break;
         len += (size_t)n;
-        if (len == sizeof buf) die(SETUP_FAILED, "seccomp program too large");
+        if (len == sizeof program) die(SETUP_FAILED, "seccomp program too large");
     }
     close(opt.seccomp_fd);
     if (len == 0 || len % sizeof(struct sock_filter))
         die(SETUP_FAILED, "seccomp program has a bad length (%zu bytes)", len);
     seccomp_prog.len = (unsigned short)(len / sizeof(struct sock_filter));
-    seccomp_prog.filter = (struct sock_filter *)buf;
+    seccomp_prog.filter = program;
 }
 
 /* A path as the user knows it: inside the cell ("/newroot/x" -> "/x") or on the host
@@ -565,9 +569,12 @@ static void __attribute__((noreturn)) reap_until(pid_t workload) {
     }
 }
 
+/* Die with the parent from now on, and leave now if it is already gone (PR_SET_PDEATHSIG
+ * does not fire for a parent that died before it was set). */
 static void die_with_parent(pid_t expected_parent) {
     CHECK(prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "pdeathsig: %s", strerror(errno));
-    if (getppid() != expected_parent) _exit(SETUP_FAILED); /* the parent is already gone */
+    if (expected_parent > 0 && getppid() != expected_parent)
+        die(SETUP_FAILED, "the supervisor (pid %d) is gone", (int)expected_parent);
 }
 
 int main(int argc, char **argv) {
@@ -575,22 +582,31 @@ int main(int argc, char **argv) {
     /* The supervisor passed it inheritable; it must close when the workload starts. */
     if (opt.error_fd >= 0 && fcntl(opt.error_fd, F_SETFD, FD_CLOEXEC) < 0)
         die(SETUP_FAILED, "bad --error-fd: %s", strerror(errno));
-    die_with_parent(getppid());
+    die_with_parent((pid_t)opt.parent);
     if (opt.seccomp_fd >= 0) read_seccomp();
     join_cgroups();
     enter_namespaces();
 
+    /* pid 1's parent (this process) is outside its pid namespace, where getppid() says 0: it
+     * learns whether this process still lives from a pipe only this process holds open. */
+    int alive[2];
+    CHECK(pipe2(alive, O_CLOEXEC), "pipe: %s", strerror(errno));
     pid_t init = fork();
     CHECK(init, "fork: %s", strerror(errno));
     if (init > 0) {
+        close(alive[0]);
         if (opt.error_fd >= 0) close(opt.error_fd);
         int status;
         while (waitpid(init, &status, 0) < 0)
             if (errno != EINTR) _exit(SETUP_FAILED);
         _exit(exit_status(status));
     }
-    /* The cell's pid 1: its parent is outside the namespace, so getppid() says 0. */
+    /* The cell's pid 1. */
+    close(alive[1]);
     die_with_parent(0);
+    struct pollfd parent = {.fd = alive[0], .events = POLLIN};
+    if (poll(&parent, 1, 0) != 0) _exit(SETUP_FAILED); /* end of file: the launcher is gone */
+    close(alive[0]);
     build_root();
     if (opt.hostname)
         CHECK(sethostname(opt.hostname, strlen(opt.hostname)), "sethostname: %s",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 
 from cellos.core.ports import ReapedCell
 from cellos.hosts.cellos import cgroups
+from cellos.hosts.cellos.sandbox import HOSTNAME_MAX
 from cellos.hosts.cellos.state import read_record
 
 
@@ -26,7 +28,10 @@ def _is_launcher(pid: int, cell_id: str) -> bool:
             argv = fh.read().split(b"\0")
     except OSError:
         return False
-    return b"--hostname" in argv and cell_id.encode() in argv
+    hostname = cell_id[:HOSTNAME_MAX].encode()
+    return any(
+        flag == b"--hostname" and value == hostname for flag, value in itertools.pairwise(argv)
+    )
 
 
 def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:

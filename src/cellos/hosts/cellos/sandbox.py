@@ -15,6 +15,7 @@ the launcher passes its own environment, which is exactly the declared one, to t
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,8 +59,13 @@ def _host_root_args() -> tuple[str, ...]:
     return tuple(args)
 
 
+#: The kernel's limit on a hostname (a cell id may be up to 128 characters).
+HOSTNAME_MAX = 64
+
+
 def launcher_argv(plan: SandboxPlan, argv: Sequence[str], launcher: str) -> list[str]:
-    args = [launcher, "--hostname", plan.cell_id]
+    # The supervisor's pid: a launcher whose supervisor died before it started does nothing.
+    args = [launcher, "--parent", str(os.getpid()), "--hostname", plan.cell_id[:HOSTNAME_MAX]]
     for procs in plan.cgroup_procs:
         args += ["--cgroup", procs]
     if plan.netns_path:
