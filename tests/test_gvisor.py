@@ -105,6 +105,18 @@ def test_exit_code_stdout_and_artifacts_come_back(
     assert_no_gvisor_residue(tmp_path)
 
 
+def test_the_longest_cell_id_runs(
+    tmp_path: Path, gvisor_env: dict[str, str], supervisor_cli: Run
+) -> None:
+    """A cell id may have 128 characters; runsc's socket paths (108 bytes) and the kernel's
+    hostnames (64) may not: the container id keeps a prefix, the hostname the first 64."""
+    cell_id = "g" + "x" * 127
+    spec = write_doc(tmp_path / "c.yaml", doc(cell_id, argv=["/bin/hostname"]))
+    result = supervisor_cli(str(spec), gvisor_env)
+    assert (result.code, result.stdout) == (0, cell_id[:64] + "\n"), result
+    assert_no_gvisor_residue(tmp_path)
+
+
 @pytest.mark.parametrize("bound", ["timeout", "ttl"])
 def test_timeout_and_ttl_kill_the_sandbox_and_leave_nothing(
     tmp_path: Path, gvisor_env: dict[str, str], supervisor_cli: Run, bound: str
@@ -189,7 +201,7 @@ def test_every_example_bundle_validates_against_the_oci_schema(path: Path) -> No
         [f"{k}={v}" for k, v in spec.run.env.items()] + ["SECRET_X=v"]
     )
     assert bundle["root"]["readonly"] is True
-    assert bundle["hostname"] == spec.id
+    assert bundle["hostname"] == spec.id[:64]
 
 
 def test_limits_become_oci_resources_and_the_schema_catches_a_broken_bundle() -> None:

@@ -140,7 +140,9 @@ class GvisorBackend:
                 "egress authority is not available on the gvisor backend in this "
                 "build (use the cellos backend)",
             )
-        container_id = f"cellos-{spec.id}-{uuid.uuid4().hex[:12]}"
+        # runsc names its control socket after the container id, under a root inside the cell
+        # dir named the same: a socket path has 108 bytes, a cell id up to 128 characters.
+        container_id = f"cellos-{spec.id[:24]}-{uuid.uuid4().hex[:12]}"
         cell_dir = os.path.join(self.state_root, container_id)
         live = _LIVE.add(
             spec.id, lambda: _LiveCell(spec=spec, cell_dir=cell_dir, container_id=container_id)

@@ -145,7 +145,7 @@ def build_config(
     no_caps: list[str] = []
     return {
         "ociVersion": OCI_VERSION,
-        "hostname": spec.id,
+        "hostname": spec.id[:64],  # the kernel's limit; a cell id may have 128 characters
         "root": {"path": config.rootfs, "readonly": True},
         "process": {
             "terminal": False,
