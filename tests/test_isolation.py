@@ -217,6 +217,33 @@ def test_fork_bomb_stops_at_pids_max(backend: CellosBackend) -> None:
     assert running_with(marker) == []
 
 
+def test_pids_max_counts_the_workloads_processes_not_the_launchers(
+    backend: CellosBackend,
+) -> None:
+    """pidsMax: N lets the workload have N processes (itself and N-1 children), no matter
+    how many processes the sandbox launcher needs around it."""
+    _limits_ready()
+    probe = (
+        "import os, time\n"
+        "children = 0\n"
+        "while True:\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except BlockingIOError:\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        "        time.sleep(30)\n"
+        "        os._exit(0)\n"
+        "    children += 1\n"
+        "print(children)\n"
+    )
+    result = run_cell(
+        backend, ["/usr/bin/python3", "-c", probe], limits={"pidsMax": 12}, deadline=20
+    )
+    assert result.stdout.decode().strip() == "11", result
+    assert result.limits["pidsLimitHits"] > 0
+
+
 def test_memory_hog_is_killed_at_memory_max(backend: CellosBackend) -> None:
     _limits_ready("memory")
     hog = ["/usr/bin/python3", "-c", "b = []\nwhile True: b.append(bytearray(8 << 20))"]

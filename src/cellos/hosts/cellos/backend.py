@@ -33,7 +33,12 @@ from cellos.hosts.artifacts import open_in_workspace
 from cellos.hosts.cellos import cgroups, reaper, state
 from cellos.hosts.cellos.control import CellControl
 from cellos.hosts.cellos.launcher import landlock_abi, launcher_path
-from cellos.hosts.cellos.sandbox import SandboxPlan, isolation_features, launcher_argv
+from cellos.hosts.cellos.sandbox import (
+    LAUNCHER_PROCESSES,
+    SandboxPlan,
+    isolation_features,
+    launcher_argv,
+)
 from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
 from cellos.hosts.host_root import host_binds, host_symlinks
 from cellos.hosts.live import LiveCells
@@ -160,7 +165,7 @@ class CellosBackend:
         try:
             if planned is not None:
                 live.cgroup = planned
-                planned.create(limits)
+                planned.create(limits, pids_overhead=LAUNCHER_PROCESSES)
                 live.plan = replace(live.plan, cgroup_procs=planned.procs_files())
         except OSError as exc:
             self._teardown(spec.id, live)

@@ -143,7 +143,9 @@ class CellCgroup:
             versions[ctrl] = hierarchy.version
         return cls(leaves, versions)
 
-    def create(self, limits: Limits | None) -> None:
+    def create(self, limits: Limits | None, pids_overhead: int = 0) -> None:
+        """Make the leaves and apply ``limits``; ``pids_overhead`` processes that are not the
+        workload's (a launcher's) are added to ``pidsMax``, which counts the workload's."""
         for path in self.paths:
             if os.path.isdir(path):
                 remove_leaf(path)  # left behind by a crashed run of the same id
@@ -153,11 +155,12 @@ class CellCgroup:
                 _enable_v2_controllers(parent, [c for c, p in self.leaves.items() if p == path])
             os.mkdir(path)
         if limits is not None:
-            self._apply(limits)
+            self._apply(limits, pids_overhead)
 
-    def _apply(self, limits: Limits) -> None:
+    def _apply(self, limits: Limits, pids_overhead: int) -> None:
         if limits.pids_max is not None:
-            _write(os.path.join(self.leaves["pids"], "pids.max"), str(limits.pids_max))
+            pids_max = str(limits.pids_max + pids_overhead)
+            _write(os.path.join(self.leaves["pids"], "pids.max"), pids_max)
         if limits.memory_max_bytes is not None:
             path, size = self.leaves["memory"], str(limits.memory_max_bytes)
             if self.versions["memory"] == 2:

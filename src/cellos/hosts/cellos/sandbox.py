@@ -59,6 +59,10 @@ def _host_root_args() -> tuple[str, ...]:
     return tuple(args)
 
 
+#: Processes of a cell that are the launcher's, not the workload's: the outer process (outside
+#: the cell's pid namespace) and the cell's pid 1. They live in the cell's cgroup leaves.
+LAUNCHER_PROCESSES = 2
+
 #: The kernel's limit on a hostname (a cell id may be up to 128 characters).
 HOSTNAME_MAX = 64
 
