@@ -155,7 +155,14 @@ class CellosBackend:
             )
             if not self.user_namespace:
                 # The workload's own directory: the only host path it may write.
-                os.chown(record.workspace, WORKLOAD_UID, WORKLOAD_GID)
+                try:
+                    os.chown(record.workspace, WORKLOAD_UID, WORKLOAD_GID)
+                except OSError as exc:
+                    state.release(self.state_root, record)
+                    raise HostError(
+                        "CELLOS_STATE_DIR",
+                        f"cannot hand the workspace to the workload: {exc.strerror}",
+                    ) from None
             return _LiveCell(record=record, plan=plan)
 
         live = _LIVE.add(spec.id, track)
