@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Mapping
+from types import MappingProxyType
 
 #: Host paths bound read-only into the cell (when they exist): programs, libraries, the
 #: dynamic linker's configuration and the CA certificates, nothing of the host's state.
@@ -23,11 +26,20 @@ HOST_BINDS: tuple[str, ...] = (
 )
 
 
+#: The kernel's limit on a hostname (a cell id may be up to 128 characters): isolating backends
+#: name the cell's host by the id's first 64.
+HOSTNAME_MAX = 64
+
+
+# Looked up once per process: which of these paths exist (and which are symlinks) does not
+# change under a running supervisor, and a dozen stats per cell are measurable.
+@functools.cache
 def host_binds() -> tuple[str, ...]:
     """The host paths this machine has that are real files or directories (bound read-only)."""
     return tuple(p for p in HOST_BINDS if os.path.exists(p) and not os.path.islink(p))
 
 
-def host_symlinks() -> dict[str, str]:
+@functools.cache
+def host_symlinks() -> Mapping[str, str]:
     """Host paths that are symlinks (merged-/usr ``/bin -> usr/bin``), recreated in the cell."""
-    return {p: os.readlink(p) for p in HOST_BINDS if os.path.islink(p)}
+    return MappingProxyType({p: os.readlink(p) for p in HOST_BINDS if os.path.islink(p)})

@@ -17,8 +17,8 @@ from typing import Any
 
 from cellos.core.ports import ReapedCell
 from cellos.hosts.cellos import cgroups
-from cellos.hosts.cellos.sandbox import HOSTNAME_MAX
 from cellos.hosts.cellos.state import read_record
+from cellos.hosts.host_root import HOSTNAME_MAX
 
 
 def _is_launcher(pid: int, cell_id: str) -> bool:

@@ -14,12 +14,11 @@ the launcher passes its own environment, which is exactly the declared one, to t
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cellos.hosts.host_root import host_binds, host_symlinks
+from cellos.hosts.host_root import HOSTNAME_MAX, host_binds, host_symlinks
 
 
 @dataclass(frozen=True)
@@ -46,25 +45,19 @@ class SandboxPlan:
     tmp_size_bytes: int = 64 << 20
 
 
-@functools.cache
-def _host_root_args() -> tuple[str, ...]:
-    """Looked up once per process: which host paths exist (and are symlinks) does not change
-    under a running supervisor, and a dozen stats per cell are measurable."""
+def _host_root_args() -> list[str]:
     args: list[str] = []
     for path, target in host_symlinks().items():
         # Merged-/usr hosts: /bin -> usr/bin and friends stay symlinks inside the cell.
         args += ["--symlink", target, path]
     for path in host_binds():
         args += ["--ro-bind", path, path]
-    return tuple(args)
+    return args
 
 
 #: Processes of a cell that are the launcher's, not the workload's: the outer process (outside
 #: the cell's pid namespace) and the cell's pid 1. They live in the cell's cgroup leaves.
 LAUNCHER_PROCESSES = 2
-
-#: The kernel's limit on a hostname (a cell id may be up to 128 characters).
-HOSTNAME_MAX = 64
 
 
 def launcher_argv(plan: SandboxPlan, argv: Sequence[str], launcher: str) -> list[str]:
@@ -76,7 +69,7 @@ def launcher_argv(plan: SandboxPlan, argv: Sequence[str], launcher: str) -> list
         args += ["--netns", plan.netns_path]
     if plan.user_namespace:
         args.append("--userns")
-    args += ["--rootfs", plan.rootfs] if plan.rootfs else list(_host_root_args())
+    args += ["--rootfs", plan.rootfs] if plan.rootfs else _host_root_args()
     if plan.resolv_conf:
         args += ["--ro-bind", plan.resolv_conf, "/etc/resolv.conf"]
     args += ["--tmp-size", str(plan.tmp_size_bytes)]

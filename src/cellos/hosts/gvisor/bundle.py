@@ -16,7 +16,7 @@ from typing import Any
 
 from cellos.core.errors import InvalidSpec
 from cellos.core.spec import CellSpec
-from cellos.hosts.host_root import host_binds, host_symlinks
+from cellos.hosts.host_root import HOSTNAME_MAX, host_binds, host_symlinks
 
 __all__ = [
     "BundleConfig",
@@ -145,7 +145,7 @@ def build_config(
     no_caps: list[str] = []
     return {
         "ociVersion": OCI_VERSION,
-        "hostname": spec.id[:64],  # the kernel's limit; a cell id may have 128 characters
+        "hostname": spec.id[:HOSTNAME_MAX],
         "root": {"path": config.rootfs, "readonly": True},
         "process": {
             "terminal": False,
