@@ -52,6 +52,16 @@ def _plain_copy(obj: Any) -> Any:
     raise _NotPlain
 
 
+def _plain_or_not(obj: Any) -> tuple[Any, bool]:
+    """(a plain copy of ``obj``, True), or (None, False) when it needs the full serializer."""
+    try:
+        return _plain_copy(obj), True
+    except _NotPlain:
+        return None, False
+    except RecursionError:
+        raise ValueError("value nested too deeply to canonicalise") from None
+
+
 def _plain_bytes(plain: Any) -> bytes:
     text = json.dumps(
         plain, ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
@@ -67,26 +77,18 @@ def canonical_bytes(obj: Any) -> bytes:
     NaN/Infinity, non-string keys, lone surrogates or non-JSON types. Failing is deliberate: a
     value two parsers could read differently must not be signed.
     """
-    try:
-        plain = _plain_copy(obj)
-    except _NotPlain:
-        return rfc8785.dumps(obj)
-    except RecursionError:
-        raise ValueError("value nested too deeply to canonicalise") from None
-    return _plain_bytes(plain)
+    plain, ok = _plain_or_not(obj)
+    return _plain_bytes(plain) if ok else rfc8785.dumps(obj)
 
 
 def copy_and_canonical(obj: Any) -> tuple[Any, bytes]:
     """A deep copy of ``obj`` (a JSON value) and its canonical bytes, in one walk when the
     value is plain (the hot path: every event of every cell is chained, many are signed)."""
-    try:
-        plain = _plain_copy(obj)
-    except _NotPlain:
-        copied = copy.deepcopy(obj)
-        return copied, rfc8785.dumps(copied)
-    except RecursionError:
-        raise ValueError("value nested too deeply to canonicalise") from None
-    return plain, _plain_bytes(plain)
+    plain, ok = _plain_or_not(obj)
+    if ok:
+        return plain, _plain_bytes(plain)
+    copied = copy.deepcopy(obj)
+    return copied, rfc8785.dumps(copied)
 
 
 def copy_and_digest(obj: Any) -> tuple[Any, str]:
