@@ -239,9 +239,7 @@ def check_microvm() -> list[Check]:
             manifest = load_manifest(os.path.join(image, MANIFEST_NAME))
             accel = backend.accel(manifest)
             with tempfile.TemporaryDirectory() as work:
-                result, _ = backend._boot(
-                    manifest, ["/bin/true"], {}, [], accel, work, 60.0, 1.0, None
-                )
+                result = backend.boot_true(manifest, accel, work, 60.0)
             booted = result.exit_code == 0
             note = " (KVM cannot boot this guest here)" if accel == "tcg" else ""
             checks.append(

@@ -42,9 +42,24 @@ class RunChain:
         self._next_seq = 0
         self._prev = GENESIS
 
+    @classmethod
+    def resume(cls, run_id: str, last_seq: int, last_digest: str) -> RunChain:
+        """Continue a run whose events up to ``last_seq`` (digest ``last_digest``) were
+        emitted elsewhere, e.g. by a supervisor that died: a reaper's events then extend it."""
+        chain = cls(run_id)
+        chain._next_seq = last_seq + 1
+        chain._prev = last_digest
+        return chain
+
     @property
     def run_id(self) -> str:
         return self._run_id
+
+    @property
+    def last(self) -> tuple[int, str]:
+        """(seq, digest) of the last stamped event; (-1, GENESIS) before the first."""
+        with self._lock:
+            return self._next_seq - 1, self._prev
 
     def stamp(self, event: dict[str, Any]) -> dict[str, Any]:
         """Return a new event carrying the chain attributes; ``event`` is left unchanged.

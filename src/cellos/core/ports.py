@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 from cellos.core.spec import CellSpec
+from cellos.core.stop import StopRequest
 
 CloudEvent = dict[str, Any]
 
@@ -53,6 +54,19 @@ class TeardownReport:
 
 
 @dataclass(frozen=True)
+class ChainPosition:
+    """Where a run's event chain stands: its id and its last event's seq, digest and type.
+
+    A backend keeps it in the cell's state record, so that the events a reaper emits for a
+    cell whose supervisor died continue that run's own chain."""
+
+    run_id: str
+    seq: int
+    digest: str
+    event_type: str
+
+
+@dataclass(frozen=True)
 class ReapedCell:
     """A cell of a dead supervisor that a reaper found and removed."""
 
@@ -62,6 +76,9 @@ class ReapedCell:
     #: The dead cell's ``spec.correlation`` (tenant, run ids), when its state recorded it, so
     #: that the reap events reach the same tenant and run as the cell's own events.
     correlation: Mapping[str, Any] | None = None
+    #: The dead run's chain as last recorded (None: it had emitted nothing yet).
+    chain: ChainPosition | None = None
+    backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,8 @@ class WorkloadRequest:
     #: Seconds until the workload is killed (command timeout or what is left of the TTL).
     deadline_seconds: float | None
     graceful_shutdown_seconds: float
+    #: Set by the supervisor when the cell must stop early (e.g. it was signalled).
+    stop: StopRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +148,13 @@ class ReapingBackend(Protocol):
     """A backend that leaves host state a crashed supervisor could orphan."""
 
     def reap(self) -> list[ReapedCell]: ...
+
+
+@runtime_checkable
+class ChainRecordingBackend(Protocol):
+    """A backend that records, with each live cell, where the cell's run chain stands."""
+
+    def note_chain(self, handle: CellHandle, position: ChainPosition) -> None: ...
 
 
 @runtime_checkable

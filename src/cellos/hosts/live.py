@@ -1,17 +1,20 @@
-"""The table of a backend's live cells in this process.
+"""Live cells: the table of a backend kind's cells in this process, and the shape shared by
+every backend that keeps host state (:class:`StoredBackend`).
 
 Live cells are a property of the host, not of one backend object: every backend instance of a
-kind shares one table (other processes are kept out by each backend's own means, such as the
-``cellos`` backend's state-directory lock).
+kind shares one table; other processes are kept out by the cell-state store's lock.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cellos.core.errors import HostError
+from cellos.core.ports import CellHandle, ChainPosition, ReapedCell
+from cellos.core.spec import CellSpec
+from cellos.hosts.state import CellState, CellStore
 
 T = TypeVar("T")
 
@@ -50,3 +53,53 @@ class LiveCells(Generic[T]):
     def __iter__(self) -> Iterator[str]:
         with self._lock:
             return iter(list(self._cells))
+
+
+class StoredBackend:
+    """The shape every backend with host state shares: its live cells are in the table of its
+    kind (in this process) *and* in the host-wide cell-state store (across processes), so a
+    duplicate id is refused everywhere, a dead supervisor's cell is reaped, and each cell's
+    record keeps where its run chain stands."""
+
+    store: CellStore
+
+    def _state_of(self, handle: CellHandle) -> CellState:
+        raise NotImplementedError
+
+    def open_cell(
+        self,
+        table: LiveCells[T],
+        spec: CellSpec,
+        record: dict[str, Any],
+        make: Callable[[CellState], T],
+    ) -> T:
+        """Lock the id in the store and write the record (before anything named in it
+        exists), then ``make`` the backend's live cell; both or neither."""
+        name = getattr(self, "name", "cellos")
+        if spec.correlation is not None:
+            # For the reaper's events, should this supervisor die with the cell.
+            record = {
+                **record,
+                "correlation": spec.correlation.model_dump(
+                    mode="json", by_alias=True, exclude_none=True
+                ),
+            }
+
+        def track() -> T:
+            state = self.store.acquire(spec.id, name, record)
+            try:
+                return make(state)
+            except BaseException:
+                self.store.release(state)
+                raise
+
+        return table.add(spec.id, track)
+
+    def reap(self) -> list[ReapedCell]:
+        """Remove what dead supervisors' cells (of any backend) left in this store."""
+        from cellos.hosts.reaper import reap
+
+        return reap(self.store)
+
+    def note_chain(self, handle: CellHandle, position: ChainPosition) -> None:
+        self._state_of(handle).note_chain(position)

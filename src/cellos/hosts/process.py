@@ -1,12 +1,19 @@
-"""Running a workload process with hygiene, bounded capture and a hard deadline.
+"""Supervising a host process with hygiene, bounded capture, a hard deadline and early stop.
 
-Shared by the backends that start a host process (``stub``, ``cellos``). Hygiene:
+A :class:`HostCommand` is what a backend starts on the host: the workload itself (``stub``), or
+what runs it (the ``cellos`` sandbox launcher, ``runsc``, the QEMU VMM). Hygiene:
 
 * the environment is exactly the declared one (nothing inherited from the supervisor);
 * stdin, stdout and stderr are pipes; every other descriptor is closed on exec;
 * the workload leads its own process group, so a timeout kills everything it forked
   (a process that calls ``setsid`` escapes the group; the ``cellos`` backend's cgroup and pid
   namespace close that gap).
+
+A deadline (or a :class:`StopRequest`, e.g. the supervisor was signalled) stops the process
+gracefully (``ProcessControl.terminate``), then hard after the grace period; a second stop
+request skips the rest of the grace. With ``die_with_parent`` the process is killed by the
+kernel when the supervisor dies (``PR_SET_PDEATHSIG``), so that a VMM or runsc cannot outlive
+an unsupervised cell.
 
 Exit is detected through a pidfd in the same ``select`` loop that drains the pipes, and the
 child is not reaped until its process group has been killed, so the group id cannot have been
@@ -16,16 +23,19 @@ recycled by an unrelated process when we signal it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from cellos.core.ports import WorkloadRequest, WorkloadResult
+from cellos.core.stop import StopRequest
 from cellos.hosts.procfs import iter_procs
 
 #: env(1) inside a gVisor cell: removes the variable runsc adds (HOME),
@@ -90,6 +100,34 @@ class ProcessGroupControl:
 
 
 @dataclass(frozen=True)
+class HostCommand:
+    """A process to start on the host and supervise until it ends or must be stopped."""
+
+    argv: Sequence[str]
+    #: The process's complete environment (nothing is inherited).
+    env: Mapping[str, str]
+    deadline_seconds: float | None
+    graceful_shutdown_seconds: float
+    stop: StopRequest | None = None
+
+    @classmethod
+    def for_workload(
+        cls,
+        request: WorkloadRequest,
+        argv: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> HostCommand:
+        """The request's timing and stop; ``argv``/``env`` of what actually runs it."""
+        return cls(
+            argv=list(argv if argv is not None else request.argv),
+            env=dict(env if env is not None else request.env),
+            deadline_seconds=request.deadline_seconds,
+            graceful_shutdown_seconds=request.graceful_shutdown_seconds,
+            stop=request.stop,
+        )
+
+
+@dataclass(frozen=True)
 class SpawnOptions:
     cwd: str
     #: Directory for ``stdout.log`` / ``stderr.log``; None keeps output in memory only.
@@ -98,8 +136,9 @@ class SpawnOptions:
     preexec: Callable[[], None] | None = None
     #: Called with the pid right after a successful spawn (e.g. to record it for a reaper).
     on_spawn: Callable[[int], None] | None = None
-    #: The command actually executed (e.g. the sandbox launcher); default ``request.argv``.
-    command: Sequence[str] | None = None
+    #: Killed by the kernel if this (the spawning) thread dies: for processes that would
+    #: otherwise outlive their supervisor (runsc, the VMM).
+    die_with_parent: bool = False
     #: Extra descriptors the command needs (e.g. a seccomp program for the launcher).
     pass_fds: tuple[int, ...] = ()
     control: ProcessControl = field(default_factory=ProcessGroupControl)
@@ -135,17 +174,42 @@ def _open_log(log_dir: str | None, name: str) -> BinaryIO | None:
     return os.fdopen(fd, "wb")
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(then: Callable[[], None] | None) -> Callable[[], None]:
+    """A preexec step: SIGKILL when the parent dies, and exit now if it already has (the
+    death signal cannot fire for a parent that died before it was set)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+        if then is not None:
+            then()
+
+    return preexec
+
+
 def spawn_isolated_workload(request: WorkloadRequest, options: SpawnOptions) -> WorkloadResult:
-    """Run ``request.argv`` to completion or deadline; never raises for workload failures."""
+    """Run the workload itself as a host process (see :func:`run_host_command`)."""
+    return run_host_command(HostCommand.for_workload(request), options)
+
+
+def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadResult:
+    """Run ``command`` to completion, deadline or stop; never raises for its failures."""
     started = time.monotonic()
-    argv = list(options.command or request.argv)
-    # Logs are opened first: a failure here must not leave a started, unsupervised workload.
+    argv = list(command.argv)
+    # Logs are opened first: a failure here must not leave a started, unsupervised process.
     out_log = _open_log(options.log_dir, "stdout.log")
     err_log = _open_log(options.log_dir, "stderr.log")
+    preexec = _die_with_parent(options.preexec) if options.die_with_parent else options.preexec
     try:
         proc = subprocess.Popen(
             argv,
-            env=dict(request.env),
+            env=dict(command.env),
             cwd=options.cwd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -153,7 +217,7 @@ def spawn_isolated_workload(request: WorkloadRequest, options: SpawnOptions) -> 
             close_fds=True,
             pass_fds=options.pass_fds,
             start_new_session=True,
-            preexec_fn=options.preexec,
+            preexec_fn=preexec,
         )
     except (OSError, subprocess.SubprocessError) as exc:
         for log in (out_log, err_log):
@@ -174,15 +238,16 @@ def spawn_isolated_workload(request: WorkloadRequest, options: SpawnOptions) -> 
     stdout_stream, stderr_stream = _BoundedStream(out_log), _BoundedStream(err_log)
     streams = {proc.stdout.fileno(): stdout_stream, proc.stderr.fileno(): stderr_stream}
     try:
-        forced, status = _supervise(proc, streams, request, started, options.control)
+        stopped_by, status = _supervise(proc, streams, command, started, options.control)
     finally:
         for log in (out_log, err_log):
             if log is not None:
                 log.close()
         proc.stdout.close()
         proc.stderr.close()
+    forced = stopped_by is not None
     exit_code: int | None = None
-    reason: str | None = "timeout" if forced else None
+    reason = stopped_by
     if not forced:
         if os.WIFEXITED(status):
             exit_code = os.WEXITSTATUS(status)
@@ -202,43 +267,84 @@ def spawn_isolated_workload(request: WorkloadRequest, options: SpawnOptions) -> 
     )
 
 
+class _Wakeup:
+    """A self-pipe in the select loop, written by a stop request's waker."""
+
+    def __init__(self, stop: StopRequest | None) -> None:
+        self.stop = stop
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if stop is not None:
+            stop.add_waker(self.wake)
+
+    def wake(self) -> None:
+        # Called from a signal handler too: never block, never raise.
+        with contextlib.suppress(OSError):
+            os.write(self.write_fd, b"!")
+
+    def drain(self) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self.read_fd, 64):
+                pass
+
+    def close(self) -> None:
+        if self.stop is not None:
+            self.stop.remove_waker(self.wake)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
 def _supervise(
     proc: subprocess.Popen[bytes],
     streams: dict[int, _BoundedStream],
-    request: WorkloadRequest,
+    command: HostCommand,
     started: float,
     control: ProcessControl,
-) -> tuple[bool, int]:
-    """Drain output until the workload exits or its deadline passes; return (forced, status)."""
+) -> tuple[str | None, int]:
+    """Drain output until the process exits, its deadline passes or a stop is requested;
+    return (why CellOS stopped it: ``timeout`` or the stop's reason, or None; wait status)."""
     pidfd = os.pidfd_open(proc.pid)
     sel = selectors.DefaultSelector()
+    wakeup = _Wakeup(command.stop)
+    stop = command.stop
     try:
         for fd in streams:
             os.set_blocking(fd, False)
             sel.register(fd, selectors.EVENT_READ)
         sel.register(pidfd, selectors.EVENT_READ)
-        deadline = None if request.deadline_seconds is None else started + request.deadline_seconds
+        sel.register(wakeup.read_fd, selectors.EVENT_READ)
+        deadline = None if command.deadline_seconds is None else started + command.deadline_seconds
         kill_at: float | None = None
-        forced = False
+        stopped_by: str | None = None
+        hurried = False
         exited = False
         while True:
             now = time.monotonic()
-            if not forced and deadline is not None and now >= deadline:
-                forced = True
-                control.terminate(proc.pid)
-                kill_at = now + request.graceful_shutdown_seconds
+            if stopped_by is None and not exited:
+                if stop is not None and stop.reason is not None:
+                    stopped_by = stop.reason
+                elif deadline is not None and now >= deadline:
+                    stopped_by = "timeout"
+                if stopped_by is not None:
+                    control.terminate(proc.pid)
+                    kill_at = now + command.graceful_shutdown_seconds
+            if stop is not None and stop.hurry and kill_at is not None and not hurried:
+                hurried = True
+                kill_at = now
             if kill_at is not None and now >= kill_at:
                 control.kill(proc.pid)
                 kill_at = None
             if exited and not any(k.fd in streams for k in sel.get_map().values()):
                 break
             timeout = None
-            for t in (deadline if not forced else None, kill_at):
+            for t in (deadline if stopped_by is None else None, kill_at):
                 if t is not None:
                     timeout = (
                         max(0.0, t - now) if timeout is None else min(timeout, max(0.0, t - now))
                     )
             for key, _ in sel.select(timeout):
+                if key.fd == wakeup.read_fd:
+                    wakeup.drain()
+                    continue
                 if key.fd == pidfd:
                     # Exited but not reaped: kill stragglers in its group while the group id
                     # is still guaranteed to be ours, so that no orphan keeps the pipes open.
@@ -251,6 +357,10 @@ def _supervise(
                     chunk = os.read(key.fd, _READ_CHUNK)
                 except BlockingIOError:
                     continue
+                except OSError as exc:
+                    if exc.errno != errno.EIO:
+                        raise
+                    chunk = b""
                 if chunk:
                     streams[key.fd].feed(chunk)
                 else:
@@ -258,7 +368,8 @@ def _supervise(
         _, status = os.waitpid(proc.pid, 0)
         proc.returncode = -1  # reaped here; keep Popen from waiting again
         _wait_all_gone(control, proc.pid)
-        return forced, status
+        return stopped_by, status
     finally:
         sel.close()
         os.close(pidfd)
+        wakeup.close()

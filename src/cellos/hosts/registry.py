@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from cellos.core.errors import PolicyRefused
-from cellos.core.ports import CellBackend
+from cellos.core.ports import CellBackend, ReapedCell
 
 KNOWN = ("cellos", "gvisor", "qemu", "stub")
 PLANNED = ("firecracker",)
+
+
+def make_reaper(env: Mapping[str, str]) -> Callable[[], list[ReapedCell]]:
+    """Reaps the host's cell-state store (``CELLOS_STATE_DIR``): the cells of every backend,
+    whichever one this supervisor runs."""
+
+    def reap() -> list[ReapedCell]:
+        from cellos.hosts.reaper import reap
+        from cellos.hosts.state import CellStore
+
+        return reap(CellStore(env.get("CELLOS_STATE_DIR") or None))
+
+    return reap
 
 
 def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
@@ -31,9 +43,8 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
     if name == "gvisor":
         from cellos.hosts.gvisor import GvisorBackend
 
-        state = env.get("CELLOS_STATE_DIR")
         return GvisorBackend(
-            state_root=os.path.join(state, "gvisor") if state else None,
+            state_root=env.get("CELLOS_STATE_DIR") or None,
             rootfs=env.get("CELLOS_ROOTFS") or None,
             runsc=env.get("CELLOS_RUNSC") or None,
             platform=env.get("CELLOS_GVISOR_PLATFORM") or None,
@@ -41,10 +52,9 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
     if name == "qemu":
         from cellos.hosts.microvm.backend import MicrovmBackend
 
-        state = env.get("CELLOS_STATE_DIR")
         return MicrovmBackend(
             image_dir=env.get("CELLOS_MICROVM_IMAGE") or None,
-            state_root=os.path.join(state, "microvm") if state else None,
+            state_root=env.get("CELLOS_STATE_DIR") or None,
             allow_tcg=env.get("CELLOS_MICROVM_ALLOW_TCG", "").strip() in {"1", "true", "yes"},
             accel=env.get("CELLOS_MICROVM_ACCEL") or None,
         )

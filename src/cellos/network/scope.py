@@ -26,11 +26,14 @@ import os
 import re
 import socket
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellos.core.errors import HostError, PolicyRefused
 from cellos.core.spec import EgressRule
 from cellos.network import nft
+
+if TYPE_CHECKING:
+    from cellos.hosts.state import CellStore
 
 DEFAULT_POOL = "10.213.0.0/16"
 FAMILY = "inet"
@@ -81,18 +84,55 @@ def _table_name(cell_id: str) -> str:
 
 
 def claim_slot(state_root: str, cell_id: str, pool: ipaddress.IPv4Network) -> tuple[int, str]:
+    """Claim a /30 of the pool: ``net/slots/<n>`` is created as a symlink naming the cell, so
+    the claim and its owner appear in one atomic step (a reaper can always tell whose a slot
+    is, even if the claim happened just before its supervisor died)."""
     slots = os.path.join(state_root, "net", "slots")
-    os.makedirs(slots, mode=0o700, exist_ok=True)
-    for slot in range(1, pool.num_addresses // 4):
-        path = os.path.join(slots, str(slot))
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(cell_id)
-        return slot, path
+    try:
+        os.makedirs(slots, mode=0o700, exist_ok=True)
+        for slot in range(1, pool.num_addresses // 4):
+            path = os.path.join(slots, str(slot))
+            try:
+                os.symlink(cell_id, path)
+            except FileExistsError:
+                continue
+            return slot, path
+    except OSError as exc:
+        raise HostError(
+            "CELLOS_STATE_DIR", f"cannot claim a network slot in {slots}: {exc.strerror}"
+        ) from None
     raise HostError("CELLOS_NETWORK_POOL", f"no free /30 left in {pool}")
+
+
+def sweep_slots(store: CellStore) -> list[str]:
+    """Release slots whose cell is gone (its supervisor died between claiming the slot and
+    recording it); a slot is only touched under its cell's lock. Returns the released paths."""
+    slots = os.path.join(store.root, "net", "slots")
+    try:
+        names = os.listdir(slots)
+    except FileNotFoundError:
+        return []
+    released = []
+    for name in names:
+        path = os.path.join(slots, name)
+        try:
+            owner = os.readlink(path)
+        except OSError:
+            continue
+        if os.path.lexists(store.cell_dir(owner)):
+            continue  # a live cell's, or a dead cell's that the reaper removes with its record
+        fd = store.claim_dead(owner, create=True)
+        if fd is None:
+            continue
+        try:
+            if not os.path.lexists(store.cell_dir(owner)) and os.readlink(path) == owner:
+                os.unlink(path)
+                released.append(path)
+        except OSError:
+            pass
+        finally:
+            store.drop_dead(owner, fd)
+    return released
 
 
 def resolve_rules(rules: list[EgressRule], *, pin_by_dns: bool = False) -> list[AllowRule]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from cellos.core.errors import CellosError, InvalidSpec
 from cellos.core.loading import load_document
 from cellos.supervisor.composition import build_supervisor
+from cellos.supervisor.lifecycle import Supervisor
 
 
 def configure_logging() -> None:
@@ -30,32 +32,55 @@ def print_error(exc: CellosError) -> None:
         print(f"error: {path}: {reason}", file=sys.stderr)
 
 
+#: Signals that stop a running cell truthfully (grace, kill, teardown, events) instead of
+#: killing the supervisor: a second one skips what is left of the grace period.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def run_spec(path: str) -> int:
     """Load, compose and run; shared by ``cellos-supervisor`` and ``cellos run``."""
+    supervisors: list[Supervisor] = []
+    early: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if supervisors:
+            supervisors[0].stop(signum)
+        else:
+            early.append(signum)  # before the supervisor exists: it stops before create
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     try:
-        document = load_document(path, sys.stdin.buffer)
-        supervisor = build_supervisor(os.environ)
-    except CellosError as exc:
-        print_error(exc)
-        return exc.exit_code
-    try:
-        supervisor.reap_stale()
-        outcome = supervisor.run(document)
+        try:
+            document = load_document(path, sys.stdin.buffer)
+            supervisor = build_supervisor(os.environ)
+        except CellosError as exc:
+            print_error(exc)
+            return exc.exit_code
+        supervisors.append(supervisor)
+        for signum in early:
+            supervisor.stop(signum)
+        try:
+            supervisor.reap_stale()
+            outcome = supervisor.run(document)
+        finally:
+            supervisor.close()
+        if outcome.result is not None:
+            # Relay the workload's output (the supervisor has already redacted secret values).
+            sys.stdout.buffer.write(outcome.result.stdout)
+            sys.stdout.flush()
+            sys.stderr.buffer.write(outcome.result.stderr)
+            sys.stderr.flush()
+        for err in outcome.errors:
+            print_error(err)
+        if outcome.lost_events:
+            print(
+                f"error: events: {outcome.lost_events} event(s) could not be delivered",
+                file=sys.stderr,
+            )
+        return outcome.exit_code
     finally:
-        supervisor.close()
-    if outcome.result is not None:
-        # Relay the workload's output (the supervisor has already redacted secret values).
-        sys.stdout.buffer.write(outcome.result.stdout)
-        sys.stdout.flush()
-        sys.stderr.buffer.write(outcome.result.stderr)
-        sys.stderr.flush()
-    for err in outcome.errors:
-        print_error(err)
-    if outcome.lost_events:
-        print(
-            f"error: events: {outcome.lost_events} event(s) could not be delivered", file=sys.stderr
-        )
-    return outcome.exit_code
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

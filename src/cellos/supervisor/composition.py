@@ -13,7 +13,7 @@ from cellos.core.errors import PolicyRefused
 from cellos.core.ports import EventSink
 from cellos.core.signing import signer_from_env
 from cellos.exports.local import LocalExportSink
-from cellos.hosts.registry import make_backend
+from cellos.hosts.registry import make_backend, make_reaper
 from cellos.sinks.dlq import DlqSink
 from cellos.sinks.jsonl import JsonlFileSink, JsonlStreamSink
 from cellos.sinks.noop import NoopSink
@@ -122,4 +122,5 @@ def build_supervisor(env: Mapping[str, str]) -> Supervisor:
         host=socket.gethostname(),
         default_ttl_seconds=settings.default_ttl_seconds,
         profile=settings.profile,
+        reaper=make_reaper(env),
     )

@@ -9,12 +9,12 @@ status instead, so teardown still happens.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cellos.core.chain import RunChain
 from cellos.core.events import new_event
-from cellos.core.ports import CloudEvent, EventSink
+from cellos.core.ports import ChainPosition, CloudEvent, EventSink
 from cellos.core.signing import Signer, wrap_signed
 from cellos.sinks.redact import Redactor
 
@@ -41,6 +41,9 @@ class EventEmitter:
         #: Inner (unsigned) events of this run, in order.
         self.emitted: list[CloudEvent] = []
         self.lost = 0
+        #: Told where the chain stands after each event (the backend keeps it with the cell,
+        #: so that a reaper can continue the chain should this supervisor die).
+        self.on_emit: Callable[[ChainPosition], None] | None = None
 
     @property
     def run_id(self) -> str:
@@ -50,6 +53,13 @@ class EventEmitter:
         event = self.redactor.apply(new_event(event_type, self.cell_id, data, host=self.host))
         event = self.chain.stamp(event)
         self.emitted.append(event)
+        if self.on_emit is not None:
+            seq, digest = self.chain.last
+            try:
+                self.on_emit(ChainPosition(self.chain.run_id, seq, digest, event_type))
+            except OSError as exc:
+                # Only a reaper's events would miss it; this event itself is still delivered.
+                log.warning("cannot record the chain position: %s", exc.strerror or exc)
         wire = wrap_signed(event, self.signer) if self.signer is not None else event
         for sink in self.sinks:
             try:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cellos.core import events as ev
 from cellos.core.canonical import canonical_bytes, sha256_hex
+from cellos.core.chain import RunChain
 from cellos.core.errors import (
     CellosError,
     ExportError,
@@ -28,6 +29,7 @@ from cellos.core.errors import (
 from cellos.core.ports import (
     CellBackend,
     CellHandle,
+    ChainRecordingBackend,
     EventSink,
     ExportReceipt,
     ExportSink,
@@ -42,6 +44,7 @@ from cellos.core.ports import (
 from cellos.core.secrets_env import secret_env_name
 from cellos.core.signing import Signer
 from cellos.core.spec import ExecutionCell
+from cellos.core.stop import StopRequest
 from cellos.sinks.redact import Redactor
 from cellos.supervisor.emitter import EventEmitter
 
@@ -86,6 +89,7 @@ class Supervisor:
         host: str = "localhost",
         default_ttl_seconds: int = DEFAULT_TTL_SECONDS,
         profile: str = "portable",
+        reaper: Callable[[], list[ReapedCell]] | None = None,
     ) -> None:
         self.backend = backend
         self.sinks = sinks
@@ -95,24 +99,52 @@ class Supervisor:
         self.host = host
         self.default_ttl_seconds = default_ttl_seconds
         self.profile = profile
+        #: Walks the host's cell-state store (every backend's cells); default: the backend's.
+        self.reaper = reaper
+        #: Set by :meth:`stop` (e.g. from a signal handler): running cells stop early.
+        self.stop_request = StopRequest()
 
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
 
+    def stop(self, signum: int | None = None) -> None:
+        """Stop the running cell (grace, then kill), export nothing more, tear down, and say
+        so in its events; a second call skips the rest of the grace. Signal-handler safe."""
+        self.stop_request.set(signum=signum)
+
     def reap_stale(self) -> list[ReapedCell]:
-        """Remove what crashed supervisors left; one destroyed event (and summary) per cell."""
-        if not isinstance(self.backend, ReapingBackend):
+        """Remove what crashed supervisors left; per cell, the events that end its run (a
+        forced completion if its workload had started, destroyed, summary), continuing the
+        dead run's own chain when the store kept its position."""
+        if self.reaper is not None:
+            reaped = self.reaper()
+        elif isinstance(self.backend, ReapingBackend):
+            reaped = self.backend.reap()
+        else:
             return []
-        reaped = self.backend.reap()
         for cell in reaped:
+            chain = cell.chain
             emitter = EventEmitter(
                 cell_id=cell.cell_id,
                 host=self.host,
                 sinks=self.sinks,
                 redactor=Redactor(),
                 signer=self.signer,
+                chain=RunChain.resume(chain.run_id, chain.seq, chain.digest) if chain else None,
             )
+            if chain is not None and chain.event_type == ev.PROCESS_SPAWNED:
+                emitter.emit(
+                    ev.COMMAND_COMPLETED,
+                    {
+                        "cellId": cell.cell_id,
+                        "exitCode": None,
+                        "durationMs": None,
+                        "spawnError": None,
+                        "forced": True,
+                        "reason": "supervisor_lost",
+                    },
+                )
             common: dict[str, Any] = {
                 "cellId": cell.cell_id,
                 "outcome": "failed",
@@ -158,10 +190,13 @@ class Supervisor:
         )
         handle: CellHandle | None = None
         revoke_pending = False
+        stop = self.stop_request
         try:
             self._check_policy(document)
             revoke_pending = True
             secret_env = self._resolve_secrets(document, redactor)
+            if stop.is_set():
+                raise HostError("supervisor", f"{stop.describe()} before the cell was created")
             try:
                 handle = self.backend.create(spec)
             except CellosError as exc:
@@ -180,6 +215,9 @@ class Supervisor:
                     },
                 )
                 raise
+            if isinstance(self.backend, ChainRecordingBackend):
+                backend, created = self.backend, handle
+                emitter.on_emit = lambda position: backend.note_chain(created, position)
             emitter.emit(
                 ev.LIFECYCLE_STARTED,
                 {
@@ -205,9 +243,15 @@ class Supervisor:
                 if out.result.spawn_error:
                     out.errors.append(HostError("spec.run.argv[0]", out.result.spawn_error))
                 out.flows = self._emit_network(handle, emitter)
-                out.exports = self._export(document, handle, emitter, out.errors)
+                if not stop.is_set():
+                    out.exports = self._export(document, handle, emitter, out.errors)
             finally:
+                if stop.is_set():
+                    out.errors.append(
+                        HostError("supervisor", f"{stop.describe()}: the cell was cut short")
+                    )
                 out.teardown = self._destroy(handle, out.errors)
+                emitter.on_emit = None  # the cell's record is gone with it
                 revoke_pending = False
                 self._revoke(spec.id, out.errors)
                 self._emit_end(emitter, document, handle, spec_digest, out)
@@ -281,6 +325,12 @@ class Supervisor:
         ttl_binds = timeout is None or remaining_ttl < timeout
         deadline = remaining_ttl if ttl_binds else float(timeout or 0)
         grace = run.limits.graceful_shutdown_seconds if run.limits else 5
+        stop = self.stop_request
+        if stop.is_set():
+            # Stopped between create and run: the workload never starts.
+            result = WorkloadResult(exit_code=None, duration_ms=0, forced=True, reason=stop.reason)
+            self._emit_completed(emitter, handle, result, stop.reason)
+            return result
         emitter.emit(
             ev.PROCESS_SPAWNED,
             {
@@ -295,11 +345,21 @@ class Supervisor:
             working_directory=run.working_directory,
             deadline_seconds=deadline,
             graceful_shutdown_seconds=float(grace),
+            stop=stop,
         )
         result = self.backend.run(handle, request)
         reason = result.reason
-        if result.forced:
+        if result.forced and reason == "timeout":
             reason = "ttl" if ttl_binds else "timeout"
+        self._emit_completed(emitter, handle, result, reason)
+        if result.forced:
+            return _with_reason(result, reason)
+        return result
+
+    @staticmethod
+    def _emit_completed(
+        emitter: EventEmitter, handle: CellHandle, result: WorkloadResult, reason: str | None
+    ) -> None:
         emitter.emit(
             ev.COMMAND_COMPLETED,
             {
@@ -315,9 +375,6 @@ class Supervisor:
                 "limits": dict(result.limits),
             },
         )
-        if result.forced:
-            return _with_reason(result, reason)
-        return result
 
     def _emit_network(self, handle: CellHandle, emitter: EventEmitter) -> dict[str, int]:
         """DNS/L7 decisions and nft counters become events; returns packets per decision."""
@@ -339,6 +396,8 @@ class Supervisor:
     ) -> list[ExportReceipt]:
         receipts: list[ExportReceipt] = []
         for index, artifact in enumerate(document.spec.artifacts):
+            if self.stop_request.is_set():
+                break  # asked to stop: nothing more leaves the cell
             where = f"spec.export.artifacts[{index}]"
             try:
                 if self.exporter is None:
@@ -402,7 +461,8 @@ class Supervisor:
         out: RunOutcome,
     ) -> None:
         result = out.result
-        forced = bool(result and result.forced)
+        # A stop request cuts the run short even when the workload had already ended.
+        forced = bool(result and result.forced) or self.stop_request.is_set()
         out.terminal_state = "forced" if forced else "clean"
         out.exit_code, out.outcome = self._exit_status(out)
         emitter.emit(
@@ -422,7 +482,8 @@ class Supervisor:
             "cellId": handle.cell_id,
             "outcome": out.outcome,
             "terminalState": out.terminal_state,
-            "reason": result.reason if result else None,
+            "reason": (result.reason if result else None)
+            or (self.stop_request.reason if forced else None),
             "destroyed": bool(teardown and teardown.destroyed),
             "peersTrackedAfter": teardown.peers_tracked_after if teardown else None,
             "processesKilled": teardown.processes_killed if teardown else None,
@@ -467,8 +528,10 @@ class Supervisor:
             },
         )
 
-    @staticmethod
-    def _exit_status(out: RunOutcome) -> tuple[int, str]:
+    def _exit_status(self, out: RunOutcome) -> tuple[int, str]:
+        signum = self.stop_request.signum
+        if signum is not None:
+            return 128 + signum, "failed"  # as a shell reports a command killed by it
         result = out.result
         if result is not None and result.forced:
             return EXIT_FORCED, "failed"

@@ -23,14 +23,13 @@ from cellos.core.errors import CellosError, HostError, PolicyRefused
 from cellos.core.events import NETWORK_FLOW_DECISION
 from cellos.core.ports import (
     CellHandle,
-    ReapedCell,
     TeardownReport,
     WorkloadRequest,
     WorkloadResult,
 )
 from cellos.core.spec import CellSpec
 from cellos.hosts.artifacts import open_in_workspace
-from cellos.hosts.cellos import cgroups, reaper, state
+from cellos.hosts.cellos import cgroups
 from cellos.hosts.cellos.control import CellControl
 from cellos.hosts.cellos.launcher import landlock_abi, launcher_path
 from cellos.hosts.cellos.sandbox import (
@@ -41,8 +40,9 @@ from cellos.hosts.cellos.sandbox import (
 )
 from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
 from cellos.hosts.host_root import host_binds, host_symlinks
-from cellos.hosts.live import LiveCells
-from cellos.hosts.process import SpawnOptions, spawn_isolated_workload
+from cellos.hosts.live import LiveCells, StoredBackend
+from cellos.hosts.process import HostCommand, SpawnOptions, run_host_command
+from cellos.hosts.state import CellState, CellStore
 from cellos.network import scope
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class _LiveCell:
-    record: state.CellRecord
+    state: CellState
     plan: SandboxPlan
     cgroup: cgroups.CellCgroup | None = None
     pid: int | None = None
@@ -69,7 +69,7 @@ WORKLOAD_UID = WORKLOAD_GID = 65534
 _LIVE: LiveCells[_LiveCell] = LiveCells()
 
 
-class CellosBackend:
+class CellosBackend(StoredBackend):
     name = "cellos"
 
     def __init__(
@@ -81,7 +81,8 @@ class CellosBackend:
         launcher: str | None = None,
         network_pool: str | None = None,
     ) -> None:
-        self.state_root = state_root or state.default_state_root()
+        self.store = CellStore(state_root)
+        self.state_root = self.store.root
         self.network_pool = network_pool or scope.DEFAULT_POOL
         self.cgroup_parent = cgroup_parent
         # An absolute parent names a directory in one hierarchy (it must exist); a relative
@@ -117,7 +118,6 @@ class CellosBackend:
                 "spec.run.limits" if wants_limits else "CELLOS_CGROUP_PARENT",
                 f"cannot be enforced on this host: {why_not}",
             )
-        stale: dict[str, Any] | None = None
         # Planned (pure) now so that the first state record already names the leaves: a
         # reaper must always find what exists, and one record write is cheaper than two.
         planned = (
@@ -126,49 +126,30 @@ class CellosBackend:
             else None
         )
 
-        def track() -> _LiveCell:
-            nonlocal stale
-            resources: dict[str, Any] = {"cgroups": planned.paths} if planned else {}
-            if spec.correlation is not None:
-                # For the reaper's events, should this supervisor die with the cell.
-                resources["correlation"] = spec.correlation.model_dump(
-                    mode="json", by_alias=True, exclude_none=True
-                )
+        def make(cell: CellState) -> _LiveCell:
+            workspace = cell.path("workspace")
             try:
-                record, stale = state.acquire(self.state_root, spec.id, resources)
-            except state.CellBusy:
-                raise HostError(
-                    "spec.id", f"a live cell with id {spec.id!r} already exists (another process)"
-                ) from None
+                os.mkdir(workspace, 0o700)
+                if not self.user_namespace:
+                    # The workload's own directory: the only host path it may write.
+                    os.chown(workspace, WORKLOAD_UID, WORKLOAD_GID)
             except OSError as exc:
                 raise HostError(
-                    "CELLOS_STATE_DIR", f"cannot create cell state: {exc.strerror}"
+                    "CELLOS_STATE_DIR",
+                    f"cannot hand the workspace to the workload: {exc.strerror}",
                 ) from None
             plan = SandboxPlan(
                 cell_id=spec.id,
-                workspace=record.workspace,
+                workspace=workspace,
                 working_directory=spec.run.working_directory,
                 rootfs=self.rootfs,
                 user_namespace=self.user_namespace,
                 landlock_abi=self.landlock_abi,
                 workload_user=None if self.user_namespace else (WORKLOAD_UID, WORKLOAD_GID),
             )
-            if not self.user_namespace:
-                # The workload's own directory: the only host path it may write.
-                try:
-                    os.chown(record.workspace, WORKLOAD_UID, WORKLOAD_GID)
-                except OSError as exc:
-                    state.release(self.state_root, record)
-                    raise HostError(
-                        "CELLOS_STATE_DIR",
-                        f"cannot hand the workspace to the workload: {exc.strerror}",
-                    ) from None
-            return _LiveCell(record=record, plan=plan)
+            return _LiveCell(state=cell, plan=plan)
 
-        live = _LIVE.add(spec.id, track)
-        record = live.record
-        if stale:
-            reaper.reap_resources(stale)
+        live = self.open_cell(_LIVE, spec, {"cgroups": planned.paths} if planned else {}, make)
         try:
             if planned is not None:
                 live.cgroup = planned
@@ -184,7 +165,7 @@ class CellosBackend:
                 self._teardown(spec.id, live)
                 raise
         isolation = isolation_features(replace(live.plan, seccomp_fd=-1))
-        resources: dict[str, str] = {"workspace": record.workspace}
+        resources: dict[str, str] = {"workspace": live.plan.workspace}
         if live.cgroup is not None:
             isolation.append(
                 "cgroup:" + ",".join(f"{c}=v{v}" for c, v in sorted(live.cgroup.versions.items()))
@@ -223,17 +204,21 @@ class CellosBackend:
                 live.pid = pid
                 # For the reaper: a supervisor killed while the cell is still starting leaves
                 # a launcher that only this pid can name.
-                live.record.write_pid(pid)
+                live.state.write_pid(pid)
 
             options = SpawnOptions(
                 cwd="/",
-                log_dir=live.record.cell_dir,
+                log_dir=live.state.cell_dir,
                 on_spawn=on_spawn,
-                command=launcher_argv(plan, request.argv, self.launcher),
                 pass_fds=(seccomp_read, error_write),
                 control=CellControl(live.cgroup),
             )
-            result = spawn_isolated_workload(request, options)
+            # The launcher passes the declared environment on to the workload, and nothing
+            # else; it dies with this supervisor (its --parent check and PDEATHSIG).
+            command = HostCommand.for_workload(
+                request, argv=launcher_argv(plan, request.argv, self.launcher)
+            )
+            result = run_host_command(command, options)
             os.close(error_write)
             error_write = -1
             setup_error = _read_all(error_read)
@@ -267,7 +252,7 @@ class CellosBackend:
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = self._live(handle)
-        return open_in_workspace(live.record.workspace, live.plan.working_directory, path)
+        return open_in_workspace(live.plan.workspace, live.plan.working_directory, path)
 
     def destroy(self, handle: CellHandle) -> TeardownReport:
         live = _LIVE.get(handle.cell_id)
@@ -280,10 +265,6 @@ class CellosBackend:
             processes_killed=killed,
             residue=tuple(residue),
         )
-
-    def reap(self) -> list[ReapedCell]:
-        """Remove what dead supervisors' cells left under this state root."""
-        return reaper.reap(self.state_root)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -306,6 +287,9 @@ class CellosBackend:
     def _live(self, handle: CellHandle) -> _LiveCell:
         return _LIVE.get(handle.cell_id)
 
+    def _state_of(self, handle: CellHandle) -> CellState:
+        return _LIVE.get(handle.cell_id).state
+
     def _create_network(self, spec: CellSpec, live: _LiveCell) -> None:
         """The cell's egress scope: netns, veth, nft table (recorded before it exists)."""
         if os.geteuid() != 0:
@@ -322,14 +306,19 @@ class CellosBackend:
         net = scope.plan(spec.id, rules, self.state_root, self.network_pool)
         if dns is not None:
             net.dns_ports = sorted({(r.protocol, r.port) for r in spec.authority.egress_rules})
-        live.network = net
-        live.record.resources["network"] = net.record()
-        live.record.save()
+        live.network = net  # from here on, teardown releases the slot
+        live.state.record["network"] = net.record()
+        try:
+            live.state.save()
+        except OSError as exc:
+            raise HostError(
+                "CELLOS_STATE_DIR", f"cannot record the cell's network: {exc.strerror}"
+            ) from None
         scope.create(net)
         resolv_conf = None
         if dns is not None:
             # The cell asks its own DNS proxy (bound inside its namespace), nobody else.
-            resolv_conf = os.path.join(live.record.cell_dir, "resolv.conf")
+            resolv_conf = live.state.path("resolv.conf")
             with open(resolv_conf, "w", encoding="ascii") as fh:
                 fh.write("nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
         # Ports 80/443 are checked at L7 against the names the cell may reach.
@@ -364,7 +353,7 @@ class CellosBackend:
             live.proxies.stop()
         if live.network is not None:
             residue += scope.destroy(live.network.record())
-        residue += state.release(self.state_root, live.record)
+        residue += self.store.release(live.state)
         _LIVE.remove(cell_id)
         return killed, residue
 

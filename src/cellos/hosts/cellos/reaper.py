@@ -1,23 +1,15 @@
-"""Finding and removing what dead supervisors left behind (``cellos reap``).
-
-A cell's lock file is held (flock) for as long as its supervisor lives. A lock that can be
-taken therefore belongs to a dead supervisor: its record names every resource the cell had
-(recorded before each was created), and each is removed.
-"""
+"""The ``cellos`` backend's part of reaping a dead cell (see :mod:`cellos.hosts.reaper`):
+its launcher, its network scope and its cgroup leaves, as its record names them."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import os
-import shutil
 import signal
 from typing import Any
 
-from cellos.core.ports import ReapedCell
 from cellos.hosts.cellos import cgroups
-from cellos.hosts.cellos.state import read_record
 from cellos.hosts.host_root import HOSTNAME_MAX
 
 
@@ -61,49 +53,3 @@ def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:
             except OSError:
                 residue.append(f"cgroup:{path}")
     return removed, residue
-
-
-def _reap_one(cells: str, cell_id: str) -> ReapedCell | None:
-    lock_path = os.path.join(cells, f"{cell_id}.lock")
-    cell_dir = os.path.join(cells, cell_id)
-    fd = -1
-    if os.path.exists(lock_path):
-        fd = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None  # a live supervisor owns it
-    try:
-        record = read_record(cell_dir) or {}
-        removed, residue = reap_resources(record)
-        if os.path.lexists(cell_dir):
-            shutil.rmtree(cell_dir, ignore_errors=True)
-            (residue if os.path.lexists(cell_dir) else removed).append(f"dir:{cell_dir}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock_path)
-        correlation = record.get("correlation")
-        return ReapedCell(
-            cell_id,
-            tuple(removed),
-            tuple(residue),
-            correlation=correlation if isinstance(correlation, dict) else None,
-        )
-    finally:
-        if fd >= 0:
-            os.close(fd)
-
-
-def reap(state_root: str) -> list[ReapedCell]:
-    cells = os.path.join(state_root, "cells")
-    try:
-        entries = os.listdir(cells)
-    except FileNotFoundError:
-        return []
-    ids = sorted({e.removesuffix(".lock") for e in entries if not e.startswith(".")})
-    reaped = []
-    for cell_id in ids:
-        result = _reap_one(cells, cell_id)
-        if result is not None:
-            reaped.append(result)
-    return reaped

@@ -5,12 +5,17 @@ container id per run; stdout/stderr are the runsc process's pipes; the exit stat
 workload's. On timeout/TTL: ``runsc kill --all <id> TERM``, then ``KILL``; teardown runs
 ``runsc delete --force`` and removes the state directory and the bundle.
 
-Layout of a cell (under the backend's state root)::
+Layout of a cell (under the cell-state store's root, :mod:`cellos.hosts.state`)::
 
-    <root>/<cellId>-<rand>/bundle/config.json
-    <root>/<cellId>-<rand>/bundle/rootfs/        skeleton root (mount points, symlinks)
-    <root>/<cellId>-<rand>/workspace/            bound read-write at run.workingDirectory
-    <root>/<cellId>-<rand>/runsc/                runsc's --root (container state)
+    cells/<cellId>/record.json              names the runsc binary, root and container id
+    cells/<cellId>/bundle/config.json
+    cells/<cellId>/bundle/rootfs/           skeleton root (mount points, symlinks)
+    cells/<cellId>/workspace/               bound read-write at run.workingDirectory
+    runsc/<containerId>/                    runsc's --root (container state; a short path,
+                                            because runsc's socket paths must fit 108 bytes)
+
+runsc dies with its supervisor (``PR_SET_PDEATHSIG``; runsc's attached sandbox and gofer die
+with runsc), and ``cellos reap`` deletes what is left (:mod:`cellos.hosts.gvisor.reaper`).
 """
 
 from __future__ import annotations
@@ -28,39 +33,67 @@ from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, Workl
 from cellos.core.spec import CellSpec
 from cellos.hosts.artifacts import open_in_workspace
 from cellos.hosts.gvisor.bundle import BundleConfig, build_config, host_binds, host_symlinks
-from cellos.hosts.live import LiveCells
+from cellos.hosts.live import LiveCells, StoredBackend
 from cellos.hosts.process import (
     ENV_PROGRAM,
+    HostCommand,
     ProcessGroupControl,
     SpawnOptions,
-    spawn_isolated_workload,
+    run_host_command,
 )
-
-
-def default_state_root() -> str:
-    return "/run/cellos-gvisor" if os.geteuid() == 0 else f"/tmp/cellos-gvisor-{os.geteuid()}"
+from cellos.hosts.state import CellState, CellStore
 
 
 @dataclass
 class _LiveCell:
     spec: CellSpec
-    cell_dir: str
+    state: CellState
     container_id: str
+    runsc_root: str
+
+    @property
+    def cell_dir(self) -> str:
+        return self.state.cell_dir
 
     @property
     def bundle(self) -> str:
-        return os.path.join(self.cell_dir, "bundle")
+        return self.state.path("bundle")
 
     @property
     def workspace(self) -> str:
-        return os.path.join(self.cell_dir, "workspace")
-
-    @property
-    def runsc_root(self) -> str:
-        return os.path.join(self.cell_dir, "runsc")
+        return self.state.path("workspace")
 
 
 _LIVE: LiveCells[_LiveCell] = LiveCells()
+
+
+def runsc_argv(runsc: str, root: str, platform: str | None) -> list[str]:
+    argv = [runsc, "--root", root]
+    if platform:
+        argv.append(f"--platform={platform}")
+    return argv
+
+
+def delete_container(runsc: list[str], root: str, container_id: str) -> list[str]:
+    """``runsc delete --force`` the container (sandbox, gofer, its cgroups) and remove its
+    root; return what is left."""
+    residue: list[str] = []
+    if os.path.isdir(root) and os.listdir(root):
+        subprocess.run(
+            [*runsc, "delete", "--force", container_id],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        listing = subprocess.run(
+            [*runsc, "list", "--quiet"], capture_output=True, text=True, timeout=30, check=False
+        )
+        if listing.stdout.strip():
+            residue.append(f"runsc:{container_id}")
+    shutil.rmtree(root, ignore_errors=True)
+    if os.path.lexists(root):
+        residue.append(f"dir:{root}")
+    return residue
 
 
 class RunscControl:
@@ -92,7 +125,7 @@ class RunscControl:
         return self._group.remaining(pid)
 
 
-class GvisorBackend:
+class GvisorBackend(StoredBackend):
     name = "gvisor"
 
     def __init__(
@@ -120,13 +153,10 @@ class GvisorBackend:
         self.runsc = found
         self.platform = platform
         self.rootfs = rootfs
-        self.state_root = state_root or default_state_root()
+        self.store = CellStore(state_root)
 
     def _runsc(self, live: _LiveCell) -> list[str]:
-        argv = [self.runsc, "--root", live.runsc_root]
-        if self.platform:
-            argv.append(f"--platform={self.platform}")
-        return argv
+        return runsc_argv(self.runsc, live.runsc_root, self.platform)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -143,22 +173,33 @@ class GvisorBackend:
         # runsc names its control socket after the container id, under a root inside the cell
         # dir named the same: a socket path has 108 bytes, a cell id up to 128 characters.
         container_id = f"cellos-{spec.id[:24]}-{uuid.uuid4().hex[:12]}"
-        cell_dir = os.path.join(self.state_root, container_id)
-        live = _LIVE.add(
-            spec.id, lambda: _LiveCell(spec=spec, cell_dir=cell_dir, container_id=container_id)
-        )
-        try:
-            os.makedirs(self.state_root, mode=0o711, exist_ok=True)
-            os.mkdir(cell_dir, 0o700)
-            for sub in ("bundle", "workspace", "runsc"):
-                os.mkdir(os.path.join(cell_dir, sub), 0o700)
-            if self.rootfs is None:
-                self._skeleton(os.path.join(live.bundle, "rootfs"), spec)
-        except OSError as exc:
-            self._teardown(live)
-            raise HostError(
-                "CELLOS_STATE_DIR", f"cannot prepare the bundle: {exc.strerror}"
-            ) from None
+        runsc_root = os.path.join(self.store.root, "runsc", container_id)
+
+        def make(cell: CellState) -> _LiveCell:
+            live = _LiveCell(
+                spec=spec, state=cell, container_id=container_id, runsc_root=runsc_root
+            )
+            try:
+                for sub in (live.bundle, live.workspace):
+                    os.mkdir(sub, 0o700)
+                os.makedirs(runsc_root, mode=0o700)
+                if self.rootfs is None:
+                    self._skeleton(os.path.join(live.bundle, "rootfs"), spec)
+            except OSError as exc:
+                shutil.rmtree(runsc_root, ignore_errors=True)
+                raise HostError(
+                    "CELLOS_STATE_DIR", f"cannot prepare the bundle: {exc.strerror}"
+                ) from None
+            return live
+
+        # The record names runsc's root and container before either exists.
+        record = {
+            "runsc": self.runsc,
+            "runscRoot": runsc_root,
+            "containerId": container_id,
+            "platform": self.platform,
+        }
+        live = self.open_cell(_LIVE, spec, record, make)
         isolation = [
             "gvisor:runsc",
             "ns:pid",
@@ -223,20 +264,14 @@ class GvisorBackend:
         runsc = self._runsc(live)
         command = [*runsc, "--network=none", "run", "--bundle", live.bundle, live.container_id]
         # runsc itself needs no environment; the workload's is in config.json.
-        runsc_request = WorkloadRequest(
-            argv=request.argv,
-            env={},
-            working_directory="/",
-            deadline_seconds=request.deadline_seconds,
-            graceful_shutdown_seconds=request.graceful_shutdown_seconds,
-        )
-        result = spawn_isolated_workload(
-            runsc_request,
+        result = run_host_command(
+            HostCommand.for_workload(request, argv=command, env={}),
             SpawnOptions(
                 cwd="/",
                 log_dir=live.cell_dir,
-                command=command,
+                on_spawn=live.state.write_pid,
                 control=RunscControl(runsc, live.container_id),
+                die_with_parent=True,
             ),
         )
         return _explain(result)
@@ -261,27 +296,13 @@ class GvisorBackend:
     def _live(self, handle: CellHandle) -> _LiveCell:
         return _LIVE.get(handle.cell_id)
 
+    def _state_of(self, handle: CellHandle) -> CellState:
+        return _LIVE.get(handle.cell_id).state
+
     def _teardown(self, live: _LiveCell) -> list[str]:
-        residue: list[str] = []
-        if os.path.isdir(live.runsc_root) and os.listdir(live.runsc_root):
-            subprocess.run(
-                [*self._runsc(live), "delete", "--force", live.container_id],
-                capture_output=True,
-                timeout=30,
-                check=False,
-            )
-            listing = subprocess.run(
-                [*self._runsc(live), "list", "--quiet"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-            if listing.stdout.strip():
-                residue.append(f"runsc container {live.container_id}")
-        shutil.rmtree(live.cell_dir, ignore_errors=True)
-        if os.path.lexists(live.cell_dir):
-            residue.append(live.cell_dir)
+        residue = delete_container(self._runsc(live), live.runsc_root, live.container_id)
+        shutil.rmtree(live.bundle, ignore_errors=True)
+        residue += self.store.release(live.state)
         _LIVE.remove(live.spec.id)
         return residue
 

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import tempfile
 import threading
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -30,20 +29,25 @@ from typing import BinaryIO
 from cellos.core.errors import ExportError, HostError, PolicyRefused
 from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
 from cellos.core.spec import CellSpec
-from cellos.hosts.live import LiveCells
+from cellos.hosts.live import LiveCells, StoredBackend
 from cellos.hosts.microvm.firecracker import mem_mib_for, vcpus_for
 from cellos.hosts.microvm.image import MANIFEST_NAME
 from cellos.hosts.microvm.manifest import Manifest, load_manifest, verify
 from cellos.hosts.microvm.qemu_probe import kernel_append, parse_channel, qemu_command
-from cellos.hosts.process import SpawnOptions, spawn_isolated_workload
+from cellos.hosts.process import HostCommand, SpawnOptions, run_host_command
+from cellos.hosts.state import CellState, CellStore
 
 
 @dataclass
 class _LiveCell:
     spec: CellSpec
-    cell_dir: str
+    state: CellState
     manifest: Manifest
     artifacts: dict[str, bytes | None] = field(default_factory=dict)
+
+    @property
+    def cell_dir(self) -> str:
+        return self.state.cell_dir
 
 
 _LIVE: LiveCells[_LiveCell] = LiveCells()
@@ -54,7 +58,7 @@ _ACCEL: dict[str, str] = {}
 _ACCEL_LOCK = threading.Lock()
 
 
-class MicrovmBackend:
+class MicrovmBackend(StoredBackend):
     name = "qemu"
 
     def __init__(
@@ -81,7 +85,7 @@ class MicrovmBackend:
             raise PolicyRefused("CELLOS_MICROVM_ACCEL", "must be kvm or tcg")
         self.allow_tcg = allow_tcg
         self.forced_accel = accel
-        self.state_root = state_root or os.path.join(tempfile.gettempdir(), "cellos-microvm")
+        self.store = CellStore(state_root)
 
     # -- acceleration ------------------------------------------------------------------------
 
@@ -109,8 +113,15 @@ class MicrovmBackend:
         """/dev/kvm can exist and still be unable to boot an ordinary guest (e.g. hosts that
         only run paravirtualised guests): a short real boot decides."""
         with tempfile.TemporaryDirectory() as work:
-            result, _ = self._boot(manifest, ["/bin/true"], {}, [], "kvm", work, 20.0, 1.0, None)
+            result = self.boot_true(manifest, "kvm", work, 20.0)
         return result.exit_code == 0 and not result.forced
+
+    def boot_true(
+        self, manifest: Manifest, accel: str, work: str, timeout: float
+    ) -> WorkloadResult:
+        """Boot a guest that runs ``/bin/true`` (a probe: can this host boot the image?)."""
+        probe = HostCommand(["/bin/true"], {}, timeout, 1.0)
+        return self._boot(manifest, probe, [], accel, work, None)[0]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -118,14 +129,12 @@ class MicrovmBackend:
         manifest = load_manifest(self.image_dir / MANIFEST_NAME)
         # Refused before boot: a tampered kernel, initrd or VMM never runs.
         digests = verify(manifest, self.image_dir)
-        cell_dir = os.path.join(self.state_root, f"{spec.id}-{uuid.uuid4().hex[:12]}")
-
-        def track() -> _LiveCell:
-            os.makedirs(cell_dir, mode=0o700)
-            return _LiveCell(spec=spec, cell_dir=cell_dir, manifest=manifest)
-
-        os.makedirs(self.state_root, mode=0o700, exist_ok=True)
-        _LIVE.add(spec.id, track)
+        # The record names the VMM and the directory it runs in (its cwd), so that a reaper
+        # kills exactly this cell's VMM if the supervisor dies.
+        record = {"vmm": manifest.vmm.path, "cellDir": self.store.cell_dir(spec.id)}
+        live = self.open_cell(
+            _LIVE, spec, record, lambda cell: _LiveCell(spec=spec, state=cell, manifest=manifest)
+        )
         return CellHandle(
             cell_id=spec.id,
             backend=self.name,
@@ -136,7 +145,7 @@ class MicrovmBackend:
                 "workload:unprivileged-in-guest",
                 "network:none",
             ),
-            resources={"cellDir": cell_dir},
+            resources={"cellDir": live.cell_dir},
             digests={f"{name}Sha256": value for name, value in digests.items()},
         )
 
@@ -147,34 +156,31 @@ class MicrovmBackend:
         artifacts = sorted({a.path for a in live.spec.artifacts if a.path.startswith("/")})
         result, live.artifacts = self._boot(
             live.manifest,
-            list(request.argv),
-            dict(request.env),
+            HostCommand.for_workload(request),
             artifacts,
             accel,
             live.cell_dir,
-            request.deadline_seconds,
-            request.graceful_shutdown_seconds,
             limits,
+            on_spawn=live.state.write_pid,
         )
         return result
 
     def _boot(
         self,
         manifest: Manifest,
-        argv: list[str],
-        env: dict[str, str],
+        workload: HostCommand,
         artifacts: list[str],
         accel: str,
         work: str,
-        deadline: float | None,
-        grace: float,
         limits: object,
+        on_spawn: Callable[[int], None] | None = None,
     ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
-        """Boot once; the result and the artifacts the guest sent (None: missing there)."""
+        """Boot once; the result and the artifacts the guest sent (None: missing there).
+        ``workload`` is what the guest runs, with the deadline and stop of the VMM."""
         from cellos.core.spec import Limits
 
         lim = limits if isinstance(limits, Limits) else None
-        append = kernel_append(argv, env, artifacts)
+        append = kernel_append(list(workload.argv), dict(workload.env), artifacts)
         command = qemu_command(
             manifest.vmm.path,
             self.image_dir,
@@ -185,15 +191,17 @@ class MicrovmBackend:
             memory_mib=max(MIN_GUEST_MIB, mem_mib_for(lim.memory_max_bytes if lim else None)),
             vcpus=vcpus_for(lim.cpu_max if lim else None),
         )
-        vmm_request = WorkloadRequest(
-            argv=argv,
-            env={},
-            working_directory="/",
-            deadline_seconds=deadline,
-            graceful_shutdown_seconds=grace,
+        # The VMM needs no environment (the workload's travels on the command line).
+        vmm = HostCommand(
+            command,
+            {},
+            workload.deadline_seconds,
+            workload.graceful_shutdown_seconds,
+            workload.stop,
         )
-        raw = spawn_isolated_workload(
-            vmm_request, SpawnOptions(cwd=work, log_dir=work, command=command)
+        raw = run_host_command(
+            vmm,
+            SpawnOptions(cwd=work, log_dir=work, on_spawn=on_spawn, die_with_parent=True),
         )
         if raw.spawn_error:
             return raw, {}
@@ -237,8 +245,7 @@ class MicrovmBackend:
 
     def destroy(self, handle: CellHandle) -> TeardownReport:
         live = _LIVE.get(handle.cell_id)
-        shutil.rmtree(live.cell_dir, ignore_errors=True)
-        residue = [live.cell_dir] if os.path.lexists(live.cell_dir) else []
+        residue = self.store.release(live.state)
         peers = _LIVE.remove(handle.cell_id)
         return TeardownReport(
             cell_id=handle.cell_id,
@@ -246,6 +253,9 @@ class MicrovmBackend:
             peers_tracked_after=peers,
             residue=tuple(residue),
         )
+
+    def _state_of(self, handle: CellHandle) -> CellState:
+        return _LIVE.get(handle.cell_id).state
 
 
 def _kvm_present() -> bool:
