@@ -164,44 +164,48 @@ def cloudevents_validator() -> Any:
     return jsonschema.Draft7Validator(schema)
 
 
-def _cellos_cgroup_leaves() -> set[str]:
-    from cellos.hosts.cellos import cgroups
-
-    leaves = set()
-    for mount in {h.mount for h in cgroups.detect().by_controller.values()}:
-        base = Path(mount) / cgroups.DEFAULT_PARENT
-        if base.is_dir():
-            leaves |= {str(p) for p in base.iterdir() if p.is_dir()}
-    return leaves
+def _state_roots(tmp_path: Path) -> tuple[str, ...]:
+    """The state roots tests give their backends and CLIs (see ``base_env``)."""
+    return (str(tmp_path / "state"), str(tmp_path / "gvisor"))
 
 
 @pytest.fixture
 def cellos_backend(tmp_path: Path) -> Iterator[Any]:
-    """A ``cellos`` backend with its own state root; afterwards no state, no cgroup leaf, no
-    new mount may be left (the launcher must be buildable here)."""
+    """A ``cellos`` backend with its own state root (the launcher must be buildable here);
+    the autouse residue check covers what it may leave."""
     from cellos.hosts.cellos import CellosBackend
 
     require_sandbox()
-    mounts_before = Path("/proc/self/mountinfo").read_text().count("\n")
     yield CellosBackend(state_root=str(tmp_path / "state"))
-    cells = tmp_path / "state" / "cells"
-    assert not cells.exists() or os.listdir(cells) == []
-    assert Path("/proc/self/mountinfo").read_text().count("\n") == mounts_before
-    assert _cellos_cgroup_leaves() == set()
 
 
 @pytest.fixture(autouse=True)
-def _no_residue() -> Iterator[None]:
-    """After every test: no tracked cell, no cgroup leaf, no new mount left behind."""
+def _no_residue(tmp_path: Path) -> Iterator[None]:
+    """After every test: no tracked cell and nothing of a cell on the host (tests/residue.py:
+    processes, cgroups, mounts, netns, links, nft tables, state records, slots, temp dirs)."""
     from cellos.hosts.cellos import backend
+    from tests.residue import assert_nothing_left, other_sessions, snapshot
 
-    before = set(backend._LIVE)
-    leaves = _cellos_cgroup_leaves()
-    mounts = Path("/proc/self/mountinfo").read_text().count("\n")
+    roots = _state_roots(tmp_path)
+    tracked = set(backend._LIVE)
+    before = snapshot(roots)
     yield
-    assert set(backend._LIVE) == before, f"cells left tracked: {set(backend._LIVE) - before}"
-    assert _cellos_cgroup_leaves() == leaves, "cgroup leaves left behind"
-    assert Path("/proc/self/mountinfo").read_text().count("\n") == mounts, "mounts left behind"
+    assert set(backend._LIVE) == tracked, f"cells left tracked: {set(backend._LIVE) - tracked}"
+    assert_nothing_left(before, roots, other_sessions(tmp_path.parent))
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A microVM image built once per test session (qemu backend)."""
+    import shutil
+
+    require_host(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64")
+    require_host(os.geteuid() == 0, "root (the image build fetches Debian packages)")
+    from cellos.hosts.microvm.image import build_image
+
+    out = tmp_path_factory.mktemp("microvm-image")
+    build_image(str(out), vmm=shutil.which("qemu-system-x86_64") or "qemu-system-x86_64")
+    return out
 
 
 @pytest.fixture

@@ -54,12 +54,14 @@ def gvisor_env(tmp_path: Path) -> dict[str, str]:
 
 
 def gvisor_state(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "gvisor"
+    return tmp_path / "state"
 
 
 def assert_no_gvisor_residue(tmp_path: Path) -> None:
     state = gvisor_state(tmp_path)
-    assert not state.exists() or os.listdir(state) == [], os.listdir(state)
+    for sub in ("cells", "runsc"):
+        left = os.listdir(state / sub) if (state / sub).exists() else []
+        assert left == [], left
     # No runsc sandbox of this test is still running.
     assert running_with(str(state)) == []
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
+from cellos.core.errors import HostError
 from cellos.core.ports import WorkloadRequest, WorkloadResult
 from cellos.core.stop import StopRequest
 from cellos.hosts.procfs import iter_procs
@@ -166,11 +167,14 @@ def _wait_all_gone(control: ProcessControl, pid: int, timeout: float = 5.0) -> N
 def _open_log(log_dir: str | None, name: str) -> BinaryIO | None:
     if log_dir is None:
         return None
-    fd = os.open(
-        os.path.join(log_dir, name),
-        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-        0o600,
-    )
+    path = os.path.join(log_dir, name)
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+    except OSError as exc:
+        # The log lives in the cell's state directory (e.g. it is full): nothing started.
+        raise HostError("CELLOS_STATE_DIR", f"cannot create {path}: {exc.strerror}") from None
     return os.fdopen(fd, "wb")
 
 
@@ -204,7 +208,12 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
     argv = list(command.argv)
     # Logs are opened first: a failure here must not leave a started, unsupervised process.
     out_log = _open_log(options.log_dir, "stdout.log")
-    err_log = _open_log(options.log_dir, "stderr.log")
+    try:
+        err_log = _open_log(options.log_dir, "stderr.log")
+    except HostError:
+        if out_log is not None:
+            out_log.close()
+        raise
     preexec = _die_with_parent(options.preexec) if options.die_with_parent else options.preexec
     try:
         proc = subprocess.Popen(
@@ -231,7 +240,19 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
             reason="spawn_failed",
         )
     if options.on_spawn is not None:
-        options.on_spawn(proc.pid)
+        try:
+            options.on_spawn(proc.pid)
+        except OSError as exc:
+            # E.g. the pid could not be recorded for a reaper: nothing may run unrecorded.
+            options.control.kill(proc.pid)
+            proc.kill()
+            proc.communicate()
+            for log in (out_log, err_log):
+                if log is not None:
+                    log.close()
+            raise HostError(
+                "CELLOS_STATE_DIR", f"cannot record the started process: {exc.strerror}"
+            ) from None
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     # The workload gets an immediate EOF on stdin: cells are not interactive.
     proc.stdin.close()
