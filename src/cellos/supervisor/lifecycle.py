@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cellos.core import events as ev
+from cellos.core import isolation
 from cellos.core.canonical import canonical_bytes, sha256_hex
 from cellos.core.chain import RunChain
 from cellos.core.errors import (
@@ -232,7 +233,7 @@ class Supervisor:
                     "networkScope": {
                         "egressRuleCount": len(spec.authority.egress_rules),
                         # Enforced when the backend applied an egress scope (or no network).
-                        "enforced": any(f.startswith("network:") for f in handle.isolation),
+                        "enforced": isolation.network_enforced(handle.isolation),
                     },
                     "correlation": _correlation(document),
                     "delivery": dict(delivery) if delivery else None,

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from cellos.core import isolation as iso
 from cellos.core.errors import CellosError, HostError, PolicyRefused
 from cellos.core.events import NETWORK_FLOW_DECISION
 from cellos.core.ports import (
@@ -172,15 +173,9 @@ class CellosBackend(StoredBackend):
             )
             resources["cgroup"] = live.cgroup.leaves["pids"]
             if limits is not None:
-                isolation += [
-                    f"limit:{name}"
-                    for name, value in (
-                        ("memory", limits.memory_max_bytes),
-                        ("pids", limits.pids_max),
-                        ("cpu", limits.cpu_max),
-                    )
-                    if value is not None
-                ]
+                isolation += iso.limit_features(
+                    limits.memory_max_bytes, limits.pids_max, limits.cpu_max
+                )
         if not self.landlock_abi:
             isolation.append("landlock:unavailable")
         return CellHandle(

@@ -18,6 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cellos.core import isolation as iso
 from cellos.hosts.host_root import HOSTNAME_MAX, host_binds, host_symlinks
 
 
@@ -87,25 +88,25 @@ def launcher_argv(plan: SandboxPlan, argv: Sequence[str], launcher: str) -> list
 
 def isolation_features(plan: SandboxPlan) -> list[str]:
     """What the plan applies, for the ``lifecycle.v1.started`` evidence."""
-    features = ["ns:pid", "ns:mount", "ns:ipc", "ns:uts", "ns:cgroup", "ns:net"]
-    features.append("network:egress-allowlist" if plan.netns_path else "network:loopback-only")
+    features = [iso.NS_PID, iso.NS_MOUNT, iso.NS_IPC, iso.NS_UTS, iso.NS_CGROUP, iso.NS_NET]
+    features.append(iso.NETWORK_EGRESS_ALLOWLIST if plan.netns_path else iso.NETWORK_LOOPBACK_ONLY)
     if plan.user_namespace:
-        features.append("ns:user")
+        features.append(iso.NS_USER)
     if plan.workload_user is not None:
         features.append(f"user:{plan.workload_user[0]}")
     features += [
         "pivot_root",
         "rootfs:" + ("directory" if plan.rootfs else "host-ro-binds"),
-        "root:read-only",
+        iso.ROOT_READ_ONLY,
         "proc:fresh",
         "proc:knobs-read-only",
         "dev:minimal",
         "tmp:private",
-        "workspace:private",
-        "no_new_privs",
-        "caps:none",
+        iso.WORKSPACE_PRIVATE,
+        iso.NO_NEW_PRIVS,
+        iso.CAPS_NONE,
         "pid1:reaper",
-        "env:declared-only",
+        iso.ENV_DECLARED_ONLY,
         "fds:closed",
     ]
     if plan.landlock_abi:

@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
+from cellos.core import isolation as iso
 from cellos.core.errors import HostError, PolicyRefused
 from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
 from cellos.core.spec import CellSpec
@@ -201,21 +202,25 @@ class GvisorBackend(StoredBackend):
         }
         live = self.open_cell(_LIVE, spec, record, make)
         isolation = [
-            "gvisor:runsc",
-            "ns:pid",
-            "ns:mount",
-            "ns:ipc",
-            "ns:uts",
-            "ns:net",
-            "network:none",
-            "root:read-only",
-            "caps:none",
-            "no_new_privs",
-            "env:declared-only",
-            "workspace:private",
+            iso.GVISOR_RUNSC,
+            iso.NS_PID,
+            iso.NS_MOUNT,
+            iso.NS_IPC,
+            iso.NS_UTS,
+            iso.NS_NET,
+            iso.NETWORK_LOOPBACK_ONLY,
+            iso.ROOT_READ_ONLY,
+            iso.CAPS_NONE,
+            iso.NO_NEW_PRIVS,
+            iso.ENV_DECLARED_ONLY,
+            iso.WORKSPACE_PRIVATE,
         ]
-        if spec.run.limits is not None:
-            isolation.append("limits:oci-resources")
+        limits = spec.run.limits
+        if limits is not None:
+            # OCI linux.resources, which runsc applies to the sandbox's cgroups.
+            isolation += iso.limit_features(
+                limits.memory_max_bytes, limits.pids_max, limits.cpu_max
+            )
         return CellHandle(
             cell_id=spec.id,
             backend=self.name,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from cellos.core import isolation as iso
 from cellos.core.errors import ExportError, HostError, PolicyRefused
 from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
 from cellos.core.spec import CellSpec
@@ -139,11 +140,12 @@ class MicrovmBackend(StoredBackend):
             cell_id=spec.id,
             backend=self.name,
             isolation=(
-                "microvm:qemu",
-                "guest-kernel",
-                "manifest:verified",
-                "workload:unprivileged-in-guest",
-                "network:none",
+                iso.MICROVM_QEMU,
+                iso.GUEST_KERNEL,
+                iso.MANIFEST_VERIFIED,
+                iso.WORKLOAD_UNPRIVILEGED_IN_GUEST,
+                # The guest has no network device: its loopback is all there is.
+                iso.NETWORK_LOOPBACK_ONLY,
             ),
             resources={"cellDir": live.cell_dir},
             digests={f"{name}Sha256": value for name, value in digests.items()},
