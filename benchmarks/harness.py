@@ -150,13 +150,30 @@ def run_true() -> None:
         raise BenchError(f"{TRUE} failed")
 
 
-def probe(argv: Sequence[str], what: str) -> str | None:
+def probe(argv: Sequence[str], what: str, **run: Any) -> str | None:
     """Run a reference command once, untimed: None when it works, else why it does not."""
     try:
-        run_checked(argv, what)
+        run_checked(argv, what, **run)
     except (BenchError, OSError) as exc:
         return str(exc).splitlines()[-1] if str(exc) else type(exc).__name__
     return None
+
+
+#: The bare isolation primitive (new pid, mount, net, uts and ipc namespaces; needs root).
+UNSHARE_ARGV = ("unshare", "--pid", "--fork", "--mount", "--net", "--uts", "--ipc", "true")
+
+
+def command_reference(name: str, argv: Sequence[str], **run: Any) -> tuple[Series, Task | None]:
+    """A reference command, probed once untimed: its series and the round task timing it, or
+    no task (and the series marked unavailable, with why) when it does not run here."""
+    import os
+
+    series = Series(name)
+    why = probe(argv, name, **run)
+    if why is not None:
+        series.unavailable = why if os.geteuid() == 0 else f"not root: {why}"
+        return series, None
+    return series, timed(series, lambda: run_checked(argv, name, **run))
 
 
 #: One measurement of a round: called with the round index and whether it is recorded.

@@ -37,7 +37,7 @@ import harness
 from harness import BenchError, Series, WarmCells, cell_document, cell_id, timed
 
 BACKENDS = ("stub", "cellos")
-UNSHARE_ARGV = ("unshare", "--pid", "--fork", "--mount", "--net", "--uts", "--ipc", "true")
+UNSHARE_ARGV = harness.UNSHARE_ARGV
 UNSHARE = "unshare"
 PYTHON_PASS = "python -c pass"
 #: (subject, reference, target): p50(subject) / p50(reference) <= target.
@@ -182,7 +182,7 @@ class Run:
 
     def warm(self) -> tuple[list[Series], Series, Series]:
         """The warm phase: (rows, unshare, /bin/true)."""
-        true, unshare = Series("/bin/true"), Series(UNSHARE)
+        true = Series("/bin/true")
         launcher = Series("bare cellos-sandbox launch")
         cells = self.warm_cells()
         try:
@@ -193,11 +193,8 @@ class Run:
                     c.task(lambda i, key=key: cell_document(cell_id(key, i))),
                     timed(true, harness.run_true),
                 ]
-            unshare.unavailable = harness.probe(UNSHARE_ARGV, " ".join(UNSHARE_ARGV))
-            if unshare.unavailable is None:
-                tasks.append(timed(unshare, lambda: harness.run_checked(UNSHARE_ARGV, UNSHARE)))
-            elif os.geteuid() != 0:
-                unshare.unavailable = f"not root: {unshare.unavailable}"
+            unshare, unshare_task = harness.command_reference(UNSHARE, UNSHARE_ARGV)
+            tasks += [unshare_task] if unshare_task else []
             cellos = next((c for c in cells if c.series.name == "cellos/warm"), None)
             if cellos is None:
                 launcher.unavailable = "the cellos backend is not selected"
