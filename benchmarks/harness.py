@@ -269,15 +269,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
-def ratio_table(rows: Sequence[Mapping[str, Any]], ref_label: str) -> list[str]:
-    """The rows of :func:`ratio_rows` as a table: p50, p90, x reference at p50 and at p90,
-    then the p50 ratio to each extra reference."""
+def ratio_table(
+    rows: Sequence[Mapping[str, Any]], ref_label: str, unit: str = "ms", scale: float = 1.0
+) -> list[str]:
+    """The rows of :func:`ratio_rows` as a table: p50, p90 (in ``unit``: milliseconds times
+    ``scale``), x reference at p50 and at p90, then the p50 ratio to each extra reference."""
     extras = list(rows[0]["extra_ratio_p50"]) if rows else []
     headers = [
         "",
         "n",
-        "p50 ms",
-        "p90 ms",
+        f"p50 {unit}",
+        f"p90 {unit}",
         f"x {ref_label} p50",
         f"x {ref_label} p90",
         *(f"x {e} p50" for e in extras),
@@ -286,8 +288,8 @@ def ratio_table(rows: Sequence[Mapping[str, Any]], ref_label: str) -> list[str]:
         [
             r["name"],
             str(r["n"]),
-            fmt_ms(r["p50_ms"]),
-            fmt_ms(r["p90_ms"]),
+            fmt_ms(None if r["p50_ms"] is None else r["p50_ms"] * scale),
+            fmt_ms(None if r["p90_ms"] is None else r["p90_ms"] * scale),
             fmt_ratio(r["ratio_p50"]),
             fmt_ratio(r["ratio_p90"]),
             *(fmt_ratio(r["extra_ratio_p50"][e]) for e in extras),
