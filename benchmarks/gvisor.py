@@ -24,12 +24,12 @@ Before the rounds, untimed, the benchmark also runs one cell through the backend
 skeleton it writes are the baseline's, paths aside: the two then differ only by what the
 supervisor and the backend do around ``runsc run``.
 
-Reported: median, p90, and ``median(gvisor/warm) / median(bare runsc run)`` against the
+Reported: p50, p90, and ``p50(gvisor/warm) / p50(bare runsc run)`` against the
 target (<= 1.3x). It needs root (runsc cannot run rootless here) and runsc: without them it
 exits 2. Everything lives in one temporary directory (state, bundle, runsc ``--root``), removed
 at the end after any container left in it has been deleted.
 
-Usage: ``python benchmarks/gvisor.py [--cells N] [--warmup W] [--seed S] [--json]``
+Usage: ``python benchmarks/gvisor.py [--rounds N] [--warmup W] [--seed S] [--json]``
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -49,27 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Shared with the lifecycle benchmark (same statistics, timing and round orchestration).
-from lifecycle import (
-    TRUE,
-    BenchError,
-    Progress,
-    Series,
-    Task,
-    WarmVariant,
-    _cellos_importable,
-    cell_document,
-    cell_id_for,
-    median_ns,
-    positive_or_zero,
-    ratio_to,
-    reference,
-    render_table,
-    residue,
-    run_and_report,
-    run_rounds,
-    run_true,
-)
+import harness
+from harness import TRUE, BenchError, Series, WarmCells, cell_document, cell_id, timed
 
 VARIANT = "gvisor/warm"
 BARE_NAME = "bare runsc run"
@@ -282,16 +262,15 @@ def runsc_version(runsc: str) -> str:
 
 @dataclass
 class Config:
-    cells: int
+    rounds: int
     warmup: int
     seed: int
 
 
 def benchmark(config: Config) -> dict[str, Any]:
-    _cellos_importable()
+    harness.ensure_cellos_importable()
     import cellos
 
-    cellos_file = cellos.__file__ or "?"
     started = time.perf_counter()
     rng = random.Random(config.seed)
     with tempfile.TemporaryDirectory(prefix="cellos-bench-gvisor-") as tmp_name:
@@ -306,30 +285,26 @@ def benchmark(config: Config) -> dict[str, Any]:
             "CELLOS_STATE_DIR": str(state),
             **{k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)},
         }
-        cell = WarmVariant(VARIANT, "gvisor", "noop", env)
+        cells = WarmCells(VARIANT, env)
         bare: BareRunsc | None = None
-        bundle_check: dict[str, Any] = {}
-        true = Series("/bin/true")
-        bare_series = Series(BARE_NAME)
+        true, bare_series = Series("/bin/true"), Series(BARE_NAME)
         try:
-            backend = cell.backend_object()
+            backend = cells.backend
             if backend.name != "gvisor":
                 raise BenchError(f"build_supervisor chose the {backend.name!r} backend")
-            bare = BareRunsc(backend, tmp / "bare", cell_id_for("bare", 0))
+            bare = BareRunsc(backend, tmp / "bare", cell_id("bare"))
             bare.probe()
             bundle_check = check_same_bundle(backend, bare)
-            bare_task = reference(bare_series, bare)
-            tasks: list[Task] = [cell.run_cell, bare_task, reference(true, run_true)]
-            progress = Progress((config.cells + config.warmup) * len(tasks))
-            try:
-                run_rounds("round", config.cells, config.warmup, tasks, rng, progress)
-            finally:
-                progress.close()
+            tasks = [
+                cells.task(lambda i: cell_document(cell_id("gvisor", i))),
+                timed(bare_series, bare),
+                timed(true, harness.run_true),
+            ]
+            harness.run_rounds(config.rounds, config.warmup, tasks, rng)
         finally:
-            cell.close()
+            cells.close()
             left_containers = bare.cleanup() if bare is not None else []
-        runsc, gvisor_platform = backend.runsc, backend.platform
-        left = residue([state])
+        left = harness.residue([state])
         gvisor_root = state / "gvisor"
         if gvisor_root.is_dir():
             left += [str(p) for p in sorted(gvisor_root.iterdir())]
@@ -338,178 +313,70 @@ def benchmark(config: Config) -> dict[str, Any]:
         if left:
             raise BenchError(f"residue after the run: {left[:5]}")
 
-    row: dict[str, Any] = {
-        "variant": VARIANT,
-        "backend": "gvisor",
-        "mode": "warm",
-        "events": "noop",
-        **cell.cell.summary(),
-        "events_per_cell": cell.events_per_cell,
-        "ratio_vs_bare_runsc": ratio_to(cell.cell, bare_series),
-        "ratio_vs_true": ratio_to(cell.cell, true),
-    }
-    references = [
-        {
-            "key": "true",
-            "name": true.name,
-            **true.summary(),
-            "ratio_vs_true": 1.0 if true.samples else None,
-            "ratio_vs_bare_runsc": None,  # for scale only
-        },
-        {
-            "key": "bare-runsc",
-            "name": BARE_NAME,
-            "command": bare.last_command,
-            "delete_after_run": bare.needs_delete,
-            **bare_series.summary(),
-            "ratio_vs_true": ratio_to(bare_series, true),
-            "ratio_vs_bare_runsc": 1.0 if bare_series.samples else None,
-        },
-    ]
-    ratio = row["ratio_vs_bare_runsc"]
-    split = None
-    if cell.cell.samples and bare_series.samples:
-        cell_ms = median_ns(cell.cell.samples) / 1e6
-        bare_ms = median_ns(bare_series.samples) / 1e6
-        split = {
-            "cell_median_ms": cell_ms,
-            "bare_median_ms": bare_ms,
-            "added_ms": cell_ms - bare_ms,
-        }
     return {
         "benchmark": "cellos.gvisor",
-        "config": {
-            "cells": config.cells,
-            "warmup": config.warmup,
-            "seed": config.seed,
-            "workload": TRUE,
-        },
+        "config": {**vars(config), "workload": TRUE},
         "host": {
-            "python": sys.version.split()[0],
-            "executable": sys.executable,
-            "cellos": str(Path(cellos_file).parent),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "runsc": runsc,
-            "runsc_version": runsc_version(runsc),
-            "runsc_platform": gvisor_platform or "runsc default",
+            **harness.host_info(),
+            "cellos": str(Path(cellos.__file__ or "?").parent),
+            "runsc": backend.runsc,
+            "runsc_version": runsc_version(backend.runsc),
+            "runsc_platform": backend.platform or "runsc default",
         },
+        "bare_command": bare.last_command,
+        "delete_after_run": bare.needs_delete,
         "bundle_check": bundle_check,
-        "references": references,
-        "results": [row] if cell.cell.samples else [],
-        "split": split,
-        "acceptance": {
-            "variant": VARIANT,
-            "reference": BARE_NAME,
-            "target_max_ratio": ACCEPTANCE_MAX_RATIO,
-            "ratio": ratio,
-            "met": None if ratio is None else ratio <= ACCEPTANCE_MAX_RATIO,
-        },
+        "rows": harness.ratio_rows([true, bare_series, cells.series], bare_series, [true]),
+        "events_per_cell": cells.events_per_cell,
+        "acceptance": [
+            harness.acceptance(
+                f"{VARIANT} <= {ACCEPTANCE_MAX_RATIO:g}x {BARE_NAME}",
+                cells.series,
+                bare_series,
+                ACCEPTANCE_MAX_RATIO,
+            )
+        ],
         "elapsed_seconds": time.perf_counter() - started,
     }
 
 
-# -- output ----------------------------------------------------------------------------------
-
-
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3f}" if value < 100 else f"{value:.1f}"
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-HEADERS = ("variant", "n", "median ms", "p90 ms", "x /bin/true", "x bare runsc run")
-
-
-def table_rows(report: Mapping[str, Any]) -> list[tuple[str, ...]]:
-    rows: list[tuple[str, ...]] = []
-    for r in [*report["references"], *report["results"]]:
-        rows.append(
-            (
-                r.get("variant") or r["name"],
-                str(r["n"]),
-                _ms(r["median_ms"]),
-                _ms(r["p90_ms"]),
-                _ratio(r["ratio_vs_true"]),
-                _ratio(r["ratio_vs_bare_runsc"]),
-            )
-        )
-    return rows
-
-
-def footer(report: Mapping[str, Any]) -> list[str]:
-    cfg, host = report["config"], report["host"]
-    bare = next(r for r in report["references"] if r["key"] == "bare-runsc")
-    lines = [
-        f"bare runsc run: {' '.join(bare['command'])}"
-        + (
-            " + runsc delete --force (runsc list showed the container after run)"
-            if bare["delete_after_run"]
-            else " (no delete: runsc list showed no container after run)"
-        ),
+def show(report: Mapping[str, Any]) -> None:
+    print("CellOS gvisor: a full /bin/true cell vs a bare runsc run of the same bundle")
+    print("\n".join(harness.ratio_table(report["rows"], "bare runsc")))
+    delete = (
+        " + runsc delete --force (runsc list showed the container after run)"
+        if report["delete_after_run"]
+        else " (no delete needed: runsc list showed no container after run)"
+    )
+    host, cfg = report["host"], report["config"]
+    print(f"bare runsc run: {' '.join(report['bare_command'])}{delete}")
+    print(
         f"bundle: config.json and {report['bundle_check']['skeleton_entries']} skeleton entries"
-        " identical to the backend's own (paths aside)",
+        " identical to the backend's own (paths aside)"
+    )
+    print(
         f"{host['runsc_version']} ({host['runsc']}, platform: {host['runsc_platform']}); "
-        f"cellos from {host['cellos']}",
-        f"python {host['python']} on {host['platform']}, {host['cpus']} cpu(s); "
-        f"{cfg['cells']} rounds + {cfg['warmup']} warm-up, seed {cfg['seed']}; "
-        f"{report['elapsed_seconds']:.1f} s",
-    ]
-    split = report["split"]
-    if split is not None:
-        lines.append(
-            f"{VARIANT} {_ms(split['cell_median_ms'])} ms = bare runsc run "
-            f"{_ms(split['bare_median_ms'])} ms + {_ms(split['added_ms'])} ms supervisor and "
-            "backend (difference of medians)"
-        )
-    acc = report["acceptance"]
-    target = f"target <= {acc['target_max_ratio']:g}x"
-    head = f"acceptance: {acc['variant']} vs {acc['reference']}"
-    if acc["ratio"] is None:
-        lines.append(f"{head}: NOT MEASURED (--cells 0); {target}")
-    else:
-        verdict = "MET" if acc["met"] else "NOT MET"
-        lines.append(f"{head}: {acc['ratio']:.2f}x ({target}): {verdict}")
-    return lines
-
-
-def print_table(report: Mapping[str, Any]) -> None:
-    title = "CellOS gvisor: a full /bin/true cell vs a bare runsc run of the same bundle"
-    render_table(title, HEADERS, table_rows(report), footer(report), len(report["references"]))
-
-
-# -- CLI -------------------------------------------------------------------------------------
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="benchmarks/gvisor.py",
-        description="Median time of a full /bin/true cell on the gvisor backend as a ratio "
-        "against a bare 'runsc run' of the same bundle, measured in the same run.",
+        f"python {host['python']}, {host['cpus']} cpu(s); {cfg['rounds']}+{cfg['warmup']} "
+        f"rounds, seed {cfg['seed']}; {report['elapsed_seconds']:.1f} s"
     )
-    parser.add_argument(
-        "--cells", type=positive_or_zero, default=40, help="measured rounds (one cell each)"
-    )
-    parser.add_argument(
-        "--warmup", type=positive_or_zero, default=3, help="unrecorded rounds first"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the round order shuffle")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    return parser.parse_args(argv)
+    for acc in report["acceptance"]:
+        print(harness.acceptance_line(acc))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/gvisor.py",
+        description="p50/p90 of a full /bin/true cell on the gvisor backend as ratios against "
+        "a bare 'runsc run' of the same bundle, measured in the same run (needs root, runsc).",
+    )
+    harness.add_round_options(parser, rounds=15, warmup=2)
+    args = parser.parse_args(argv)
     why = unavailable_reason()
     if why is not None:
         print(f"gvisor benchmark not run: {why}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    config = Config(cells=args.cells, warmup=args.warmup, seed=args.seed)
-    return run_and_report(lambda: benchmark(config), args.json, print_table)
+    config = Config(rounds=args.rounds, warmup=args.warmup, seed=args.seed)
+    return harness.emit(lambda: benchmark(config), args.json, show)
 
 
 if __name__ == "__main__":

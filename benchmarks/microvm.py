@@ -1,38 +1,41 @@
-"""MicroVM benchmark: boot-to-exit time of a ``true`` cell per driver and acceleration.
+#!/usr/bin/env python3
+"""MicroVM benchmark: boot-to-exit time of a ``/bin/true`` cell on the ``qemu`` backend.
 
-For each boot the time is split at the guest init's first channel line (``CELLOS:READY``):
-``boot`` = VMM start + kernel boot + init start, ``run`` = the workload and power-off.
-Measured against a bare QEMU boot of the same image (no supervisor) in the same run; the
-Firecracker driver is reported as not measured where no binary exists.
+Each round runs, in a shuffled order, one full cell (one ``Supervisor`` for every cell:
+boot, workload, power-off, teardown, events) and one bare QEMU boot of the same image running
+``/bin/true`` with no supervisor (the bare primitive); ratios are against the bare boot. The
+bare boot is split at the guest init's first channel line (``CELLOS:READY``): guest boot (VMM
+start + kernel + init) and the rest (workload and power-off). The Firecracker driver is
+reported as not measured where no binary exists. Needs root and qemu-system-x86_64.
 
-    sudo python benchmarks/microvm.py [--image DIR] [--boots N] [--json]
+    sudo python benchmarks/microvm.py [--image DIR] [--rounds N] [--quick] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import random
 import select
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from cellos.core.loading import validate_document
-from cellos.hosts.microvm.backend import MicrovmBackend
-from cellos.hosts.microvm.firecracker import find_firecracker
-from cellos.hosts.microvm.image import MANIFEST_NAME, build_image
-from cellos.hosts.microvm.manifest import load_manifest
-from cellos.hosts.microvm.qemu_probe import default_machine, kernel_append, qemu_command
-from cellos.supervisor.composition import build_supervisor
+import harness
+from harness import BenchError, Series, Task, WarmCells, cell_document, cell_id
 
 
-def bare_boot(image: Path, accel: str) -> tuple[float, float]:
-    """(ms to CELLOS:READY, ms to QEMU exit) of one bare boot running /bin/true."""
+def bare_boot(image: Path, accel: str) -> tuple[int, int]:
+    """(ns to CELLOS:READY, ns to QEMU exit) of one bare boot running /bin/true."""
+    from cellos.hosts.microvm.image import MANIFEST_NAME
+    from cellos.hosts.microvm.manifest import load_manifest
+    from cellos.hosts.microvm.qemu_probe import kernel_append, qemu_command
+
     manifest = load_manifest(image / MANIFEST_NAME)
     cmd = qemu_command(
         manifest.vmm.path,
@@ -42,7 +45,7 @@ def bare_boot(image: Path, accel: str) -> tuple[float, float]:
         manifest.kernel.path,
         manifest.initrd.path,
     )
-    start = time.perf_counter()
+    start = time.perf_counter_ns()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     ready = None
@@ -54,91 +57,107 @@ def bare_boot(image: Path, accel: str) -> tuple[float, float]:
             break
         buf += chunk
         if ready is None and b"CELLOS:READY" in buf:
-            ready = time.perf_counter()
-    proc.wait()
-    end = time.perf_counter()
-    return ((ready or end) - start) * 1000, (end - start) * 1000
+            ready = time.perf_counter_ns()
+    if proc.wait() != 0:
+        raise BenchError(f"bare qemu boot exited {proc.returncode}")
+    end = time.perf_counter_ns()
+    return (ready or end) - start, end - start
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image", help="an image built by `cellos microvm build-image`")
-    parser.add_argument("--boots", type=int, default=8)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None or os.geteuid() != 0:
-        print("error: needs root and qemu-system-x86_64", file=sys.stderr)
-        return 2
-    tmp = tempfile.mkdtemp(prefix="cellos-bench-vm-")
-    try:
-        image = Path(args.image) if args.image else Path(tmp, "image")
-        if not args.image:
+def bare_task(image: Path, accel: str, total: Series, ready: Series) -> Task:
+    def task(_index: int, record: bool) -> None:
+        to_ready, elapsed = bare_boot(image, accel)
+        if record:
+            total.samples.append(elapsed)
+            ready.samples.append(to_ready)
+
+    return task
+
+
+def benchmark(image_dir: str | None, rounds: int, warmup: int, seed: int) -> dict[str, Any]:
+    harness.ensure_cellos_importable()
+    from cellos.hosts.microvm.backend import MicrovmBackend
+    from cellos.hosts.microvm.firecracker import find_firecracker
+    from cellos.hosts.microvm.image import MANIFEST_NAME, build_image
+    from cellos.hosts.microvm.manifest import load_manifest
+    from cellos.hosts.microvm.qemu_probe import default_machine
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cellos-bench-vm-") as tmp_name:
+        tmp = Path(tmp_name)
+        image = Path(image_dir) if image_dir else tmp / "image"
+        if not image_dir:
+            qemu = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
             build_image(str(image), vmm=qemu)
-        accel = MicrovmBackend(image_dir=str(image), allow_tcg=True).accel(
-            load_manifest(image / MANIFEST_NAME)
-        )
-        supervisor = build_supervisor(
-            {
-                "CELLOS_CELL_BACKEND": "qemu",
-                "CELLOS_MICROVM_IMAGE": str(image),
-                "CELLOS_MICROVM_ALLOW_TCG": "1",
-                "CELL_OS_USE_NOOP_SINK": "1",
-                "CELLOS_STATE_DIR": tmp,
-            }
-        )
-        cell, bare, ready = [], [], []
-        for index in range(args.boots + 1):
-            doc = validate_document(
-                {
-                    "apiVersion": "cellos.io/v1",
-                    "kind": "ExecutionCell",
-                    "spec": {"id": f"bvm-{index}", "run": {"argv": ["/bin/true"]}},
-                }
-            )
-            start = time.perf_counter()
-            out = supervisor.run(doc)
-            elapsed = (time.perf_counter() - start) * 1000
-            if out.exit_code != 0:
-                print(f"error: cell failed: {[str(e) for e in out.errors]}", file=sys.stderr)
-                return 1
-            to_ready, total = bare_boot(image, accel)
-            if index:  # the first round warms the page cache
-                cell.append(elapsed)
-                bare.append(total)
-                ready.append(to_ready)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    report = {
+        manifest = load_manifest(image / MANIFEST_NAME)
+        accel = MicrovmBackend(image_dir=str(image), allow_tcg=True).accel(manifest)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(tmp),
+            "LANG": "C.UTF-8",
+            "CELLOS_CELL_BACKEND": "qemu",
+            "CELLOS_MICROVM_IMAGE": str(image),
+            "CELLOS_MICROVM_ALLOW_TCG": "1",
+            "CELL_OS_USE_NOOP_SINK": "1",
+            "CELLOS_STATE_DIR": str(tmp / "state"),
+        }
+        cells = WarmCells("qemu cell", env)
+        bare, ready = Series("bare qemu boot"), Series("  of which guest boot")
+        try:
+            tasks = [
+                cells.task(lambda i: cell_document(cell_id("vm", i))),
+                bare_task(image, accel, bare, ready),
+            ]
+            harness.run_rounds(rounds, warmup, tasks, random.Random(seed))
+        finally:
+            cells.close()
+        left = harness.residue([tmp / "state"])
+        if left:
+            raise BenchError(f"cells left residue in their state directory: {left[:5]}")
+    rest = None
+    if bare.samples:
+        rest = (harness.p50(bare.samples) - harness.p50(ready.samples)) / 1e6
+    return {
+        "benchmark": "cellos.microvm",
+        "config": {"rounds": rounds, "warmup": warmup, "seed": seed, "image": image_dir},
+        "host": harness.host_info(),
         "driver": "qemu",
+        "machine": default_machine(accel),
         "accel": accel,
-        "boots": args.boots,
-        "cell_median_ms": statistics.median(cell),
-        "bare_qemu_median_ms": statistics.median(bare),
-        "guest_boot_median_ms": statistics.median(ready),
-        "workload_and_poweroff_median_ms": statistics.median(bare) - statistics.median(ready),
-        "ratio_cell_vs_bare": statistics.median(cell) / statistics.median(bare),
+        "rows": harness.ratio_rows([bare, ready, cells.series], bare),
+        "workload_and_poweroff_p50_ms": rest,
         "firecracker": find_firecracker() or "not measured: no firecracker binary",
+        "elapsed_seconds": time.perf_counter() - started,
     }
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
+
+
+def show(report: Mapping[str, Any]) -> None:
+    print(f"CellOS microVM: a /bin/true cell, qemu {report['machine']}, accel={report['accel']}")
+    print("\n".join(harness.ratio_table(report["rows"], "bare boot")))
+    if report["workload_and_poweroff_p50_ms"] is not None:
+        print(f"bare boot after CELLOS:READY: {report['workload_and_poweroff_p50_ms']:.0f} ms p50")
+    cfg = report["config"]
     print(
-        f"CellOS microVM: a /bin/true cell, qemu {default_machine(accel)}, accel={accel}, "
-        f"{args.boots} boots"
+        f"firecracker: {report['firecracker']}; {cfg['rounds']}+{cfg['warmup']} rounds, "
+        f"seed {cfg['seed']}; {report['elapsed_seconds']:.1f} s"
     )
-    print(f"  full cell (supervisor + boot + teardown)  {report['cell_median_ms']:8.0f} ms")
-    print(
-        f"  bare qemu boot of the same image          {report['bare_qemu_median_ms']:8.0f} ms"
-        f"   (cell = {report['ratio_cell_vs_bare']:.2f}x)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/microvm.py",
+        description="p50/p90 of a full /bin/true cell on the qemu backend as ratios against a "
+        "bare qemu boot of the same image in the same run (needs root and qemu).",
     )
-    print(f"    of which guest boot (to CELLOS:READY)   {report['guest_boot_median_ms']:8.0f} ms")
-    print(
-        f"    workload + power-off                    "
-        f"{report['workload_and_poweroff_median_ms']:8.0f} ms"
-    )
-    print(f"  firecracker: {report['firecracker']}")
-    return 0
+    parser.add_argument("--image", help="an image built by `cellos microvm build-image`")
+    harness.add_round_options(parser, rounds=5, warmup=1)
+    parser.add_argument("--quick", action="store_true", help="2 rounds, no warm-up")
+    args = parser.parse_args(argv)
+    if shutil.which("qemu-system-x86_64") is None or os.geteuid() != 0:
+        print("microvm benchmark not run: needs root and qemu-system-x86_64", file=sys.stderr)
+        return 2
+    rounds, warmup = (2, 0) if args.quick else (args.rounds, args.warmup)
+    return harness.emit(lambda: benchmark(args.image, rounds, warmup, args.seed), args.json, show)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,32 @@
+#!/usr/bin/env python3
 """Network scope benchmark: what a cell's egress authority costs per cell.
 
-Warm mode (one Supervisor, many cells), ``cellos`` backend, a ``/bin/true`` workload:
-``cellos/no-network`` (``egressRules: []``: a fresh loopback-only namespace) vs
-``cellos/egress`` (one CIDR rule: netns + veth + nft table + teardown) vs
-``cellos/egress+dns`` (plus a DNS authority: the in-namespace DNS proxy and L7 redirect).
-Variants are interleaved in shuffled rounds and reported as medians and as ratios to the
-cell without network measured in the same run. Needs root (netns, veth, nftables).
+Warm cells (one ``Supervisor`` per variant, many cells), ``cellos`` backend, a ``/bin/true``
+workload: ``cellos/no-network`` (``egressRules: []``: a fresh loopback-only namespace),
+``cellos/egress`` (one CIDR rule: netns + veth + nft table + teardown) and
+``cellos/egress+dns`` (plus a DNS authority: the in-namespace DNS proxy and L7 redirect),
+interleaved in shuffled rounds with the bare primitive ``unshare --pid --fork --mount --net
+--uts --ipc true``. Reported: p50, p90, their ratios to ``unshare`` and the p50 ratio to the
+cell without network. Needs root (netns, veth, nftables).
 
-    python benchmarks/network.py [--cells N] [--json]
+    python benchmarks/network.py [--rounds N] [--warmup W] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from cellos.core.loading import validate_document
-from cellos.supervisor.composition import build_supervisor
+import harness
+from harness import BenchError, WarmCells, cell_document, cell_id
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "cellos/no-network": {},
@@ -39,67 +41,82 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", type=int, default=60, help="cells per variant")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    if os.geteuid() != 0 or shutil.which("nft") is None:
-        print("error: needs root and nftables (nft)", file=sys.stderr)
-        return 2
-    tmp = tempfile.mkdtemp(prefix="cellos-bench-net-")
-    try:
-        supervisor = build_supervisor({"CELL_OS_USE_NOOP_SINK": "1", "CELLOS_STATE_DIR": tmp})
-        samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
-        rng = random.Random(0)
-        for index in range(args.cells + 3):
-            order = list(VARIANTS)
-            rng.shuffle(order)
-            for name in order:
-                doc = validate_document(
-                    {
-                        "apiVersion": "cellos.io/v1",
-                        "kind": "ExecutionCell",
-                        "spec": {
-                            "id": f"bn-{index}-{name.split('/')[1].replace('+', '-')}",
-                            "authority": VARIANTS[name],
-                            "run": {"argv": ["/bin/true"]},
-                        },
-                    }
-                )
-                start = time.perf_counter()
-                out = supervisor.run(doc)
-                elapsed = time.perf_counter() - start
-                if out.exit_code != 0:
-                    print(f"error: {name}: {[str(e) for e in out.errors]}", file=sys.stderr)
-                    return 1
-                if index >= 3:  # warm-up rounds are not recorded
-                    samples[name].append(elapsed * 1000)
-        base = statistics.median(samples["cellos/no-network"])
-        report = {
-            name: {
-                "n": len(v),
-                "median_ms": statistics.median(v),
-                "p90_ms": sorted(v)[int(len(v) * 0.9) - 1],
-                "ratio_vs_no_network": statistics.median(v) / base,
-            }
-            for name, v in samples.items()
-        }
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
+def benchmark(rounds: int, warmup: int, seed: int) -> dict[str, Any]:
+    harness.ensure_cellos_importable()
+    started = time.perf_counter()
+    cells: list[WarmCells] = []
+    with tempfile.TemporaryDirectory(prefix="cellos-bench-net-") as tmp_name:
+        tmp = Path(tmp_name)
+        state_dirs = []
+        try:
+            for index, name in enumerate(VARIANTS):
+                state = tmp / f"state-{index}"
+                state_dirs.append(state)
+                env = {
+                    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                    "HOME": str(tmp),
+                    "LANG": "C.UTF-8",
+                    "CELL_OS_USE_NOOP_SINK": "1",
+                    "CELLOS_CELL_BACKEND": "cellos",
+                    "CELLOS_STATE_DIR": str(state),
+                }
+                cells.append(WarmCells(name, env))
+            tasks = [
+                c.task(lambda i, n=n, a=a: cell_document(cell_id(n, i), authority=a))
+                for c, (n, a) in zip(cells, VARIANTS.items(), strict=True)
+            ]
+            unshare, unshare_task = harness.command_reference("unshare", harness.UNSHARE_ARGV)
+            tasks += [unshare_task] if unshare_task else []
+            harness.run_rounds(rounds, warmup, tasks, random.Random(seed))
+        finally:
+            for c in cells:
+                c.close()
+        left = harness.residue(state_dirs)
+        if left:
+            raise BenchError(f"cells left residue in their state directories: {left[:5]}")
+    no_network = cells[0].series
+    rows = harness.ratio_rows([unshare, *(c.series for c in cells)], unshare, [no_network])
+    added = None
+    if no_network.samples and cells[1].series.samples:
+        added = (harness.p50(cells[1].series.samples) - harness.p50(no_network.samples)) / 1e6
+    return {
+        "benchmark": "cellos.network",
+        "config": {"rounds": rounds, "warmup": warmup, "seed": seed},
+        "host": harness.host_info(),
+        "unshare": " ".join(harness.UNSHARE_ARGV),
+        "rows": rows,
+        "egress_added_ms": added,
+        "elapsed_seconds": time.perf_counter() - started,
+    }
+
+
+def show(report: Mapping[str, Any]) -> None:
     print("CellOS network scope: a /bin/true cell with and without egress authority (warm)")
-    print(f"{'variant':<20} {'n':>4} {'median ms':>10} {'p90 ms':>8} {'x no-network':>13}")
-    for name, r in report.items():
+    print("\n".join(harness.ratio_table(report["rows"], "unshare")))
+    if report["egress_added_ms"] is not None:
         print(
-            f"{name:<20} {r['n']:>4} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} "
-            f"{r['ratio_vs_no_network']:>12.2f}x"
+            f"egress authority adds {report['egress_added_ms']:.2f} ms per cell at p50 "
+            "(netns, veth, nft table, teardown)"
         )
-    added = report["cellos/egress"]["median_ms"] - base
-    print(f"network scope adds {added:.2f} ms per cell (netns, veth, nft table, teardown)")
-    return 0
+    cfg = report["config"]
+    print(
+        f"unshare = {report['unshare']}; {cfg['rounds']}+{cfg['warmup']} rounds, "
+        f"seed {cfg['seed']}; {report['elapsed_seconds']:.1f} s"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/network.py",
+        description="p50/p90 of warm cellos cells with and without egress authority, as "
+        "ratios against unshare measured in the same run (needs root and nft).",
+    )
+    harness.add_round_options(parser, rounds=20, warmup=3)
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0 or shutil.which("nft") is None:
+        print("network benchmark not run: needs root and nftables (nft)", file=sys.stderr)
+        return 2
+    return harness.emit(lambda: benchmark(args.rounds, args.warmup, args.seed), args.json, show)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -44,22 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+import harness
+from harness import TRUE, BenchError, Series
+
 BACKENDS = ("stub", "cellos")
 WORKER_COUNTS = (1, 2)
-TRUE = "/bin/true"
 SUMMARY_SUBJECT = "cellos.events.cell.*.*.compliance"
-
-
-class BenchError(RuntimeError):
-    """A measured run did not do what it should."""
-
-
-def _cellos_importable() -> None:
-    if importlib.util.find_spec("cellos") is None:
-        sys.path.insert(0, str(REPO / "src"))
-        if importlib.util.find_spec("cellos") is None:
-            raise BenchError(f"cannot import cellos (not installed, and not in {REPO / 'src'})")
 
 
 def _progress(text: str) -> None:
@@ -389,19 +378,13 @@ def _events(count: int) -> list[dict[str, Any]]:
 
 @dataclass
 class PublishResult:
+    """Per-event time of each round (ns), of the sink and of the raw publish."""
+
     events: int
     rounds: int
-    sink_rates: list[float] = field(default_factory=list)
-    raw_rates: list[float] = field(default_factory=list)
+    sink: Series = field(default_factory=lambda: Series("JetStreamSink.emit"))
+    raw: Series = field(default_factory=lambda: Series("raw nats-py js.publish"))
     event_bytes: int = 0
-
-    @property
-    def sink_rate(self) -> float:
-        return statistics.median(self.sink_rates)
-
-    @property
-    def raw_rate(self) -> float:
-        return statistics.median(self.raw_rates)
 
 
 def measure_publish(url: str, config: Config) -> PublishResult:
@@ -444,9 +427,10 @@ def measure_publish(url: str, config: Config) -> PublishResult:
             order = ("sink", "raw") if round_index % 2 == 0 else ("raw", "sink")
             for which in order:
                 if which == "sink":
-                    result.sink_rates.append(config.events / sink_round())
+                    result.sink.samples.append(sink_round() * 1e9 / config.events)
                 else:
-                    result.raw_rates.append(config.events / asyncio.run(raw_round(raw_batch)))
+                    seconds = asyncio.run(raw_round(raw_batch))
+                    result.raw.samples.append(seconds * 1e9 / config.events)
             _progress(f"publish round {round_index + 1}/{config.rounds}")
     finally:
         sink.close()
@@ -457,7 +441,7 @@ def measure_publish(url: str, config: Config) -> PublishResult:
 
 
 def benchmark(config: Config) -> dict[str, Any]:
-    _cellos_importable()
+    harness.ensure_cellos_importable()
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="cellos-queue-bench-"))
     server = NatsServer(work / "nats")
@@ -526,13 +510,8 @@ def report(
             "events_per_round": publish.events,
             "rounds": publish.rounds,
             "mean_event_bytes": publish.event_bytes,
-            "sink_events_per_s": publish.sink_rate,
-            "raw_events_per_s": publish.raw_rate,
-            "sink_us_per_event": 1e6 / publish.sink_rate,
-            "raw_us_per_event": 1e6 / publish.raw_rate,
-            "ratio_sink_time_vs_raw": publish.raw_rate / publish.sink_rate,
-            "sink_rates": publish.sink_rates,
-            "raw_rates": publish.raw_rates,
+            # Per-event time: the *_ms fields of these rows are milliseconds per event.
+            "rows": harness.ratio_rows([publish.raw, publish.sink], publish.raw),
         },
         "elapsed_seconds": time.perf_counter() - started,
     }
@@ -569,21 +548,8 @@ def print_report(rep: Mapping[str, Any]) -> None:
         )
         for r in rep["throughput"]
     ]
-    widths = [
-        max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
-        for i, h in enumerate(headers)
-    ]
-
-    def line(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest]).rstrip()
-
     print("CellOS work queue: /bin/true cells through CELLOS_CELLS (first submit -> last summary)")
-    print(line(headers))
-    print(line(["-" * w for w in widths]))
-    for row in rows:
-        print(line(row))
+    print("\n".join(harness.table(headers, rows)))
     for backend, why in rep["unavailable"].items():
         print(f"{backend}: not measured ({why.splitlines()[0]})")
     for r in rep["throughput"]:
@@ -592,17 +558,9 @@ def print_report(rep: Mapping[str, Any]) -> None:
     pub = rep["publish"]
     print(
         f"event publish ({pub['events_per_round']} events x {pub['rounds']} rounds, "
-        f"~{pub['mean_event_bytes']} B each, ack awaited per event; median of rounds):"
+        f"~{pub['mean_event_bytes']} B each, ack awaited per event), time per event:"
     )
-    print(
-        f"  JetStreamSink.emit   {pub['sink_events_per_s']:8.0f} events/s "
-        f"({pub['sink_us_per_event']:.0f} us/event)"
-    )
-    print(
-        f"  raw nats-py publish  {pub['raw_events_per_s']:8.0f} events/s "
-        f"({pub['raw_us_per_event']:.0f} us/event)"
-    )
-    print(f"  ratio: the sink takes {pub['ratio_sink_time_vs_raw']:.2f}x the raw time per event")
+    print("\n".join(harness.ratio_table(pub["rows"], "raw publish", unit="us", scale=1000)))
     host = rep["host"]
     print(
         f"python {host['python']} on {host['platform']}, {host['cpus']} cpu(s); "
@@ -623,15 +581,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Cells per second through the CELLOS_CELLS work queue with 1 and 2 "
         "workers, and JetStreamSink.emit vs raw nats-py publish of the same bytes.",
     )
-    parser.add_argument("--cells", type=positive, default=500, help="stub cells per run")
-    parser.add_argument("--cellos-cells", type=positive, default=150, help="cellos cells per run")
+    parser.add_argument("--cells", type=positive, default=200, help="stub cells per run")
+    parser.add_argument("--cellos-cells", type=positive, default=60, help="cellos cells per run")
     parser.add_argument(
         "--warmup", type=int, default=3, help="unmeasured cells per worker before each run"
     )
     parser.add_argument(
         "--concurrency", type=positive, default=1, help="--concurrency of each worker"
     )
-    parser.add_argument("--events", type=positive, default=2000, help="events per publish round")
+    parser.add_argument("--events", type=positive, default=1000, help="events per publish round")
     parser.add_argument("--rounds", type=positive, default=5, help="publish rounds per variant")
     parser.add_argument(
         "--backend",
@@ -655,17 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds=args.rounds,
         backends=list(dict.fromkeys(args.backends or BACKENDS)),
     )
-    try:
-        rep = benchmark(config)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        json.dump(rep, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print_report(rep)
-    return 0
+    return harness.emit(lambda: benchmark(config), args.json, print_report)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,11 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-CLOUDEVENTS_SCHEMA = SHARED / "reference" / "cloudevents-1.0.schema.json"
+# Public reference documents vendored for the tests (sources and licences: tests/data/README.md).
+DATA = REPO / "tests" / "data"
+CLOUDEVENTS_SCHEMA = DATA / "cloudevents-1.0.schema.json"
+FIRECRACKER_API = DATA / "firecracker-api.yaml"
+OCI_SCHEMA_DIR = DATA / "oci-runtime-schema"
 
 
 def require_host(ok: bool, what: str) -> None:

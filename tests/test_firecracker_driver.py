@@ -49,6 +49,7 @@ from cellos.hosts.microvm.firecracker import (
     vcpus_for,
     vsock,
 )
+from tests.conftest import FIRECRACKER_API
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,7 @@ def limits(memory: int, quota: int) -> Limits:
     return Limits.model_validate({"memoryMaxBytes": memory, "cpuMax": {"quotaMicros": quota}})
 
 
-SPEC_PATH = REPO.parent / "shared" / "reference" / "firecracker-api.yaml"
+SPEC_PATH = FIRECRACKER_API
 
 
 # ----------------------------------------------------------------------------- spec helpers

@@ -26,8 +26,8 @@ from cellos.hosts.gvisor.bundle import (
     host_binds,
 )
 from tests.conftest import (
+    OCI_SCHEMA_DIR,
     REPO,
-    SHARED,
     CliResult,
     base_env,
     doc,
@@ -38,7 +38,6 @@ from tests.conftest import (
 )
 
 Run = Callable[..., CliResult]
-OCI_SCHEMA_DIR = SHARED / "reference" / "oci-runtime-schema"
 
 
 @pytest.fixture

@@ -36,10 +36,9 @@ from cellos.core.signing import (
 )
 from cellos.keygen import write_keypair
 from cellos.verify import load_verify_keys
+from tests.conftest import CLOUDEVENTS_SCHEMA
 
-SCHEMA_PATH = (
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "cloudevents-1.0.schema.json"
-)
+SCHEMA_PATH = CLOUDEVENTS_SCHEMA
 SEED = bytes(range(32))
 HMAC_KEY = b"k" * 32
 

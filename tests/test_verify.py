@@ -16,10 +16,9 @@ from cellos.core.chain import RunChain
 from cellos.core.errors import InvalidSpec
 from cellos.core.signing import Ed25519Signer, HmacSigner, Signer, VerifyKeys, wrap_signed
 from cellos.verify import VerifyReport, verify_events_file
+from tests.conftest import CLOUDEVENTS_SCHEMA
 
-SCHEMA_PATH = (
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "cloudevents-1.0.schema.json"
-)
+SCHEMA_PATH = CLOUDEVENTS_SCHEMA
 SIGNER = Ed25519Signer("run-key", bytes(range(32)))
 KEYS = VerifyKeys.from_signers(SIGNER)
 
