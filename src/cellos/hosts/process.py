@@ -88,6 +88,10 @@ class ProcessGroupControl:
             pass
         return _group_members(pid)
 
+    def workload_processes(self, pid: int) -> list[int]:
+        """The workload's own processes (here: everything in its group)."""
+        return self.remaining(pid)
+
 
 @dataclass(frozen=True)
 class SpawnOptions:
@@ -103,6 +107,13 @@ class SpawnOptions:
     #: Extra descriptors the command needs (e.g. a seccomp program for the launcher).
     pass_fds: tuple[int, ...] = ()
     control: ProcessControl = field(default_factory=ProcessGroupControl)
+
+
+def _workload_processes(control: ProcessControl, pid: int) -> set[int]:
+    """The workload's processes that a kill now would hit (a control that cannot tell the
+    workload's processes from its own, e.g. runsc's, counts none)."""
+    count = getattr(control, "workload_processes", None)
+    return set(count(pid)) if callable(count) else set()
 
 
 def _kill_group(pgid: int, sig: signal.Signals) -> None:
@@ -173,8 +184,9 @@ def spawn_isolated_workload(request: WorkloadRequest, options: SpawnOptions) -> 
     proc.stdin.close()
     stdout_stream, stderr_stream = _BoundedStream(out_log), _BoundedStream(err_log)
     streams = {proc.stdout.fileno(): stdout_stream, proc.stderr.fileno(): stderr_stream}
+    killed: set[int] = set()
     try:
-        forced, status = _supervise(proc, streams, request, started, options.control)
+        forced, status = _supervise(proc, streams, request, started, options.control, killed)
     finally:
         for log in (out_log, err_log):
             if log is not None:
@@ -199,6 +211,7 @@ def spawn_isolated_workload(request: WorkloadRequest, options: SpawnOptions) -> 
         stdout_bytes=stdout_stream.total,
         stderr_bytes=stderr_stream.total,
         truncated=stdout_stream.truncated or stderr_stream.truncated,
+        processes_killed=len(killed),
     )
 
 
@@ -208,8 +221,11 @@ def _supervise(
     request: WorkloadRequest,
     started: float,
     control: ProcessControl,
+    killed: set[int],
 ) -> tuple[bool, int]:
-    """Drain output until the workload exits or its deadline passes; return (forced, status)."""
+    """Drain output until the workload exits or its deadline passes; return (forced, status).
+    ``killed`` collects the workload's processes that were running when CellOS stopped them
+    (at the deadline, at the kill after the grace period, stragglers after the exit)."""
     pidfd = os.pidfd_open(proc.pid)
     sel = selectors.DefaultSelector()
     try:
@@ -225,9 +241,11 @@ def _supervise(
             now = time.monotonic()
             if not forced and deadline is not None and now >= deadline:
                 forced = True
+                killed |= _workload_processes(control, proc.pid)
                 control.terminate(proc.pid)
                 kill_at = now + request.graceful_shutdown_seconds
             if kill_at is not None and now >= kill_at:
+                killed |= _workload_processes(control, proc.pid)
                 control.kill(proc.pid)
                 kill_at = None
             if exited and not any(k.fd in streams for k in sel.get_map().values()):
@@ -244,6 +262,7 @@ def _supervise(
                     # is still guaranteed to be ours, so that no orphan keeps the pipes open.
                     exited = True
                     sel.unregister(pidfd)
+                    killed |= _workload_processes(control, proc.pid)
                     control.kill(proc.pid)
                     kill_at = None
                     continue
