@@ -110,10 +110,11 @@ def test_a_full_events_file_never_keeps_a_partial_line(
             break
         first = lines_of(events)  # a run that fitted entirely
     assert full.code == 1, full
+    during = lines_of(events)  # whole lines only: the fragment was removed
     assert "Traceback" not in full.stderr, full
+    # The log line says why: the path and the error.
     assert f"event lost: sink jsonl failed: cannot write {str(events)!r}: " in full.stderr
     assert "No space left on device (ENOSPC)" in full.stderr
-    during = lines_of(events)
     assert during[: len(first)] == first
     run_b = during[len(first) :]
     seqs = [e["cellosseq"] for e in run_b]
