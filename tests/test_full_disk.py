@@ -209,3 +209,43 @@ def test_a_failed_export_leaves_no_empty_cell_directory(
         in result.stderr
     ), result
     assert os.listdir(exports) == [], "the failed export left its cell directory"
+
+
+APPENDER = """
+import json, sys, uuid
+from cellos.sinks.jsonl import JsonlFileSink
+sink = JsonlFileSink(sys.argv[1])
+ok = 0
+for n in range(int(sys.argv[2])):
+    event = {"specversion": "1.0", "id": str(uuid.uuid4()), "writer": sys.argv[3], "n": n,
+             "data": "x" * (200 + 37 * (n % 11))}
+    try:
+        sink.emit(event)
+        ok += 1
+    except Exception:
+        pass
+sink.close()
+print(ok)
+"""
+
+
+def test_concurrent_appenders_on_a_filling_disk_leave_only_whole_lines(
+    small_tmpfs: Path, tmp_path: Path
+) -> None:
+    """Three supervisors' sinks share one events file while the disk runs full: every line
+    in the file is whole, and each writer's successful appends are exactly its lines."""
+    events = small_tmpfs / "events.jsonl"
+    fill(small_tmpfs, spare_pages=6)
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", APPENDER, str(events), "200", f"w{i}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    delivered = {f"w{i}": int(w.communicate(timeout=60)[0]) for i, w in enumerate(writers)}
+    lines = lines_of(events)
+    assert sum(delivered.values()) < 600, "the disk never ran full"
+    for writer, count in delivered.items():
+        assert len([e for e in lines if e["writer"] == writer]) == count, writer
