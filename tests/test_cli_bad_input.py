@@ -552,6 +552,14 @@ BAD_SIGNING = [
         pytest.param(
             {"CELLOS_DEFAULT_TTL_SECONDS": "0"}, "CELLOS_DEFAULT_TTL_SECONDS", id="default-ttl"
         ),
+        # Smaller than one /30 link: no cell with egress authority could ever run.
+        pytest.param(
+            {"CELLOS_NETWORK_POOL": "10.213.0.0/31"}, "CELLOS_NETWORK_POOL", id="pool-too-small"
+        ),
+        pytest.param(
+            {"CELLOS_NETWORK_POOL": "10.213.0.1/16"}, "CELLOS_NETWORK_POOL", id="pool-host-bits"
+        ),
+        pytest.param({"CELLOS_NETWORK_POOL": "fd00::/64"}, "CELLOS_NETWORK_POOL", id="pool-ipv6"),
     ],
 )
 def test_bad_configuration_is_refused_without_residue(

@@ -345,3 +345,49 @@ def test_tls_with_a_disallowed_sni_to_an_allowed_ip_is_cut(
         ("evil.test", "denied", "l7_sni_allowlist_miss"),
     }
     assert all(d["destination"] == f"{test_host.ip}:443" for d in decisions)
+
+
+def test_a_slash_30_pool_runs_one_egress_cell_and_refuses_a_second(
+    test_host: Any, tmp_path: Path, supervisor_cli: Run
+) -> None:
+    import random
+    import sys
+    import time
+
+    # A /30 of its own (outside the default pool and the test hosts' 10.214/16): one link.
+    pool = f"10.215.{random.randrange(256)}.{4 * random.randrange(64)}/30"
+    env = base_env(tmp_path, CELLOS_NETWORK_POOL=pool, CELL_OS_USE_NOOP_SINK="1")
+    rules = {"egressRules": [{"cidr": f"{test_host.ip}/32", "port": 8080}]}
+    # The first cell holds the pool's only /30 (slot 0) for a few seconds, then uses it.
+    holder_argv = ["/usr/bin/python3", "-c", "import time; time.sleep(4)\n" + PROBE]
+    holder_spec = write_doc(
+        tmp_path / "a.yaml",
+        doc("pool-a", argv=[*holder_argv, f"{test_host.ip}:8080"], authority=rules),
+    )
+    second = write_doc(tmp_path / "b.yaml", doc("pool-b", authority=rules))
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "cellos.supervisor.cli", str(holder_spec)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        slot = tmp_path / "state" / "net" / "slots" / "0"
+        deadline = time.monotonic() + 20
+        while not slot.exists() and holder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert slot.exists(), "the first cell did not claim the pool's first /30"
+        refused = supervisor_cli(str(second), env)
+        out, err = holder.communicate(timeout=60)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert refused.code == 1, refused
+    assert refused.stderr.startswith(
+        f"error: CELLOS_NETWORK_POOL: pool exhausted: all 1 /30 link(s) of {pool} are in use"
+    ), refused
+    assert holder.returncode == 0, (out, err)
+    assert out == f"{test_host.ip}:8080 OK allowed port\n"
+    assert os.listdir(tmp_path / "state" / "net" / "slots") == []

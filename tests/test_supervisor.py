@@ -21,6 +21,7 @@ from tests.conftest import (
     doc,
     read_events,
     require_host,
+    require_sandbox,
     running_with,
     short_types,
     stubborn_workload,
@@ -382,3 +383,124 @@ def test_a_backend_bug_still_ends_in_teardown_and_a_summary() -> None:
     )
     assert destroyed == ["bug-1"]
     assert short_types(out.events)[-2:] == ["lifecycle.v1.destroyed", "compliance.v1.summary"]
+
+
+# -- closed and broken standard streams ----------------------------------------------------------
+
+VERIFY = [sys.executable, "-m", "cellos.cli", "events", "verify"]
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_a_closed_standard_stream_is_skipped_and_the_run_completes(
+    tmp_path: Path, closed: str
+) -> None:
+    events = tmp_path / "events.jsonl"
+    env = base_env(tmp_path, CELLOS_CELL_BACKEND="stub", CELL_OS_JSONL_EVENTS=str(events))
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc("closed-1", argv=["/bin/sh", "-c", "echo out; echo err >&2; exit 3"]),
+    )
+    redirect = ">&-" if closed == "stdout" else "2>&-"
+    script = f'exec "$0" -m cellos.supervisor.cli "$1" {redirect}'
+    proc = subprocess.run(
+        ["/bin/sh", "-c", script, sys.executable, str(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 3, proc  # the workload's status
+    if closed == "stdout":
+        assert proc.stdout == "" and proc.stderr == "err\n", proc
+    else:
+        assert proc.stdout == "out\n" and proc.stderr == "", proc
+    # The events file did not take the closed descriptor's place, and the run is complete.
+    assert subprocess.run([*VERIFY, str(events)], capture_output=True, check=False).returncode == 0
+    assert short_types(read_events(events))[-1] == "compliance.v1.summary"
+
+
+def test_a_stdout_reader_that_has_gone_is_no_traceback(tmp_path: Path) -> None:
+    env = base_env(tmp_path, CELLOS_CELL_BACKEND="stub", CELL_OS_USE_NOOP_SINK="1")
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc("epipe-1", argv=["/bin/sh", "-c", "head -c 300000 /dev/zero; echo err >&2; exit 4"]),
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cellos.supervisor.cli", str(spec)],
+            env=env,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 4, proc
+    assert proc.stderr == "err\n", proc
+
+
+# -- what the events and errors say -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["stub", "cellos"])
+def test_processes_killed_at_the_deadline_are_counted(
+    tmp_path: Path, supervisor_cli: Run, backend: str
+) -> None:
+    if backend == "cellos":
+        require_sandbox()
+    events_path = tmp_path / "events.jsonl"
+    marker = unique_sleep()
+    env = base_env(tmp_path, CELLOS_CELL_BACKEND=backend, CELL_OS_JSONL_EVENTS=str(events_path))
+    # Exactly two processes: a background sleep and the shell turned into the other one.
+    argv = ["/bin/sh", "-c", f"sleep {marker} & exec sleep {marker}"]
+    run = {"timeoutSeconds": 1, "limits": {"gracefulShutdownSeconds": 1}}
+    spec = write_doc(tmp_path / "c.yaml", doc("killed-2", argv=argv, run=run))
+    result = supervisor_cli(str(spec), env)
+    assert result.code == 124, result
+    destroyed = next(
+        e["data"] for e in read_events(events_path) if e["type"].endswith("lifecycle.v1.destroyed")
+    )
+    assert destroyed["terminalState"] == "forced"
+    assert destroyed["processesKilled"] == 2, destroyed
+    assert running_with(marker) == []
+
+
+def test_a_missing_export_dir_is_blamed_on_the_variable(
+    tmp_path: Path, supervisor_cli: Run
+) -> None:
+    env = base_env(tmp_path, CELLOS_CELL_BACKEND="stub", CELL_OS_USE_NOOP_SINK="1")
+    source = tmp_path / "a.txt"
+    source.write_text("a\n")
+    artifacts = [{"name": "a.txt", "path": str(source)}, {"name": "b.txt", "path": str(source)}]
+    spec = write_doc(tmp_path / "c.yaml", doc("noexp-1", export={"artifacts": artifacts}))
+    result = supervisor_cli(str(spec), env)
+    assert result.code == 1, result
+    assert result.stderr == "error: CELLOS_EXPORT_DIR: no export destination is configured\n"
+
+
+def test_an_export_dir_that_is_a_file_is_not_a_directory(
+    tmp_path: Path, supervisor_cli: Run
+) -> None:
+    not_a_dir = tmp_path / "exports"
+    not_a_dir.write_text("a file\n")
+    env = base_env(
+        tmp_path,
+        CELLOS_CELL_BACKEND="stub",
+        CELL_OS_USE_NOOP_SINK="1",
+        CELLOS_EXPORT_DIR=str(not_a_dir),
+    )
+    source = tmp_path / "a.txt"
+    source.write_text("a\n")
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc("fileexp-1", export={"artifacts": [{"name": "a.txt", "path": str(source)}]}),
+    )
+    result = supervisor_cli(str(spec), env)
+    assert result.code == 1, result
+    assert result.stderr == f"error: CELLOS_EXPORT_DIR: {not_a_dir} is not a directory\n", result
+    assert not_a_dir.read_text() == "a file\n"

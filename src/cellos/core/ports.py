@@ -115,6 +115,9 @@ class WorkloadResult:
     truncated: bool = False
     #: Kernel counters of the cell's limits (e.g. ``oomKills``, ``pidsLimitHits``).
     limits: Mapping[str, int] = field(default_factory=dict)
+    #: The workload's processes CellOS killed while running it (at the deadline, or left
+    #: behind when the workload exited); teardown adds its own count.
+    processes_killed: int = 0
 
 
 @runtime_checkable

@@ -99,6 +99,10 @@ class ProcessGroupControl:
             pass
         return _group_members(pid)
 
+    def workload_processes(self, pid: int) -> list[int]:
+        """The workload's own processes (here: everything in its group)."""
+        return self.remaining(pid)
+
 
 @dataclass(frozen=True)
 class HostCommand:
@@ -143,6 +147,13 @@ class SpawnOptions:
     #: Extra descriptors the command needs (e.g. a seccomp program for the launcher).
     pass_fds: tuple[int, ...] = ()
     control: ProcessControl = field(default_factory=ProcessGroupControl)
+
+
+def _workload_processes(control: ProcessControl, pid: int) -> set[int]:
+    """The workload's processes that a kill now would hit (a control that cannot tell the
+    workload's processes from its own, e.g. runsc's, counts none)."""
+    count = getattr(control, "workload_processes", None)
+    return set(count(pid)) if callable(count) else set()
 
 
 def _kill_group(pgid: int, sig: signal.Signals) -> None:
@@ -258,8 +269,11 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
     proc.stdin.close()
     stdout_stream, stderr_stream = _BoundedStream(out_log), _BoundedStream(err_log)
     streams = {proc.stdout.fileno(): stdout_stream, proc.stderr.fileno(): stderr_stream}
+    killed: set[int] = set()
     try:
-        stopped_by, status = _supervise(proc, streams, command, started, options.control)
+        stopped_by, status = _supervise(
+            proc, streams, command, started, options.control, killed
+        )
     finally:
         for log in (out_log, err_log):
             if log is not None:
@@ -285,6 +299,7 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
         stdout_bytes=stdout_stream.total,
         stderr_bytes=stderr_stream.total,
         truncated=stdout_stream.truncated or stderr_stream.truncated,
+        processes_killed=len(killed),
     )
 
 
@@ -320,9 +335,12 @@ def _supervise(
     command: HostCommand,
     started: float,
     control: ProcessControl,
+    killed: set[int],
 ) -> tuple[str | None, int]:
     """Drain output until the process exits, its deadline passes or a stop is requested;
-    return (why CellOS stopped it: ``timeout`` or the stop's reason, or None; wait status)."""
+    return (why CellOS stopped it: ``timeout`` or the stop's reason, or None; wait status).
+    ``killed`` collects the workload's processes that were running when CellOS stopped them
+    (at the deadline or stop, at the kill after the grace period, stragglers after the exit)."""
     pidfd = os.pidfd_open(proc.pid)
     sel = selectors.DefaultSelector()
     wakeup = _Wakeup(command.stop)
@@ -346,12 +364,14 @@ def _supervise(
                 elif deadline is not None and now >= deadline:
                     stopped_by = "timeout"
                 if stopped_by is not None:
+                    killed |= _workload_processes(control, proc.pid)
                     control.terminate(proc.pid)
                     kill_at = now + command.graceful_shutdown_seconds
             if stop is not None and stop.hurry and kill_at is not None and not hurried:
                 hurried = True
                 kill_at = now
             if kill_at is not None and now >= kill_at:
+                killed |= _workload_processes(control, proc.pid)
                 control.kill(proc.pid)
                 kill_at = None
             if exited and not any(k.fd in streams for k in sel.get_map().values()):
@@ -371,6 +391,7 @@ def _supervise(
                     # is still guaranteed to be ours, so that no orphan keeps the pipes open.
                     exited = True
                     sel.unregister(pidfd)
+                    killed |= _workload_processes(control, proc.pid)
                     control.kill(proc.pid)
                     kill_at = None
                     continue

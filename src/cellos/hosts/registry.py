@@ -33,12 +33,18 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
     if name == "cellos":
         from cellos.hosts.cellos import CellosBackend
 
+        pool = env.get("CELLOS_NETWORK_POOL") or None
+        if pool is not None:
+            # Refused at start, not when the first cell with egress authority needs it.
+            from cellos.network.scope import parse_pool
+
+            parse_pool(pool)
         return CellosBackend(
             state_root=env.get("CELLOS_STATE_DIR") or None,
             cgroup_parent=env.get("CELLOS_CGROUP_PARENT") or None,
             rootfs=env.get("CELLOS_ROOTFS") or None,
             launcher=env.get("CELLOS_LAUNCHER") or None,
-            network_pool=env.get("CELLOS_NETWORK_POOL") or None,
+            network_pool=pool,
         )
     if name == "gvisor":
         from cellos.hosts.gvisor import GvisorBackend

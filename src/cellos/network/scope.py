@@ -2,11 +2,13 @@
 nftables table that allows exactly the declared egress and drops (and counts) the rest.
 
 Addresses come from a pool (``CELLOS_NETWORK_POOL``, default ``10.213.0.0/16``) carved into
-/30s: host side ``.1``, cell side ``.2``. A slot is claimed with an O_EXCL file under the
-state root, so cells of different supervisors never collide. Every name is derived from the
-cell id (netns ``cellos-<id>``, table ``cellos_<id>``) or from its slot (interfaces are
-limited to 15 characters: ``cvh<slot>`` / ``cvc<slot>``), and the whole scope is recorded in
-the cell's state record before anything is created, so a reaper can always remove it.
+/30s, every one of them used: slot ``n`` is the pool's ``n``-th /30, from 0, so a /n pool
+holds 2^(30-n) cells with egress authority at once. Host side ``.1``, cell side ``.2``. A
+slot is claimed with an O_EXCL file under the state root, so cells of different supervisors
+never collide. Every name is derived from the cell id (netns ``cellos-<id>``, table
+``cellos_<id>``) or from its slot (interfaces are limited to 15 characters: ``cvh<slot>`` /
+``cvc<slot>``), and the whole scope is recorded in the cell's state record before anything
+is created, so a reaper can always remove it.
 
 Rules of the cell's table (family ``inet``, in the host's namespace):
 
@@ -83,14 +85,38 @@ def _table_name(cell_id: str) -> str:
     return "cellos_" + re.sub(r"[^A-Za-z0-9_]", "_", cell_id)
 
 
+def parse_pool(pool: str) -> ipaddress.IPv4Network:
+    """``CELLOS_NETWORK_POOL``: an IPv4 network of at least one /30 (a /n holds 2^(30-n)
+    links, so that many cells with egress authority can run at once)."""
+    try:
+        network = ipaddress.ip_network(pool.strip())
+    except ValueError as exc:
+        raise PolicyRefused("CELLOS_NETWORK_POOL", f"{pool!r} is not a network: {exc}") from None
+    if not isinstance(network, ipaddress.IPv4Network):
+        raise PolicyRefused("CELLOS_NETWORK_POOL", "must be an IPv4 network")
+    if network.prefixlen > 30:
+        raise PolicyRefused(
+            "CELLOS_NETWORK_POOL",
+            f"{network} is smaller than a /30 (each cell with egress authority needs one /30)",
+        )
+    return network
+
+
+def pool_capacity(pool: ipaddress.IPv4Network) -> int:
+    """How many /30 links (cells with egress authority at once) the pool holds."""
+    return pool.num_addresses // 4
+
+
 def claim_slot(state_root: str, cell_id: str, pool: ipaddress.IPv4Network) -> tuple[int, str]:
-    """Claim a /30 of the pool: ``net/slots/<n>`` is created as a symlink naming the cell, so
-    the claim and its owner appear in one atomic step (a reaper can always tell whose a slot
-    is, even if the claim happened just before its supervisor died)."""
+    """Claim a free /30 of the pool (slot ``n`` is its ``n``-th /30, from 0): ``net/slots/<n>``
+    is created as a symlink naming the cell, so the claim and its owner appear in one atomic
+    step (a reaper can always tell whose a slot is, even if the claim happened just before
+    its supervisor died)."""
     slots = os.path.join(state_root, "net", "slots")
+    capacity = pool_capacity(pool)
     try:
         os.makedirs(slots, mode=0o700, exist_ok=True)
-        for slot in range(1, pool.num_addresses // 4):
+        for slot in range(capacity):
             path = os.path.join(slots, str(slot))
             try:
                 os.symlink(cell_id, path)
@@ -101,7 +127,11 @@ def claim_slot(state_root: str, cell_id: str, pool: ipaddress.IPv4Network) -> tu
         raise HostError(
             "CELLOS_STATE_DIR", f"cannot claim a network slot in {slots}: {exc.strerror}"
         ) from None
-    raise HostError("CELLOS_NETWORK_POOL", f"no free /30 left in {pool}")
+    raise HostError(
+        "CELLOS_NETWORK_POOL",
+        f"pool exhausted: all {capacity} /30 link(s) of {pool} are in use by running cells "
+        "with egress authority (a pool /n holds 2^(30-n); use a larger pool or retry later)",
+    )
 
 
 def sweep_slots(store: CellStore) -> list[str]:
@@ -188,9 +218,7 @@ def resolve_rules(rules: list[EgressRule], *, pin_by_dns: bool = False) -> list[
 def plan(
     cell_id: str, rules: list[AllowRule], state_root: str, pool: str = DEFAULT_POOL
 ) -> CellNetwork:
-    network = ipaddress.ip_network(pool)
-    if not isinstance(network, ipaddress.IPv4Network):
-        raise PolicyRefused("CELLOS_NETWORK_POOL", "must be an IPv4 network")
+    network = parse_pool(pool)
     slot, slot_file = claim_slot(state_root, cell_id, network)
     base = network.network_address + slot * 4
     return CellNetwork(

@@ -37,8 +37,9 @@ class DlqSink:
             self.inner.emit(event)
         except Exception as exc:  # noqa: BLE001 - any delivery failure must dead-letter
             log.warning(
-                "sink %s failed, dead-lettering event",
+                "sink %s failed, dead-lettering event: %s",
                 self.sink_name,
+                exc,
                 extra={"error": str(exc), "event_id": event.get("id")},
             )
             self._write(event)

@@ -7,11 +7,13 @@ Exit status: the workload's own on a normal exit; 124 when it was killed by time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 
 from cellos.core.errors import CellosError, InvalidSpec
 from cellos.core.loading import load_document
@@ -26,10 +28,49 @@ def configure_logging() -> None:
     )
 
 
+def _hold_standard_fds() -> None:
+    """A standard descriptor (0-2) closed at start (``>&-``) is held open on /dev/null, so
+    that no file the supervisor opens later (an events file, a pipe) can take its number and
+    receive what is written to that stream. ``sys.stdout``/``sys.stderr`` stay None then, and
+    nothing is relayed to them."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd, inheritable=False)
+                os.close(null)
+
+
+def _write(stream: TextIO | None, data: bytes) -> str | None:
+    """Write to a standard stream; a closed stream is skipped and a reader that has gone
+    (EPIPE) is ignored. Returns why any other failure happened, else None."""
+    if stream is None or not data:
+        return None
+    try:
+        stream.buffer.write(data)
+        stream.flush()
+    except BrokenPipeError:
+        # What is still buffered goes to /dev/null, so the final flush at exit cannot fail.
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())
+            os.close(null)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def print_line(text: str) -> None:
+    """One line on stderr (skipped when stderr is closed or its reader has gone)."""
+    _write(sys.stderr, (text + "\n").encode(errors="replace"))
+
+
 def print_error(exc: CellosError) -> None:
     problems = exc.problems if isinstance(exc, InvalidSpec) else [(exc.path, exc.reason)]
     for path, reason in problems:
-        print(f"error: {path}: {reason}", file=sys.stderr)
+        print_line(f"error: {path}: {reason}")
 
 
 #: Signals that stop a running cell truthfully (grace, kill, teardown, events) instead of
@@ -48,10 +89,11 @@ def run_spec(path: str) -> int:
         else:
             early.append(signum)  # before the supervisor exists: it stops before create
 
+    _hold_standard_fds()
     previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     try:
         try:
-            document = load_document(path, sys.stdin.buffer)
+            document = load_document(path, sys.stdin.buffer if sys.stdin is not None else None)
             supervisor = build_supervisor(os.environ)
         except CellosError as exc:
             print_error(exc)
@@ -64,20 +106,22 @@ def run_spec(path: str) -> int:
             outcome = supervisor.run(document)
         finally:
             supervisor.close()
+        exit_code = outcome.exit_code
         if outcome.result is not None:
             # Relay the workload's output (the supervisor has already redacted secret values).
-            sys.stdout.buffer.write(outcome.result.stdout)
-            sys.stdout.flush()
-            sys.stderr.buffer.write(outcome.result.stderr)
-            sys.stderr.flush()
+            for name, stream, data in (
+                ("stdout", sys.stdout, outcome.result.stdout),
+                ("stderr", sys.stderr, outcome.result.stderr),
+            ):
+                failure = _write(stream, data)
+                if failure is not None:
+                    print_line(f"error: {name}: cannot relay the workload's output: {failure}")
+                    exit_code = exit_code or 1
         for err in outcome.errors:
             print_error(err)
         if outcome.lost_events:
-            print(
-                f"error: events: {outcome.lost_events} event(s) could not be delivered",
-                file=sys.stderr,
-            )
-        return outcome.exit_code
+            print_line(f"error: events: {outcome.lost_events} event(s) could not be delivered")
+        return exit_code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

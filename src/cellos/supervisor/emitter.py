@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cellos.core.chain import RunChain
+from cellos.core.errors import CellosError
 from cellos.core.events import new_event
 from cellos.core.ports import ChainPosition, CloudEvent, EventSink
 from cellos.core.signing import Signer, wrap_signed
@@ -44,6 +45,8 @@ class EventEmitter:
         #: Told where the chain stands after each event (the backend keeps it with the cell,
         #: so that a reaper can continue the chain should this supervisor die).
         self.on_emit: Callable[[ChainPosition], None] | None = None
+        #: Why each sink failed for the last event, ``"<sink>: <reason>"`` (empty: delivered).
+        self.last_failures: list[str] = []
 
     @property
     def run_id(self) -> str:
@@ -61,14 +64,29 @@ class EventEmitter:
                 # Only a reaper's events would miss it; this event itself is still delivered.
                 log.warning("cannot record the chain position: %s", exc.strerror or exc)
         wire = wrap_signed(event, self.signer) if self.signer is not None else event
+        self.last_failures = []
         for sink in self.sinks:
             try:
                 sink.emit(wire)
             except Exception as exc:  # noqa: BLE001 - a sink failure must not abort teardown
                 self.lost += 1
+                name = getattr(sink, "name", type(sink).__name__)
+                # A sink's own errors name it already: "<name>: <reason>" once is enough.
+                own = isinstance(exc, CellosError) and exc.path == name
+                reason = exc.reason if isinstance(exc, CellosError) and own else str(exc)
+                why = self.redactor.text(reason)
+                self.last_failures.append(f"{name}: {why}")
                 log.error(
-                    "event lost: sink %s failed",
-                    getattr(sink, "name", type(sink).__name__),
-                    extra={"error": self.redactor.text(str(exc)), "event_id": event["id"]},
+                    "event lost: sink %s failed: %s (%s, seq %s)",
+                    name,
+                    why,
+                    event_type.removeprefix("dev.cellos.events.cell."),
+                    event.get("cellosseq"),
+                    extra={"error": why, "event_id": event["id"]},
                 )
         return event
+
+    @property
+    def last_undelivered(self) -> bool:
+        """The last event reached no sink at all (there were sinks, and every one failed)."""
+        return bool(self.sinks) and len(self.last_failures) == len(self.sinks)

@@ -26,6 +26,7 @@ from cellos.core.errors import (
     HostError,
     PolicyRefused,
     SecretBrokerError,
+    SinkError,
 )
 from cellos.core.ports import (
     CellBackend,
@@ -240,6 +241,14 @@ class Supervisor:
                 },
             )
             try:
+                if emitter.last_undelivered:
+                    # Not even the start could be recorded: nothing may run unrecorded.
+                    raise SinkError(
+                        "events",
+                        "lifecycle.v1.started could not be delivered to any sink ("
+                        + "; ".join(emitter.last_failures)
+                        + "); the workload was not run",
+                    )
                 out.result = self._run_workload(document, handle, secret_env, ttl_deadline, emitter)
                 if out.result.spawn_error:
                     out.errors.append(HostError("spec.run.argv[0]", out.result.spawn_error))
@@ -406,7 +415,10 @@ class Supervisor:
                 with self.backend.open_artifact(handle, artifact.path) as source:
                     receipt = self.exporter.export(handle.cell_id, artifact.name, source)
             except CellosError as exc:
-                errors.append(ExportError(f"{where}.path", exc.reason))
+                # Blame the variable when the destination is at fault, else the artifact.
+                path = exc.path if exc.path.startswith("CELLOS_EXPORT") else f"{where}.path"
+                if not any((e.path, e.reason) == (path, exc.reason) for e in errors):
+                    errors.append(ExportError(path, exc.reason))
                 emitter.emit(
                     ev.EXPORT_FAILED,
                     {
@@ -487,7 +499,12 @@ class Supervisor:
             or (self.stop_request.reason if forced else None),
             "destroyed": bool(teardown and teardown.destroyed),
             "peersTrackedAfter": teardown.peers_tracked_after if teardown else None,
-            "processesKilled": teardown.processes_killed if teardown else None,
+            # Killed at the deadline (or left behind by the workload) and at teardown.
+            "processesKilled": (
+                teardown.processes_killed + (result.processes_killed if result else 0)
+                if teardown
+                else None
+            ),
             "residue": list(teardown.residue) if teardown else None,
         }
         if not forced:

@@ -59,6 +59,12 @@ class CellControl:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(target, signal.SIGKILL)
 
+    def workload_processes(self, pid: int) -> list[int]:
+        """The workload's processes: the cell's, without the launcher and the cell's pid 1."""
+        if is_running(pid):
+            self._learn(pid)
+        return [p for p in self.remaining(pid) if p not in (pid, self._init_pid)]
+
     def remaining(self, pid: int) -> list[int]:
         if self.cgroup is not None:
             return [p for p in self.cgroup.procs() if is_running(p)]
