@@ -294,17 +294,19 @@ def test_parallel_loops_of_sequential_cells_are_never_reaped(tmp_path: Path) -> 
     env = backend_env(tmp_path, "cellos")
     specs = [write_doc(tmp_path / f"l{i}.yaml", doc(f"loop-{i}")) for i in range(20)]
 
-    def loop(spec: Path) -> list[int]:
-        return [
-            subprocess.run(
-                [*SUPERVISOR, str(spec)], env=env, capture_output=True, timeout=120
-            ).returncode
-            for _ in range(10)
-        ]
+    def loop(spec: Path) -> list[str]:
+        failures = []
+        for _ in range(10):
+            done = subprocess.run(
+                [*SUPERVISOR, str(spec)], env=env, capture_output=True, text=True, timeout=120
+            )
+            if done.returncode != 0:
+                failures.append(f"{spec.name}: exit {done.returncode}: {done.stderr}")
+        return failures
 
     with ThreadPoolExecutor(20) as pool:
-        codes = [c for run in pool.map(loop, specs) for c in run]
-    assert codes == [0] * 200
+        failures = [f for run in pool.map(loop, specs) for f in run]
+    assert failures == []
     found = read_events(tmp_path / "events.jsonl")
     assert [e for e in found if e["data"].get("reason") == "reaped"] == []
     assert sum(1 for e in found if e["type"].endswith("lifecycle.v1.destroyed")) == 200
@@ -316,17 +318,19 @@ def test_gvisor_parallel_loops_are_never_reaped(tmp_path: Path) -> None:
     env = backend_env(tmp_path, "gvisor")
     specs = [write_doc(tmp_path / f"g{i}.yaml", doc(f"gloop-{i}")) for i in range(4)]
 
-    def loop(spec: Path) -> list[int]:
-        return [
-            subprocess.run(
-                [*SUPERVISOR, str(spec)], env=env, capture_output=True, timeout=120
-            ).returncode
-            for _ in range(3)
-        ]
+    def loop(spec: Path) -> list[str]:
+        failures = []
+        for _ in range(3):
+            done = subprocess.run(
+                [*SUPERVISOR, str(spec)], env=env, capture_output=True, text=True, timeout=120
+            )
+            if done.returncode != 0:
+                failures.append(f"{spec.name}: exit {done.returncode}: {done.stderr}")
+        return failures
 
     with ThreadPoolExecutor(4) as pool:
-        codes = [c for run in pool.map(loop, specs) for c in run]
-    assert codes == [0] * 12
+        failures = [f for run in pool.map(loop, specs) for f in run]
+    assert failures == []
     found = read_events(tmp_path / "events.jsonl")
     assert [e for e in found if e["data"].get("reason") == "reaped"] == []
 
