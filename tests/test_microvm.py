@@ -17,24 +17,12 @@ from tests.conftest import (
     base_env,
     doc,
     read_events,
-    require_host,
     running_with,
     short_types,
     write_doc,
 )
 
 Run = Callable[..., CliResult]
-
-
-@pytest.fixture(scope="session")
-def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require_host(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64")
-    require_host(os.geteuid() == 0, "root (the image build fetches Debian packages)")
-    from cellos.hosts.microvm.image import build_image
-
-    out = tmp_path_factory.mktemp("microvm-image")
-    build_image(str(out), vmm=shutil.which("qemu-system-x86_64") or "qemu-system-x86_64")
-    return out
 
 
 def vm_env(tmp_path: Path, image: Path, **extra: str) -> dict[str, str]:

@@ -35,6 +35,13 @@ from cellos.hosts.microvm.firecracker import mem_mib_for, vcpus_for
 from cellos.hosts.microvm.image import MANIFEST_NAME
 from cellos.hosts.microvm.manifest import Manifest, load_manifest, verify
 from cellos.hosts.microvm.qemu_probe import kernel_append, parse_channel, qemu_command
+from cellos.hosts.microvm.request import (
+    cgroup_settings,
+    check_working_directory,
+    explain,
+    guest_artifact_path,
+    guest_hostname,
+)
 from cellos.hosts.process import SpawnOptions, spawn_isolated_workload
 
 
@@ -115,6 +122,7 @@ class MicrovmBackend:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def create(self, spec: CellSpec) -> CellHandle:
+        check_working_directory(spec)
         manifest = load_manifest(self.image_dir / MANIFEST_NAME)
         # Refused before boot: a tampered kernel, initrd or VMM never runs.
         digests = verify(manifest, self.image_dir)
@@ -144,7 +152,8 @@ class MicrovmBackend:
         live = _LIVE.get(handle.cell_id)
         limits = live.spec.run.limits
         accel = self.accel(live.manifest)
-        artifacts = sorted({a.path for a in live.spec.artifacts if a.path.startswith("/")})
+        guest_paths = {guest_artifact_path(live.spec, a.path) for a in live.spec.artifacts}
+        artifacts = sorted(p for p in guest_paths if p is not None)
         result, live.artifacts = self._boot(
             live.manifest,
             list(request.argv),
@@ -155,6 +164,8 @@ class MicrovmBackend:
             request.deadline_seconds,
             request.graceful_shutdown_seconds,
             limits,
+            hostname=guest_hostname(live.spec),
+            workdir=live.spec.run.working_directory,
         )
         return result
 
@@ -169,12 +180,17 @@ class MicrovmBackend:
         deadline: float | None,
         grace: float,
         limits: object,
+        *,
+        hostname: str | None = None,
+        workdir: str | None = None,
     ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
         """Boot once; the result and the artifacts the guest sent (None: missing there)."""
         from cellos.core.spec import Limits
 
         lim = limits if isinstance(limits, Limits) else None
-        append = kernel_append(argv, env, artifacts)
+        append = kernel_append(
+            argv, env, artifacts, hostname=hostname, workdir=workdir, cgroup=cgroup_settings(lim)
+        )
         command = qemu_command(
             manifest.vmm.path,
             self.image_dir,
@@ -225,13 +241,16 @@ class MicrovmBackend:
             stderr_bytes=len(channel["stderr"]),
             truncated=raw.truncated,
         )
-        return result, dict(channel.get("artifacts", {}))
+        return explain(result, channel.get("limits")), dict(channel.get("artifacts", {}))
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = _LIVE.get(handle.cell_id)
-        if path not in live.artifacts or live.artifacts[path] is None:
+        guest_path = guest_artifact_path(live.spec, path)
+        if guest_path is None:
+            raise ExportError(path, "artifact path must name a file inside the cell without '..'")
+        if live.artifacts.get(guest_path) is None:
             raise ExportError(path, "artifact does not exist in the guest")
-        data = live.artifacts[path]
+        data = live.artifacts[guest_path]
         assert data is not None
         return io.BytesIO(data)
 
