@@ -206,8 +206,8 @@ class GvisorBackend:
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = self._live(handle)
         limits = live.spec.run.limits
-        sandbox_cgroups = evidence.SandboxCgroups(live.container_id, limits)
         try:
+            sandbox_cgroups = evidence.SandboxCgroups(live.container_id, limits)
             sandbox_cgroups.create()
         except OSError as exc:
             raise HostError(
