@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -197,20 +200,6 @@ def _no_residue(tmp_path: Path) -> Iterator[None]:
     assert_nothing_left(before, roots, other_sessions(tmp_path.parent))
 
 
-@pytest.fixture(scope="session")
-def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A microVM image built once per test session (qemu backend)."""
-    import shutil
-
-    require_host(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64")
-    require_host(os.geteuid() == 0, "root (the image build fetches Debian packages)")
-    from cellos.hosts.microvm.image import build_image
-
-    out = tmp_path_factory.mktemp("microvm-image")
-    build_image(str(out), vmm=shutil.which("qemu-system-x86_64") or "qemu-system-x86_64")
-    return out
-
-
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[Any]:
     """A real nats-server with JetStream on a free loopback port (fails under
@@ -224,3 +213,51 @@ def nats_server(tmp_path: Path) -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+#: Guest images built by the tests, one per (init.c, image.py, VMM) digest: a session reuses
+#: an earlier session's image instead of fetching and building it again (~1 min).
+IMAGE_CACHE = Path(os.environ.get("CELLOS_TEST_IMAGE_CACHE", "/var/tmp/cellos-test-images"))
+
+
+def cached_microvm_image() -> Path:
+    """A verified microVM guest image of this checkout's init.c, built once and cached."""
+    from cellos.core.errors import CellosError
+    from cellos.hosts.microvm import image
+    from cellos.hosts.microvm.manifest import load_manifest, sha256_file, verify
+
+    qemu = shutil.which("qemu-system-x86_64")
+    require_host(qemu is not None, "qemu-system-x86_64")
+    require_host(os.geteuid() == 0, "root (the image build fetches Debian packages)")
+    assert qemu is not None
+    vmm = os.path.realpath(qemu)
+    key = hashlib.sha256()
+    for part in (image.INIT_SOURCE.read_bytes(), Path(image.__file__).read_bytes()):
+        key.update(hashlib.sha256(part).digest())
+    key.update(f"{vmm}:{sha256_file(vmm)}".encode())
+    cached = IMAGE_CACHE / key.hexdigest()[:20]
+    if (cached / image.MANIFEST_NAME).is_file():
+        try:
+            verify(load_manifest(cached / image.MANIFEST_NAME), cached)
+            return cached
+        except CellosError:
+            shutil.rmtree(cached, ignore_errors=True)
+    IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=IMAGE_CACHE))
+    try:
+        image.build_image(str(work), vmm=vmm)
+        os.chmod(work, 0o755)
+        try:
+            os.rename(work, cached)
+        except OSError:  # another session finished the same build first: use ours anyway
+            return work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return cached
+
+
+@pytest.fixture(scope="session")
+def image_dir() -> Path:
+    """The microVM guest image (qemu backend tests; session-wide, cached across sessions)."""
+    return cached_microvm_image()

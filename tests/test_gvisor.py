@@ -218,12 +218,16 @@ def test_limits_become_oci_resources_and_the_schema_catches_a_broken_bundle() ->
             },
         )
     ).spec
-    bundle = build_config(spec, BundleConfig(rootfs="/r", workspace="/w"))
+    bundle = build_config(
+        spec, BundleConfig(rootfs="/r", workspace="/w", cgroups_path="/cellos/cellos-x-1")
+    )
     assert bundle["linux"]["resources"] == {
         "memory": {"limit": 256 << 20, "swap": 256 << 20},
-        "pids": {"limit": 64},
         "cpu": {"quota": 50000, "period": 100000},
     }
+    assert bundle["linux"]["cgroupsPath"] == "/cellos/cellos-x-1"
+    # pidsMax is enforced by gVisor's kernel: a host pids limit counts the Sentry's threads.
+    assert {"type": "RLIMIT_NPROC", "hard": 64, "soft": 64} in bundle["process"]["rlimits"]
     validator = _oci_validator()
     validator.validate(bundle)
     broken = {**bundle, "process": {**bundle["process"], "args": "not-a-list"}}
@@ -257,4 +261,111 @@ def test_egress_authority_is_refused_clearly_not_dropped(
     assert result.stderr.startswith(
         "error: spec.authority.egressRules: egress authority is not available on the gvisor backend"
     )
+    assert_no_gvisor_residue(tmp_path)
+
+
+def sandbox_cgroups_left(container_prefix: str) -> list[str]:
+    """Cgroups of this test's sandboxes still present in any hierarchy (runsc's default place,
+    the hierarchy root, and CellOS's, /cellos)."""
+    from cellos.hosts.gvisor.evidence import cgroup_mounts
+
+    found = []
+    for mount in cgroup_mounts():
+        for base in (Path(mount), Path(mount) / "cellos"):
+            if base.is_dir():
+                found += [str(p) for p in base.glob(f"{container_prefix}*") if p.is_dir()]
+    return found
+
+
+def completed(tmp_path: Path) -> dict[str, Any]:
+    return next(
+        e["data"]
+        for e in read_events(tmp_path / "events.jsonl")
+        if e["type"].endswith("command.v1.completed")
+    )
+
+
+def test_a_memory_hog_is_reported_as_oom_killed(
+    tmp_path: Path, gvisor_env: dict[str, str], supervisor_cli: Run
+) -> None:
+    """300 MiB under memoryMaxBytes 64 MiB: the host kernel's OOM killer acts in the
+    sandbox's cgroup, and its counter (read before the cgroup is removed) says so."""
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "gv-oom",
+            argv=["/usr/bin/python3", "-c", "b = bytearray(300 << 20); print('survived')"],
+            run={"timeoutSeconds": 60, "limits": {"memoryMaxBytes": 64 << 20}},
+        ),
+    )
+    result = supervisor_cli(str(spec), gvisor_env, timeout=120)
+    assert "survived" not in result.stdout, result
+    data = completed(tmp_path)
+    assert data["reason"] == "oom_killed", data
+    assert data["limits"]["oomKills"] >= 1, data
+    assert data["forced"] is False
+    assert_no_gvisor_residue(tmp_path)
+    assert sandbox_cgroups_left("cellos-gv-oom-") == []
+
+
+def test_a_fork_bomb_is_bounded_by_pids_max_and_reported(
+    tmp_path: Path, gvisor_env: dict[str, str], supervisor_cli: Run
+) -> None:
+    """pidsMax 16: gVisor's kernel refuses the 16th process (the workload counts), the run
+    says pids_limit_reached with the number of refused forks."""
+    bomb = "i=0; while [ $i -lt 40 ]; do sleep 3 & i=$((i+1)); done; echo spawned $i"
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "gv-pids",
+            argv=["/bin/sh", "-c", bomb],
+            run={"timeoutSeconds": 30, "limits": {"pidsMax": 16}},
+        ),
+    )
+    result = supervisor_cli(str(spec), gvisor_env, timeout=90)
+    assert result.code != 0 and "fork" in result.stderr.lower(), result
+    data = completed(tmp_path)
+    assert data["reason"] == "pids_limit_reached", data
+    assert data["limits"]["pidsLimitHits"] >= 1, data
+    assert_no_gvisor_residue(tmp_path)
+    assert sandbox_cgroups_left("cellos-gv-pids-") == []
+
+
+def test_within_its_limits_a_cell_ends_normally_with_zero_counters(
+    tmp_path: Path, gvisor_env: dict[str, str], supervisor_cli: Run
+) -> None:
+    """15 processes under pidsMax 16 (the workload and 14 children... plus one to spare),
+    a little memory under 256 MiB: exit 0, no reason, counters 0."""
+    script = "i=0; while [ $i -lt 14 ]; do sleep 1 & i=$((i+1)); done; wait; echo ok"
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "gv-fits",
+            argv=["/bin/sh", "-c", script],
+            run={"limits": {"pidsMax": 16, "memoryMaxBytes": 256 << 20}},
+        ),
+    )
+    result = supervisor_cli(str(spec), gvisor_env, timeout=90)
+    assert (result.code, result.stdout) == (0, "ok\n"), result
+    data = completed(tmp_path)
+    assert data["reason"] is None
+    assert data["limits"] == {"oomKills": 0, "pidsLimitHits": 0}
+    assert sandbox_cgroups_left("cellos-gv-fits-") == []
+
+
+def test_a_killed_sandbox_leaves_no_cgroup(
+    tmp_path: Path, gvisor_env: dict[str, str], supervisor_cli: Run
+) -> None:
+    """runsc removes its cgroups only when the container ends by itself."""
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "gv-killed",
+            argv=["/bin/sleep", "300"],
+            run={"timeoutSeconds": 2, "limits": {"gracefulShutdownSeconds": 0}},
+        ),
+    )
+    result = supervisor_cli(str(spec), gvisor_env, timeout=90)
+    assert result.code == 124, result
+    assert sandbox_cgroups_left("cellos-gv-killed-") == []
     assert_no_gvisor_residue(tmp_path)

@@ -140,3 +140,104 @@ def test_tcg_must_be_allowed_explicitly_when_kvm_cannot_boot(
         assert "CELLOS_MICROVM_ALLOW_TCG" in str(exc)
         return
     assert accel == "kvm"  # only where KVM really boots the guest
+
+
+def completed(tmp_path: Path) -> dict[str, Any]:
+    return next(
+        e["data"]
+        for e in read_events(tmp_path / "ev.jsonl")
+        if e["type"].endswith("command.v1.completed")
+    )
+
+
+def test_an_oom_kill_in_the_guest_is_reported(
+    tmp_path: Path, image_dir: Path, supervisor_cli: Run
+) -> None:
+    """dd with a 200 MiB buffer under memoryMaxBytes 32 MiB: the guest kernel's OOM killer
+    kills it in the workload's cgroup, and the guest reports the cgroup's counter."""
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "vm-oom",
+            argv=["/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"],
+            run={"limits": {"memoryMaxBytes": 32 << 20}},
+        ),
+    )
+    result = supervisor_cli(str(spec), vm_env(tmp_path, image_dir), timeout=180)
+    assert result.code == 137, result
+    data = completed(tmp_path)
+    assert data["reason"] == "oom_killed", data
+    assert data["limits"]["oomKills"] >= 1 and data["limits"]["pidsLimitHits"] == 0, data
+    assert_no_vm_residue(tmp_path, image_dir)
+
+
+def test_pids_max_bounds_a_fork_bomb_in_the_guest_and_is_reported(
+    tmp_path: Path, image_dir: Path, supervisor_cli: Run
+) -> None:
+    """pidsMax 16 counts the workload's processes (itself included), as on the cellos
+    backend: 15 children fit, the 16th fork is refused and reported."""
+    script = (
+        "i=0; while [ $i -lt 15 ]; do sleep 5 & i=$((i+1)); done; echo fifteen; "
+        "i=0; while [ $i -lt 25 ]; do sleep 5 & i=$((i+1)); done; echo never"
+    )
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc("vm-pids", argv=["/bin/sh", "-c", script], run={"limits": {"pidsMax": 16}}),
+    )
+    result = supervisor_cli(str(spec), vm_env(tmp_path, image_dir), timeout=180)
+    assert result.code != 0 and "fork" in result.stderr, result
+    assert result.stdout == "fifteen\n", result
+    data = completed(tmp_path)
+    assert data["reason"] == "pids_limit_reached", data
+    assert data["limits"]["pidsLimitHits"] >= 1 and data["limits"]["oomKills"] == 0, data
+    assert_no_vm_residue(tmp_path, image_dir)
+
+
+def test_hostname_working_directory_and_relative_artifacts(
+    tmp_path: Path, image_dir: Path, supervisor_cli: Run
+) -> None:
+    """The guest is named after the cell (first 64 characters), the workload starts in
+    run.workingDirectory (created, owned by the workload's user), and a relative artifact
+    path is relative to it, as on the other backends; a path leaving it is refused."""
+    cell_id = "v" + "x" * 127
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            cell_id,
+            argv=[
+                "/bin/sh",
+                "-c",
+                "hostname; pwd; ls -nd .; mkdir out; "
+                "printf rel > out/r.txt; printf abs > /srv/job/a.txt",
+            ],
+            run={"workingDirectory": "/srv/job"},
+            export={
+                "artifacts": [
+                    {"name": "r.txt", "path": "out/r.txt"},
+                    {"name": "a.txt", "path": "/srv/job/a.txt"},
+                    {"name": "up.txt", "path": "../etc/x"},
+                ]
+            },
+        ),
+    )
+    result = supervisor_cli(str(spec), vm_env(tmp_path, image_dir), timeout=180)
+    lines = result.stdout.splitlines()
+    assert lines[:2] == [cell_id[:64], "/srv/job"], result
+    assert "65534" in lines[2], result
+    assert (tmp_path / "x" / cell_id / "r.txt").read_text() == "rel"
+    assert (tmp_path / "x" / cell_id / "a.txt").read_text() == "abs"
+    assert not (tmp_path / "x" / cell_id / "up.txt").exists()
+    assert result.code == 1 and "spec.export.artifacts[2].path" in result.stderr, result
+    assert_no_vm_residue(tmp_path, image_dir)
+
+
+def test_a_working_directory_the_guest_owns_is_refused_before_boot(
+    tmp_path: Path, image_dir: Path, supervisor_cli: Run
+) -> None:
+    spec = write_doc(
+        tmp_path / "c.yaml", doc("vm-wd", argv=["/bin/true"], run={"workingDirectory": "/proc/x"})
+    )
+    result = supervisor_cli(str(spec), vm_env(tmp_path, image_dir), timeout=60)
+    assert result.code == 2, result
+    assert result.stderr.startswith("error: spec.run.workingDirectory: /proc/x is inside /proc")
+    assert_no_vm_residue(tmp_path, image_dir)

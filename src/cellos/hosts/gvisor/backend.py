@@ -33,6 +33,7 @@ from cellos.core.errors import HostError, PolicyRefused
 from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
 from cellos.core.spec import CellSpec
 from cellos.hosts.artifacts import open_in_workspace
+from cellos.hosts.gvisor import evidence
 from cellos.hosts.gvisor.bundle import BundleConfig, build_config, host_binds, host_symlinks
 from cellos.hosts.live import LiveCells, StoredBackend
 from cellos.hosts.process import (
@@ -250,9 +251,37 @@ class GvisorBackend(StoredBackend):
 
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = self._live(handle)
+        limits = live.spec.run.limits
+        try:
+            sandbox_cgroups = evidence.SandboxCgroups(live.container_id, limits)
+            sandbox_cgroups.create()
+        except OSError as exc:
+            raise HostError(
+                "spec.run.limits", f"cannot create the sandbox's cgroup: {exc.strerror}"
+            ) from None
+        counters: dict[str, int] = {}
+        try:
+            result, clone_failures = self._run(live, request, sandbox_cgroups.cgroups_path)
+        finally:
+            if limits is not None and limits.memory_max_bytes:
+                counters["oomKills"] = sandbox_cgroups.oom_kills()
+            residue = sandbox_cgroups.remove()
+        if residue:
+            raise HostError("cgroup", f"cannot remove the sandbox's cgroups: {', '.join(residue)}")
+        if clone_failures is not None:
+            counters["pidsLimitHits"] = clone_failures
+        return evidence.explain(result, counters)
+
+    def _run(
+        self, live: _LiveCell, request: WorkloadRequest, cgroups_path: str
+    ) -> tuple[WorkloadResult, int | None]:
+        """runsc run; the result and, with pidsMax, how many forks the limit refused."""
         rootfs = self.rootfs or os.path.join(live.bundle, "rootfs")
         config = BundleConfig(
-            rootfs=rootfs, workspace=live.workspace, host_binds=() if self.rootfs else host_binds()
+            rootfs=rootfs,
+            workspace=live.workspace,
+            host_binds=() if self.rootfs else host_binds(),
+            cgroups_path=cgroups_path,
         )
         argv = list(request.argv)
         if "HOME" not in request.env:
@@ -267,19 +296,34 @@ class GvisorBackend(StoredBackend):
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(bundle, fh)
         runsc = self._runsc(live)
-        command = [*runsc, "--network=none", "run", "--bundle", live.bundle, live.container_id]
+        limits = live.spec.run.limits
+        clones = None
+        if limits is not None and limits.pids_max is not None:
+            clones = evidence.CloneFailures(os.path.join(live.cell_dir, "strace.fifo"))
+        command = [
+            *runsc,
+            *(clones.runsc_flags() if clones else []),
+            "--network=none",
+            "run",
+            "--bundle",
+            live.bundle,
+            live.container_id,
+        ]
         # runsc itself needs no environment; the workload's is in config.json.
-        result = run_host_command(
-            HostCommand.for_workload(request, argv=command, env={}),
-            SpawnOptions(
-                cwd="/",
-                log_dir=live.cell_dir,
-                on_spawn=live.state.write_pid,
-                control=RunscControl(runsc, live.container_id),
-                die_with_parent=True,
-            ),
-        )
-        return _explain(result)
+        try:
+            result = run_host_command(
+                HostCommand.for_workload(request, argv=command, env={}),
+                SpawnOptions(
+                    cwd="/",
+                    log_dir=live.cell_dir,
+                    on_spawn=live.state.write_pid,
+                    control=RunscControl(runsc, live.container_id),
+                    die_with_parent=True,
+                ),
+            )
+        finally:
+            failures = clones.finish() if clones else None
+        return _explain(result), failures
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = self._live(handle)

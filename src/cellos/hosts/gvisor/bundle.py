@@ -4,8 +4,12 @@
 The root filesystem is read-only: either a rootfs directory, or an empty per-cell skeleton onto
 which the host's ``/usr``, ``/lib*`` ... are bound read-only (as the ``cellos`` backend does).
 The workspace is the only writable, persistent mount. The process gets exactly the declared
-environment, no capabilities, ``noNewPrivileges`` and modest rlimits; ``run.limits`` become
-``linux.resources``. No user namespace: Debian's runsc cannot start its gofer inside one.
+environment, no capabilities, ``noNewPrivileges`` and modest rlimits; ``memoryMaxBytes`` and
+``cpuMax`` become ``linux.resources`` (enforced on the host cgroup of the whole sandbox, named
+by ``linux.cgroupsPath`` when the backend gives one), ``pidsMax`` becomes ``RLIMIT_NPROC``
+enforced by gVisor's kernel: a host pids limit would count the Sentry's own threads (dozens
+for an idle sandbox) and the sandbox dies when it cannot create one. No user namespace:
+Debian's runsc cannot start its gofer inside one.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ class BundleConfig:
     uid: int = 0
     gid: int = 0
     nofile: int = 1024
+    #: ``linux.cgroupsPath``: where runsc puts the sandbox in every cgroup hierarchy (None:
+    #: runsc's default, a cgroup named after the container at the root of each hierarchy).
+    cgroups_path: str | None = None
     tmp_size_bytes: int = 64 << 20
 
 
@@ -102,8 +109,6 @@ def _resources(spec: CellSpec) -> dict[str, Any]:
         return resources
     if limits.memory_max_bytes is not None:
         resources["memory"] = {"limit": limits.memory_max_bytes, "swap": limits.memory_max_bytes}
-    if limits.pids_max is not None:
-        resources["pids"] = {"limit": limits.pids_max}
     if limits.cpu_max is not None:
         resources["cpu"] = {
             "quota": limits.cpu_max.quota_micros,
@@ -142,6 +147,14 @@ def build_config(
     resources = _resources(spec)
     if resources:
         linux["resources"] = resources
+    if config.cgroups_path:
+        linux["cgroupsPath"] = config.cgroups_path
+    rlimits = [{"type": "RLIMIT_NOFILE", "hard": config.nofile, "soft": config.nofile}]
+    if spec.run.limits is not None and spec.run.limits.pids_max is not None:
+        # Counts the sandbox's processes (the workload, pid 1 in gVisor, included), as
+        # pidsMax counts the workload's on the cellos backend.
+        nproc = spec.run.limits.pids_max
+        rlimits.append({"type": "RLIMIT_NPROC", "hard": nproc, "soft": nproc})
     no_caps: list[str] = []
     return {
         "ociVersion": OCI_VERSION,
@@ -156,7 +169,7 @@ def build_config(
             "capabilities": {
                 k: no_caps for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": config.nofile, "soft": config.nofile}],
+            "rlimits": rlimits,
             "noNewPrivileges": True,
         },
         "mounts": _mounts(spec, config),

@@ -9,6 +9,7 @@ import signal
 import subprocess
 from typing import Any
 
+from cellos.hosts.gvisor import evidence
 from cellos.hosts.gvisor.backend import delete_container, runsc_argv
 
 
@@ -39,4 +40,12 @@ def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:
             check=False,
         )
     residue = delete_container(argv, root, container)
-    return ([] if residue else [f"runsc:{container}"]), residue
+    removed = [] if residue else [f"runsc:{container}"]
+    # The sandbox's cgroups are named after the container (``/cellos/<id>`` in every
+    # hierarchy): what runsc and CellOS made there goes too.
+    try:
+        left = evidence.SandboxCgroups(container, None).remove()
+    except OSError as exc:
+        left = [f"cgroup:/cellos/{container}: {exc.strerror}"]
+    residue += left
+    return removed, residue

@@ -35,6 +35,13 @@ from cellos.hosts.microvm.firecracker import mem_mib_for, vcpus_for
 from cellos.hosts.microvm.image import MANIFEST_NAME
 from cellos.hosts.microvm.manifest import Manifest, load_manifest, verify
 from cellos.hosts.microvm.qemu_probe import kernel_append, parse_channel, qemu_command
+from cellos.hosts.microvm.request import (
+    cgroup_settings,
+    check_working_directory,
+    explain,
+    guest_artifact_path,
+    guest_hostname,
+)
 from cellos.hosts.process import HostCommand, SpawnOptions, run_host_command
 from cellos.hosts.state import CellState, CellStore
 
@@ -127,6 +134,7 @@ class MicrovmBackend(StoredBackend):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def create(self, spec: CellSpec) -> CellHandle:
+        check_working_directory(spec)
         manifest = load_manifest(self.image_dir / MANIFEST_NAME)
         # Refused before boot: a tampered kernel, initrd or VMM never runs.
         digests = verify(manifest, self.image_dir)
@@ -155,7 +163,8 @@ class MicrovmBackend(StoredBackend):
         live = _LIVE.get(handle.cell_id)
         limits = live.spec.run.limits
         accel = self.accel(live.manifest)
-        artifacts = sorted({a.path for a in live.spec.artifacts if a.path.startswith("/")})
+        guest_paths = {guest_artifact_path(live.spec, a.path) for a in live.spec.artifacts}
+        artifacts = sorted(p for p in guest_paths if p is not None)
         result, live.artifacts = self._boot(
             live.manifest,
             HostCommand.for_workload(request),
@@ -164,6 +173,8 @@ class MicrovmBackend(StoredBackend):
             live.cell_dir,
             limits,
             on_spawn=live.state.write_pid,
+            hostname=guest_hostname(live.spec),
+            workdir=live.spec.run.working_directory,
         )
         return result
 
@@ -176,13 +187,23 @@ class MicrovmBackend(StoredBackend):
         work: str,
         limits: object,
         on_spawn: Callable[[int], None] | None = None,
+        *,
+        hostname: str | None = None,
+        workdir: str | None = None,
     ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
         """Boot once; the result and the artifacts the guest sent (None: missing there).
         ``workload`` is what the guest runs, with the deadline and stop of the VMM."""
         from cellos.core.spec import Limits
 
         lim = limits if isinstance(limits, Limits) else None
-        append = kernel_append(list(workload.argv), dict(workload.env), artifacts)
+        append = kernel_append(
+            list(workload.argv),
+            dict(workload.env),
+            artifacts,
+            hostname=hostname,
+            workdir=workdir,
+            cgroup=cgroup_settings(lim),
+        )
         command = qemu_command(
             manifest.vmm.path,
             self.image_dir,
@@ -235,13 +256,16 @@ class MicrovmBackend(StoredBackend):
             stderr_bytes=len(channel["stderr"]),
             truncated=raw.truncated,
         )
-        return result, dict(channel.get("artifacts", {}))
+        return explain(result, channel.get("limits")), dict(channel.get("artifacts", {}))
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = _LIVE.get(handle.cell_id)
-        if path not in live.artifacts or live.artifacts[path] is None:
+        guest_path = guest_artifact_path(live.spec, path)
+        if guest_path is None:
+            raise ExportError(path, "artifact path must name a file inside the cell without '..'")
+        if live.artifacts.get(guest_path) is None:
             raise ExportError(path, "artifact does not exist in the guest")
-        data = live.artifacts[path]
+        data = live.artifacts[guest_path]
         assert data is not None
         return io.BytesIO(data)
 

@@ -41,9 +41,9 @@ MANIFEST_NAME = "manifest.json"
 
 #: busybox applets linked into /bin (enough for shell one-liners in workloads and tests).
 APPLETS = (
-    "sh", "ash", "cat", "cp", "echo", "env", "false", "grep", "head", "id", "ls", "mkdir",
-    "mv", "printf", "pwd", "rm", "sed", "sha256sum", "sleep", "tail", "test", "touch", "tr",
-    "true", "uname", "wc",
+    "sh", "ash", "cat", "cp", "dd", "echo", "env", "false", "find", "grep", "head", "hostname",
+    "id", "kill", "ls", "mkdir", "mv", "printf", "pwd", "readlink", "rm", "sed", "seq",
+    "sha256sum", "sleep", "tail", "test", "touch", "tr", "true", "uname", "wc",
 )  # fmt: skip
 
 #: Debian packages ensure_build_tools installs when missing.

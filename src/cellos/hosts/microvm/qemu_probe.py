@@ -45,8 +45,25 @@ def b64url_json(value: object) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def kernel_append(argv: list[str], env: dict[str, str] | None, artifacts: list[str] | None) -> str:
-    """The kernel command line carrying the request; InvalidSpec when it does not fit."""
+def b64url_text(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
+def kernel_append(
+    argv: list[str],
+    env: dict[str, str] | None,
+    artifacts: list[str] | None,
+    *,
+    hostname: str | None = None,
+    workdir: str | None = None,
+    cgroup: dict[str, str] | None = None,
+) -> str:
+    """The kernel command line carrying the request; InvalidSpec when it does not fit.
+
+    ``hostname`` becomes the guest's hostname, ``workdir`` the workload's working directory
+    (created in the guest when missing), ``cgroup`` the settings of the workload's cgroup in
+    the guest (``memory.max``, ``pids.max``).
+    """
     if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
         raise InvalidSpec("argv", "must be a non-empty list of strings without NUL")
     parts = [BASE_APPEND, f"cellos.argv={b64url_json(argv)}"]
@@ -56,6 +73,12 @@ def kernel_append(argv: list[str], env: dict[str, str] | None, artifacts: list[s
         if not all(a.startswith("/") for a in artifacts):
             raise InvalidSpec("artifacts", "paths must be absolute")
         parts.append(f"cellos.artifacts={b64url_json(artifacts)}")
+    if hostname:
+        parts.append(f"cellos.hostname={b64url_text(hostname)}")
+    if workdir and workdir != "/workspace":
+        parts.append(f"cellos.workdir={b64url_text(workdir)}")
+    if cgroup:
+        parts.append(f"cellos.cgroup={b64url_json(cgroup)}")
     append = " ".join(parts)
     if len(append.encode()) > MAX_CMDLINE:
         raise InvalidSpec(
@@ -133,6 +156,9 @@ def parse_channel(lines: list[str]) -> dict[str, Any]:
                     )
                 else:
                     done[path] = data
+            elif kind == "LIMITS":
+                oom, _, pids = rest.partition(":")
+                result["limits"] = {"oomKills": int(oom), "pidsLimitHits": int(pids)}
             elif kind == "UNAME":
                 result["uname"] = rest
             elif kind == "SPAWNERR":

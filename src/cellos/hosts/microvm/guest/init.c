@@ -10,6 +10,7 @@
  *   CELLOS:SPAWNERR:<message>                     the workload could not be started
  *   CELLOS:ART:<base64url path>:<base64 chunk>    artifact content (read as root)
  *   CELLOS:ARTEND:<base64url path>:<sha256 hex | MISSING>
+ *   CELLOS:LIMITS:<oom kills>:<pids-limit hits>    the workload cgroup's counters
  *   CELLOS:UNAME:<uname -r>
  *   CELLOS:EXIT:<code>                            128+signal when killed, 127 spawn failure
  *
@@ -17,6 +18,15 @@
  *   cellos.argv=<base64url JSON array of strings>          required
  *   cellos.env=<base64url JSON object string -> string>   optional (default: empty env)
  *   cellos.artifacts=<base64url JSON array of abs paths>  optional
+ *   cellos.hostname=<base64url hostname>                  optional (the cell id, <= 64 bytes)
+ *   cellos.workdir=<base64url absolute path>              optional (default /workspace)
+ *   cellos.cgroup=<base64url JSON object file -> value>   optional: memory.max, pids.max
+ *
+ * The workload runs in its own cgroup (v2, /sys/fs/cgroup/cell, memory and pids
+ * controllers) with the limits of cellos.cgroup; its memory.events oom_kill and pids.events
+ * max counters are reported after it exits (LIMITS), so an OOM kill or a refused fork is
+ * evidence, not a guess.  The working directory is created if missing (owned by the
+ * workload's user when created here) and is where the workload starts.
  *
  * The workload runs as uid/gid 65534 with no capabilities and no_new_privs, so it cannot
  * open the channel (or /dev/console, which is the same serial line) to forge lines.
@@ -39,6 +49,7 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/reboot.h>
+#include <limits.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -571,6 +582,99 @@ static void open_channel(void)
     }
 }
 
+/* ------------------------------------------------------------------ cell cgroup, workdir */
+
+#define CELL_CG "/sys/fs/cgroup/cell"
+
+static int write_file(const char *path, const char *value)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = write(fd, value, strlen(value));
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return n == (ssize_t)strlen(value) ? 0 : -1;
+}
+
+/* The workload's cgroup: memory + pids controllers, settings "file=value" from the host.
+ * Returns NULL or the reason it cannot be set up (the workload must not run unlimited). */
+static const char *setup_cgroup(char **settings)
+{
+    static char why[256];
+    mkdir("/sys/fs/cgroup", 0755);
+    if (mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        return snprintf(why, sizeof why, "mount cgroup2: %s", strerror(errno)), why;
+    if (write_file("/sys/fs/cgroup/cgroup.subtree_control", "+memory +pids") < 0)
+        return snprintf(why, sizeof why, "enable memory, pids: %s", strerror(errno)), why;
+    if (mkdir(CELL_CG, 0755) < 0)
+        return snprintf(why, sizeof why, "mkdir %s: %s", CELL_CG, strerror(errno)), why;
+    for (char **s = settings; s && *s; s++) {
+        char *eq = strchr(*s, '='), path[256];
+        *eq = '\0';
+        if (strcmp(*s, "memory.max") && strcmp(*s, "memory.swap.max") && strcmp(*s, "pids.max"))
+            return snprintf(why, sizeof why, "cgroup setting %.64s is not allowed", *s), why;
+        snprintf(path, sizeof path, CELL_CG "/%s", *s);
+        if (write_file(path, eq + 1) < 0)
+            return snprintf(why, sizeof why, "%s = %.32s: %s", *s, eq + 1, strerror(errno)), why;
+        *eq = '=';
+    }
+    return NULL;
+}
+
+/* "key N" from a cgroup events file; 0 when absent. */
+static unsigned long cg_counter(const char *file, const char *key)
+{
+    char buf[1024], path[256];
+    snprintf(path, sizeof path, CELL_CG "/%s", file);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = '\0';
+    size_t kl = strlen(key);
+    for (char *line = buf; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL)
+        if (!strncmp(line, key, kl) && line[kl] == ' ')
+            return strtoul(line + kl + 1, NULL, 10);
+    return 0;
+}
+
+/* mkdir -p; the directories created here are handed to the workload's user. Returns NULL or
+ * why it failed. */
+static const char *make_workdir(const char *path)
+{
+    static char why[PATH_MAX + 64];
+    char buf[PATH_MAX];
+    if (path[0] != '/' || strlen(path) >= sizeof buf)
+        return "must be an absolute path shorter than PATH_MAX";
+    strcpy(buf, path);
+    for (char *p = buf + 1;; p++) {
+        if (*p != '/' && *p != '\0')
+            continue;
+        char saved = *p;
+        *p = '\0';
+        if (buf[1] != '\0') {
+            if (mkdir(buf, 0755) == 0) {
+                if (chown(buf, NOBODY, NOBODY) < 0)
+                    return snprintf(why, sizeof why, "chown %s: %s", buf, strerror(errno)), why;
+            } else if (errno != EEXIST) {
+                return snprintf(why, sizeof why, "mkdir %s: %s", buf, strerror(errno)), why;
+            }
+        }
+        *p = saved;
+        if (saved == '\0')
+            break;
+    }
+    struct stat sb;
+    if (stat(path, &sb) < 0 || !S_ISDIR(sb.st_mode))
+        return snprintf(why, sizeof why, "%s is not a directory", path), why;
+    return NULL;
+}
+
 /* ------------------------------------------------------------------ the workload */
 
 /* Drop to nobody: no groups, no capabilities (bounding set included), no_new_privs. */
@@ -617,11 +721,14 @@ static void exec_workload(char **argv, char **envp)
     errno = saved;
 }
 
-static void child(char **argv, char **envp, int out, int err, int report)
+static const char *workdir = "/workspace";
+static int use_cgroup = 0;
+
+static void child(char **argv, char **envp, int in, int out, int err, int report)
 {
     const char *step = "stdin";
-    int null = open("/dev/null", O_RDONLY);
-    if (null < 0 || dup2(null, 0) < 0)
+    /* stdin is a pipe whose write end is already closed: the workload reads EOF at once. */
+    if (dup2(in, 0) < 0)
         goto fail;
     step = "stdio";
     if (dup2(out, 1) < 0 || dup2(err, 2) < 0)
@@ -629,8 +736,11 @@ static void child(char **argv, char **envp, int out, int err, int report)
     step = "setsid";
     if (setsid() < 0)
         goto fail;
-    step = "chdir /workspace";
-    if (chdir("/workspace") < 0)
+    step = "cgroup";
+    if (use_cgroup && write_file(CELL_CG "/cgroup.procs", "0") < 0)
+        goto fail;
+    step = "chdir";
+    if (chdir(workdir) < 0)
         goto fail;
     step = "drop privileges";
     if (drop_privileges() < 0)
@@ -672,8 +782,9 @@ static int relay(struct stream *s)
 /* Run the workload; returns its exit code in the CELLOS:EXIT convention. */
 static int run_workload(char **argv, char **envp)
 {
-    int out[2], err[2], rep[2];
-    if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 || pipe2(rep, O_CLOEXEC) < 0) {
+    int in[2], out[2], err[2], rep[2];
+    if (pipe2(in, O_CLOEXEC) < 0 || pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 ||
+        pipe2(rep, O_CLOEXEC) < 0) {
         send_text("SPAWNERR", "pipe: %s", strerror(errno));
         return 127;
     }
@@ -682,8 +793,10 @@ static int run_workload(char **argv, char **envp)
         send_text("SPAWNERR", "fork: %s", strerror(errno));
         return 127;
     }
+    close(in[1]);
     if (pid == 0)
-        child(argv, envp, out[1], err[1], rep[1]);
+        child(argv, envp, in[0], out[1], err[1], rep[1]);
+    close(in[0]);
     close(out[1]);
     close(err[1]);
     close(rep[1]);
@@ -712,6 +825,12 @@ static int run_workload(char **argv, char **envp)
     }
     while (waitpid(-1, NULL, 0) > 0) /* reap the killed leftovers */
         ;
+    if (use_cgroup) {
+        char counters[64];
+        snprintf(counters, sizeof counters, "%lu:%lu", cg_counter("memory.events", "oom_kill"),
+                 cg_counter("pids.events", "max"));
+        send_line("LIMITS", counters);
+    }
 
     char why[512];
     ssize_t n = read(rep[0], why, sizeof why - 1);
@@ -841,6 +960,34 @@ int main(void)
             if (arts[i][0] != '/' || strlen(arts[i]) >= MAX_ART_PATH)
                 fail_spawn("cellos.artifacts", "paths must be absolute and < 1024 bytes");
     }
+
+    if ((text = cmdline_param(cmdline, "cellos.hostname", &err)) != NULL || err) {
+        if (err)
+            fail_spawn("cellos.hostname", err);
+        if (sethostname(text, strlen(text)) < 0)
+            fail_spawn("cellos.hostname", strerror(errno));
+    }
+    if ((text = cmdline_param(cmdline, "cellos.workdir", &err)) != NULL || err) {
+        if (err)
+            fail_spawn("cellos.workdir", err);
+        workdir = text;
+    }
+    const char *why = make_workdir(workdir);
+    if (why)
+        fail_spawn("cellos.workdir", why);
+
+    char **settings = NULL;
+    if ((text = cmdline_param(cmdline, "cellos.cgroup", &err)) != NULL || err) {
+        if (err)
+            fail_spawn("cellos.cgroup", err);
+        j = (struct json){text, text + strlen(text), NULL};
+        if (!(settings = json_env_object(&j)))
+            fail_spawn("cellos.cgroup", j.err);
+    }
+    /* Always: the counters explain an OOM kill even without a declared limit. */
+    if ((why = setup_cgroup(settings)) != NULL)
+        fail_spawn("cellos.cgroup", why);
+    use_cgroup = 1;
 
     int code = run_workload(argv, envp);
     for (size_t i = 0; i < nart; i++)
