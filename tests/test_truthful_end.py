@@ -535,3 +535,35 @@ def test_an_orphaned_slot_is_released_by_reap(tmp_path: Path) -> None:
     assert sorted(os.listdir(slots)) == ["8"]  # the live cell's slot is kept
     os.unlink(slots / "8")
     store.release(live)
+
+
+def test_a_signalled_egress_cell_leaves_no_network_behind(tmp_path: Path) -> None:
+    """SIGTERM used to leave the cgroups, netns, veth, nft table and state record behind."""
+    require_sandbox()
+    require_host(os.geteuid() == 0, "root (network authority)")
+    require_host(shutil.which("nft") is not None or os.path.exists("/usr/sbin/nft"), "nft")
+    marker = unique_sleep()
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "sig-net",
+            argv=["/bin/sh", "-c", f"sleep {marker}"],
+            run={"timeoutSeconds": 120},
+            authority={"egressRules": [{"cidr": "10.251.0.0/30", "port": 9, "protocol": "tcp"}]},
+        ),
+    )
+    events = tmp_path / "events.jsonl"
+    proc = start_supervisor(spec, backend_env(tmp_path, "cellos"))
+    wait_for(lambda: started(events) and sleeping(marker), 30, "the workload")
+    assert os.path.exists("/run/netns/cellos-sig-net")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert not os.path.exists("/run/netns/cellos-sig-net")
+    tables = subprocess.run(
+        [shutil.which("nft") or "/usr/sbin/nft", "list", "tables"], capture_output=True, text=True
+    )
+    assert "cellos_sig_net" not in tables.stdout
+    state = tmp_path / "state"
+    assert os.listdir(state / "cells") == [] and os.listdir(state / "net" / "slots") == []
+    assert read_events(events)[-2]["data"]["terminalState"] == "forced"
