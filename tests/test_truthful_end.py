@@ -287,16 +287,13 @@ def test_a_killed_supervisors_cell_is_gone_and_its_run_ends_forced(
 # -- reaping never touches a live cell -----------------------------------------------------------
 
 
-def test_parallel_loops_of_sequential_cells_are_never_reaped(tmp_path: Path) -> None:
-    """20 loops in parallel, each running 10 cells one after another under its own id; every
-    start also reaps. Before the store decided liveness by its lock, ~8 of 200 were 'reaped'."""
-    require_sandbox()
-    env = backend_env(tmp_path, "cellos")
-    specs = [write_doc(tmp_path / f"l{i}.yaml", doc(f"loop-{i}")) for i in range(20)]
+def run_loops(env: dict[str, str], specs: list[Path], cells_per_loop: int) -> list[str]:
+    """One loop per document, in parallel, each running its cell ``cells_per_loop`` times one
+    after another; returns the failed runs (exit status and stderr)."""
 
     def loop(spec: Path) -> list[str]:
         failures = []
-        for _ in range(10):
+        for _ in range(cells_per_loop):
             done = subprocess.run(
                 [*SUPERVISOR, str(spec)], env=env, capture_output=True, text=True, timeout=120
             )
@@ -304,9 +301,17 @@ def test_parallel_loops_of_sequential_cells_are_never_reaped(tmp_path: Path) -> 
                 failures.append(f"{spec.name}: exit {done.returncode}: {done.stderr}")
         return failures
 
-    with ThreadPoolExecutor(20) as pool:
-        failures = [f for run in pool.map(loop, specs) for f in run]
-    assert failures == []
+    with ThreadPoolExecutor(len(specs)) as pool:
+        return [f for run in pool.map(loop, specs) for f in run]
+
+
+def test_parallel_loops_of_sequential_cells_are_never_reaped(tmp_path: Path) -> None:
+    """20 loops in parallel, each running 10 cells one after another under its own id; every
+    start also reaps. Before the store decided liveness by its lock, ~8 of 200 were 'reaped'."""
+    require_sandbox()
+    env = backend_env(tmp_path, "cellos")
+    specs = [write_doc(tmp_path / f"l{i}.yaml", doc(f"loop-{i}")) for i in range(20)]
+    assert run_loops(env, specs, 10) == []
     found = read_events(tmp_path / "events.jsonl")
     assert [e for e in found if e["data"].get("reason") == "reaped"] == []
     assert sum(1 for e in found if e["type"].endswith("lifecycle.v1.destroyed")) == 200
@@ -317,22 +322,10 @@ def test_gvisor_parallel_loops_are_never_reaped(tmp_path: Path) -> None:
     require_backend("gvisor")
     env = backend_env(tmp_path, "gvisor")
     specs = [write_doc(tmp_path / f"g{i}.yaml", doc(f"gloop-{i}")) for i in range(4)]
-
-    def loop(spec: Path) -> list[str]:
-        failures = []
-        for _ in range(3):
-            done = subprocess.run(
-                [*SUPERVISOR, str(spec)], env=env, capture_output=True, text=True, timeout=120
-            )
-            if done.returncode != 0:
-                failures.append(f"{spec.name}: exit {done.returncode}: {done.stderr}")
-        return failures
-
-    with ThreadPoolExecutor(4) as pool:
-        failures = [f for run in pool.map(loop, specs) for f in run]
-    assert failures == []
+    assert run_loops(env, specs, 3) == []
     found = read_events(tmp_path / "events.jsonl")
     assert [e for e in found if e["data"].get("reason") == "reaped"] == []
+    assert sum(1 for e in found if e["type"].endswith("lifecycle.v1.destroyed")) == 12
 
 
 HOLDER = """

@@ -271,9 +271,7 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
     streams = {proc.stdout.fileno(): stdout_stream, proc.stderr.fileno(): stderr_stream}
     killed: set[int] = set()
     try:
-        stopped_by, status = _supervise(
-            proc, streams, command, started, options.control, killed
-        )
+        stopped_by, status = _supervise(proc, streams, command, started, options.control, killed)
     finally:
         for log in (out_log, err_log):
             if log is not None:

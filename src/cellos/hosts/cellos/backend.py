@@ -41,6 +41,7 @@ from cellos.hosts.cellos.sandbox import (
 )
 from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
 from cellos.hosts.host_root import host_binds, host_symlinks
+from cellos.hosts.limit_reasons import with_limit_reason
 from cellos.hosts.live import LiveCells, StoredBackend
 from cellos.hosts.process import HostCommand, SpawnOptions, run_host_command
 from cellos.hosts.state import CellState, CellStore
@@ -236,14 +237,7 @@ class CellosBackend(StoredBackend):
             )
         if live.cgroup is None:
             return result
-        pressure = live.cgroup.pressure()
-        if result.forced:
-            return replace(result, limits=pressure)
-        if pressure["oomKills"]:
-            return replace(result, reason="oom_killed", limits=pressure)
-        if pressure["pidsLimitHits"]:
-            return replace(result, reason=result.reason or "pids_limit_reached", limits=pressure)
-        return replace(result, limits=pressure)
+        return with_limit_reason(result, live.cgroup.pressure())
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = self._live(handle)

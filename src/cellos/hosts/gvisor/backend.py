@@ -35,6 +35,7 @@ from cellos.core.spec import CellSpec
 from cellos.hosts.artifacts import open_in_workspace
 from cellos.hosts.gvisor import evidence
 from cellos.hosts.gvisor.bundle import BundleConfig, build_config, host_binds, host_symlinks
+from cellos.hosts.limit_reasons import with_limit_reason
 from cellos.hosts.live import LiveCells, StoredBackend
 from cellos.hosts.process import (
     ENV_PROGRAM,
@@ -270,7 +271,7 @@ class GvisorBackend(StoredBackend):
             raise HostError("cgroup", f"cannot remove the sandbox's cgroups: {', '.join(residue)}")
         if clone_failures is not None:
             counters["pidsLimitHits"] = clone_failures
-        return evidence.explain(result, counters)
+        return with_limit_reason(result, counters)
 
     def _run(
         self, live: _LiveCell, request: WorkloadRequest, cgroups_path: str

@@ -25,9 +25,7 @@ import os
 import re
 import select
 import threading
-from dataclasses import replace
 
-from cellos.core.ports import WorkloadResult
 from cellos.core.spec import Limits
 from cellos.hosts.cellos import cgroups
 
@@ -159,14 +157,3 @@ class CloneFailures:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.fifo)
         return self.count
-
-
-def explain(result: WorkloadResult, counters: dict[str, int]) -> WorkloadResult:
-    """``reason``/``limits`` from the counters, as the ``cellos`` backend reports its own."""
-    if not counters or result.forced:
-        return replace(result, limits=counters) if counters else result
-    if counters.get("oomKills"):
-        return replace(result, reason="oom_killed", limits=counters)
-    if counters.get("pidsLimitHits"):
-        return replace(result, reason=result.reason or "pids_limit_reached", limits=counters)
-    return replace(result, limits=counters)

@@ -20,6 +20,7 @@ from cellos.core.errors import PolicyRefused
 from cellos.core.ports import WorkloadResult
 from cellos.core.spec import CellSpec, Limits
 from cellos.hosts.host_root import HOSTNAME_MAX
+from cellos.hosts.limit_reasons import with_limit_reason
 
 #: Guest paths the workload's working directory may not be (or be under): the guest's
 #: kernel filesystems and the initramfs's programs.
@@ -67,12 +68,4 @@ def explain(result: WorkloadResult, counters: dict[str, int] | None) -> Workload
     """Spawn errors have no exit code; the guest cgroup's counters explain a limit kill."""
     if result.spawn_error:
         return replace(result, exit_code=None, reason="spawn_failed")
-    if counters is None:
-        return result
-    if result.forced:
-        return replace(result, limits=counters)
-    if counters["oomKills"]:
-        return replace(result, reason="oom_killed", limits=counters)
-    if counters["pidsLimitHits"]:
-        return replace(result, reason=result.reason or "pids_limit_reached", limits=counters)
-    return replace(result, limits=counters)
+    return with_limit_reason(result, counters)
