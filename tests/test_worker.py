@@ -42,6 +42,7 @@ EVENTS = "CELLOS_EVENTS"
 STARTED = "dev.cellos.events.cell.lifecycle.v1.started"
 DESTROYED = "dev.cellos.events.cell.lifecycle.v1.destroyed"
 SUMMARY = "dev.cellos.events.cell.compliance.v1.summary"
+COMPLETED = "dev.cellos.events.cell.command.v1.completed"
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -474,6 +475,10 @@ def test_a_cell_that_outlives_the_grace_goes_back_to_the_queue(
         evs = events(nats_server.url)
         (interrupted,) = of_cell(evs, "slow-1", SUMMARY)
         assert interrupted["data"]["outcome"] == "failed"
+        assert interrupted["data"]["terminalState"] == "forced"
+        (stopped,) = of_cell(evs, "slow-1", COMPLETED)
+        assert stopped["data"]["forced"] is True
+        assert stopped["data"]["reason"] == "supervisor_signal"
         assert queue_state(nats_server.url)[0] == 1  # returned, not acked
 
         flag.touch()

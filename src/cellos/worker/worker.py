@@ -23,9 +23,9 @@ Per message:
    after ``lifecycle.destroyed`` and the compliance summary were published.
 
 SIGTERM / SIGINT: stop pulling; let running cells finish for up to ``grace_seconds`` (a second
-signal cuts the grace short); then stop what is still running (SIGTERM, then SIGKILL, to the
-workload processes: every child of the worker process is a workload), let the supervisor tear
-those cells down and publish their events, and ``nak`` their messages so that another worker
+signal cuts the grace short); then ask the supervisor to stop what is still running (its
+backend sends SIGTERM, then SIGKILL, to each workload), let it tear those cells down and publish
+their events (``reason: supervisor_signal``), and ``nak`` their messages so that another worker
 runs them (the new run's ``previousRunIds`` names the interrupted one).
 """
 
@@ -52,7 +52,6 @@ from nats.js import JetStreamContext
 
 from cellos.core.errors import InvalidSpec
 from cellos.core.spec import ExecutionCell
-from cellos.hosts.procfs import iter_procs
 from cellos.sinks.jetstream import STREAM as EVENTS_STREAM
 from cellos.sinks.jetstream import inner_event, subject_token
 from cellos.supervisor.lifecycle import RunOutcome, Supervisor
@@ -79,8 +78,9 @@ LOCK_POLL_SECONDS = 0.1
 #: Bound of the look-up of earlier attempts in CELLOS_EVENTS (evidence, never a blocker).
 LOOKUP_SECONDS = 5.0
 LOOKUP_MAX_EVENTS = 10_000
-#: After the grace period: seconds between SIGTERM and SIGKILL of the workloads, and how long
-#: the supervisor then gets to tear the cells down and publish their events.
+#: After the grace period: seconds between the stop request (SIGTERM to the workloads) and a
+#: second one (SIGKILL), and how long the supervisor then gets to tear the cells down and
+#: publish their events.
 STOP_TERM_SECONDS = 3.0
 STOP_TEARDOWN_SECONDS = 30.0
 
@@ -292,10 +292,12 @@ class Worker:
                 f"grace period over: stopping {len(self._jobs)} cell(s) ({names}) "
                 "and returning them to the queue"
             )
-        _signal_workloads(signal.SIGTERM)
+        # Each running cell is stopped by its backend (SIGTERM to the workload, however it is
+        # isolated: sandbox, runsc, VMM), and its events say so (reason supervisor_signal).
+        self.supervisor.stop()
         _, pending = await asyncio.wait(set(self._tasks), timeout=STOP_TERM_SECONDS)
         if pending:
-            _signal_workloads(signal.SIGKILL)
+            self.supervisor.stop()  # a second request: kill now, no more grace
             _, pending = await asyncio.wait(pending, timeout=STOP_TEARDOWN_SECONDS)
         if pending:
             self.stuck = True
@@ -541,19 +543,6 @@ async def _settle(action: Callable[[], Awaitable[Any]], source: str, what: str) 
         log.warning("%s: %s failed: %s", source, what, exc or type(exc).__name__)
         return False
     return True
-
-
-def _signal_workloads(sig: signal.Signals) -> None:
-    """Signal every child process of this worker (each leads its own process group)."""
-    me = os.getpid()
-    for proc in iter_procs():
-        if proc.ppid != me or proc.state == "Z":
-            continue
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if proc.pgrp == proc.pid:
-                os.killpg(proc.pid, sig)
-            else:
-                os.kill(proc.pid, sig)
 
 
 def _say(text: str) -> None:
