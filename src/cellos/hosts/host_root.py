@@ -43,3 +43,18 @@ def host_binds() -> tuple[str, ...]:
 def host_symlinks() -> Mapping[str, str]:
     """Host paths that are symlinks (merged-/usr ``/bin -> usr/bin``), recreated in the cell."""
     return MappingProxyType({p: os.readlink(p) for p in HOST_BINDS if os.path.islink(p)})
+
+
+def refuse_reserved_working_directory(path: str, reserved: list[str], provider: str) -> None:
+    """PolicyRefused naming ``spec.run.workingDirectory`` when ``path`` lies in (or is) one of
+    the ``reserved`` directories, which ``provider`` (the backend, the guest) supplies itself."""
+    from cellos.core.errors import PolicyRefused
+
+    normal = os.path.normpath(path)
+    for prefix in reserved:
+        if normal == prefix or normal.startswith(prefix.rstrip("/") + "/"):
+            raise PolicyRefused(
+                "spec.run.workingDirectory",
+                f"{path} is inside {prefix}, which {provider} provides read-only or itself; "
+                "choose a path such as /workspace",
+            )

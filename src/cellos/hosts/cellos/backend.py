@@ -40,7 +40,11 @@ from cellos.hosts.cellos.sandbox import (
     launcher_argv,
 )
 from cellos.hosts.cellos.seccomp_filter import workload_filter_bpf
-from cellos.hosts.host_root import host_binds, host_symlinks
+from cellos.hosts.host_root import (
+    host_binds,
+    host_symlinks,
+    refuse_reserved_working_directory,
+)
 from cellos.hosts.limit_reasons import with_limit_reason
 from cellos.hosts.live import LiveCells, StoredBackend
 from cellos.hosts.process import HostCommand, SpawnOptions, run_host_command
@@ -265,13 +269,7 @@ class CellosBackend(StoredBackend):
         reserved = ["/proc", "/dev"]
         if not self.rootfs:
             reserved += [*host_binds(), *host_symlinks()]
-        for prefix in reserved:
-            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
-                raise PolicyRefused(
-                    "spec.run.workingDirectory",
-                    f"{path} is inside {prefix}, which the cellos backend provides "
-                    "read-only or itself; choose a path such as /workspace",
-                )
+        refuse_reserved_working_directory(path, reserved, "the cellos backend")
 
     def _live(self, handle: CellHandle) -> _LiveCell:
         return _LIVE.get(handle.cell_id)

@@ -16,10 +16,9 @@ from __future__ import annotations
 import posixpath
 from dataclasses import replace
 
-from cellos.core.errors import PolicyRefused
 from cellos.core.ports import WorkloadResult
 from cellos.core.spec import CellSpec, Limits
-from cellos.hosts.host_root import HOSTNAME_MAX
+from cellos.hosts.host_root import HOSTNAME_MAX, refuse_reserved_working_directory
 from cellos.hosts.limit_reasons import with_limit_reason
 
 #: Guest paths the workload's working directory may not be (or be under): the guest's
@@ -29,14 +28,9 @@ GUEST_RESERVED = ("/proc", "/sys", "/dev", "/bin", "/usr", "/init")
 
 def check_working_directory(spec: CellSpec) -> None:
     """PolicyRefused naming ``spec.run.workingDirectory`` when the guest cannot provide it."""
-    path = posixpath.normpath(spec.run.working_directory)
-    for prefix in GUEST_RESERVED:
-        if path == prefix or path.startswith(prefix + "/"):
-            raise PolicyRefused(
-                "spec.run.workingDirectory",
-                f"{spec.run.working_directory} is inside {prefix}, which the microVM guest "
-                "provides itself; choose a path such as /workspace",
-            )
+    refuse_reserved_working_directory(
+        spec.run.working_directory, list(GUEST_RESERVED), "the microVM guest"
+    )
 
 
 def guest_hostname(spec: CellSpec) -> str:
