@@ -28,7 +28,7 @@ from cellos.core.ports import (
     WorkloadRequest,
     WorkloadResult,
 )
-from cellos.core.spec import CellSpec
+from cellos.core.spec import CellSpec, to_document
 from cellos.hosts.artifacts import open_in_workspace
 from cellos.hosts.cellos import cgroups, reaper, state
 from cellos.hosts.cellos.control import CellControl
@@ -107,14 +107,14 @@ class CellosBackend:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def create(self, spec: CellSpec) -> CellHandle:
-        self._check_working_directory(spec.run.working_directory)
-        limits = spec.run.limits
+        self._check_working_directory(spec.working_directory)
+        limits = spec.limits
         controllers = cgroups.needed_controllers(limits)
         why_not = cgroups.usable(self.layout, self.cgroup_rel, controllers)
         wants_limits = len(controllers) > 1 or (limits is not None and limits.pids_max is not None)
         if why_not is not None and (wants_limits or self.cgroup_parent is not None):
             raise PolicyRefused(
-                "spec.run.limits" if wants_limits else "CELLOS_CGROUP_PARENT",
+                "spec.limits" if wants_limits else "CELLOS_CGROUP_PARENT",
                 f"cannot be enforced on this host: {why_not}",
             )
         stale: dict[str, Any] | None = None
@@ -131,9 +131,7 @@ class CellosBackend:
             resources: dict[str, Any] = {"cgroups": planned.paths} if planned else {}
             if spec.correlation is not None:
                 # For the reaper's events, should this supervisor die with the cell.
-                resources["correlation"] = spec.correlation.model_dump(
-                    mode="json", by_alias=True, exclude_none=True
-                )
+                resources["correlation"] = to_document(spec.correlation, exclude_none=True)
             try:
                 record, stale = state.acquire(self.state_root, spec.id, resources)
             except state.CellBusy:
@@ -147,7 +145,7 @@ class CellosBackend:
             plan = SandboxPlan(
                 cell_id=spec.id,
                 workspace=record.workspace,
-                working_directory=spec.run.working_directory,
+                working_directory=spec.working_directory,
                 rootfs=self.rootfs,
                 user_namespace=self.user_namespace,
                 landlock_abi=self.landlock_abi,

@@ -173,7 +173,7 @@ class GvisorBackend:
             "env:declared-only",
             "workspace:private",
         ]
-        if spec.run.limits is not None:
+        if spec.limits is not None:
             isolation.append("limits:oci-resources")
         return CellHandle(
             cell_id=spec.id,
@@ -192,7 +192,7 @@ class GvisorBackend:
         for path, target in host_symlinks().items():
             os.makedirs(os.path.join(root, os.path.dirname(path).lstrip("/")), exist_ok=True)
             os.symlink(target, os.path.join(root, path.lstrip("/")))
-        points = [*host_binds(), "/proc", "/dev", "/tmp", spec.run.working_directory]
+        points = [*host_binds(), "/proc", "/dev", "/tmp", spec.working_directory]
         for path in points:
             dest = os.path.join(root, path.lstrip("/"))
             if os.path.isfile(path):
@@ -243,7 +243,7 @@ class GvisorBackend:
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = self._live(handle)
-        return open_in_workspace(live.workspace, live.spec.run.working_directory, path)
+        return open_in_workspace(live.workspace, live.spec.working_directory, path)
 
     def destroy(self, handle: CellHandle) -> TeardownReport:
         live = _LIVE.get(handle.cell_id)

@@ -86,7 +86,7 @@ def _mounts(spec: CellSpec, config: BundleConfig) -> list[dict[str, Any]]:
         )
     mounts.append(
         {
-            "destination": spec.run.working_directory,
+            "destination": spec.working_directory,
             "type": "bind",
             "source": config.workspace,
             "options": ["rbind", "rw", "nosuid", "nodev"],
@@ -96,7 +96,7 @@ def _mounts(spec: CellSpec, config: BundleConfig) -> list[dict[str, Any]]:
 
 
 def _resources(spec: CellSpec) -> dict[str, Any]:
-    limits = spec.run.limits
+    limits = spec.limits
     resources: dict[str, Any] = {}
     if limits is None:
         return resources
@@ -121,10 +121,11 @@ def build_config(
     """``config.json`` for ``spec``; raises :class:`MissingCellId` / :class:`MissingArgv`."""
     if not spec.id:
         raise MissingCellId()
-    args = list(argv if argv is not None else spec.run.argv)
+    args = list(argv if argv is not None else spec.run.argv if spec.run else ())
     if not args or not args[0]:
         raise MissingArgv()
-    environment = {**(env if env is not None else spec.run.env), **config.extra_env}
+    declared = spec.run.env if spec.run else {}
+    environment = {**(env if env is not None else declared), **config.extra_env}
     namespaces: list[dict[str, str]] = [
         {"type": "pid"},
         {"type": "ipc"},
@@ -152,7 +153,7 @@ def build_config(
             "user": {"uid": config.uid, "gid": config.gid},
             "args": args,
             "env": [f"{k}={v}" for k, v in sorted(environment.items())],
-            "cwd": spec.run.working_directory,
+            "cwd": spec.working_directory,
             "capabilities": {
                 k: no_caps for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
             },

@@ -142,7 +142,7 @@ class MicrovmBackend:
 
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = _LIVE.get(handle.cell_id)
-        limits = live.spec.run.limits
+        limits = live.spec.limits
         accel = self.accel(live.manifest)
         artifacts = sorted({a.path for a in live.spec.artifacts if a.path.startswith("/")})
         result, live.artifacts = self._boot(
