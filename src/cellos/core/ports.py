@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
-from cellos.core.spec import CellSpec
+if TYPE_CHECKING:
+    from cellos.core.spec import CellSpec
 
 CloudEvent = dict[str, Any]
 

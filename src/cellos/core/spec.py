@@ -18,7 +18,6 @@ optional field. Errors from ``__post_init__`` that belong to one field start wit
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Annotated, Any, Literal, NoReturn
 
@@ -207,6 +206,8 @@ class EgressRule(_Doc, frozen=True, kw_only=True):
         if (self.host is None) == (self.cidr is None):
             raise ValueError("exactly one of 'host' or 'cidr' is required")
         if self.cidr is not None:
+            import ipaddress  # only documents with a CIDR rule pay for it
+
             try:
                 ipaddress.ip_network(self.cidr, strict=True)
             except ValueError as exc:
