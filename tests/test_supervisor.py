@@ -136,7 +136,8 @@ def test_runless_cell_emits_the_lifecycle_without_a_command(
         assert summary["exportsCompleted"] == 1
     else:
         assert result.code == 1, result
-        assert types == [t.replace("export.v2.completed", "export.v2.failed") for t in RUNLESS_ORDER]
+        failed = [t.replace("export.v2.completed", "export.v2.failed") for t in RUNLESS_ORDER]
+        assert types == failed
         assert by_type["export.v2.failed"]["path"] == str(source)
         assert summary["outcome"] == "failed"
         assert (summary["exportsCompleted"], summary["exportsFailed"]) == (0, 1)
