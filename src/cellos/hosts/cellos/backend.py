@@ -114,7 +114,7 @@ class CellosBackend:
         wants_limits = len(controllers) > 1 or (limits is not None and limits.pids_max is not None)
         if why_not is not None and (wants_limits or self.cgroup_parent is not None):
             raise PolicyRefused(
-                "spec.limits" if wants_limits else "CELLOS_CGROUP_PARENT",
+                "spec.run.limits" if wants_limits else "CELLOS_CGROUP_PARENT",
                 f"cannot be enforced on this host: {why_not}",
             )
         stale: dict[str, Any] | None = None
