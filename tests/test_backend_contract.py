@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from cellos.core.errors import ExportError, HostError
@@ -282,7 +283,7 @@ def test_cellos_workspace_logs_and_artifacts(tmp_path: Path) -> None:
 
 def test_stub_keeps_the_seed_contract() -> None:
     backend = StubBackend()
-    empty = spec().model_copy(update={"id": ""})
+    empty = msgspec.structs.replace(spec(), id="")
     with pytest.raises(HostError, match=r"spec\.id must be non-empty"):
         backend.create(empty)
     handle = backend.create(spec())

@@ -319,7 +319,6 @@ BAD_DOCUMENTS = [
     Bad("wrong-api-version", _changed(_set("apiVersion", value="cellos.io/v2")), ("apiVersion",)),
     Bad("wrong-kind", _changed(_set("kind", value="Pod")), ("kind",)),
     Bad("missing-kind", _changed(_delete("kind")), ("kind",)),
-    Bad("missing-run", _changed(_delete("spec", "run")), ("spec.run",)),
     Bad("zero-ttl", _changed(lifetime={"ttlSeconds": 0}), ("spec.lifetime.ttlSeconds",)),
     Bad(
         "timeout-above-ttl",
@@ -365,9 +364,13 @@ BAD_DOCUMENTS = [
     ),
     # Empty argv.
     Bad("argv-empty", lambda m: _valid(m, run={"argv": []}), ("spec.run.argv",)),
-    Bad("argv-empty-program", lambda m: _valid(m, run={"argv": ["", m]}), ("spec.run.argv",)),
     Bad(
-        "argv-nul", lambda m: _valid(m, run={"argv": ["/bin/touch", m + "\0x"]}), ("spec.run.argv",)
+        "argv-empty-program", lambda m: _valid(m, run={"argv": ["", m]}), ("spec.run.argv[0]",)
+    ),
+    Bad(
+        "argv-nul",
+        lambda m: _valid(m, run={"argv": ["/bin/touch", m + "\0x"]}),
+        ("spec.run.argv[1]",),
     ),
     # Artifact names are single safe file names.
     *(
@@ -679,13 +682,13 @@ def test_schema_rejects_wrong_types(schema: dict[str, Any]) -> None:
         _changed(run={"argv": "/bin/true"}),
         _changed(run={"env": {"CI": True}}),
         _changed(_set("kind", value="Pod")),
-        _changed(_delete("spec", "run")),
+        _changed(_delete("spec", "id")),
     ):
         bad = build("/x")
         assert list(validator.iter_errors(bad)), bad
 
 
-# -- inputs PyYAML or pydantic mishandle unless the loader guards against them -----------------
+# -- inputs PyYAML or the model mishandle unless the loader guards against them -----------------
 
 #: ``error: <path>: <reason>`` where a key that needs it is quoted as ``["..."]`` in the path.
 QUOTED_ERROR_LINE = re.compile(r'^error: (?:[^:\s\[\]]|\[\d+\]|\["(?:[^"\\]|\\.)*"\])+: .+$')
@@ -751,7 +754,7 @@ def test_unknown_key_is_quoted_in_a_one_line_error(
 def test_snake_case_field_names_are_unknown_keys(
     change: Callable[[dict[str, Any]], None], path: str, sandbox: Sandbox, supervisor_cli: Run
 ) -> None:
-    """The document's keys are camelCase only (as the schema says); pydantic's Python field
+    """The document's keys are camelCase only (as the schema says); the models' Python field
     names are not a second spelling."""
     data = _valid(str(sandbox.marker))
     change(data)

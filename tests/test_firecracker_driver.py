@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import msgspec
 import pytest
 import yaml
 
@@ -56,11 +57,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cpu(quota: int, period: int = 100_000) -> CpuMax:
     # The models take the document's camelCase names.
-    return CpuMax.model_validate({"quotaMicros": quota, "periodMicros": period})
+    return msgspec.convert({"quotaMicros": quota, "periodMicros": period}, CpuMax)
 
 
 def limits(memory: int, quota: int) -> Limits:
-    return Limits.model_validate({"memoryMaxBytes": memory, "cpuMax": {"quotaMicros": quota}})
+    return msgspec.convert({"memoryMaxBytes": memory, "cpuMax": {"quotaMicros": quota}}, Limits)
 
 
 SPEC_PATH = FIRECRACKER_API

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import msgspec
 import pytest
 import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
 from cellos.core.loading import load_document, validate_document
-from cellos.core.spec import CellSpec
 from cellos.hosts.gvisor.bundle import (
     BundleConfig,
     MissingArgv,
@@ -162,7 +162,7 @@ def test_bundle_errors_are_typed() -> None:
     good = validate_document(doc("gv-typed")).spec
     config = BundleConfig(rootfs="/nonexistent-root", workspace="/nonexistent-ws")
     with pytest.raises(MissingCellId):
-        build_config(CellSpec.model_construct(**{**dict(good), "id": ""}), config)
+        build_config(msgspec.structs.replace(good, id=""), config)
     with pytest.raises(MissingArgv):
         build_config(good, config, argv=[])
     assert issubclass(MissingArgv, Exception) and MissingArgv().path == "spec.run.argv"

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from cellos import cli
 from cellos.core.errors import InvalidSpec
 from cellos.core.loading import parse_document, validate_document
-from cellos.core.spec import CELL_ID_RE, ExecutionCell
+from cellos.core.spec import CELL_ID_RE, json_schema
 from cellos.supervisor.cli import run_spec
 
 #: One problem per line. A path is dotted names, ``[<index>]`` and ``["<json string>"]`` for a
@@ -326,7 +326,7 @@ SOUP = st.lists(TOKENS | st.text(max_size=4), max_size=25).map(lambda parts: "".
 
 @pytest.fixture(scope="module")
 def schema_validator() -> Any:
-    schema = ExecutionCell.model_json_schema(by_alias=True)
+    schema = json_schema()
     return jsonschema.validators.validator_for(schema)(schema)
 
 

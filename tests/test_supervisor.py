@@ -42,30 +42,106 @@ FULL_ORDER = [
 ]
 
 
-def test_seed_two_sequential_stub_runs_export_their_own_files(
-    tmp_path: Path, supervisor_cli: Run
-) -> None:
+#: The seed contract's document, verbatim (the Rust integration test writes exactly this): no
+#: ``run`` section, so the cell is created, exports and is destroyed.
+SEED_DOCUMENT = """{"apiVersion": "cellos.io/v1", "kind": "ExecutionCell",
+ "spec": {"id": "%(id)s", "authority": {"secretRefs": []},
+          "lifetime": {"ttlSeconds": 60},
+          "export": {"artifacts": [{"name": "out.txt", "path": "%(path)s"}]}}}
+"""
+RUNLESS_ORDER = [
+    "lifecycle.v1.started",
+    "export.v2.completed",
+    "evidence_bundle.v1.emitted",
+    "lifecycle.v1.destroyed",
+    "compliance.v1.summary",
+]
+
+
+def _seed_runs(tmp_path: Path, supervisor_cli: Run, backend: str) -> tuple[Path, list[CliResult]]:
     root = tmp_path / "exports"
     env = base_env(
         tmp_path,
         CELLOS_DEPLOYMENT_PROFILE="portable",
         CELL_OS_USE_NOOP_SINK="1",
-        CELLOS_CELL_BACKEND="stub",
+        CELLOS_CELL_BACKEND=backend,
         CELLOS_EXPORT_DIR=str(root),
     )
-    for name in ("seq-cell-a", "seq-cell-b"):
-        source = tmp_path / f"{name}.src"
-        source.write_text(f"content of {name}\n")
-        spec = write_doc(
-            tmp_path / f"{name}.yaml",
-            doc(name, export={"artifacts": [{"name": "out.txt", "path": str(source)}]}),
-        )
-        result = supervisor_cli(str(spec), env)
+    results = []
+    for cell_id, source, content in (("seq-cell-a", "only-a.txt", "alpha"),
+                                     ("seq-cell-b", "only-b.txt", "beta")):
+        (tmp_path / source).write_text(content)
+        spec = tmp_path / f"{cell_id}.json"
+        spec.write_text(SEED_DOCUMENT % {"id": cell_id, "path": tmp_path / source})
+        results.append(supervisor_cli(str(spec), env))
+    return root, results
+
+
+def test_seed_two_sequential_stub_runs_export_their_own_files(
+    tmp_path: Path, supervisor_cli: Run
+) -> None:
+    root, results = _seed_runs(tmp_path, supervisor_cli, "stub")
+    for result in results:
         assert result.code == 0, result
+        assert result.stderr == "", result
     assert sorted(os.listdir(root)) == ["seq-cell-a", "seq-cell-b"]
-    for name in ("seq-cell-a", "seq-cell-b"):
-        assert os.listdir(root / name) == ["out.txt"]
-        assert (root / name / "out.txt").read_text() == f"content of {name}\n"
+    assert os.listdir(root / "seq-cell-a") == ["out.txt"]
+    assert os.listdir(root / "seq-cell-b") == ["out.txt"]
+    assert (root / "seq-cell-a" / "out.txt").read_text() == "alpha"
+    assert (root / "seq-cell-b" / "out.txt").read_text() == "beta"
+
+
+def test_seed_on_an_isolating_backend_fails_the_export_truthfully(
+    tmp_path: Path, supervisor_cli: Run
+) -> None:
+    """On ``cellos`` an artifact path is in the cell, where nothing ran to write the file: the
+    export fails (``export.v2.failed``, exit 1) rather than copying the host's file."""
+    root, results = _seed_runs(tmp_path, supervisor_cli, "cellos")
+    for result in results:
+        assert result.code == 1, result
+        assert "Traceback" not in result.stderr, result
+        assert result.stderr.startswith("error: spec.export.artifacts[0].path: "), result
+    assert not root.exists() or all(not any(d.iterdir()) for d in root.iterdir())
+
+
+@pytest.mark.parametrize("backend", ["stub", "cellos"])
+def test_runless_cell_emits_the_lifecycle_without_a_command(
+    tmp_path: Path, supervisor_cli: Run, backend: str, cloudevents_validator: Any
+) -> None:
+    events_path = tmp_path / "events.jsonl"
+    env = base_env(
+        tmp_path,
+        CELLOS_CELL_BACKEND=backend,
+        CELL_OS_JSONL_EVENTS=str(events_path),
+        CELLOS_EXPORT_DIR=str(tmp_path / "exports"),
+    )
+    source = tmp_path / "only-a.txt"
+    source.write_text("alpha")
+    spec = tmp_path / "runless.json"
+    spec.write_text(SEED_DOCUMENT % {"id": "runless-1", "path": source})
+    result = supervisor_cli(str(spec), env)
+    events = read_events(events_path)
+    for event in events:
+        cloudevents_validator.validate(event)
+    types = short_types(events)
+    by_type = {t: e["data"] for t, e in zip(types, events, strict=True)}
+    assert by_type["lifecycle.v1.started"]["timeoutSeconds"] is None
+    summary = by_type["compliance.v1.summary"]
+    assert summary["exitCode"] is None
+    assert summary["secretDeliveryMode"] is None
+    assert by_type["lifecycle.v1.destroyed"]["destroyed"] is True
+    if backend == "stub":
+        assert result.code == 0, result
+        assert types == RUNLESS_ORDER
+        assert summary["outcome"] == "succeeded"
+        assert summary["exportsCompleted"] == 1
+    else:
+        assert result.code == 1, result
+        failed = [t.replace("export.v2.completed", "export.v2.failed") for t in RUNLESS_ORDER]
+        assert types == failed
+        assert by_type["export.v2.failed"]["path"] == str(source)
+        assert summary["outcome"] == "failed"
+        assert (summary["exportsCompleted"], summary["exportsFailed"]) == (0, 1)
 
 
 @pytest.mark.parametrize("backend", ["stub", "cellos"])

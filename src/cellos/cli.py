@@ -9,17 +9,14 @@ from collections.abc import Sequence
 
 from cellos.core.errors import CellosError
 from cellos.core.loading import load_document
-from cellos.core.spec import ExecutionCell
+from cellos.core.spec import json_schema
 from cellos.server.cli import register as register_server_commands
 from cellos.supervisor.cli import configure_logging, print_error, run_spec
 from cellos.worker.cli import register as register_worker_commands
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    schema = ExecutionCell.model_json_schema(by_alias=True)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "ExecutionCell"
-    print(json.dumps(schema, indent=2, sort_keys=True))
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))
     return 0
 
 

@@ -9,11 +9,10 @@ arrives at the same bytes and therefore the same digest.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from typing import Any
 
-import rfc8785
+from cellos.core.ids import sha256
 
 #: I-JSON's exact integer range: JCS refuses integers beyond it.
 _MAX_SAFE_INT = 2**53 - 1
@@ -78,7 +77,7 @@ def canonical_bytes(obj: Any) -> bytes:
     value two parsers could read differently must not be signed.
     """
     plain, ok = _plain_or_not(obj)
-    return _plain_bytes(plain) if ok else rfc8785.dumps(obj)
+    return _plain_bytes(plain) if ok else _jcs(obj)
 
 
 def copy_and_canonical(obj: Any) -> tuple[Any, bytes]:
@@ -88,7 +87,14 @@ def copy_and_canonical(obj: Any) -> tuple[Any, bytes]:
     if ok:
         return plain, _plain_bytes(plain)
     copied = copy.deepcopy(obj)
-    return copied, rfc8785.dumps(copied)
+    return copied, _jcs(copied)
+
+
+def _jcs(obj: Any) -> bytes:
+    # Imported on first use: events of a plain run never need the full serializer.
+    import rfc8785
+
+    return rfc8785.dumps(obj)
 
 
 def copy_and_digest(obj: Any) -> tuple[Any, str]:
@@ -99,7 +105,7 @@ def copy_and_digest(obj: Any) -> tuple[Any, str]:
 
 def sha256_hex(data: bytes) -> str:
     """Lower-case hex SHA-256, the digest format of ``cellosprev`` and evidence digests."""
-    return hashlib.sha256(data).hexdigest()
+    return str(sha256(data).hexdigest())
 
 
 def event_digest(event: dict[str, Any]) -> str:

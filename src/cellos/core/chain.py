@@ -14,10 +14,10 @@ particular): the digest covers the event exactly as a verifier will read it back
 from __future__ import annotations
 
 import threading
-import uuid
 from typing import Any, Final
 
 from cellos.core.canonical import copy_and_digest
+from cellos.core.ids import uuid4
 
 #: ``cellosprev`` of the first event of a run.
 GENESIS: Final = "0" * 64
@@ -37,7 +37,7 @@ class RunChain:
     def __init__(self, run_id: str | None = None) -> None:
         if run_id is not None and not run_id:
             raise ValueError("run_id must be a non-empty string")
-        self._run_id = run_id if run_id is not None else str(uuid.uuid4())
+        self._run_id = run_id if run_id is not None else uuid4()
         self._lock = threading.Lock()
         self._next_seq = 0
         self._prev = GENESIS

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
 from typing import Any, Final
 
+from cellos.core.ids import rfc3339_now, uuid4
 from cellos.core.ports import CloudEvent
 
 _PREFIX: Final = "dev.cellos.events.cell."
@@ -41,15 +40,11 @@ PHASES: Final = {
 }
 
 
-def rfc3339_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
 def new_event(event_type: str, cell_id: str, data: dict[str, Any], *, host: str) -> CloudEvent:
     """A structured-mode CloudEvent; chain attributes are added later by the emitter."""
     return {
         "specversion": "1.0",
-        "id": str(uuid.uuid4()),
+        "id": uuid4(),
         "source": f"/cellos/supervisor/{host}",
         "type": event_type,
         "subject": f"urn:cellos:cell:{cell_id}",

@@ -14,10 +14,10 @@ import os
 import stat
 from typing import IO, Any
 
-import yaml
-from pydantic import ValidationError
+import msgspec
 
 from cellos.core.canonical import strict_loads
+from cellos.core.doc_errors import json_path, problems
 from cellos.core.errors import InvalidSpec
 from cellos.core.spec import ExecutionCell
 
@@ -50,26 +50,39 @@ def read_document_bytes(path: str, stdin: IO[bytes] | None = None) -> bytes:
     return data
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys."""
+def _yaml_loader() -> Any:
+    """PyYAML's (C when available) SafeLoader refusing duplicate keys; imported only for YAML
+    documents, so a JSON document never pays for PyYAML."""
+    global _LOADER
+    if _LOADER is not None:
+        return _LOADER
+    import yaml
+
+    base: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    class UniqueKeyLoader(base):  # type: ignore[misc]
+        """SafeLoader that refuses duplicate mapping keys."""
+
+    def construct_unique_mapping(loader: Any, node: Any) -> dict[Any, Any]:
+        loader.flatten_mapping(node)
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in result:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            result[key] = loader.construct_object(value_node, deep=True)
+        return result
+
+    UniqueKeyLoader.add_constructor(
+        yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_unique_mapping
+    )
+    _LOADER = UniqueKeyLoader
+    return _LOADER
 
 
-def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    result: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in result:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        result[key] = loader.construct_object(value_node, deep=True)
-    return result
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
-)
+_LOADER: Any = None
 
 
 def parse_document(data: bytes, source: str) -> Any:
@@ -97,8 +110,11 @@ def parse_document(data: bytes, source: str) -> Any:
 
 
 def _parse_yaml(text: str, source: str) -> Any:
+    loader = _yaml_loader()
+    import yaml
+
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -114,28 +130,6 @@ def _parse_yaml(text: str, source: str) -> Any:
 def _one_line(text: str) -> str:
     """Errors are one ``error: <path>: <reason>`` line each, whatever the input contained."""
     return " ".join(text.split())
-
-
-def json_path(loc: tuple[int | str, ...]) -> str:
-    """``('spec', 'run', 'argv', 0)`` -> ``spec.run.argv[0]``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif not part.isprintable() or not part or any(c in part for c in ".[]: "):
-            # A key the author typed may hold anything; quote it so the path stays one line.
-            out += f"[{json.dumps(part)}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "<document>"
-
-
-def _reason(error: Any) -> str:
-    msg = str(error["msg"])
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix) :]
-    return msg
 
 
 def _check_text(data: Any, loc: tuple[int | str, ...] = ()) -> None:
@@ -168,22 +162,11 @@ def validate_document(data: Any) -> ExecutionCell:
         raise InvalidSpec("<document>", "must be a mapping with apiVersion, kind and spec")
     _check_text(data)
     try:
-        return ExecutionCell.model_validate(data)
-    except ValidationError as exc:
-        problems = [
-            (json_path(tuple(p for p in err["loc"] if not _is_union_tag(p))), _reason(err))
-            for err in exc.errors(include_url=False, include_input=False)
-        ]
-        first, *rest = problems
+        return msgspec.convert(data, ExecutionCell)
+    except msgspec.ValidationError as exc:
+        found = problems(data, ExecutionCell) or [("<document>", str(exc))]
+        first, *rest = found
         raise InvalidSpec(first[0], first[1], more=rest) from None
-
-
-def _is_union_tag(part: int | str) -> bool:
-    # pydantic adds the member type name (e.g. 'constrained-int') to locations inside unions.
-    return isinstance(part, str) and (
-        part.startswith(("constrained-", "function-"))
-        or part in {"int", "str", "list[str]", "is-instance[CellSpec]"}
-    )
 
 
 def load_document(path: str, stdin: IO[bytes] | None = None) -> ExecutionCell:

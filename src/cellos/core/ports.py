@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
-from cellos.core.spec import CellSpec
 from cellos.core.stop import StopRequest
+
+if TYPE_CHECKING:
+    from cellos.core.spec import CellSpec
 
 CloudEvent = dict[str, Any]
 

@@ -21,20 +21,34 @@ parsed document to ``VerifyKeys.from_document``.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from cellos.core.canonical import canonical_bytes, copy_and_canonical
 from cellos.core.errors import CellosError, InvalidSpec, PolicyRefused
 from cellos.core.events import SIGNED_ENVELOPE
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+# cryptography, hashlib and hmac (OpenSSL) are imported where a key is used: a run without
+# signing never loads them (cellos-supervisor's start time is a CI job's latency).
+
+
+def _ed25519_public(material: bytes) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    return Ed25519PublicKey.from_public_bytes(material)
+
+
+def _hmac_sha256(key: bytes, data: bytes) -> bytes:
+    import hashlib
+    import hmac
+
+    return hmac.new(key, data, hashlib.sha256).digest()
+
 
 ALG_ED25519: Final = "ed25519"
 ALG_HMAC_SHA256: Final = "hmac-sha256"
@@ -141,6 +155,8 @@ class Ed25519Signer:
             raise ValueError(f"Ed25519 seed must be {ED25519_SEED_BYTES} bytes, got {len(seed)}")
         self.kid = kid
         self.alg = ALG_ED25519
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         self._key = Ed25519PrivateKey.from_private_bytes(seed)
 
     def sign(self, data: bytes) -> bytes:
@@ -148,6 +164,8 @@ class Ed25519Signer:
 
     def public_key_bytes(self) -> bytes:
         """The raw 32-byte public key (what a verify-keys file carries)."""
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
         return self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
     def __repr__(self) -> str:  # never the seed
@@ -166,7 +184,7 @@ class HmacSigner:
         self._key = bytes(key)
 
     def sign(self, data: bytes) -> bytes:
-        return hmac.new(self._key, data, hashlib.sha256).digest()
+        return _hmac_sha256(self._key, data)
 
     def key_bytes(self) -> bytes:
         """The shared secret (for writing a verify-keys file; handle as a secret)."""
@@ -313,14 +331,17 @@ class VerifyKey:
         if self.alg == ALG_ED25519:
             if len(signature) != ED25519_SIGNATURE_BYTES:
                 return False
+            from cryptography.exceptions import InvalidSignature
+
             try:
-                Ed25519PublicKey.from_public_bytes(self.material).verify(signature, data)
+                _ed25519_public(self.material).verify(signature, data)
             except InvalidSignature:
                 return False
             return True
         if self.alg == ALG_HMAC_SHA256:
-            expected = hmac.new(self.material, data, hashlib.sha256).digest()
-            return hmac.compare_digest(expected, signature)
+            import hmac
+
+            return hmac.compare_digest(_hmac_sha256(self.material, data), signature)
         return False
 
 
@@ -364,7 +385,7 @@ def _parse_key_entry(entry: Any, where: str) -> VerifyKey:
         raise InvalidSpec(f"{where}.{material_field}", str(exc)) from None
     if alg == ALG_ED25519:
         try:
-            Ed25519PublicKey.from_public_bytes(material)
+            _ed25519_public(material)
         except ValueError:
             raise InvalidSpec(
                 f"{where}.publicKey", "must decode to a 32-byte Ed25519 public key"

@@ -1,317 +1,370 @@
-"""The ExecutionCell document (DESIGN.md §2) as pydantic v2 models.
+"""The ExecutionCell document (DESIGN.md §2) as msgspec Structs.
 
-Strict mode on purpose: a document that says ``ttlSeconds: "600"`` or ``CI: yes`` is a mistake
-the author should hear about, not something to coerce silently. Unknown keys are rejected.
+One declaration for the validator and for ``cellos schema``: every rule that JSON Schema 2020-12
+can state is written on the field (``Meta``: pattern, lengths, ranges; ``extra_json_schema``:
+``uniqueItems``, ``oneOf``, ``prefixItems``), and ``msgspec.json.schema`` prints the same text the
+validator checks. The few rules a schema cannot state (docs/document.md, "What the schema cannot
+say") are checked in ``__post_init__``; the ``extra_json_schema`` keywords msgspec does not
+enforce itself are checked there too, next to their declaration.
+
+Why msgspec rather than pydantic: pydantic builds its validators when the module is imported
+(about 100 ms, paid by every ``cellos-supervisor`` process); msgspec builds them lazily, in C.
+
+Strict on purpose: ``msgspec.convert`` refuses ``ttlSeconds: "600"``, ``1.0`` for an integer and
+``CI: yes``; unknown keys are errors (``forbid_unknown_fields``). ``null`` means "absent" for an
+optional field. Errors from ``__post_init__`` that belong to one field start with ``@<field>: ``
+(see :func:`rule_error`); :mod:`cellos.core.doc_errors` turns them into JSON paths.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+import msgspec
+from msgspec import Meta
 
 from cellos.core.secrets_env import secret_env_name
 
 API_VERSION = "cellos.io/v1"
 KIND = "ExecutionCell"
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 #: Upper bound for any lifetime in seconds (30 days): larger values are almost always typos.
 MAX_SECONDS = 30 * 24 * 3600
+DEFAULT_WORKING_DIRECTORY = "/workspace"
 
-CELL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# -- patterns ----------------------------------------------------------------------------------
+# Each pattern is valid both as a Python ``re`` and as an ECMA-262 (JSON Schema) regex: no
+# ``\-`` or other escapes that the ``u`` flag refuses, and ends anchored by ``$(?!\n)`` because
+# Python's ``$`` also matches before a final newline (``"cell\n"`` would pass ``^...$``).
+
+
+def _whole(body: str) -> str:
+    return f"^(?:{body})$(?!\\n)"
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = rf"{_LABEL}(?:\.{_LABEL})*\.?"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_H = r"[0-9A-Fa-f]{1,4}"
+# RFC 4291 text forms (no embedded IPv4, no zone id): every string this accepts, Python's
+# ipaddress accepts too.
+_IPV6 = (
+    rf"(?:(?:{_H}:){{7}}{_H}|(?:{_H}:){{1,7}}:|(?:{_H}:){{1,6}}:{_H}"
+    rf"|(?:{_H}:){{1,5}}(?::{_H}){{1,2}}|(?:{_H}:){{1,4}}(?::{_H}){{1,3}}"
+    rf"|(?:{_H}:){{1,3}}(?::{_H}){{1,4}}|(?:{_H}:){{1,2}}(?::{_H}){{1,5}}"
+    rf"|{_H}:(?::{_H}){{1,6}}|:(?:(?::{_H}){{1,7}}|:))"
+)
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+
+CELL_ID_PATTERN = _whole(r"[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?")
 #: Keys that end up in NATS subjects and file names: no dots, no wildcards.
-TOKEN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-SECRET_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
-HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+TOKEN_PATTERN = _whole(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+SECRET_KEY_PATTERN = _whole(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+ENV_NAME_PATTERN = _whole(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
+HOST_PATTERN = _whole(_HOST)
+WILDCARD_HOST_PATTERN = _whole(rf"(?:\*\.)?{_HOST}")
+CIDR_PATTERN = _whole(
+    rf"{_IPV4}(?:/(?:3[0-2]|[12]?[0-9]))?|{_IPV6}(?:/(?:12[0-8]|1[01][0-9]|[1-9]?[0-9]))?"
+)
+RESOLVER_ADDRESS_PATTERN = _whole(rf"{_IPV4}:{_PORT}|\[{_IPV6}\]:{_PORT}")
+NO_NUL_PATTERN = _whole(r"[^\x00]*")
+#: Absolute, not only slashes, no ``..`` component, no NUL.
+WORKING_DIRECTORY_PATTERN = _whole(
+    r"(?=[^\x00]*[^/\x00])(?![^\x00]*/\.\.(?:/|(?![\s\S])))/[^\x00]*"
+)
+#: One plain file name: no separators, NUL or control characters, no ``..``, not ``.``, no
+#: leading ``~``; the export destination is ``<root>/<cellId>/<name>``.
+FILE_NAME_PATTERN = _whole(r"(?!~)(?![^\x00]*\.\.)(?!\.(?![\s\S]))[^/\\\x00-\x1f]+")
+
+#: Why a value does not match, per pattern (``{value}`` is the offending value, quoted).
+PATTERN_REASONS: dict[str, str] = {
+    CELL_ID_PATTERN: "must match [A-Za-z0-9][A-Za-z0-9._-]{0,127} and must not contain '..'",
+    TOKEN_PATTERN: "must match [A-Za-z0-9][A-Za-z0-9_-]{0,63}",
+    SECRET_KEY_PATTERN: "{value} is not a valid secret key ([A-Za-z0-9][A-Za-z0-9._-]{0,127})",
+    ENV_NAME_PATTERN: "{value} is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+    HOST_PATTERN: "{value} is not a valid host name (wildcards: not allowed here)",
+    WILDCARD_HOST_PATTERN: "{value} is not a valid host name (wildcards: only as a leading "
+    "'*.' label)",
+    CIDR_PATTERN: "{value} is not a valid CIDR (an IPv4 or IPv6 address, optionally /<prefix>)",
+    RESOLVER_ADDRESS_PATTERN: "{value} must be '<ip>:<port>' with a literal IP address "
+    "(IPv6 in brackets)",
+    NO_NUL_PATTERN: "must not contain NUL",
+    WORKING_DIRECTORY_PATTERN: "must be an absolute path below '/' without '..'",
+    FILE_NAME_PATTERN: "must be a single file name (no '/', '\\\\', NUL, control characters, "
+    "'..' or leading '~', at most 255 bytes)",
+}
+
+CELL_ID_RE = re.compile(CELL_ID_PATTERN)
+_SAFE_FILE_NAME_RE = re.compile(FILE_NAME_PATTERN)
+_HOST_RE = re.compile(HOST_PATTERN)
+_WILDCARD_HOST_RE = re.compile(WILDCARD_HOST_PATTERN)
+
+MAX_FILE_NAME_BYTES = 255
+MAX_HOST_LENGTH = 253
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        strict=True,
-        extra="forbid",
-        alias_generator=to_camel,
-        # Only the camelCase names of the document are accepted (snake_case is not a key).
-        populate_by_name=False,
-        frozen=True,
-    )
-
-
-def _check_no_nul(value: str, what: str) -> str:
-    if "\x00" in value:
-        raise ValueError(f"{what} must not contain NUL")
-    return value
+def rule_error(field: str, reason: str) -> NoReturn:
+    """Fail a ``__post_init__`` check, naming the field (relative to the struct) it is about."""
+    raise ValueError(f"@{field}: {reason}")
 
 
 def check_cell_id(value: str) -> str:
     """The id becomes a directory name, a cgroup name and a NATS subject token."""
-    if not CELL_ID_RE.fullmatch(value) or ".." in value:
-        raise ValueError("must match [A-Za-z0-9][A-Za-z0-9._-]{0,127} and must not contain '..'")
+    if len(value) > 128 or not CELL_ID_RE.search(value):
+        raise ValueError(PATTERN_REASONS[CELL_ID_PATTERN])
     return value
 
 
 def check_hostname(value: str, *, allow_wildcard: bool) -> str:
-    name = value[:-1] if value.endswith(".") else value
-    if allow_wildcard and name.startswith("*."):
-        name = name[2:]
-    labels = name.split(".")
-    if len(name) > 253 or not name or not all(HOST_LABEL_RE.fullmatch(lbl) for lbl in labels):
-        where = "only as a leading '*.' label" if allow_wildcard else "not allowed here"
-        raise ValueError(f"{value!r} is not a valid host name (wildcards: {where})")
+    regex, pattern = (
+        (_WILDCARD_HOST_RE, WILDCARD_HOST_PATTERN) if allow_wildcard else (_HOST_RE, HOST_PATTERN)
+    )
+    if len(value) > MAX_HOST_LENGTH or not regex.search(value):
+        raise ValueError(PATTERN_REASONS[pattern].replace("{value}", repr(value)))
     return value
 
 
 def check_safe_file_name(value: str) -> str:
-    """A single plain file name: the export destination is ``<root>/<cellId>/<name>``."""
-    if (
-        not value
-        or value in {".", ".."}
-        or ".." in value
-        or "/" in value
-        or "\\" in value
-        or "\x00" in value
-        or value.startswith("~")
-        or len(value.encode()) > 255
-        or any(ord(ch) < 0x20 for ch in value)
-    ):
-        raise ValueError(
-            "must be a single file name (no '/', '\\\\', NUL, control characters, '..' "
-            "or leading '~', at most 255 bytes)"
-        )
+    if not _SAFE_FILE_NAME_RE.search(value) or not _fits_file_name(value):
+        raise ValueError(PATTERN_REASONS[FILE_NAME_PATTERN])
     return value
 
 
-PositiveSeconds = Annotated[int, Field(ge=1, le=MAX_SECONDS)]
-Port = Annotated[int, Field(ge=1, le=65535)]
+def _fits_file_name(value: str) -> bool:
+    # The schema can bound characters (maxLength), not UTF-8 bytes: a file name is bytes.
+    return len(value.encode("utf-8", "surrogatepass")) <= MAX_FILE_NAME_BYTES
 
 
-class Correlation(_Model):
+CellId = Annotated[str, Meta(pattern=CELL_ID_PATTERN, max_length=128)]
+Token = Annotated[str, Meta(pattern=TOKEN_PATTERN)]
+SecretKey = Annotated[str, Meta(pattern=SECRET_KEY_PATTERN)]
+EnvName = Annotated[str, Meta(pattern=ENV_NAME_PATTERN)]
+NoNul = Annotated[str, Meta(pattern=NO_NUL_PATTERN)]
+Host = Annotated[str, Meta(pattern=HOST_PATTERN, max_length=MAX_HOST_LENGTH)]
+WildcardHost = Annotated[str, Meta(pattern=WILDCARD_HOST_PATTERN, max_length=MAX_HOST_LENGTH)]
+Cidr = Annotated[str, Meta(pattern=CIDR_PATTERN)]
+ResolverAddress = Annotated[str, Meta(pattern=RESOLVER_ADDRESS_PATTERN)]
+WorkingDirectory = Annotated[str, Meta(pattern=WORKING_DIRECTORY_PATTERN)]
+FileName = Annotated[str, Meta(pattern=FILE_NAME_PATTERN, max_length=MAX_FILE_NAME_BYTES)]
+PositiveSeconds = Annotated[int, Meta(ge=1, le=MAX_SECONDS)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
+
+#: ``uniqueItems``: msgspec prints it; :func:`_check_unique` enforces it.
+_UNIQUE = Meta(extra_json_schema={"uniqueItems": True})
+
+
+def _check_unique(values: list[Any], field: str, reason: str) -> None:
+    seen: list[Any] = []
+    for value in values:
+        if value in seen:
+            rule_error(field, reason)
+        seen.append(value)
+
+
+class _Doc(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of every part of the document: camelCase keys only, no unknown keys.
+
+    (Subclasses repeat ``frozen`` and ``kw_only`` for type checkers, which do not inherit them.)
+    """
+
+
+class Correlation(_Doc, frozen=True, kw_only=True):
+    """Copied into every event of the run."""
+
     platform: str | None = None
     external_run_id: str | None = None
     external_job_id: str | None = None
-    tenant_id: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("tenant_id")
-    @classmethod
-    def _tenant(cls, value: str | None) -> str | None:
-        if value is not None and not TOKEN_RE.fullmatch(value):
-            raise ValueError("must match [A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-        return value
+    tenant_id: Token | None = None
+    labels: dict[str, str] = {}
 
 
-class EgressRule(_Model):
-    host: str | None = None
-    cidr: str | None = None
+#: ``oneOf``: exactly one of ``host`` and ``cidr`` (``null`` counts as absent).
+_ONE_DESTINATION = Meta(
+    extra_json_schema={
+        "oneOf": [
+            {"required": ["host"], "properties": {"host": {"type": "string"}}},
+            {"required": ["cidr"], "properties": {"cidr": {"type": "string"}}},
+        ]
+    }
+)
+
+
+class EgressRule(_Doc, frozen=True, kw_only=True):
+    """One allowed destination: exactly one of host or cidr."""
+
+    host: Host | None = None
+    cidr: Cidr | None = None
     port: Port
     protocol: Literal["tcp", "udp"] = "tcp"
 
-    @field_validator("host")
-    @classmethod
-    def _host(cls, value: str | None) -> str | None:
-        return None if value is None else check_hostname(value, allow_wildcard=False)
-
-    @field_validator("cidr")
-    @classmethod
-    def _cidr(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            ipaddress.ip_network(value, strict=True)
-        except ValueError as exc:
-            raise ValueError(f"{value!r} is not a valid CIDR ({exc})") from None
-        return value
-
-    @model_validator(mode="after")
-    def _exactly_one_destination(self) -> EgressRule:
+    def __post_init__(self) -> None:
         if (self.host is None) == (self.cidr is None):
             raise ValueError("exactly one of 'host' or 'cidr' is required")
-        return self
+        if self.cidr is not None:
+            import ipaddress  # only documents with a CIDR rule pay for it
+
+            try:
+                ipaddress.ip_network(self.cidr, strict=True)
+            except ValueError as exc:
+                # Host bits set (10.0.0.1/24): the schema cannot say this.
+                rule_error("cidr", f"{self.cidr!r} is not a valid CIDR ({exc})")
 
 
-class Resolver(_Model):
-    resolver_id: Annotated[str, Field(min_length=1, max_length=64)]
+class Resolver(_Doc, frozen=True, kw_only=True):
+    resolver_id: Annotated[str, Meta(min_length=1, max_length=64)]
     protocol: Literal["do53-udp", "do53-tcp"] = "do53-udp"
-    address: str
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        host = host.strip("[]")
-        try:
-            ipaddress.ip_address(host)
-            ok = bool(sep) and port.isdigit() and 1 <= int(port) <= 65535
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{value!r} must be '<ip>:<port>' with a literal IP address")
-        return value
+    address: ResolverAddress
 
 
-class DnsAuthority(_Model):
-    hostname_allowlist: list[str] = Field(default_factory=list)
-    resolvers: list[Resolver] = Field(default_factory=list)
-
-    @field_validator("hostname_allowlist")
-    @classmethod
-    def _names(cls, value: list[str]) -> list[str]:
-        for name in value:
-            check_hostname(name, allow_wildcard=True)
-        return value
+class DnsAuthority(_Doc, frozen=True, kw_only=True):
+    hostname_allowlist: list[WildcardHost] = []
+    resolvers: list[Resolver] = []
 
 
-class Authority(_Model):
-    secret_refs: list[str] = Field(default_factory=list)
-    egress_rules: list[EgressRule] = Field(default_factory=list)
+class Authority(_Doc, frozen=True, kw_only=True):
+    secret_refs: Annotated[list[SecretKey], _UNIQUE] = []
+    egress_rules: list[Annotated[EgressRule, _ONE_DESTINATION]] = []
     dns_authority: DnsAuthority | None = None
 
-    @field_validator("secret_refs")
-    @classmethod
-    def _refs(cls, value: list[str]) -> list[str]:
-        for ref in value:
-            if not SECRET_KEY_RE.fullmatch(ref):
-                raise ValueError(f"{ref!r} is not a valid secret key ([A-Za-z0-9][A-Za-z0-9._-]*)")
-        if len(set(value)) != len(value):
-            raise ValueError("secret keys must be unique")
-        return value
+    def __post_init__(self) -> None:
+        _check_unique(self.secret_refs, "secretRefs", "secret keys must be unique")
 
 
-class Lifetime(_Model):
+class Lifetime(_Doc, frozen=True, kw_only=True):
     ttl_seconds: PositiveSeconds
 
 
-class CpuMax(_Model):
-    quota_micros: Annotated[int, Field(ge=1000, le=10_000_000)]
-    period_micros: Annotated[int, Field(ge=1000, le=1_000_000)] = 100_000
+class CpuMax(_Doc, frozen=True, kw_only=True):
+    quota_micros: Annotated[int, Meta(ge=1000, le=10_000_000)]
+    period_micros: Annotated[int, Meta(ge=1000, le=1_000_000)] = 100_000
 
 
-class Limits(_Model):
-    memory_max_bytes: Annotated[int, Field(ge=1 << 20, le=1 << 46)] | None = None
-    pids_max: Annotated[int, Field(ge=1, le=4_194_304)] | None = None
+class Limits(_Doc, frozen=True, kw_only=True):
+    memory_max_bytes: Annotated[int, Meta(ge=1 << 20, le=1 << 46)] | None = None
+    pids_max: Annotated[int, Meta(ge=1, le=4_194_304)] | None = None
     cpu_max: CpuMax | None = None
-    graceful_shutdown_seconds: Annotated[int, Field(ge=0, le=300)] = 5
+    graceful_shutdown_seconds: Annotated[int, Meta(ge=0, le=300)] = 5
 
 
-class RunSpec(_Model):
-    argv: Annotated[list[str], Field(min_length=1, max_length=4096)]
-    working_directory: str = "/workspace"
-    env: dict[str, str] = Field(default_factory=dict)
+#: ``prefixItems``: the program (argv[0]) is a non-empty string.
+_PROGRAM_NON_EMPTY = Meta(
+    min_length=1, max_length=4096, extra_json_schema={"prefixItems": [{"minLength": 1}]}
+)
+
+
+class RunSpec(_Doc, frozen=True, kw_only=True):
+    """The workload. Without it, the cell is created, exports and is destroyed."""
+
+    argv: Annotated[list[NoNul], _PROGRAM_NON_EMPTY]
+    working_directory: WorkingDirectory = DEFAULT_WORKING_DIRECTORY
+    env: dict[EnvName, NoNul] = {}
     secret_delivery: Literal["env", "runtimeBroker", "runtimeLeasedBroker"] = "env"
     timeout_seconds: PositiveSeconds | None = None
     limits: Limits | None = None
 
-    @field_validator("argv")
-    @classmethod
-    def _argv(cls, value: list[str]) -> list[str]:
-        if not value[0]:
-            raise ValueError("argv[0] (the program) must be non-empty")
-        for arg in value:
-            _check_no_nul(arg, "arguments")
-        return value
-
-    @field_validator("working_directory")
-    @classmethod
-    def _workdir(cls, value: str) -> str:
-        parts = value.split("/")
-        if not value.startswith("/") or ".." in parts or "\x00" in value or value == "/":
-            raise ValueError("must be an absolute path below '/' without '..'")
-        return value
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, val in value.items():
-            if not ENV_NAME_RE.fullmatch(name):
-                raise ValueError(f"{name!r} is not a valid environment variable name")
-            _check_no_nul(val, f"the value of {name}")
-        return value
+    def __post_init__(self) -> None:
+        if not self.argv[0]:
+            rule_error("argv[0]", "argv[0] (the program) must be non-empty")
 
 
-class Artifact(_Model):
-    name: str
-    path: str
+class Artifact(_Doc, frozen=True, kw_only=True):
+    name: FileName
+    path: Annotated[str, Meta(min_length=1, pattern=NO_NUL_PATTERN)]
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return check_safe_file_name(value)
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, value: str) -> str:
-        if not value or "\x00" in value:
-            raise ValueError("must be a non-empty path without NUL")
-        return value
+    def __post_init__(self) -> None:
+        if not _fits_file_name(self.name):
+            rule_error("name", PATTERN_REASONS[FILE_NAME_PATTERN])
 
 
-class ExportSpec(_Model):
-    artifacts: list[Artifact] = Field(default_factory=list)
+class ExportSpec(_Doc, frozen=True, kw_only=True):
+    artifacts: Annotated[list[Artifact], _UNIQUE] = []
 
-    @field_validator("artifacts")
-    @classmethod
-    def _unique(cls, value: list[Artifact]) -> list[Artifact]:
-        names = [a.name for a in value]
-        if len(set(names)) != len(names):
-            raise ValueError("artifact names must be unique")
-        return value
+    def __post_init__(self) -> None:
+        # The schema's uniqueItems catches identical entries only; the names must differ.
+        names = [a.name for a in self.artifacts]
+        _check_unique(names, "artifacts", "artifact names must be unique")
 
 
-class Policy(_Model):
+class Policy(_Doc, frozen=True, kw_only=True):
     pack_id: str
     pack_version: str
 
 
-class Placement(_Model):
+class Placement(_Doc, frozen=True, kw_only=True):
     pool_id: str | None = None
     queue_name: str | None = None
 
 
-class CellSpec(_Model):
-    id: str
+class CellSpec(_Doc, frozen=True, kw_only=True):
+    id: CellId
     correlation: Correlation | None = None
-    authority: Authority = Field(default_factory=Authority)
+    authority: Authority = msgspec.field(default_factory=Authority)
     lifetime: Lifetime | None = None
-    run: RunSpec
+    run: RunSpec | None = None
     export: ExportSpec | None = None
     policy: Policy | None = None
     placement: Placement | None = None
 
-    @field_validator("id")
-    @classmethod
-    def _id(cls, value: str) -> str:
-        return check_cell_id(value)
-
-    @model_validator(mode="after")
-    def _timeout_within_ttl(self) -> CellSpec:
-        timeout = self.run.timeout_seconds
-        if (
-            self.lifetime is not None
-            and timeout is not None
-            and timeout > self.lifetime.ttl_seconds
-        ):
+    def __post_init__(self) -> None:
+        run = self.run
+        if run is None:
+            return
+        timeout = run.timeout_seconds
+        ttl = self.lifetime.ttl_seconds if self.lifetime else None
+        if ttl is not None and timeout is not None and timeout > ttl:
             raise ValueError(
-                f"run.timeoutSeconds ({timeout}) must be <= lifetime.ttlSeconds "
-                f"({self.lifetime.ttl_seconds})"
+                f"run.timeoutSeconds ({timeout}) must be <= lifetime.ttlSeconds ({ttl})"
             )
-        if self.run.secret_delivery == "env":
+        if run.secret_delivery == "env":
             for ref in self.authority.secret_refs:
-                if secret_env_name(ref) in self.run.env:
+                if secret_env_name(ref) in run.env:
                     raise ValueError(
                         f"run.env.{secret_env_name(ref)} collides with the variable that "
                         f"delivers secret {ref!r}"
                     )
-        return self
 
     @property
     def artifacts(self) -> list[Artifact]:
         return list(self.export.artifacts) if self.export else []
 
+    @property
+    def working_directory(self) -> str:
+        """Where the workspace is mounted (also for a cell without ``run``)."""
+        return self.run.working_directory if self.run else DEFAULT_WORKING_DIRECTORY
 
-class ExecutionCell(_Model):
+    @property
+    def limits(self) -> Limits | None:
+        return self.run.limits if self.run else None
+
+
+class ExecutionCell(_Doc, frozen=True, kw_only=True):
+    """A declarative execution cell (CellOS)."""
+
     api_version: Literal["cellos.io/v1"]
     kind: Literal["ExecutionCell"]
     spec: CellSpec
+
+
+def to_document(value: msgspec.Struct, *, exclude_none: bool = False) -> Any:
+    """The camelCase JSON form of a document or of one of its parts."""
+    data = msgspec.to_builtins(value)
+    return _without_none(data) if exclude_none else data
+
+
+def _without_none(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _without_none(v) for k, v in data.items() if v is not None}
+    if isinstance(data, list):
+        return [_without_none(v) for v in data]
+    return data
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (2020-12) of the document, as printed by ``cellos schema``."""
+    schema = msgspec.json.schema(ExecutionCell)
+    defs: dict[str, Any] = schema["$defs"]
+    top: dict[str, Any] = defs.pop("ExecutionCell")
+    return {"$schema": JSON_SCHEMA_DIALECT, **top, "title": "ExecutionCell", "$defs": defs}

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import stat
-import uuid
 from typing import BinaryIO
 
 from cellos.core.errors import ExportError
+from cellos.core.ids import sha256, uuid4
 from cellos.core.ports import ExportReceipt
 from cellos.core.spec import check_cell_id, check_safe_file_name
 
@@ -78,7 +77,7 @@ class LocalExportSink:
         except ValueError as exc:
             raise ExportError(name, str(exc)) from None
         dir_fd, created = self._open_cell_dir(cell_id)
-        tmp = f".{name[:200]}.{uuid.uuid4().hex}.partial"
+        tmp = f".{name[:200]}.{uuid4().replace('-', '')}.partial"
         exported = False
         try:
             try:
@@ -88,7 +87,7 @@ class LocalExportSink:
             if existing is not None and not stat.S_ISREG(existing.st_mode):
                 kind = "a symlink" if stat.S_ISLNK(existing.st_mode) else "not a regular file"
                 raise ExportError(name, f"export destination is {kind}; refusing to replace it")
-            digest = hashlib.sha256()
+            digest = sha256()
             size = 0
             fd = os.open(
                 tmp,

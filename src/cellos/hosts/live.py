@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from cellos.core.errors import HostError
 from cellos.core.ports import CellHandle, ChainPosition, ReapedCell
-from cellos.core.spec import CellSpec
+from cellos.core.spec import CellSpec, to_document
 from cellos.hosts.state import CellState, CellStore
 
 T = TypeVar("T")
@@ -80,9 +80,7 @@ class StoredBackend:
             # For the reaper's events, should this supervisor die with the cell.
             record = {
                 **record,
-                "correlation": spec.correlation.model_dump(
-                    mode="json", by_alias=True, exclude_none=True
-                ),
+                "correlation": to_document(spec.correlation, exclude_none=True),
             }
 
         def track() -> T:

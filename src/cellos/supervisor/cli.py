@@ -6,7 +6,6 @@ Exit status: the workload's own on a normal exit; 124 when it was killed by time
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -128,14 +127,21 @@ def run_spec(path: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if len(args) == 1 and (args[0] == "-" or not args[0].startswith("-")):
+        # The one-document call a CI system makes: no need to load argparse (start time).
+        configure_logging()
+        return run_spec(args[0])
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="cellos-supervisor",
         description="Run one ExecutionCell document (configured by CELLOS_* variables).",
     )
     parser.add_argument("spec", help="path to the document (YAML or JSON), or - for stdin")
-    args = parser.parse_args(argv)
+    parsed = parser.parse_args(args)
     configure_logging()
-    return run_spec(args.spec)
+    return run_spec(parsed.spec)
 
 
 if __name__ == "__main__":

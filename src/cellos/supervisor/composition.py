@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -119,7 +118,7 @@ def build_supervisor(env: Mapping[str, str]) -> Supervisor:
         broker=make_broker(env),
         exporter=LocalExportSink(export_dir) if export_dir else None,
         signer=signer,
-        host=socket.gethostname(),
+        host=os.uname().nodename,  # socket.gethostname() without importing socket
         default_ttl_seconds=settings.default_ttl_seconds,
         profile=settings.profile,
         reaper=make_reaper(env),

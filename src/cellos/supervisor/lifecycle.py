@@ -45,7 +45,7 @@ from cellos.core.ports import (
 )
 from cellos.core.secrets_env import secret_env_name
 from cellos.core.signing import Signer
-from cellos.core.spec import ExecutionCell
+from cellos.core.spec import ExecutionCell, to_document
 from cellos.core.stop import StopRequest
 from cellos.sinks.redact import Redactor
 from cellos.supervisor.emitter import EventEmitter
@@ -75,6 +75,8 @@ class RunOutcome:
     lost_events: int = 0
     #: Packets per decision (``allowed`` / ``dropped``) counted by the cell's egress rules.
     flows: dict[str, int] = field(default_factory=dict)
+    #: The run reached the export step (failed exports count only then).
+    exports_attempted: bool = False
 
 
 class Supervisor:
@@ -182,7 +184,7 @@ class Supervisor:
         )
         ttl = spec.lifetime.ttl_seconds if spec.lifetime else self.default_ttl_seconds
         ttl_deadline = time.monotonic() + ttl
-        spec_digest = sha256_hex(canonical_bytes(document.model_dump(mode="json", by_alias=True)))
+        spec_digest = sha256_hex(canonical_bytes(to_document(document)))
         out = RunOutcome(
             cell_id=spec.id,
             run_id=emitter.run_id,
@@ -230,7 +232,7 @@ class Supervisor:
                     "digests": dict(handle.digests),
                     "specDigest": spec_digest,
                     "ttlSeconds": ttl,
-                    "timeoutSeconds": spec.run.timeout_seconds,
+                    "timeoutSeconds": spec.run.timeout_seconds if spec.run else None,
                     "networkScope": {
                         "egressRuleCount": len(spec.authority.egress_rules),
                         # Enforced when the backend applied an egress scope (or no network).
@@ -249,11 +251,17 @@ class Supervisor:
                         + "; ".join(emitter.last_failures)
                         + "); the workload was not run",
                     )
-                out.result = self._run_workload(document, handle, secret_env, ttl_deadline, emitter)
-                if out.result.spawn_error:
-                    out.errors.append(HostError("spec.run.argv[0]", out.result.spawn_error))
+                # A cell without ``run`` (the seed contract) is created, exports, is destroyed:
+                # no process_spawned / command.completed events (docs/events.md).
+                if spec.run is not None:
+                    out.result = self._run_workload(
+                        document, handle, secret_env, ttl_deadline, emitter
+                    )
+                    if out.result.spawn_error:
+                        out.errors.append(HostError("spec.run.argv[0]", out.result.spawn_error))
                 out.flows = self._emit_network(handle, emitter)
                 if not stop.is_set():
+                    out.exports_attempted = True
                     out.exports = self._export(document, handle, emitter, out.errors)
             finally:
                 if stop.is_set():
@@ -294,6 +302,8 @@ class Supervisor:
 
     def _check_policy(self, document: ExecutionCell) -> None:
         run = document.spec.run
+        if run is None:
+            return  # no workload, so no secret delivery to check
         if run.secret_delivery != "env":
             raise PolicyRefused(
                 "spec.run.secretDelivery",
@@ -330,6 +340,8 @@ class Supervisor:
         emitter: EventEmitter,
     ) -> WorkloadResult:
         run = document.spec.run
+        if run is None:  # run() does not call this for a cell without a workload
+            raise HostError("spec.run", "no workload declared")
         remaining_ttl = max(0.0, ttl_deadline - time.monotonic())
         timeout = run.timeout_seconds
         ttl_binds = timeout is None or remaining_ttl < timeout
@@ -530,19 +542,19 @@ class Supervisor:
                 "terminalState": out.terminal_state,
                 "ttlSeconds": ttl,
                 "egressRuleCount": len(spec.authority.egress_rules),
-                "secretDeliveryMode": spec.run.secret_delivery,
+                "secretDeliveryMode": spec.run.secret_delivery if spec.run else None,
                 "secretRefCount": len(spec.authority.secret_refs),
                 "exitCode": None if result is None or result.forced else result.exit_code,
                 "exportsCompleted": len(out.exports),
-                "exportsFailed": len(spec.artifacts) - len(out.exports) if result else 0,
+                "exportsFailed": (
+                    len(spec.artifacts) - len(out.exports) if out.exports_attempted else 0
+                ),
                 "eventsLost": emitter.lost,
                 "networkFlows": dict(out.flows),
                 "errors": [f"{e.path}: {e.reason}" for e in out.errors],
                 "correlation": _correlation(document),
                 "delivery": dict(delivery) if delivery else None,
-                "policy": document.spec.policy.model_dump(by_alias=True)
-                if document.spec.policy
-                else None,
+                "policy": to_document(document.spec.policy) if document.spec.policy else None,
             },
         )
 
@@ -553,6 +565,8 @@ class Supervisor:
         result = out.result
         if result is not None and result.forced:
             return EXIT_FORCED, "failed"
+        if result is None and not out.errors:
+            return 0, "succeeded"  # a cell without a workload that exported everything
         if result is None or result.exit_code is None:
             first = out.errors[0].exit_code if out.errors else 1
             return first, "failed"
@@ -565,7 +579,7 @@ class Supervisor:
 
 def _correlation(document: ExecutionCell) -> dict[str, Any] | None:
     corr = document.spec.correlation
-    return corr.model_dump(mode="json", by_alias=True, exclude_none=True) if corr else None
+    return to_document(corr, exclude_none=True) if corr else None
 
 
 def _with_reason(result: WorkloadResult, reason: str | None) -> WorkloadResult:

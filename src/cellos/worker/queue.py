@@ -48,7 +48,7 @@ from nats.js.api import (
 from cellos.core.canonical import canonical_bytes, sha256_hex
 from cellos.core.errors import CellosError, InvalidSpec
 from cellos.core.loading import MAX_DOCUMENT_BYTES, parse_document, validate_document
-from cellos.core.spec import ExecutionCell
+from cellos.core.spec import ExecutionCell, to_document
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def submit_subject(document: ExecutionCell) -> str:
 def encode_document(document: ExecutionCell) -> tuple[bytes, str]:
     """The message body (canonical JSON of the validated document) and its sha256."""
     try:
-        payload = canonical_bytes(document.model_dump(mode="json", by_alias=True))
+        payload = canonical_bytes(to_document(document))
     except ValueError as exc:
         raise InvalidSpec("<document>", f"cannot be encoded as canonical JSON: {exc}") from None
     return payload, sha256_hex(payload)

@@ -114,8 +114,8 @@ class CellosBackend(StoredBackend):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def create(self, spec: CellSpec) -> CellHandle:
-        self._check_working_directory(spec.run.working_directory)
-        limits = spec.run.limits
+        self._check_working_directory(spec.working_directory)
+        limits = spec.limits
         controllers = cgroups.needed_controllers(limits)
         why_not = cgroups.usable(self.layout, self.cgroup_rel, controllers)
         wants_limits = len(controllers) > 1 or (limits is not None and limits.pids_max is not None)
@@ -147,7 +147,7 @@ class CellosBackend(StoredBackend):
             plan = SandboxPlan(
                 cell_id=spec.id,
                 workspace=workspace,
-                working_directory=spec.run.working_directory,
+                working_directory=spec.working_directory,
                 rootfs=self.rootfs,
                 user_namespace=self.user_namespace,
                 landlock_abi=self.landlock_abi,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import os
 import shutil
 import stat
@@ -24,6 +23,7 @@ import threading
 from pathlib import Path
 
 from cellos.core.errors import HostError
+from cellos.core.ids import sha256  # no OpenSSL load at every supervisor start
 
 SOURCE = Path(__file__).with_name("cellos-sandbox.c")
 CFLAGS = ("-O2", "-Wall", "-Wextra")
@@ -65,7 +65,7 @@ def _trusted_binary(path: str) -> bool:
 
 def _build(cache_dir: str) -> str:
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + "\0".join(CFLAGS).encode()).hexdigest()[:16]
+    digest = sha256(source + "\0".join(CFLAGS).encode()).hexdigest()[:16]
     target = os.path.join(cache_dir, f"cellos-sandbox-{digest}")
     # The directory is checked even when the binary is there: in a directory others can
     # write, the file could be swapped between this check and every later exec.

@@ -217,7 +217,7 @@ class GvisorBackend(StoredBackend):
             iso.ENV_DECLARED_ONLY,
             iso.WORKSPACE_PRIVATE,
         ]
-        limits = spec.run.limits
+        limits = spec.limits
         if limits is not None:
             # OCI linux.resources, which runsc applies to the sandbox's cgroups.
             isolation += iso.limit_features(
@@ -240,7 +240,7 @@ class GvisorBackend(StoredBackend):
         for path, target in host_symlinks().items():
             os.makedirs(os.path.join(root, os.path.dirname(path).lstrip("/")), exist_ok=True)
             os.symlink(target, os.path.join(root, path.lstrip("/")))
-        points = [*host_binds(), "/proc", "/dev", "/tmp", spec.run.working_directory]
+        points = [*host_binds(), "/proc", "/dev", "/tmp", spec.working_directory]
         for path in points:
             dest = os.path.join(root, path.lstrip("/"))
             if os.path.isfile(path):
@@ -252,7 +252,7 @@ class GvisorBackend(StoredBackend):
 
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = self._live(handle)
-        limits = live.spec.run.limits
+        limits = live.spec.limits
         try:
             sandbox_cgroups = evidence.SandboxCgroups(live.container_id, limits)
             sandbox_cgroups.create()
@@ -297,7 +297,7 @@ class GvisorBackend(StoredBackend):
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(bundle, fh)
         runsc = self._runsc(live)
-        limits = live.spec.run.limits
+        limits = live.spec.limits
         clones = None
         if limits is not None and limits.pids_max is not None:
             clones = evidence.CloneFailures(os.path.join(live.cell_dir, "strace.fifo"))
@@ -328,7 +328,7 @@ class GvisorBackend(StoredBackend):
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = self._live(handle)
-        return open_in_workspace(live.workspace, live.spec.run.working_directory, path)
+        return open_in_workspace(live.workspace, live.spec.working_directory, path)
 
     def destroy(self, handle: CellHandle) -> TeardownReport:
         live = _LIVE.get(handle.cell_id)

@@ -93,7 +93,7 @@ def _mounts(spec: CellSpec, config: BundleConfig) -> list[dict[str, Any]]:
         )
     mounts.append(
         {
-            "destination": spec.run.working_directory,
+            "destination": spec.working_directory,
             "type": "bind",
             "source": config.workspace,
             "options": ["rbind", "rw", "nosuid", "nodev"],
@@ -103,7 +103,7 @@ def _mounts(spec: CellSpec, config: BundleConfig) -> list[dict[str, Any]]:
 
 
 def _resources(spec: CellSpec) -> dict[str, Any]:
-    limits = spec.run.limits
+    limits = spec.limits
     resources: dict[str, Any] = {}
     if limits is None:
         return resources
@@ -126,10 +126,11 @@ def build_config(
     """``config.json`` for ``spec``; raises :class:`MissingCellId` / :class:`MissingArgv`."""
     if not spec.id:
         raise MissingCellId()
-    args = list(argv if argv is not None else spec.run.argv)
+    args = list(argv if argv is not None else spec.run.argv if spec.run else ())
     if not args or not args[0]:
         raise MissingArgv()
-    environment = {**(env if env is not None else spec.run.env), **config.extra_env}
+    declared = spec.run.env if spec.run else {}
+    environment = {**(env if env is not None else declared), **config.extra_env}
     namespaces: list[dict[str, str]] = [
         {"type": "pid"},
         {"type": "ipc"},
@@ -150,10 +151,10 @@ def build_config(
     if config.cgroups_path:
         linux["cgroupsPath"] = config.cgroups_path
     rlimits = [{"type": "RLIMIT_NOFILE", "hard": config.nofile, "soft": config.nofile}]
-    if spec.run.limits is not None and spec.run.limits.pids_max is not None:
+    if spec.limits is not None and spec.limits.pids_max is not None:
         # Counts the sandbox's processes (the workload, pid 1 in gVisor, included), as
         # pidsMax counts the workload's on the cellos backend.
-        nproc = spec.run.limits.pids_max
+        nproc = spec.limits.pids_max
         rlimits.append({"type": "RLIMIT_NPROC", "hard": nproc, "soft": nproc})
     no_caps: list[str] = []
     return {
@@ -165,7 +166,7 @@ def build_config(
             "user": {"uid": config.uid, "gid": config.gid},
             "args": args,
             "env": [f"{k}={v}" for k, v in sorted(environment.items())],
-            "cwd": spec.run.working_directory,
+            "cwd": spec.working_directory,
             "capabilities": {
                 k: no_caps for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
             },

@@ -26,6 +26,8 @@ import re
 import select
 import threading
 
+import msgspec
+
 from cellos.core.spec import Limits
 from cellos.hosts.cellos import cgroups
 
@@ -63,7 +65,7 @@ class SandboxCgroups:
             {c: layout.by_controller[c].mount + self.cgroups_path for c in wanted},
             {c: layout.by_controller[c].version for c in wanted},
         )
-        self.limits = limits.model_copy(update={"pids_max": None}) if limits else None
+        self.limits = msgspec.structs.replace(limits, pids_max=None) if limits else None
 
     def create(self) -> None:
         try:

@@ -161,7 +161,7 @@ class MicrovmBackend(StoredBackend):
 
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = _LIVE.get(handle.cell_id)
-        limits = live.spec.run.limits
+        limits = live.spec.limits
         accel = self.accel(live.manifest)
         guest_paths = {guest_artifact_path(live.spec, a.path) for a in live.spec.artifacts}
         artifacts = sorted(p for p in guest_paths if p is not None)
@@ -174,7 +174,7 @@ class MicrovmBackend(StoredBackend):
             limits,
             on_spawn=live.state.write_pid,
             hostname=guest_hostname(live.spec),
-            workdir=live.spec.run.working_directory,
+            workdir=live.spec.working_directory,
         )
         return result
 

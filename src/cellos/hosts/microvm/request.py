@@ -29,7 +29,7 @@ GUEST_RESERVED = ("/proc", "/sys", "/dev", "/bin", "/usr", "/init")
 def check_working_directory(spec: CellSpec) -> None:
     """PolicyRefused naming ``spec.run.workingDirectory`` when the guest cannot provide it."""
     refuse_reserved_working_directory(
-        spec.run.working_directory, list(GUEST_RESERVED), "the microVM guest"
+        spec.working_directory, list(GUEST_RESERVED), "the microVM guest"
     )
 
 
@@ -45,7 +45,7 @@ def guest_artifact_path(spec: CellSpec, path: str) -> str | None:
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if not parts or ".." in parts:
         return None
-    return posixpath.join(spec.run.working_directory, *parts)
+    return posixpath.join(spec.working_directory, *parts)
 
 
 def cgroup_settings(limits: Limits | None) -> dict[str, str]:

@@ -1,0 +1,108 @@
+"""Cold start: ``cellos-supervisor`` loads only what the run uses.
+
+A CI system runs one supervisor process per cell, so every module imported at start is latency
+the user pays. An unsigned run to the noop sink on the stub backend must not load the signing
+library, the JetStream client, the server, the network proxies or a schema library; a JSON
+document must not load the YAML parser; and signing must load cryptography only when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, base_env
+
+#: Runs ``cellos-supervisor FILE`` in-process, then writes the imported modules' names.
+WRAPPER = """
+import json, sys
+from cellos.supervisor.cli import main
+code = main([sys.argv[1]])
+with open(sys.argv[2], "w") as out:
+    json.dump({"code": code, "modules": sorted(sys.modules)}, out)
+"""
+
+NEVER_FOR_A_PLAIN_RUN = {
+    "cryptography",
+    "nats",
+    "aiohttp",
+    "starlette",
+    "dnslib",
+    "pydantic",
+    "pydantic_core",
+    "jsonschema",
+    "yaml",
+    "rfc8785",
+    "hashlib",
+    "_hashlib",
+    "hmac",
+    "argparse",
+    "socket",
+    "cellos.network",
+    "cellos.server",
+    "cellos.sinks.jetstream",
+}
+
+
+def _imported(tmp_path: Path, document: str, name: str, **env: str) -> set[str]:
+    spec = tmp_path / name
+    spec.write_text(document, encoding="utf-8")
+    out = tmp_path / "modules.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", WRAPPER, str(spec), str(out)],
+        env=base_env(tmp_path, CELLOS_CELL_BACKEND="stub", CELL_OS_USE_NOOP_SINK="1", **env),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc
+    result = json.loads(out.read_text())
+    assert result["code"] == 0, (result["code"], proc.stderr)
+    return set(result["modules"])
+
+
+def _roots(modules: set[str], forbidden: set[str]) -> set[str]:
+    return {m for m in modules for f in forbidden if m == f or m.startswith(f + ".")}
+
+
+DOCUMENT = json.dumps(
+    {
+        "apiVersion": "cellos.io/v1",
+        "kind": "ExecutionCell",
+        "spec": {"id": "cold-1", "run": {"argv": ["/bin/true"]}},
+    }
+)
+
+
+def test_plain_run_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
+    modules = _imported(tmp_path, DOCUMENT, "cell.json")
+    assert "cellos.supervisor.lifecycle" in modules  # the wrapper really ran a cell
+    assert _roots(modules, NEVER_FOR_A_PLAIN_RUN) == set()
+
+
+def test_yaml_is_loaded_for_a_yaml_document_only(tmp_path: Path) -> None:
+    text = (
+        "apiVersion: cellos.io/v1\nkind: ExecutionCell\n"
+        "spec: {id: cold-2, run: {argv: [/bin/true]}}\n"
+    )
+    modules = _imported(tmp_path, text, "cell.yaml")
+    assert "yaml" in modules
+    assert _roots(modules, {"cryptography", "pydantic"}) == set()
+
+
+def test_signing_loads_cryptography_when_asked_for(tmp_path: Path) -> None:
+    """Control: the guard above is not vacuous (the wrapper does see lazy imports)."""
+    key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"  # a 32-byte seed, base64url
+    modules = _imported(
+        tmp_path,
+        DOCUMENT,
+        "cell.json",
+        CELLOS_EVENT_SIGNING="ed25519",
+        CELLOS_EVENT_SIGNING_KID="ci",
+        CELLOS_EVENT_SIGNING_KEY_BASE64=key,
+    )
+    assert "cryptography" in modules
