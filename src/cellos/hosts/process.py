@@ -23,7 +23,6 @@ recycled by an unrelated process when we signal it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import selectors
@@ -195,6 +194,8 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent(then: Callable[[], None] | None) -> Callable[[], None]:
     """A preexec step: SIGKILL when the parent dies, and exit now if it already has (the
     death signal cannot fire for a parent that died before it was set)."""
+    import ctypes  # only for the backends that need it (runsc, the VMM)
+
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     parent = os.getpid()
 

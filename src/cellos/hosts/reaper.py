@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 from typing import Any
 
 from cellos.core.ports import ReapedCell
-from cellos.hosts.state import CellStore, chain_of, read_owner, read_record
+from cellos.hosts.state import CellStore, chain_of, read_owner, read_record, rmtree
 
 #: The module whose ``reap_resources(record) -> (removed, residue)`` removes a backend's parts.
 BACKEND_REAPERS = {
@@ -47,7 +46,7 @@ def _reap_one(store: CellStore, cell_id: str, fd: int) -> ReapedCell | None:
         record = read_record(cell_dir) or {}
         owner = read_owner(fd)
         removed, residue = reap_record(record)
-        shutil.rmtree(cell_dir, ignore_errors=True)
+        rmtree(cell_dir)
         (residue if os.path.lexists(cell_dir) else removed).append(f"dir:{cell_dir}")
     finally:
         store.drop_dead(cell_id, fd)

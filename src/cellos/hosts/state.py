@@ -23,17 +23,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from cellos.core.errors import HostError
+from cellos.core.log import get_logger
 from cellos.core.ports import ChainPosition
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: The lock file's content is rewritten in place (pwrite at 0) at this fixed size, so that a
 #: shorter rewrite never leaves a stale tail and no truncate is needed on the hot path.
@@ -216,7 +215,7 @@ class CellStore:
                 log.warning("cell %s: removing what a dead supervisor left", cell_id)
                 reap_record(stale)
             if os.path.lexists(cell_dir):
-                shutil.rmtree(cell_dir, ignore_errors=True)
+                rmtree(cell_dir, ignore_errors=True)
             os.mkdir(cell_dir, 0o700)
             state = CellState(
                 cell_id=cell_id,
@@ -227,7 +226,7 @@ class CellStore:
             )
             state.save()
         except OSError as exc:
-            shutil.rmtree(cell_dir, ignore_errors=True)
+            rmtree(cell_dir, ignore_errors=True)
             self._drop_lock(cell_id, fd)
             raise HostError(
                 "CELLOS_STATE_DIR", f"cannot create cell state in {self.root}: {exc.strerror}"
@@ -305,6 +304,13 @@ class CellStore:
         self._drop_lock(cell_id, fd)
 
 
+def rmtree(path: str, ignore_errors: bool = True) -> None:
+    # shutil (with zlib, bz2, lzma) only for the rare directory that is not the usual few files.
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 def remove_cell_dir(cell_dir: str) -> None:
     """Remove a cell's directory: the usual few files directly, anything else by rmtree."""
     with contextlib.suppress(OSError):
@@ -314,4 +320,4 @@ def remove_cell_dir(cell_dir: str) -> None:
         os.rmdir(os.path.join(cell_dir, "workspace"))  # fails unless empty: then rmtree
         os.rmdir(cell_dir)
         return
-    shutil.rmtree(cell_dir, ignore_errors=True)
+    rmtree(cell_dir, ignore_errors=True)

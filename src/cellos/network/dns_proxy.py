@@ -70,7 +70,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import logging
 import re
 import secrets
 import socket
@@ -88,9 +87,10 @@ from dnslib import (  # type: ignore[import-untyped]
     EDNSOption,
 )
 
+from cellos.core.log import get_logger
 from cellos.network.allowlist import HostnameAllowlist, normalize_name
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 OnAnswer = Callable[[str, list[str]], None]
 OnDecision = Callable[[dict[str, Any]], None]

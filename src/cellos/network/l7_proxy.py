@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
-import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,6 +29,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Final
 
+from cellos.core.log import get_logger
 from cellos.network.allowlist import HostnameAllowlist
 from cellos.network.sni import (
     MAX_HTTP_HEADER_BYTES,
@@ -57,7 +57,7 @@ __all__ = [
     "so_original_dst",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # reasonCode values of the l7_egress_decision event (DESIGN §4); keep exactly.
 REASON_SNI_MATCH: Final = "l7_sni_allowlist_match"

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,12 +49,13 @@ from cellos.core.chain import RUN_ID_ATTR, SEQ_ATTR
 from cellos.core.errors import CellosError, InvalidSpec
 from cellos.core.events import SIGNED_ENVELOPE
 from cellos.core.loading import MAX_DOCUMENT_BYTES, parse_document, validate_document
+from cellos.core.log import get_logger
 from cellos.core.signing import SignatureInvalid, VerifyKeys, unwrap_signed
 from cellos.server.projection import TERMINAL, CellState, Projection, cell_id_of, unwrap
 from cellos.sinks.jetstream import STREAM, SUBJECTS, ensure_stream
 from cellos.worker import queue
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8080

@@ -7,13 +7,13 @@ written atomically (temp file + rename), so a replayer never sees half an event.
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 from cellos.core.errors import SinkError
+from cellos.core.log import get_logger
 from cellos.core.ports import CloudEvent, EventSink
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def _inner(event: CloudEvent) -> CloudEvent:

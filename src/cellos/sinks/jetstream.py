@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -31,9 +30,10 @@ from nats.js.api import StorageType, StreamConfig
 
 from cellos.core.errors import SinkError
 from cellos.core.events import PHASES, SIGNED_ENVELOPE
+from cellos.core.log import get_logger
 from cellos.core.ports import CloudEvent
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 STREAM = "CELLOS_EVENTS"
 SUBJECTS = "cellos.events.>"

@@ -7,13 +7,13 @@ Exit status: the workload's own on a normal exit; 124 when it was killed by time
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from cellos.core import log as log_setup
 from cellos.core.errors import CellosError, InvalidSpec
 from cellos.core.loading import load_document
 from cellos.supervisor.composition import build_supervisor
@@ -21,10 +21,9 @@ from cellos.supervisor.lifecycle import Supervisor
 
 
 def configure_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("CELLOS_LOG_LEVEL", "WARNING").upper(),
-        format="cellos: %(levelname)s: %(message)s",
-    )
+    """stderr, ``cellos: LEVEL: message``, ``CELLOS_LOG_LEVEL`` (applied on the first message:
+    a clean run never loads :mod:`logging`)."""
+    log_setup.configure()
 
 
 def _hold_standard_fds() -> None:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from cellos.brokers import make_broker
 from cellos.core.errors import PolicyRefused
 from cellos.core.ports import EventSink
-from cellos.core.signing import signer_from_env
 from cellos.exports.local import LocalExportSink
 from cellos.hosts.registry import make_backend, make_reaper
 from cellos.sinks.dlq import DlqSink
@@ -92,7 +91,12 @@ def _sinks(env: Mapping[str, str]) -> list[EventSink]:
 def build_supervisor(env: Mapping[str, str]) -> Supervisor:
     """Compose a supervisor; every refusal is a PolicyRefused naming the variable."""
     settings = read_settings(env)
-    signer = signer_from_env(env)
+    signer = None
+    if env.get("CELLOS_EVENT_SIGNING", "").strip() not in ("", "off"):
+        # Signing (and its base64/cryptography imports) only when it is configured.
+        from cellos.core.signing import signer_from_env
+
+        signer = signer_from_env(env)
     if settings.profile == "hardened":
         if settings.backend == "stub":
             raise PolicyRefused(

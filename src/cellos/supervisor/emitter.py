@@ -8,18 +8,20 @@ status instead, so teardown still happens.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellos.core.chain import RunChain
 from cellos.core.errors import CellosError
 from cellos.core.events import new_event
+from cellos.core.log import get_logger
 from cellos.core.ports import ChainPosition, CloudEvent, EventSink
-from cellos.core.signing import Signer, wrap_signed
 from cellos.sinks.redact import Redactor
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from cellos.core.signing import Signer
+
+log = get_logger(__name__)
 
 
 class EventEmitter:
@@ -63,7 +65,11 @@ class EventEmitter:
             except OSError as exc:
                 # Only a reaper's events would miss it; this event itself is still delivered.
                 log.warning("cannot record the chain position: %s", exc.strerror or exc)
-        wire = wrap_signed(event, self.signer) if self.signer is not None else event
+        wire = event
+        if self.signer is not None:
+            from cellos.core.signing import wrap_signed
+
+            wire = wrap_signed(event, self.signer)
         self.last_failures = []
         for sink in self.sinks:
             try:

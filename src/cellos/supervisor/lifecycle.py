@@ -10,11 +10,10 @@ complete run from a truncated one.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellos.core import events as ev
 from cellos.core import isolation
@@ -28,6 +27,7 @@ from cellos.core.errors import (
     SecretBrokerError,
     SinkError,
 )
+from cellos.core.log import get_logger
 from cellos.core.ports import (
     CellBackend,
     CellHandle,
@@ -44,13 +44,15 @@ from cellos.core.ports import (
     WorkloadResult,
 )
 from cellos.core.secrets_env import secret_env_name
-from cellos.core.signing import Signer
 from cellos.core.spec import ExecutionCell, to_document
 from cellos.core.stop import StopRequest
 from cellos.sinks.redact import Redactor
 from cellos.supervisor.emitter import EventEmitter
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from cellos.core.signing import Signer
+
+log = get_logger(__name__)
 
 #: TTL applied when a document declares no ``lifetime`` (every cell has a wall-clock bound).
 DEFAULT_TTL_SECONDS = 3600

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import math
 import os
 import socket
@@ -48,9 +47,10 @@ from nats.js.api import (
 from cellos.core.canonical import canonical_bytes, sha256_hex
 from cellos.core.errors import CellosError, InvalidSpec
 from cellos.core.loading import MAX_DOCUMENT_BYTES, parse_document, validate_document
+from cellos.core.log import get_logger
 from cellos.core.spec import ExecutionCell, to_document
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 STREAM = "CELLOS_CELLS"
 SUBJECT_PREFIX = "cellos.cells.submit"

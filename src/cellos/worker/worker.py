@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import os
 import signal
 import sys
@@ -51,6 +50,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from cellos.core.errors import InvalidSpec
+from cellos.core.log import get_logger
 from cellos.core.spec import ExecutionCell
 from cellos.sinks.jetstream import STREAM as EVENTS_STREAM
 from cellos.sinks.jetstream import inner_event, subject_token
@@ -71,7 +71,7 @@ from cellos.worker.queue import (
     tenant_of,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Seconds between two tries to take a lease another worker holds.
 LOCK_POLL_SECONDS = 0.1
