@@ -349,9 +349,38 @@ def test_a_changed_source_gets_a_new_binary_and_the_old_one_goes(
     cache = tmp_path / "cache"
     old = launcher_path(cache_dir=str(cache))
     changed = tmp_path / "cellos-sandbox.c"
-    changed.write_text(launcher_mod.SOURCE.read_text() + "\n/* changed */\n")
+    changed.write_text(Path(launcher_mod.SOURCE).read_text() + "\n/* changed */\n")
     monkeypatch.setattr(launcher_mod, "SOURCE", changed)
     launcher_mod._built.clear()
     new = launcher_path(cache_dir=str(cache))
     assert new != old
     assert [p.name for p in cache.iterdir()] == [Path(new).name]
+
+
+def test_the_seccomp_program_is_cached_privately_and_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One-shot supervisors reuse the compiled program; a cached one that others could have
+    written, or that is not a whole BPF program, is never used."""
+    from cellos.hosts.cellos import launcher, seccomp_filter
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(launcher, "default_cache_dir", lambda: str(cache))
+    seccomp_filter.workload_filter_bpf.cache_clear()
+    compiled = seccomp_filter._compile()
+    assert seccomp_filter.workload_filter_bpf() == compiled
+    (cached,) = cache.glob("seccomp-*.bpf")
+    assert stat.S_IMODE(cached.stat().st_mode) == 0o600
+
+    cached.write_bytes(b"\0" * 8)  # a program that allows everything
+    seccomp_filter.workload_filter_bpf.cache_clear()
+    assert seccomp_filter.workload_filter_bpf() == b"\0" * 8  # ours and private: trusted
+    for tamper in ("group-writable", "not-bpf"):
+        if tamper == "group-writable":
+            cached.chmod(0o620)
+        else:
+            cached.write_bytes(b"\0" * 7)
+        seccomp_filter.workload_filter_bpf.cache_clear()
+        assert seccomp_filter.workload_filter_bpf() == compiled, tamper
+        assert cached.read_bytes() == compiled and stat.S_IMODE(cached.stat().st_mode) == 0o600
+    seccomp_filter.workload_filter_bpf.cache_clear()

@@ -49,9 +49,9 @@ from cellos.hosts.limit_reasons import with_limit_reason
 from cellos.hosts.live import LiveCells, StoredBackend
 from cellos.hosts.process import HostCommand, SpawnOptions, run_host_command
 from cellos.hosts.state import CellState, CellStore
-from cellos.network import scope
 
 if TYPE_CHECKING:
+    from cellos.network import scope
     from cellos.network.proxies import CellProxies
 
 
@@ -89,7 +89,8 @@ class CellosBackend(StoredBackend):
     ) -> None:
         self.store = CellStore(state_root)
         self.state_root = self.store.root
-        self.network_pool = network_pool or scope.DEFAULT_POOL
+        #: None: the default pool (cellos.network.scope, imported only for egress cells).
+        self.network_pool = network_pool
         self.cgroup_parent = cgroup_parent
         # An absolute parent names a directory in one hierarchy (it must exist); a relative
         # one is created under every hierarchy the cell needs.
@@ -289,8 +290,10 @@ class CellosBackend(StoredBackend):
         from cellos.network.proxies import L7_PORTS, CellProxies
 
         dns = spec.authority.dns_authority
+        from cellos.network import scope
+
         rules = scope.resolve_rules(list(spec.authority.egress_rules), pin_by_dns=dns is not None)
-        net = scope.plan(spec.id, rules, self.state_root, self.network_pool)
+        net = scope.plan(spec.id, rules, self.state_root, self.network_pool or scope.DEFAULT_POOL)
         if dns is not None:
             net.dns_ports = sorted({(r.protocol, r.port) for r in spec.authority.egress_rules})
         live.network = net  # from here on, teardown releases the slot
@@ -326,6 +329,8 @@ class CellosBackend(StoredBackend):
         if live.network is None:
             return []
         found = live.proxies.drain() if live.proxies is not None else []
+        from cellos.network import scope
+
         found += [(NETWORK_FLOW_DECISION, d) for d in scope.flow_decisions(live.network)]
         return found
 
@@ -339,6 +344,8 @@ class CellosBackend(StoredBackend):
         if live.proxies is not None:
             live.proxies.stop()
         if live.network is not None:
+            from cellos.network import scope
+
             residue += scope.destroy(live.network.record())
         residue += self.store.release(live.state)
         _LIVE.remove(cell_id)

@@ -12,20 +12,16 @@ compiler).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
-import shutil
 import stat
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 from cellos.core.errors import HostError
 from cellos.core.ids import sha256  # no OpenSSL load at every supervisor start
 
-SOURCE = Path(__file__).with_name("cellos-sandbox.c")
+# os.path, not pathlib: this module is on every cellos-supervisor start (pathlib costs ms).
+SOURCE = os.path.join(os.path.dirname(__file__), "cellos-sandbox.c")
 CFLAGS = ("-O2", "-Wall", "-Wextra")
 _lock = threading.Lock()
 _built: dict[str, str] = {}
@@ -64,7 +60,8 @@ def _trusted_binary(path: str) -> bool:
 
 
 def _build(cache_dir: str) -> str:
-    source = SOURCE.read_bytes()
+    with open(SOURCE, "rb") as fh:
+        source = fh.read()
     digest = sha256(source + "\0".join(CFLAGS).encode()).hexdigest()[:16]
     target = os.path.join(cache_dir, f"cellos-sandbox-{digest}")
     # The directory is checked even when the binary is there: in a directory others can
@@ -72,6 +69,11 @@ def _build(cache_dir: str) -> str:
     _private_dir(cache_dir)
     if _trusted_binary(target):
         return target
+    # Only a build needs these (a one-shot supervisor start finds the cached binary).
+    import shutil
+    import subprocess
+    import tempfile
+
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise HostError(
@@ -84,7 +86,7 @@ def _build(cache_dir: str) -> str:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *CFLAGS, "-o", partial, str(SOURCE)],
+            [compiler, *CFLAGS, "-o", partial, SOURCE],
             capture_output=True,
             text=True,
             check=False,
@@ -134,6 +136,8 @@ def launcher_path(configured: str | None = None, cache_dir: str | None = None) -
 @functools.cache
 def landlock_abi() -> int:
     """The Landlock ABI version this kernel offers (0 when it has none or it is disabled)."""
+    import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION); the syscall number is
     # the same on x86_64 and aarch64 (unified numbering from 424 on).

@@ -10,8 +10,11 @@ ENOSYS so that libc falls back to ``clone``, whose flags a filter can inspect.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import os
+import stat
 import tempfile
 
 DENIED_SYSCALLS: tuple[str, ...] = (
@@ -77,7 +80,95 @@ CLONE_NAMESPACE_FLAGS: tuple[int, ...] = (
 
 @functools.cache
 def workload_filter_bpf() -> bytes:
-    """The BPF program (cached: it is the same for every cell of this process)."""
+    """The BPF program: the same for every cell, so compiled once per process and, for
+    one-shot supervisors (libseccomp through pyseccomp costs milliseconds per start), kept
+    beside the launcher in the user's private cache directory (same owner and mode checks)."""
+    path = _cache_path()
+    if path is not None:
+        cached = _read_trusted(path)
+        if cached:
+            return cached
+    program = _compile()
+    if path is not None:
+        _write_atomically(path, program)
+    return program
+
+
+def _cache_path() -> str | None:
+    """Named by what the program depends on: this module's rules, the architecture, and the
+    libseccomp binding's version (its syscall tables)."""
+    from cellos.core.ids import sha256
+    from cellos.hosts.cellos.launcher import default_cache_dir
+
+    binding = _binding_identity()
+    try:
+        with open(__file__, "rb") as fh:
+            rules = fh.read()
+    except OSError:
+        return None
+    if binding is None:
+        return None
+    key = sha256(rules + f"\0{os.uname().machine}\0{binding}".encode()).hexdigest()[:16]
+    return os.path.join(default_cache_dir(), f"seccomp-{key}.bpf")
+
+
+def _binding_identity() -> str | None:
+    """Where pyseccomp is installed and its file's size and mtime (importlib.metadata would
+    cost more than the compile it saves)."""
+    import sys
+
+    for entry in sys.path:
+        for candidate in (
+            os.path.join(entry or ".", "pyseccomp.py"),
+            os.path.join(entry or ".", "pyseccomp", "__init__.py"),
+        ):
+            with contextlib.suppress(OSError):
+                info = os.stat(candidate)
+                return f"{candidate}:{info.st_size}:{info.st_mtime_ns}"
+    return None
+
+
+def _read_trusted(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        parent = os.stat(os.path.dirname(path))
+        # Ours (or root's), not writable by others, in a directory only its owner can write:
+        # a swapped program would weaken every later cell.
+        if (
+            not stat.S_ISREG(info.st_mode)
+            or info.st_uid not in (0, os.geteuid())
+            or info.st_mode & 0o022
+            or parent.st_uid != os.geteuid()
+            or parent.st_mode & 0o022
+        ):
+            return None
+        data = fh.read(1 << 16)
+    # A BPF program is a whole number of 8-byte instructions.
+    return data if data and len(data) % 8 == 0 else None
+
+
+def _write_atomically(path: str, program: bytes) -> None:
+    directory = os.path.dirname(path)
+    partial = f"{path}.{os.getpid()}.partial"
+    with contextlib.suppress(OSError):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(program)
+        os.replace(partial, path)
+        for name in os.listdir(directory):  # programs of older rules or bindings
+            if name.startswith("seccomp-") and name != os.path.basename(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)
+
+
+def _compile() -> bytes:
     import pyseccomp as seccomp
 
     flt = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
