@@ -136,6 +136,13 @@ EXPRESSIBLE = [
     Invalid("ttl-fraction", spec(lifetime={"ttlSeconds": 1.5}), "spec.lifetime.ttlSeconds"),
     Invalid("ttl-missing", spec(lifetime={}), "spec.lifetime.ttlSeconds"),
     Invalid("argv-empty", run(argv=[]), "spec.run.argv"),
+    # What the run would refuse is refused by validation (and the schema) already.
+    Invalid("runtime-broker", run(secretDelivery="runtimeBroker"), "spec.run.secretDelivery"),
+    Invalid(
+        "runtime-leased-broker",
+        run(secretDelivery="runtimeLeasedBroker"),
+        "spec.run.secretDelivery",
+    ),
     Invalid("argv-string", run(argv="/bin/true"), "spec.run.argv"),
     Invalid("argv-empty-program", run(argv=[""]), "spec.run.argv[0]"),
     Invalid("argv-nul", run(argv=["/bin/echo", "a\x00b"]), "spec.run.argv[1]"),
@@ -311,7 +318,7 @@ VALID = [
     spec(id="a.b_c-d." + "x" * 120),
     spec(id="X"),
     run(env={"_A1": "", "PATH": "/usr/bin"}, workingDirectory="/w/..x/./y"),
-    run(argv=["/bin/echo", ""], secretDelivery="runtimeBroker"),
+    run(argv=["/bin/echo", ""], secretDelivery="env"),
     run(
         limits={
             "memoryMaxBytes": 1 << 20,

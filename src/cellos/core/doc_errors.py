@@ -102,6 +102,12 @@ def _leaf(data: Any, tp: Any, loc: Loc) -> list[Problem]:
     return []
 
 
+#: Why an enum is narrower than a reader of the Rust CellOS format might expect.
+_ENUM_NOTES = {
+    "secretDelivery": " (runtimeBroker and runtimeLeasedBroker are not supported by this build)",
+}
+
+
 def _translate(message: str, data: Any, tp: Any, loc: Loc) -> Problem:
     at = _AT.match(message)
     reason, where = (at["msg"], _parse_path(at["path"])) if at else (message, ())
@@ -121,6 +127,9 @@ def _translate(message: str, data: Any, tp: Any, loc: Loc) -> Problem:
         allowed = _literals(tp)
         if allowed:
             reason = f"must be {' or '.join(repr(a) for a in allowed)}"
+        field = where[-1] if where else loc[-1] if loc else None
+        if field in _ENUM_NOTES:
+            reason += _ENUM_NOTES[field]
     return (*loc, *where), reason
 
 

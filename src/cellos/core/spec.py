@@ -261,7 +261,10 @@ class RunSpec(_Doc, frozen=True, kw_only=True):
     argv: Annotated[list[NoNul], _PROGRAM_NON_EMPTY]
     working_directory: WorkingDirectory = DEFAULT_WORKING_DIRECTORY
     env: dict[EnvName, NoNul] = {}
-    secret_delivery: Literal["env", "runtimeBroker", "runtimeLeasedBroker"] = "env"
+    # The document format also names runtimeBroker and runtimeLeasedBroker (files under
+    # /run/secrets); this build delivers secrets only as environment variables, and what a run
+    # would refuse must be refused by validation (and so by the schema) already.
+    secret_delivery: Literal["env"] = "env"
     timeout_seconds: PositiveSeconds | None = None
     limits: Limits | None = None
 

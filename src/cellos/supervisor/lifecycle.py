@@ -306,16 +306,8 @@ class Supervisor:
         run = document.spec.run
         if run is None:
             return  # no workload, so no secret delivery to check
-        if run.secret_delivery != "env":
-            raise PolicyRefused(
-                "spec.run.secretDelivery",
-                f"{run.secret_delivery!r} is not supported by this build (use 'env')",
-            )
-        if (
-            self.profile == "hardened"
-            and run.secret_delivery == "env"
-            and document.spec.authority.secret_refs
-        ):
+        # Delivery modes this build cannot honour are refused by validation already.
+        if self.profile == "hardened" and document.spec.authority.secret_refs:
             raise PolicyRefused(
                 "spec.run.secretDelivery", "the hardened profile refuses secretDelivery 'env'"
             )
