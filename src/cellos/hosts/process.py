@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import selectors
 import signal
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from cellos.core.errors import HostError
-from cellos.core.ports import WorkloadRequest, WorkloadResult
+from cellos.core.ports import OutputSink, WorkloadRequest, WorkloadResult
 from cellos.core.stop import StopRequest
 from cellos.hosts.procfs import iter_procs
 
@@ -44,21 +45,33 @@ from cellos.hosts.procfs import iter_procs
 ENV_PROGRAM = "/usr/bin/env"
 #: Bytes of each stream written to the log file; the rest is counted and dropped.
 LOG_CAP_BYTES = 16 << 20
-#: Bytes of each stream kept in memory for the supervisor to relay.
+#: Bytes of the head of each stream kept in memory (``WorkloadResult.stdout``/``stderr``);
+#: the whole stream goes to the command's ``output`` sink as it is read.
 RELAY_CAP_BYTES = 1 << 20
-_READ_CHUNK = 65536
+#: Pipe capacity asked for the output pipes (Linux caps it at /proc/sys/fs/pipe-max-size):
+#: bigger reads mean fewer trips through the loop for a workload that writes a lot.
+_PIPE_SIZE = 1 << 20
+_READ_CHUNK = _PIPE_SIZE
+_F_SETPIPE_SZ = 1031
 
 
 class _BoundedStream:
-    """Counts every byte, writes up to LOG_CAP to a file, keeps up to RELAY_CAP in memory."""
+    """Counts every byte, hands it to the output sink, writes up to LOG_CAP to a file, keeps
+    up to RELAY_CAP in memory."""
 
-    def __init__(self, log: BinaryIO | None) -> None:
+    def __init__(
+        self, log: BinaryIO | None, name: str = "stdout", output: OutputSink | None = None
+    ) -> None:
         self.log = log
+        self.name = name
+        self.output = output
         self.total = 0
         self.kept = bytearray()
         self.truncated = False
 
     def feed(self, chunk: bytes) -> None:
+        if self.output is not None:
+            self.output.write(self.name, chunk)
         if self.log is not None and self.total < LOG_CAP_BYTES:
             self.log.write(chunk[: LOG_CAP_BYTES - self.total])
         if len(self.kept) < RELAY_CAP_BYTES:
@@ -114,6 +127,8 @@ class HostCommand:
     deadline_seconds: float | None
     graceful_shutdown_seconds: float
     stop: StopRequest | None = None
+    #: Receives each chunk of the process's stdout/stderr as it is read.
+    output: OutputSink | None = None
 
     @classmethod
     def for_workload(
@@ -129,6 +144,7 @@ class HostCommand:
             deadline_seconds=request.deadline_seconds,
             graceful_shutdown_seconds=request.graceful_shutdown_seconds,
             stop=request.stop,
+            output=request.output,
         )
 
 
@@ -267,8 +283,13 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     # The workload gets an immediate EOF on stdin: cells are not interactive.
     proc.stdin.close()
-    stdout_stream, stderr_stream = _BoundedStream(out_log), _BoundedStream(err_log)
+    stdout_stream = _BoundedStream(out_log, "stdout", command.output)
+    stderr_stream = _BoundedStream(err_log, "stderr", command.output)
     streams = {proc.stdout.fileno(): stdout_stream, proc.stderr.fileno(): stderr_stream}
+    for fd in streams:
+        # Best effort: a smaller pipe only means more, smaller reads.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
     killed: set[int] = set()
     try:
         stopped_by, status = _supervise(
