@@ -292,9 +292,7 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
             fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
     killed: set[int] = set()
     try:
-        stopped_by, status = _supervise(
-            proc, streams, command, started, options.control, killed
-        )
+        stopped_by, status = _supervise(proc, streams, command, started, options.control, killed)
     finally:
         for log in (out_log, err_log):
             if log is not None:
