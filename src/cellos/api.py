@@ -69,6 +69,7 @@ def run_cell(
     cell = load(document)
     supervisor = build_supervisor(os.environ if env is None else env)
     try:
+        supervisor.reap_stale()  # what a killed supervisor left, as cellos-supervisor does
         return supervisor.run(cell, on_output=_Callback(on_output) if on_output else None)
     finally:
         supervisor.close()

@@ -89,7 +89,7 @@ class Client:
     def sse(self, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """(event name, data) of a Server-Sent Events stream, as they arrive."""
         with self._request("GET", path) as response:
-            name, data = "message", []
+            name, data = "message", list[str]()
             for raw in response:
                 line = raw.decode("utf-8").rstrip("\r\n")
                 if not line:
