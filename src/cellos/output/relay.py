@@ -20,7 +20,9 @@ import time
 #: Bytes queued per stream before the relay pushes back.
 QUEUE_BYTES = 4 << 20
 #: Bytes per write(2): small enough that a slow reader's progress is seen often.
-_WRITE_SLICE = 65536
+_WRITE_SLICE = 256 << 10
+#: Queued chunks are written together, up to this many bytes (fewer wake-ups and syscalls).
+_BATCH_BYTES = 1 << 20
 #: A reader that takes nothing for this long is stalled: from then on, drop instead of wait.
 STALL_SECONDS = 1.0
 
@@ -77,7 +79,12 @@ class _StreamRelay:
                     self.cond.wait()
                 if not self.chunks:
                     return
-                data = self.chunks.popleft()
+                parts = [self.chunks.popleft()]
+                size = len(parts[0])
+                while self.chunks and size + len(self.chunks[0]) <= _BATCH_BYTES:
+                    parts.append(self.chunks.popleft())
+                    size += len(parts[-1])
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
             failure = self._write(data)
             with self.cond:
                 self.queued -= len(data)
