@@ -83,6 +83,8 @@ def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         "HOME": str(tmp_path),
         "LANG": "C.UTF-8",
         "CELLOS_STATE_DIR": str(tmp_path / "state"),
+        # Workload output logs stay in the test's directory (the default is under /var/lib).
+        "CELLOS_LOG_DIR": str(tmp_path / "logs"),
     }
     env.update(extra)
     return env

@@ -113,7 +113,9 @@ def test_reference_command_probe() -> None:
         harness.run_checked(["false"], "false")
 
 
-@pytest.mark.parametrize("script", ["lifecycle", "gvisor", "network", "work_queue", "microvm"])
+@pytest.mark.parametrize(
+    "script", ["lifecycle", "gvisor", "network", "work_queue", "microvm", "output"]
+)
 def test_benchmark_scripts_import_and_parse_help(script: str) -> None:
     module = load(script)
     with pytest.raises(SystemExit) as exited:

@@ -56,6 +56,19 @@ def _cmd_events_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_logs_verify(args: argparse.Namespace) -> int:
+    from cellos.output.verify import verify_log
+    from cellos.verify import load_verify_keys
+
+    keys = load_verify_keys(args.keys) if args.keys else None
+    check = verify_log(args.log, args.events, args.cell, args.stream, args.run, keys)
+    if check.ok:
+        print(check.message)
+        return 0
+    print(f"error: {check.message}", file=sys.stderr)
+    return 1
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from cellos.doctor import run_checks
 
@@ -159,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept runs that do not end with a compliance summary (live logs)",
     )
     p.set_defaults(func=_cmd_events_verify)
+    logs = sub.add_parser("logs", help="work with workload output logs").add_subparsers(
+        dest="logs_command", required=True
+    )
+    p = logs.add_parser(
+        "verify", help="check a captured output log against the run's signed completed event"
+    )
+    p.add_argument("log", help="the captured log (e.g. <CELLOS_LOG_DIR>/<cell>/<run>.stdout.log)")
+    p.add_argument("--events", required=True, help="the events JSONL holding the run")
+    p.add_argument("--cell", required=True, help="the cell id")
+    p.add_argument("--stream", choices=["stdout", "stderr"], default="stdout")
+    p.add_argument("--run", help="the run id (default: the cell's last run in the file)")
+    p.add_argument("--keys", help="verify-keys JSON: the events file must verify first")
+    p.set_defaults(func=_cmd_logs_verify)
     microvm = sub.add_parser("microvm", help="microVM guest images").add_subparsers(
         dest="microvm_command", required=True
     )

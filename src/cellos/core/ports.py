@@ -83,6 +83,21 @@ class ReapedCell:
     backend: str | None = None
 
 
+#: The workload's output streams, in the order their statistics are reported.
+STREAMS = ("stdout", "stderr")
+
+
+@runtime_checkable
+class OutputSink(Protocol):
+    """Receives the workload's output as it is produced (DESIGN.md §5 "Output").
+
+    ``stream`` is ``"stdout"`` or ``"stderr"``; chunks of one stream arrive in order, on the
+    thread that supervises the workload. ``write`` must return promptly: the workload's pipes
+    are not read while it runs (a slow sink slows the workload, it must never stall it)."""
+
+    def write(self, stream: str, data: bytes) -> None: ...
+
+
 @dataclass(frozen=True)
 class WorkloadRequest:
     """The workload to start inside a created cell."""
@@ -96,6 +111,9 @@ class WorkloadRequest:
     graceful_shutdown_seconds: float
     #: Set by the supervisor when the cell must stop early (e.g. it was signalled).
     stop: StopRequest | None = None
+    #: Where the workload's output goes as it is produced (None: only the bounded capture
+    #: of ``WorkloadResult.stdout``/``stderr``).
+    output: OutputSink | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,8 @@ class WorkloadResult:
     forced: bool = False
     #: Why it ended, when not a plain exit: ``timeout``, ``signal:<n>``, ``spawn_failed``.
     reason: str | None = None
+    #: The first bytes of each stream (bounded, for diagnostics and direct callers of a
+    #: backend); the whole stream went to ``WorkloadRequest.output`` as it was produced.
     stdout: bytes = b""
     stderr: bytes = b""
     stdout_bytes: int = 0

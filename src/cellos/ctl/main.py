@@ -6,6 +6,7 @@
     cellctl get cells [-o json]         # GET /v1/cells
     cellctl describe cell ID            # GET /v1/cells/ID and its events
     cellctl events [-f] ID [--since N]  # list, or follow (SSE) until the run ends
+    cellctl logs [-f] [--stream S] ID   # the workload's output (live with -f)
 
 Server and token: ``--server`` / ``CELLCTL_SERVER`` (default ``http://127.0.0.1:8080``) and
 ``--token-file`` / ``--token`` / ``CELLCTL_TOKEN``. A problem-details answer is printed as
@@ -82,6 +83,21 @@ class Client:
                     if data:
                         yield json.loads("\n".join(data))
                         data = []
+                elif line.startswith("data:"):
+                    data.append(line[5:].removeprefix(" "))
+
+    def sse(self, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(event name, data) of a Server-Sent Events stream, as they arrive."""
+        with self._request("GET", path) as response:
+            name, data = "message", list[str]()
+            for raw in response:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if not line:
+                    if data:
+                        yield name, json.loads("\n".join(data))
+                    name, data = "message", []
+                elif line.startswith("event:"):
+                    name = line[6:].strip()
                 elif line.startswith("data:"):
                     data.append(line[5:].removeprefix(" "))
 
@@ -237,7 +253,10 @@ def _cmd_events(client: Client, args: argparse.Namespace, out: TextIO) -> int:
                 return 0
             since = page["lastSeq"]
     # Follow until the run that is current (or, for a PENDING cell, the next one) ends.
-    cell = client.get(f"/v1/cells/{quoted}")
+    try:
+        cell = client.get(f"/v1/cells/{quoted}")
+    except CtlError:
+        cell = {"state": "PENDING"}  # not known yet: its first run is on its way
     waiting_for_new_run = cell.get("state") == "PENDING"
     known_run = cell.get("runId")
     for item in client.stream(f"/v1/cells/{quoted}/events/stream?since={args.since}"):
@@ -249,6 +268,38 @@ def _cmd_events(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         new_run_ended = waiting_for_new_run and run != known_run
         known_run_ended = not waiting_for_new_run and known_run in (None, run)
         if new_run_ended or known_run_ended:
+            return 0
+    return 0
+
+
+def _cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    import base64
+
+    query = {"stream": args.stream, "follow": "true" if args.follow else "false"}
+    if args.offset:
+        query["offset"] = str(args.offset)
+    if args.run:
+        query["run"] = args.run
+    quoted = urllib.parse.quote(args.id, safe="")
+    path = f"/v1/cells/{quoted}/logs?{urllib.parse.urlencode(query)}"
+    sink = getattr(out, "buffer", None)
+    for name, item in client.sse(path):
+        if name == "cellos.log":
+            data = base64.b64decode(item.get("data") or "")
+            if sink is not None:
+                sink.write(data)
+                sink.flush()
+            else:
+                out.write(data.decode("utf-8", "replace"))
+                out.flush()
+        elif name == "cellos.log.gap":
+            print(
+                f"cellctl: warning: bytes {item.get('from')}..{item.get('to')} of "
+                f"{args.stream} never reached NATS (see the run's command.v1.completed)",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif name == "cellos.log.end":
             return 0
     return 0
 
@@ -327,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--since", type=int, default=0, help="after this stream sequence")
     p.set_defaults(func=_cmd_events)
+
+    p = sub.add_parser("logs", parents=[common], help="print a cell's output (-f: live)")
+    p.add_argument("id")
+    p.add_argument("-f", "--follow", action="store_true", help="follow until the run has ended")
+    p.add_argument("--stream", choices=["stdout", "stderr"], default="stdout")
+    p.add_argument("--offset", type=int, default=0, help="skip this many bytes of the stream")
+    p.add_argument("--run", help="a run id (default: the cell's current or next run)")
+    p.set_defaults(func=_cmd_logs)
     return parser
 
 
@@ -335,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "since", 0) < 0:
             raise CtlError("--since: must be a stream sequence >= 0", 2)
+        if getattr(args, "offset", 0) < 0:
+            raise CtlError("--offset: must be a byte offset >= 0", 2)
         client = Client(_server(args), _token(args))
         code: int = args.func(client, args, sys.stdout)
     except CtlError as exc:

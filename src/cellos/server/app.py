@@ -12,6 +12,8 @@ Endpoints (all under bearer-token auth; ``GET /healthz`` is the only open one):
   (``cellos.worker.queue.publish_document``); 202 with the cell's record.
 * ``GET /v1/cells[?state=S&tenant=T]``, ``GET /v1/cells/{id}`` -- projected records.
 * ``GET /v1/cells/{id}/events?since=SEQ&limit=N`` -- the cell's stream messages after ``SEQ``.
+* ``GET /v1/cells/{id}/logs?stream=stdout&follow=true&offset=N`` -- the cell's output, live
+  (SSE; :mod:`cellos.server.logs`).
 * ``GET /v1/cells/{id}/events/stream?since=SEQ`` and ``GET /v1/events/stream?since=SEQ`` --
   Server-Sent Events: replay after ``SEQ`` (or the ``Last-Event-ID`` header), then follow.
   Each SSE ``id`` is the stream sequence, so a reconnecting client resumes where it stopped.
@@ -605,8 +607,8 @@ async def _stream(request: web.Request, cell_id: str | None) -> web.StreamRespon
     since = _since(request)
     start = since + 1
     if cell_id is not None:
-        _cell_or_404(hub, cell_id)
-        seqs = hub.projection.event_seqs(cell_id, since)
+        # A cell not known yet (submitted, or its first event on its way) is waited for.
+        seqs = hub.projection.event_seqs(cell_id, since) if hub.projection.get(cell_id) else []
         # Skip the part of the stream that holds nothing of this cell.
         start = seqs[0] if seqs else max(start, hub.projection.last_seq + 1)
     response = web.StreamResponse(
@@ -657,6 +659,18 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     return await _stream(request, None)
 
 
+async def cell_logs(request: web.Request) -> web.StreamResponse:
+    from cellos.server.logs import stream_logs
+
+    offset = _int_param(request, "offset", 0)
+    if "offset" not in request.query and request.headers.get("Last-Event-ID"):
+        text = request.headers["Last-Event-ID"].strip()
+        if not text.isdigit():
+            raise Problem(400, "Bad Request", "Last-Event-ID must be a byte offset", "bad-request")
+        offset = int(text)
+    return await stream_logs(request, request.app[HUB], Problem, offset)
+
+
 def build_app(hub: Hub, token: str) -> web.Application:
     app = web.Application(
         middlewares=[problems_middleware, auth_middleware], client_max_size=MAX_DOCUMENT_BYTES
@@ -669,6 +683,7 @@ def build_app(hub: Hub, token: str) -> web.Application:
     app.router.add_get("/v1/cells/{id}", get_cell)
     app.router.add_get("/v1/cells/{id}/events", cell_events)
     app.router.add_get("/v1/cells/{id}/events/stream", cell_event_stream)
+    app.router.add_get("/v1/cells/{id}/logs", cell_logs)
     app.router.add_get("/v1/events/stream", event_stream)
 
     async def on_shutdown(app: web.Application) -> None:

@@ -16,6 +16,7 @@ from typing import TextIO
 from cellos.core import log as log_setup
 from cellos.core.errors import CellosError, InvalidSpec
 from cellos.core.loading import load_document
+from cellos.output.relay import TerminalRelay
 from cellos.supervisor.composition import build_supervisor
 from cellos.supervisor.lifecycle import Supervisor
 
@@ -60,6 +61,14 @@ def _write(stream: TextIO | None, data: bytes) -> str | None:
     return None
 
 
+def _flush_standard_streams() -> None:
+    """The relay writes to descriptors 1 and 2 directly: nothing of ours may be buffered."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+
+
 def print_line(text: str) -> None:
     """One line on stderr (skipped when stderr is closed or its reader has gone)."""
     _write(sys.stderr, (text + "\n").encode(errors="replace"))
@@ -99,22 +108,30 @@ def run_spec(path: str) -> int:
         supervisors.append(supervisor)
         for signum in early:
             supervisor.stop(signum)
+        # The workload's output is relayed as it is produced (redacted by the supervisor).
+        relay = TerminalRelay(
+            {
+                "stdout": sys.stdout.fileno() if sys.stdout is not None else None,
+                "stderr": sys.stderr.fileno() if sys.stderr is not None else None,
+            }
+        )
+        _flush_standard_streams()
         try:
             supervisor.reap_stale()
-            outcome = supervisor.run(document)
+            outcome = supervisor.run(document, on_output=relay)
         finally:
+            relay.drain()
             supervisor.close()
         exit_code = outcome.exit_code
-        if outcome.result is not None:
-            # Relay the workload's output (the supervisor has already redacted secret values).
-            for name, stream, data in (
-                ("stdout", sys.stdout, outcome.result.stdout),
-                ("stderr", sys.stderr, outcome.result.stderr),
-            ):
-                failure = _write(stream, data)
-                if failure is not None:
-                    print_line(f"error: {name}: cannot relay the workload's output: {failure}")
-                    exit_code = exit_code or 1
+        for name, failure in relay.errors().items():
+            print_line(f"error: {name}: cannot relay the workload's output: {failure}")
+            exit_code = exit_code or 1
+        for name, dropped in relay.dropped().items():
+            where = (outcome.output.get(name) or {}).get("log")
+            print_line(
+                f"warning: {name}: {dropped} bytes of the workload's output were not relayed "
+                "(the reader did not keep up)" + (f"; the log has them: {where}" if where else "")
+            )
         for err in outcome.errors:
             print_error(err)
         if outcome.lost_events:

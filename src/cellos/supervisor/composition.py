@@ -12,12 +12,15 @@ from cellos.core.errors import PolicyRefused
 from cellos.core.ports import EventSink
 from cellos.exports.local import LocalExportSink
 from cellos.hosts.registry import make_backend, make_reaper
+from cellos.output.settings import output_settings
 from cellos.sinks.dlq import DlqSink
 from cellos.sinks.jsonl import JsonlFileSink, JsonlStreamSink
 from cellos.sinks.noop import NoopSink
 from cellos.supervisor.lifecycle import DEFAULT_TTL_SECONDS, Supervisor
 
 PROFILES = ("portable", "hardened")
+#: The JetStream sink's default (kept here so that composing without NATS imports no nats-py).
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
@@ -114,6 +117,12 @@ def build_supervisor(env: Mapping[str, str]) -> Supervisor:
             raise PolicyRefused(
                 "CELL_OS_REQUIRE_JETSTREAM", "the hardened profile requires JetStream (set it to 1)"
             )
+    output = output_settings(
+        env,
+        (env.get("CELLOS_NATS_URL", "").strip() or DEFAULT_NATS_URL)
+        if jetstream_wanted(env)
+        else None,
+    )
     backend = make_backend(settings.backend, env)
     export_dir = env.get("CELLOS_EXPORT_DIR", "").strip()
     return Supervisor(
@@ -126,4 +135,5 @@ def build_supervisor(env: Mapping[str, str]) -> Supervisor:
         default_ttl_seconds=settings.default_ttl_seconds,
         profile=settings.profile,
         reaper=make_reaper(env),
+        output=output,
     )

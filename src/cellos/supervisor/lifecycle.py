@@ -36,6 +36,7 @@ from cellos.core.ports import (
     ExportReceipt,
     ExportSink,
     NetworkEvidenceBackend,
+    OutputSink,
     ReapedCell,
     ReapingBackend,
     SecretBroker,
@@ -46,6 +47,7 @@ from cellos.core.ports import (
 from cellos.core.secrets_env import secret_env_name
 from cellos.core.spec import ExecutionCell, to_document
 from cellos.core.stop import StopRequest
+from cellos.output.pipeline import OutputPipeline, OutputSettings, truncated
 from cellos.sinks.redact import Redactor
 from cellos.supervisor.emitter import EventEmitter
 
@@ -79,6 +81,9 @@ class RunOutcome:
     flows: dict[str, int] = field(default_factory=dict)
     #: The run reached the export step (failed exports count only then).
     exports_attempted: bool = False
+    #: Per stream (``stdout``, ``stderr``): what ``command.v1.completed`` says of the output
+    #: (``bytes``, ``sha256``, the log's path and truncation, NATS losses).
+    output: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -96,6 +101,7 @@ class Supervisor:
         default_ttl_seconds: int = DEFAULT_TTL_SECONDS,
         profile: str = "portable",
         reaper: Callable[[], list[ReapedCell]] | None = None,
+        output: OutputSettings | None = None,
     ) -> None:
         self.backend = backend
         self.sinks = sinks
@@ -109,10 +115,14 @@ class Supervisor:
         self.reaper = reaper
         #: Set by :meth:`stop` (e.g. from a signal handler): running cells stop early.
         self.stop_request = StopRequest()
+        #: Where each run's output goes besides the caller's consumer (log, NATS).
+        self.output = output or OutputSettings()
 
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+        if self.output.publisher is not None:
+            self.output.publisher.close()
 
     def stop(self, signum: int | None = None) -> None:
         """Stop the running cell (grace, then kill), export nothing more, tear down, and say
@@ -176,9 +186,16 @@ class Supervisor:
 
     # -- the lifecycle -----------------------------------------------------------------------
 
-    def run(self, document: ExecutionCell, delivery: Mapping[str, Any] | None = None) -> RunOutcome:
+    def run(
+        self,
+        document: ExecutionCell,
+        delivery: Mapping[str, Any] | None = None,
+        *,
+        on_output: OutputSink | None = None,
+    ) -> RunOutcome:
         """Run one cell. ``delivery`` (e.g. a work-queue attempt number and the run ids of
-        earlier attempts) is recorded in the started event and the compliance summary."""
+        earlier attempts) is recorded in the started event and the compliance summary.
+        ``on_output`` gets the workload's (redacted) output as it is produced."""
         spec = document.spec
         redactor = Redactor()
         emitter = EventEmitter(
@@ -257,7 +274,7 @@ class Supervisor:
                 # no process_spawned / command.completed events (docs/events.md).
                 if spec.run is not None:
                     out.result = self._run_workload(
-                        document, handle, secret_env, ttl_deadline, emitter
+                        document, handle, secret_env, ttl_deadline, emitter, on_output, out
                     )
                     if out.result.spawn_error:
                         out.errors.append(HostError("spec.run.argv[0]", out.result.spawn_error))
@@ -332,6 +349,8 @@ class Supervisor:
         secret_env: dict[str, str],
         ttl_deadline: float,
         emitter: EventEmitter,
+        on_output: OutputSink | None,
+        out: RunOutcome,
     ) -> WorkloadResult:
         run = document.spec.run
         if run is None:  # run() does not call this for a cell without a workload
@@ -355,6 +374,15 @@ class Supervisor:
                 "argc": len(run.argv),
             },
         )
+        correlation = _correlation(document) or {}
+        output = OutputPipeline(
+            self.output,
+            cell_id=handle.cell_id,
+            run_id=emitter.run_id,
+            tenant=str(correlation.get("tenantId") or "default"),
+            secrets=[value.encode() for value in secret_env.values()],
+            consumer=on_output,
+        )
         request = WorkloadRequest(
             argv=run.argv,
             env={**run.env, **secret_env},
@@ -362,20 +390,33 @@ class Supervisor:
             deadline_seconds=deadline,
             graceful_shutdown_seconds=float(grace),
             stop=stop,
+            output=output,
         )
-        result = self.backend.run(handle, request)
+        try:
+            result = self.backend.run(handle, request)
+            if not output.total and (result.stdout or result.stderr):
+                # A backend that does not stream: its (bounded) capture is all there is.
+                output.write("stdout", result.stdout)
+                output.write("stderr", result.stderr)
+        finally:
+            out.output = output.finish()
         reason = result.reason
         if result.forced and reason == "timeout":
             reason = "ttl" if ttl_binds else "timeout"
-        self._emit_completed(emitter, handle, result, reason)
+        self._emit_completed(emitter, handle, result, reason, out.output)
         if result.forced:
             return _with_reason(result, reason)
         return result
 
     @staticmethod
     def _emit_completed(
-        emitter: EventEmitter, handle: CellHandle, result: WorkloadResult, reason: str | None
+        emitter: EventEmitter,
+        handle: CellHandle,
+        result: WorkloadResult,
+        reason: str | None,
+        output: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        output = output or {}
         emitter.emit(
             ev.COMMAND_COMPLETED,
             {
@@ -385,9 +426,11 @@ class Supervisor:
                 "spawnError": result.spawn_error,
                 "forced": result.forced,
                 "reason": reason,
-                "stdoutBytes": result.stdout_bytes,
-                "stderrBytes": result.stderr_bytes,
-                "outputTruncated": result.truncated,
+                # The streams as emitted (redacted): what the logs and NATS received.
+                "stdoutBytes": output.get("stdout", {}).get("bytes", 0),
+                "stderrBytes": output.get("stderr", {}).get("bytes", 0),
+                "outputTruncated": truncated(output),
+                "output": output,
                 "limits": dict(result.limits),
             },
         )

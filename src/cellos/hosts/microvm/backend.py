@@ -31,10 +31,11 @@ from cellos.core.errors import ExportError, HostError, PolicyRefused
 from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
 from cellos.core.spec import CellSpec
 from cellos.hosts.live import LiveCells, StoredBackend
+from cellos.hosts.microvm.channel import GuestChannel
 from cellos.hosts.microvm.firecracker import mem_mib_for, vcpus_for
 from cellos.hosts.microvm.image import MANIFEST_NAME
 from cellos.hosts.microvm.manifest import Manifest, load_manifest, verify
-from cellos.hosts.microvm.qemu_probe import kernel_append, parse_channel, qemu_command
+from cellos.hosts.microvm.qemu_probe import kernel_append, qemu_command
 from cellos.hosts.microvm.request import (
     cgroup_settings,
     check_working_directory,
@@ -214,6 +215,8 @@ class MicrovmBackend(StoredBackend):
             memory_mib=max(MIN_GUEST_MIB, mem_mib_for(lim.memory_max_bytes if lim else None)),
             vcpus=vcpus_for(lim.cpu_max if lim else None),
         )
+        # The guest channel is decoded as it arrives: the workload's output is live.
+        guest = GuestChannel(workload.output)
         # The VMM needs no environment (the workload's travels on the command line).
         vmm = HostCommand(
             command,
@@ -221,6 +224,7 @@ class MicrovmBackend(StoredBackend):
             workload.deadline_seconds,
             workload.graceful_shutdown_seconds,
             workload.stop,
+            output=guest,
         )
         raw = run_host_command(
             vmm,
@@ -228,9 +232,8 @@ class MicrovmBackend(StoredBackend):
         )
         if raw.spawn_error:
             return raw, {}
-        log = Path(work, "stdout.log").read_bytes().decode("utf-8", "replace")
         try:
-            channel = parse_channel([line.rstrip("\r") for line in log.split("\n")])
+            channel = guest.finish()
         except HostError as exc:
             return WorkloadResult(
                 exit_code=None,
@@ -252,8 +255,8 @@ class MicrovmBackend(StoredBackend):
             ),
             stdout=channel["stdout"],
             stderr=channel["stderr"],
-            stdout_bytes=len(channel["stdout"]),
-            stderr_bytes=len(channel["stderr"]),
+            stdout_bytes=channel["stdout_bytes"],
+            stderr_bytes=channel["stderr_bytes"],
             truncated=raw.truncated,
         )
         return explain(result, channel.get("limits")), dict(channel.get("artifacts", {}))

@@ -1,0 +1,159 @@
+"""``GET /v1/cells/{id}/logs``: a cell's output, from ``CELLOS_LOGS``, as Server-Sent Events.
+
+Query: ``stream`` (``stdout``, default, or ``stderr``), ``follow`` (``true``: keep the stream
+open until the run has ended), ``offset`` (bytes of the stream to skip; ``Last-Event-ID``
+resumes after the last event a client saw), ``run`` (a run id; default the cell's current
+run, or for a cell not started yet, the next run that produces output).
+
+Events: ``cellos.log`` with ``id`` = the stream offset after it and data ``{runId, stream,
+offset, data}`` (``data`` base64: output may be binary); ``cellos.log.gap`` with ``{from, to}``
+when bytes never reached NATS (dropped under back-pressure or an outage: the completed event
+counts them); ``cellos.log.end`` with ``{runId, stream, offset}`` once the run has ended and
+everything published was sent (``follow=false``: once caught up).
+
+A cell that is not known yet (submitted but not picked up, or its first event still on its
+way) is waited for, not answered 404: its output is sent once it appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+from datetime import datetime
+from typing import Any, Final
+
+import nats.errors
+from aiohttp import web
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from cellos.core.ports import STREAMS
+from cellos.output.natslogs import HEADER_OFFSET, HEADER_RUN, STREAM, token
+from cellos.server.projection import TERMINAL
+
+#: How often an idle follower checks whether the run has ended.
+POLL_SECONDS: Final = 0.25
+KEEPALIVE_SECONDS: Final = 15.0
+
+
+def _event(name: str, data: dict[str, Any], event_id: int | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _flag(text: str | None) -> bool:
+    return (text or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _start_config(view: dict[str, Any] | None) -> ConsumerConfig:
+    """From the start of the subject, or for a PENDING cell from its submission (earlier
+    runs' output is older than that)."""
+    if view is not None and view.get("state") == "PENDING" and view.get("submittedAt"):
+        when = datetime.fromisoformat(str(view["submittedAt"]).replace("Z", "+00:00"))
+        return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=when)
+    return ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+
+
+async def stream_logs(
+    request: web.Request, hub: Any, problem: type[Exception], offset: int
+) -> web.StreamResponse:
+    cell_id = request.match_info["id"]
+    stream = request.query.get("stream", "stdout")
+    if stream not in STREAMS:
+        raise problem(400, "Bad Request", "stream must be stdout or stderr", "bad-request")
+    follow = _flag(request.query.get("follow"))
+    view = hub.projection.get(cell_id)
+    run = request.query.get("run") or (
+        view["runId"] if view is not None and view.get("state") != "PENDING" else None
+    )
+    from cellos.output.natslogs import LogsStreamConfig, ensure_logs_stream
+    from cellos.output.settings import (
+        DEFAULT_LOGS_BUFFER_BYTES,
+        DEFAULT_LOGS_MAX_AGE_SECONDS,
+        DEFAULT_LOGS_MAX_BYTES,
+    )
+
+    # The stream may not exist yet (no cell has printed anything): create it as a supervisor
+    # would, so that the consumer can wait on it.
+    await ensure_logs_stream(
+        hub.js,
+        LogsStreamConfig(
+            DEFAULT_LOGS_MAX_BYTES, DEFAULT_LOGS_MAX_AGE_SECONDS, DEFAULT_LOGS_BUFFER_BYTES
+        ),
+    )
+    sub = await hub.js.subscribe(
+        f"cellos.logs.*.{token(cell_id)}.{stream}",
+        stream=STREAM,
+        ordered_consumer=True,
+        config=_start_config(view),
+    )
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    await response.write(b"retry: 2000\n\n")
+    loop = asyncio.get_running_loop()
+    last_write = loop.time()
+    expected = offset
+    caught_up = False
+
+    def run_ended() -> bool:
+        record = hub.projection.cells.get(cell_id)
+        if record is None or run is None or run not in record.runs:
+            return False
+        return record.runs[run].state in TERMINAL
+
+    try:
+        while not hub.closing.is_set():
+            try:
+                msg = await sub.next_msg(timeout=POLL_SECONDS)
+            except nats.errors.TimeoutError:
+                if request.transport is None or request.transport.is_closing():
+                    break  # the client has gone
+                caught_up = True
+                if not follow or run_ended():
+                    end = {"runId": run, "stream": stream, "offset": expected}
+                    await response.write(_event("cellos.log.end", end))
+                    break
+                if loop.time() - last_write >= KEEPALIVE_SECONDS:
+                    await response.write(b": keepalive\n\n")
+                    last_write = loop.time()
+                continue
+            headers = msg.headers or {}
+            msg_run = headers.get(HEADER_RUN)
+            if run is None:
+                run = msg_run  # the first run that printed something since we started
+            if msg_run != run:
+                continue
+            start = int(headers.get(HEADER_OFFSET, "0"))
+            data = msg.data or b""
+            end_offset = start + len(data)
+            if end_offset <= expected:
+                continue
+            if start > expected:
+                gap = {"runId": run, "stream": stream, "from": expected, "to": start}
+                await response.write(_event("cellos.log.gap", gap))
+                expected = start
+            piece = data[expected - start :]
+            item = {
+                "runId": run,
+                "stream": stream,
+                "offset": expected,
+                "data": base64.b64encode(piece).decode(),
+            }
+            await response.write(_event("cellos.log", item, end_offset))
+            last_write = loop.time()
+            expected = end_offset
+            if not follow and caught_up and msg.metadata.num_pending == 0:
+                break
+    except (ConnectionResetError, nats.errors.ConnectionClosedError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return response
