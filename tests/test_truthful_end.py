@@ -189,7 +189,7 @@ def test_a_second_signal_cuts_the_grace_period_short(tmp_path: Path) -> None:
     )
     events = tmp_path / "events.jsonl"
     proc = start_supervisor(spec, backend_env(tmp_path, "cellos"))
-    wait_for(lambda: started(events) and running_with(marker) != [], 30, "the workload")
+    wait_for(lambda: started(events) and sleeping(marker), 30, "the workload")
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     assert proc.poll() is None  # still in its 60 s grace period

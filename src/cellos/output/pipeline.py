@@ -8,7 +8,6 @@ promptly (the terminal relay bounds its wait, see :mod:`cellos.output.relay`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -47,11 +46,29 @@ class _Stream:
     def __init__(self, name: str, secrets: list[bytes], log: BoundedLog | None) -> None:
         self.name = name
         self.redactor = StreamRedactor(secrets)
-        self.digest = hashlib.sha256()
+        self._digest: Any = None
         self.total = 0
         self.log = log
         #: Digest of what the log holds, taken where the log was cut (None: not cut).
         self.log_digest: Any = None
+
+
+    @property
+    def digest(self) -> Any:
+        """The stream's sha256, created at the first byte: hashlib loads OpenSSL (fast for bulk
+        output), which a cell that prints nothing, and a one-shot supervisor start, can skip."""
+        if self._digest is None:
+            import hashlib
+
+            self._digest = hashlib.sha256()
+        return self._digest
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest() if self._digest is not None else EMPTY_SHA256
+
+
+#: sha256 of no bytes.
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
 class OutputPipeline:
@@ -131,7 +148,7 @@ class OutputPipeline:
         nats = self.nats.finish(self.settings.publish_wait_seconds) if self.nats else None
         stats: dict[str, dict[str, Any]] = {}
         for name, state in self.streams.items():
-            entry: dict[str, Any] = {"bytes": state.total, "sha256": state.digest.hexdigest()}
+            entry: dict[str, Any] = {"bytes": state.total, "sha256": state.hexdigest()}
             log_ = state.log
             if log_ is not None:
                 log_.close()

@@ -109,12 +109,7 @@ def run_spec(path: str) -> int:
         for signum in early:
             supervisor.stop(signum)
         # The workload's output is relayed as it is produced (redacted by the supervisor).
-        relay = TerminalRelay(
-            {
-                "stdout": sys.stdout.fileno() if sys.stdout is not None else None,
-                "stderr": sys.stderr.fileno() if sys.stderr is not None else None,
-            }
-        )
+        relay = TerminalRelay({"stdout": _fd_of(sys.stdout), "stderr": _fd_of(sys.stderr)})
         _flush_standard_streams()
         try:
             supervisor.reap_stale()
@@ -140,6 +135,17 @@ def run_spec(path: str) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _fd_of(stream: TextIO | None) -> int | None:
+    """The descriptor under a standard stream; None when it is closed or has none (an
+    in-process caller's replacement, e.g. a StringIO): nothing is relayed there then."""
+    if stream is None:
+        return None
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
