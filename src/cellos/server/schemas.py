@@ -112,8 +112,15 @@ HEALTH: Final[dict[str, Any]] = {
 
 DOCUMENT: Final[dict[str, Any]] = {
     "type": "object",
-    "description": "An ExecutionCell document (apiVersion cellos.io/v1); its full JSON Schema "
-    "is printed by `cellos schema`. Validated exactly as `cellos validate` does.",
+    "description": "An ExecutionCell document; its full JSON Schema is printed by `cellos "
+    "schema` (this is its outline). Validated exactly as `cellos validate` does: 422 with "
+    "every problem otherwise.",
+    "required": ["apiVersion", "kind", "spec"],
+    "properties": {
+        "apiVersion": {"const": "cellos.io/v1"},
+        "kind": {"const": "ExecutionCell"},
+        "spec": {"type": "object"},
+    },
 }
 
 COMPONENTS: Final[dict[str, dict[str, Any]]] = {
