@@ -28,7 +28,7 @@ from cellos.server.routes import ROUTES
 from cellos.server.schemas import CELL
 from tests.conftest import doc
 from tests.test_server import TOKEN, Serve, World, http, supervise
-from tests.test_server import world as world  # noqa: F401 - the module fixture, shared
+from tests.test_server import world as world  # the module fixture, shared
 
 SCHEMA = schemathesis.openapi.from_dict(openapi_document(ROUTES))
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
