@@ -14,7 +14,8 @@ benchmark fails. The ratio column compares each row with the 1-worker row of its
 
 **Event publish.** ``JetStreamSink.emit`` + a final ``flush()`` (the supervisor's sink: JSON
 encoding, subject, the hop onto the sink's own event-loop thread, publishes pipelined with a
-bounded window of outstanding acks, every ack checked before the round ends) against nats-py ``js.publish`` of the same bytes on the same subject with the
+bounded window of outstanding acks, every ack checked before the round ends) against nats-py
+``js.publish`` of the same bytes on the same subject with the
 same ``Nats-Msg-Id`` header, awaited one at a time in one event loop (what the sink would cost if
 it were free). Both publish realistic lifecycle events (fresh ids, so the duplicate window never
 short-cuts a publish), in alternating rounds; medians of the per-round rates are compared.

@@ -21,7 +21,7 @@ import pytest
 from cellos.core import events as ev
 from tests.conftest import base_env, doc, require_host
 from tests.nats_cluster import NatsCluster
-from tests.test_server import TOKEN, Serve, World, http
+from tests.test_server import Serve, World, http
 from tests.test_worker import WorkerProc
 
 CELLS = 200
@@ -101,7 +101,7 @@ def _summaries(url: str) -> int:
 
     try:
         return asyncio.run(go())
-    except Exception:  # a node away: ask again
+    except Exception:  # noqa: BLE001 - a node away: ask again
         return -1
 
 
@@ -109,9 +109,7 @@ def _all_events(url: str) -> list[dict[str, Any]]:
     async def go() -> list[dict[str, Any]]:
         nc = await _connect(url)
         try:
-            sub = await nc.jetstream(timeout=10).subscribe(
-                "cellos.events.>", ordered_consumer=True
-            )
+            sub = await nc.jetstream(timeout=10).subscribe("cellos.events.>", ordered_consumer=True)
             out = []
             while True:
                 try:
