@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cellos.core import events as ev
 from cellos.core.chain import RunChain
@@ -193,6 +195,82 @@ def test_pending_until_a_run_starts_after_the_submission() -> None:
     late = fold(events)
     late.apply_submission("q", "2000-01-01T00:00:00.000000Z", queue_seq=1)
     assert late.cells["q"].state is CellState.COMPLETED
+
+
+def test_a_refused_run_picks_up_its_submission() -> None:
+    """Defect: a cell refused before create (only a summary) stayed PENDING while the server
+    followed the stream, although a fresh replay said FAILED."""
+    live = Projection()
+    live.apply_submission("r", "2000-01-01T00:00:00.000000Z", queue_seq=1)
+    fold(run_events("r", refused=True), live)
+    assert live.cells["r"].state is CellState.FAILED
+    fresh = fold(run_events("r", refused=True))
+    fresh.apply_submission("r", "2000-01-01T00:00:00.000000Z", queue_seq=1)
+    assert fresh.cells["r"].state is CellState.FAILED
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[tuple[str, Any]]:
+    """A timeline of the two streams: submissions (``sub``), their runs' events (``ev``), and
+    the worker's ack removing the submission from the queue (``ack``); a submission may
+    stay unpicked, a run may be normal, failed, killed or refused before create."""
+    clock = [0]
+
+    def now() -> str:
+        clock[0] += 1
+        return f"2030-01-01T00:00:{clock[0] // 1000:02d}.{clock[0] % 1000:03d}000Z"
+
+    ops: list[tuple[str, Any]] = []
+    for index in range(draw(st.integers(1, 6))):
+        cell = draw(st.sampled_from(["a", "b", "c.d", "c_d"]))
+        ops.append(("sub", (cell, now(), index)))
+        kind = draw(st.sampled_from(["none", "ok", "fail", "forced", "refused"]))
+        if kind == "none":
+            continue
+        kwargs: dict[str, Any] = {
+            "ok": {},
+            "fail": {"exit_code": 3},
+            "forced": {"forced": True},
+            "refused": {"refused": True},
+        }[kind]
+        for event in run_events(cell, **kwargs):
+            event["time"] = now()
+            ops.append(("ev", event))
+        ops.append(("ack", index))
+    return ops
+
+
+@given(histories(), st.data())
+@settings(max_examples=150, deadline=None)
+def test_following_the_streams_equals_a_fresh_replay(
+    history: list[tuple[str, Any]], data: st.DataObject
+) -> None:
+    """Replaying any prefix of the streams and then following them gives the state a fresh
+    replay of the whole gives (the server's restart guarantee)."""
+    live = Projection()
+    seq = 0
+    queue: dict[int, tuple[str, str, int]] = {}
+    for op, arg in history:
+        if op == "sub":
+            queue[arg[2]] = arg
+            # The server scans the queue at some point after the publish, or the message is
+            # consumed first and never seen (a scan happens at most once per message).
+            if data.draw(st.booleans()):
+                live.apply_submission(arg[0], arg[1], queue_seq=arg[2])
+        elif op == "ev":
+            seq += 1
+            live.apply(seq, arg)
+        else:
+            queue.pop(arg, None)
+    fresh = Projection()
+    for seq_, (_, event) in enumerate((o for o in history if o[0] == "ev"), start=1):
+        fresh.apply(seq_, event)
+    for cell, when, index in queue.values():
+        fresh.apply_submission(cell, when, queue_seq=index)
+    # A submission still queued (its run not yet acked) is seen by the live server too.
+    for cell, when, index in queue.values():
+        live.apply_submission(cell, when, queue_seq=index)
+    assert live.snapshot() == fresh.snapshot()
 
 
 def test_same_messages_same_projection() -> None:
@@ -535,6 +613,85 @@ def test_submit_then_follow_live(world: World, serve: Serve) -> None:
     assert "compliance.v1.summary" in lines[-1]
     cell = http(serve, "/v1/cells/live-1")[2]
     assert cell["state"] == "COMPLETED" and cell["submittedAt"] is None
+
+
+def test_a_cell_refused_before_create_is_failed_not_stuck_pending(
+    world: World, serve: Serve
+) -> None:
+    """Defect: a queued cell whose run was refused before create (missing secret: only a
+    summary) stayed PENDING until a restart, and a re-apply was refused with 409."""
+    document = doc("refused-1", authority={"secretRefs": ["no-such-secret"]})
+    body = json.dumps(document).encode()
+    post = http(serve, "/v1/cells", method="POST", body=body, content_type="application/json")
+    assert post[0] == 202 and post[2]["state"] == "PENDING"
+    assert supervise(world, "refused", document) == 1  # what a worker would run
+    deadline = time.monotonic() + 10
+    while http(serve, "/v1/cells/refused-1")[2]["state"] == "PENDING":
+        assert time.monotonic() < deadline, "still PENDING after its run was refused"
+        time.sleep(0.1)
+    cell = http(serve, "/v1/cells/refused-1")[2]
+    assert cell["state"] == "FAILED" and cell["submittedAt"] is None and cell["events"] == 1
+    # Submitting it again is allowed (it has finished): 200 duplicate within the window.
+    again = http(serve, "/v1/cells", method="POST", body=body, content_type="application/json")
+    assert again[0] in (200, 202), again
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/v1/cells/ok-1/events?since=1&since=zz",
+        "/v1/cells/ok-1/events?since=zz&since=1",
+        "/v1/cells/ok-1/events?since=1&since=1",
+        "/v1/cells/ok-1/events?since=",
+        "/v1/cells/ok-1/events?limit=",
+        "/v1/cells/ok-1/events?limit=2&limit=3",
+        "/v1/cells/ok-1/events?limit=99999999999999999999999",
+        "/v1/cells/ok-1/events?bogus=1",
+        "/v1/cells?state=FAILED&state=bogus",
+        "/v1/cells?state=bogus&state=FAILED",
+        "/v1/cells?state=",
+        "/v1/cells?tenant=",
+        "/v1/cells?tenant=a&tenant=b",
+        "/v1/events/stream?since=",
+        "/v1/events/stream?since=1&since=2",
+    ],
+)
+def test_repeated_empty_or_unknown_parameters_are_refused(serve: Serve, query: str) -> None:
+    """Defect: repeated parameters were answered by their first value and empty ones by the
+    default, so the same request in another order got another answer."""
+    body = assert_problem(http(serve, query), 400)
+    name = query.split("?", 1)[1].split("=", 1)[0]
+    assert name in body["detail"], body
+
+
+def test_envelopes_have_their_own_ids(world: World, serve: Serve) -> None:
+    """Defect: a signed envelope reused its inner event's id. Dedupe (Nats-Msg-Id = inner id)
+    and the projection keep working."""
+    _, _, page = http(serve, "/v1/cells/ok-1/events")
+    for item in page["items"]:
+        envelope = item["event"]
+        assert envelope["id"] != envelope["data"]["event"]["id"]
+    # Re-publishing the same inner event in a new envelope is a duplicate on the stream.
+    first = page["items"][0]["event"]
+    again = dict(first, id="another-envelope-id")
+    subject = page["items"][0]["subject"]
+
+    async def republish() -> bool:
+        import nats
+
+        nc = await nats.connect(world.nats.url)
+        try:
+            ack = await nc.jetstream().publish(
+                subject,
+                json.dumps(again).encode(),
+                headers={"Nats-Msg-Id": first["data"]["event"]["id"]},
+            )
+            return bool(ack.duplicate)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(republish())
+    assert http(serve, "/v1/cells/ok-1")[2]["events"] == len(page["items"])
 
 
 def test_cellctl_against_the_live_server(serve: Serve) -> None:

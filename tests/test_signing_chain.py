@@ -186,8 +186,11 @@ def test_sign_round_trip(signer: Ed25519Signer | HmacSigner) -> None:
     event = RunChain().stamp(sample_event())
     envelope = wrap_signed(event, signer)
     assert envelope["type"] == ev.SIGNED_ENVELOPE
-    for attr in ("specversion", "id", "source", "subject", "time"):
+    for attr in ("specversion", "source", "subject", "time"):
         assert envelope[attr] == event[attr]
+    # The envelope is a CloudEvent of its own: its own id, the inner id kept inside.
+    assert envelope["id"] != event["id"] and envelope["data"]["event"]["id"] == event["id"]
+    assert wrap_signed(event, signer)["id"] != envelope["id"]
     assert envelope["datacontenttype"] == "application/json"
     assert set(envelope["data"]) == {"kid", "alg", "signature", "event"}
     assert envelope["data"]["alg"] == signer.alg
@@ -231,7 +234,6 @@ TAMPERS: dict[str, Any] = {
     "inner data": lambda e: e["data"]["event"]["data"].update(exitCode=1),
     "inner type": lambda e: e["data"]["event"].update(type=ev.COMMAND_COMPLETED + "x"),
     "inner chain seq": lambda e: e["data"]["event"].update(cellosseq=5),
-    "envelope id": lambda e: e.update(id="other"),
     "envelope source": lambda e: e.update(source="/elsewhere"),
     "envelope subject": lambda e: e.update(subject="urn:cellos:cell:other"),
     "envelope time": lambda e: e.update(time="2000-01-01T00:00:00Z"),
@@ -474,7 +476,7 @@ def test_keygen_writes_usable_keys(tmp_path: Path, alg: str) -> None:
     assert signer is not None
     envelope = wrap_signed(sample_event(), signer)
     keys = load_verify_keys(result.verify_keys_path)
-    assert unwrap_signed(envelope, keys)["id"] == envelope["id"]
+    assert unwrap_signed(envelope, keys)["id"] == envelope["data"]["event"]["id"]
     if alg == "ed25519":
         assert key_text not in Path(result.verify_keys_path).read_text()
 

@@ -153,7 +153,6 @@ def _edit_attr(attr: str) -> Callable[[dict[str, Any]], None]:
 
 EDITS: dict[str, Callable[[dict[str, Any]], None]] = {
     "inner data value": _edit_data,
-    "envelope id": _edit_attr("id"),
     "envelope source": _edit_attr("source"),
     "envelope subject": _edit_attr("subject"),
     "envelope time": _edit_attr("time"),

@@ -63,14 +63,20 @@ class WorkerProc:
     """One ``cellos worker`` process; its stderr goes to a file the test reads."""
 
     def __init__(
-        self, tmp_path: Path, url: str, name: str, *args: str, backend: str = "stub"
+        self,
+        tmp_path: Path,
+        url: str,
+        name: str,
+        *args: str,
+        backend: str = "stub",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.log_path = tmp_path / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cellos.cli", "worker", *args],
-            env=worker_env(tmp_path, url, backend),
+            env=worker_env(tmp_path, url, backend, **(env or {})),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._log,

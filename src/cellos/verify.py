@@ -40,8 +40,9 @@ from typing import Any, Final
 
 from cellos.core.canonical import event_digest, strict_loads
 from cellos.core.chain import GENESIS, PREV_ATTR, RUN_ID_ATTR, SEQ_ATTR
+from cellos.core.envelopes import is_envelope
 from cellos.core.errors import InvalidSpec
-from cellos.core.events import COMPLIANCE_SUMMARY, SIGNED_ENVELOPE
+from cellos.core.events import COMPLIANCE_SUMMARY
 from cellos.core.signing import SignatureInvalid, VerifyKeys, parse_envelope, unwrap_signed
 
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
@@ -141,11 +142,11 @@ def _inner_event(obj: Any, keys: VerifyKeys | None) -> tuple[dict[str, Any], str
         raise _Reject("not a JSON object")
     try:
         if keys is not None:
-            if obj.get("type") != SIGNED_ENVELOPE:
+            if not is_envelope(obj):
                 raise _Reject("unsigned event, but verify keys were given")
             inner = unwrap_signed(obj, keys)
             return inner, str(obj["data"]["kid"])
-        if obj.get("type") == SIGNED_ENVELOPE:
+        if is_envelope(obj):
             return parse_envelope(obj).event, None
     except SignatureInvalid as exc:
         raise _Reject(exc.reason) from None

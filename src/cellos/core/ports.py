@@ -188,6 +188,11 @@ class EventSink(Protocol):
 
     def emit(self, event: CloudEvent) -> None: ...
 
+    def flush(self) -> None:
+        """Return once every event emitted so far is delivered (or dead-lettered); raise
+        ``SinkError`` if one was lost. A sink that delivers inside ``emit`` does nothing."""
+        ...
+
     def close(self) -> None: ...
 
 

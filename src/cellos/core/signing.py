@@ -3,10 +3,14 @@
 The signed form of an event is a CloudEvent of type ``dev.cellos.events.signed_envelope.v1``
 whose ``data`` is ``{"kid", "alg", "signature", "event"}``; the signature covers the RFC 8785
 canonical bytes of the inner event. The envelope repeats the inner event's ``specversion``,
-``id``, ``source``, ``subject`` and ``time`` so routers can work on it without opening it; the
+``source``, ``subject`` and ``time`` so routers can work on it without opening it; the
 verifier requires those copies to equal the inner values and refuses any other envelope
 attribute, so no envelope field can be edited without detection even though only the inner
-event is signed.
+event is signed. The envelope is a CloudEvent of its own and has its own ``id`` (a fresh
+UUID; CloudEvents requires ``source`` + ``id`` to identify one event, and the envelope is not
+the inner event); the inner event's ``id`` stays inside, and it is what de-duplication keys
+on (:func:`cellos.core.envelopes.dedupe_id`). Editing the envelope ``id`` changes nothing a
+verifier or the projection relies on.
 
 Signers sit behind the one small ``Signer`` protocol so that another envelope format (DSSE)
 can be added later without touching the sink chain.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import re
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -68,9 +73,11 @@ _KID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 KID_RULE: Final = "must match [A-Za-z0-9][A-Za-z0-9._-]{0,63} and must not contain '..'"
 
 #: Attributes the envelope copies from the inner event (present iff present there).
-BOUND_ATTRIBUTES: Final = ("specversion", "id", "source", "subject", "time")
-_REQUIRED_BOUND: Final = frozenset({"specversion", "id", "source"})
-_ENVELOPE_ATTRIBUTES: Final = frozenset({*BOUND_ATTRIBUTES, "type", "datacontenttype", "data"})
+BOUND_ATTRIBUTES: Final = ("specversion", "source", "subject", "time")
+_REQUIRED_BOUND: Final = frozenset({"specversion", "source"})
+_ENVELOPE_ATTRIBUTES: Final = frozenset(
+    {*BOUND_ATTRIBUTES, "id", "type", "datacontenttype", "data"}
+)
 _ENVELOPE_DATA_KEYS: Final = frozenset({"kid", "alg", "signature", "event"})
 
 # Verify-keys files are a handful of lines; the cap keeps a wrong path (a log, a device) cheap.
@@ -244,12 +251,13 @@ def wrap_signed(event: dict[str, Any], signer: Signer) -> dict[str, Any]:
     """
     if event.get("type") == SIGNED_ENVELOPE:
         raise ValueError("event is already a signed envelope")
-    for attr in (*_REQUIRED_BOUND, "type"):
+    for attr in (*_REQUIRED_BOUND, "id", "type"):
         if not isinstance(event.get(attr), str) or not event[attr]:
             raise ValueError(f"event lacks the CloudEvents attribute {attr!r}")
     inner, data = copy_and_canonical(event)
     signature = signer.sign(data)
     envelope: dict[str, Any] = {attr: inner[attr] for attr in BOUND_ATTRIBUTES if attr in inner}
+    envelope["id"] = str(uuid.uuid4())
     envelope["type"] = SIGNED_ENVELOPE
     envelope["datacontenttype"] = "application/json"
     envelope["data"] = {
@@ -304,6 +312,10 @@ def parse_envelope(envelope: Any) -> Envelope:
         raise SignatureInvalid("envelope event must be a JSON object")
     if not isinstance(inner.get("type"), str) or inner["type"] == SIGNED_ENVELOPE:
         raise SignatureInvalid("inner event must have a type and must not be an envelope")
+    if not isinstance(envelope.get("id"), str) or not envelope["id"]:
+        raise SignatureInvalid("envelope 'id' must be a non-empty string")
+    if not isinstance(inner.get("id"), str) or not inner["id"]:
+        raise SignatureInvalid("inner event lacks 'id'")
     for attr in BOUND_ATTRIBUTES:
         if attr in _REQUIRED_BOUND and attr not in inner:
             raise SignatureInvalid(f"inner event lacks {attr!r}")

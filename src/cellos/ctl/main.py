@@ -175,7 +175,8 @@ def _cmd_apply(client: Client, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_get(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    query = {k: v for k, v in (("state", args.state), ("tenant", args.tenant)) if v}
+    state = args.state.upper() if args.state else None  # the API takes upper case only
+    query = {k: v for k, v in (("state", state), ("tenant", args.tenant)) if v}
     path = "/v1/cells" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     result = client.get(path)
     if args.output == "json":

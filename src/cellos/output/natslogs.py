@@ -34,6 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from cellos.core.ports import STREAMS
+from cellos.core.subjects import logs_subject
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ HEADER_STREAM = "Cellos-Stream"
 HEADER_OFFSET = "Cellos-Offset"
 
 
-def token(value: str) -> str:
-    """A subject token: '.' separates tokens in NATS, so it becomes '_' (the headers carry
-    the real id)."""
-    return value.replace(".", "_").replace(" ", "_") or "_"
-
-
-def logs_subject(tenant: str, cell_id: str, stream: str) -> str:
-    return f"cellos.logs.{token(tenant)}.{token(cell_id)}.{stream}"
 
 
 @dataclass(frozen=True)

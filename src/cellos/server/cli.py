@@ -14,7 +14,11 @@ from typing import Any
 from cellos.core.errors import InvalidSpec
 
 ENV_TOKEN = "CELLOS_API_TOKEN"
-NATS_HELP = "NATS server URL (default: $CELLOS_NATS_URL, else nats://127.0.0.1:4222)"
+NATS_HELP = (
+    "NATS server URL(s), comma-separated for a cluster "
+    "(default: $CELLOS_NATS_URL, else nats://127.0.0.1:4222)"
+)
+DLQ_HELP = "DLQ directory (default: $CELLOS_DLQ_DIR, else the supervisor's default)"
 
 
 def _nats_url(explicit: str | None) -> str:
@@ -23,8 +27,43 @@ def _nats_url(explicit: str | None) -> str:
     return queue_url(explicit, os.environ)
 
 
+def _dlq_dir(explicit: str | None) -> str:
+    from cellos.supervisor.composition import default_dlq_dir
+
+    return (
+        (explicit or "").strip()
+        or os.environ.get("CELLOS_DLQ_DIR", "").strip()
+        or (default_dlq_dir())
+    )
+
+
+def _cmd_events_replay_dlq(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from cellos.natsconn import connect
+    from cellos.sinks.replay import replay_dlq
+
+    directory = _dlq_dir(args.dlq_dir)
+    url = _nats_url(args.nats)
+
+    async def go() -> Any:
+        nc = await connect(url, name="cellos-replay-dlq")
+        try:
+            return await replay_dlq(nc.jetstream(timeout=5.0), directory)
+        finally:
+            await nc.close()
+
+    report = asyncio.run(go())
+    if args.json:
+        print(json.dumps({"dlqDir": directory, **report.as_dict()}))
+    else:
+        print(f"{directory}: {report.summary()}", file=sys.stderr)
+    return 1 if report.errors or report.busy else 0
+
+
 def _read_token(args: argparse.Namespace) -> str:
-    from cellos.server.app import check_token
+    from cellos.server.auth import check_token
 
     if args.token_file:
         try:
@@ -48,6 +87,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from cellos.server.app import ServeConfig, serve
+    from cellos.sinks.replay import replay_interval
     from cellos.verify import load_verify_keys
 
     token = _read_token(args)
@@ -60,6 +100,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         keys=keys,
+        dlq_dir=_dlq_dir(args.dlq_dir),
+        dlq_replay_seconds=replay_interval(os.environ),
     )
 
     def ready(message: str) -> None:
@@ -113,6 +155,7 @@ def register(subparsers: Any) -> None:
         "--keys",
         help="verify-keys JSON: fold only events signed by these keys into the projection",
     )
+    p.add_argument("--dlq-dir", help=DLQ_HELP + "; replayed on start and periodically")
     p.set_defaults(func=_cmd_serve)
 
     events = subparsers.choices.get("events")
@@ -144,3 +187,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the events themselves (JSONL)")
     p.add_argument("--nats", metavar="URL", help=NATS_HELP)
     p.set_defaults(func=_cmd_events_tail)
+
+    p = events_sub.add_parser(
+        "replay-dlq",
+        help="publish the events the JetStream sink dead-lettered, then remove them",
+        description=(
+            "Publish <DLQ>/jetstream/*.json to CELLOS_EVENTS run by run in chain order, each "
+            "with Nats-Msg-Id = the event id (a re-publish is de-duplicated), removing a file "
+            "only after its ack. Idempotent; stops at the first failure (kept for next time). "
+            "Exit 1 if something was left because of an error."
+        ),
+    )
+    p.add_argument("--dlq-dir", help=DLQ_HELP)
+    p.add_argument("--nats", metavar="URL", help=NATS_HELP)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_events_replay_dlq)

@@ -28,8 +28,8 @@ import nats.errors
 from aiohttp import web
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from cellos.core.ports import STREAMS
-from cellos.output.natslogs import HEADER_OFFSET, HEADER_RUN, STREAM, token
+from cellos.core.subjects import logs_filter
+from cellos.output.natslogs import HEADER_OFFSET, HEADER_RUN, STREAM
 from cellos.server.projection import TERMINAL
 
 #: How often an idle follower checks whether the run has ended.
@@ -42,10 +42,6 @@ def _event(name: str, data: dict[str, Any], event_id: int | None = None) -> byte
     return f"{head}event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _flag(text: str | None) -> bool:
-    return (text or "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _start_config(view: dict[str, Any] | None) -> ConsumerConfig:
     """From the start of the subject, or for a PENDING cell from its submission (earlier
     runs' output is older than that)."""
@@ -56,17 +52,18 @@ def _start_config(view: dict[str, Any] | None) -> ConsumerConfig:
 
 
 async def stream_logs(
-    request: web.Request, hub: Any, problem: type[Exception], offset: int
+    request: web.Request,
+    hub: Any,
+    *,
+    stream: str,
+    follow: bool,
+    run: str | None,
+    offset: int,
 ) -> web.StreamResponse:
+    """The parameters are parsed and checked by the route (:mod:`cellos.server.routes`)."""
     cell_id = request.match_info["id"]
-    stream = request.query.get("stream", "stdout")
-    if stream not in STREAMS:
-        raise problem(400, "Bad Request", "stream must be stdout or stderr", "bad-request")
-    follow = _flag(request.query.get("follow"))
     view = hub.projection.get(cell_id)
-    run = request.query.get("run") or (
-        view["runId"] if view is not None and view.get("state") != "PENDING" else None
-    )
+    run = run or (view["runId"] if view is not None and view.get("state") != "PENDING" else None)
     from cellos.output.natslogs import LogsStreamConfig, ensure_logs_stream
     from cellos.output.settings import (
         DEFAULT_LOGS_BUFFER_BYTES,
@@ -83,7 +80,7 @@ async def stream_logs(
         ),
     )
     sub = await hub.js.subscribe(
-        f"cellos.logs.*.{token(cell_id)}.{stream}",
+        logs_filter(cell_id, stream),
         stream=STREAM,
         ordered_consumer=True,
         config=_start_config(view),

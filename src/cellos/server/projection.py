@@ -16,15 +16,17 @@ State machine of one run (the events are the supervisor's, DESIGN.md §3/§4)::
         outcome "succeeded" ................................. COMPLETED
         otherwise ........................................... FAILED
 
-A run whose first event is its summary (refused before create) is FAILED. States only move
+A run whose first event is its summary (refused before create) is FAILED, and, like any
+run, it picks up the submission queued before it. States only move
 forward (a late observability event does not reopen a finished run); the summary, the last
 event of every run, has the final word on outcome and exit code. Any other event of a run
 not yet seen to start (a stream whose oldest messages have expired) counts as RUNNING.
 
 A cell id may run more than once (a re-run, a work-queue retry): the record shows the cell's
 latest run (the one whose first event came last in the stream), with ``runs`` counting all
-runs seen. A submission is satisfied by a run of the cell that started at or after the
-submission time; until then the cell is PENDING, unless an earlier run is still active.
+runs seen. A submission is satisfied by a run of the cell whose first event is at or after
+the submission time (``started``, or the lone summary of a run refused before create); until
+then the cell is PENDING, unless an earlier run is still active.
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ from typing import Any, Final
 
 from cellos.core import events as ev
 from cellos.core.chain import RUN_ID_ATTR
+from cellos.core.envelopes import cell_id_of, tenant_in
+from cellos.core.envelopes import inner_event as unwrap
+from cellos.core.subjects import tenant_of_subject
+
+__all__ = ["TERMINAL", "CellState", "Projection", "cell_id_of", "unwrap"]
 
 #: Older runs of one cell id kept for bookkeeping (the record shows the latest).
 MAX_RUNS_PER_CELL: Final = 16
-_SUBJECT_PREFIX: Final = "urn:cellos:cell:"
-_NATS_PREFIX: Final = "cellos.events.cell."
 
 
 class CellState(StrEnum):
@@ -63,44 +68,9 @@ _RANK: Final = {
 }
 
 
-def unwrap(event: Any) -> dict[str, Any] | None:
-    """The inner event of a (signed-envelope) CloudEvent; ``None`` if it is not an object.
-
-    No signature is checked here: the server verifies before folding when it has keys.
-    """
-    if not isinstance(event, dict):
-        return None
-    data = event.get("data")
-    if event.get("type") == ev.SIGNED_ENVELOPE and isinstance(data, dict):
-        inner = data.get("event")
-        return inner if isinstance(inner, dict) else None
-    return event
-
-
-def cell_id_of(inner: dict[str, Any]) -> str | None:
-    """The cell an (inner) event is about: its ``subject`` URN, else ``data.cellId``."""
-    subject = inner.get("subject")
-    if isinstance(subject, str) and subject.startswith(_SUBJECT_PREFIX):
-        cell_id = subject[len(_SUBJECT_PREFIX) :]
-        if cell_id:
-            return cell_id
-    data = inner.get("data")
-    if isinstance(data, dict) and isinstance(data.get("cellId"), str) and data["cellId"]:
-        return str(data["cellId"])
-    return None
-
-
 def tenant_of(inner: dict[str, Any], nats_subject: str | None) -> str | None:
-    """``data.correlation.tenantId``, else the tenant token of the NATS subject."""
-    data = inner.get("data")
-    corr = data.get("correlation") if isinstance(data, dict) else None
-    if isinstance(corr, dict) and isinstance(corr.get("tenantId"), str) and corr["tenantId"]:
-        return str(corr["tenantId"])
-    if nats_subject and nats_subject.startswith(_NATS_PREFIX):
-        token = nats_subject[len(_NATS_PREFIX) :].split(".", 1)[0]
-        if token:
-            return token
-    return None
+    """``data.correlation.tenantId``, else the (decoded) tenant token of the NATS subject."""
+    return tenant_in(inner) or tenant_of_subject(nats_subject)
 
 
 def _time(text: Any) -> datetime | None:
@@ -137,6 +107,9 @@ class RunRecord:
     errors: list[str] = field(default_factory=list)
     backend: str | None = None
     started_at: str | None = None
+    #: Time of the run's first event folded: what says a queued submission was picked up
+    #: (a run refused before create has only its summary, but it did pick it up).
+    first_time: str | None = None
     finished_at: str | None = None
     updated_at: str | None = None
     last_seq: int = 0
@@ -265,7 +238,7 @@ class Projection:
             cell = self.cells[cell_id] = CellRecord(cell_id, tenant=tenant or "default")
         elif tenant and cell.current is None:
             cell.tenant = tenant
-        if any(_not_before(run.started_at, submitted_at) for run in cell.runs.values()):
+        if any(_not_before(run.first_time, submitted_at) for run in cell.runs.values()):
             return  # already picked up
         cell.submission = Submission(submitted_at, queue_seq, tenant)
 
@@ -304,6 +277,14 @@ class Projection:
         time = inner.get("time") if isinstance(inner.get("time"), str) else None
         if time is not None:
             run.updated_at = time
+        if run.events == 1:
+            # Any first event of a run, ``started`` or a refusal's lone summary, picks up a
+            # submission queued before it: the same rule as apply_submission, so replaying
+            # the streams and following them live give the same projection.
+            run.first_time = time
+            sub = cell.submission
+            if sub is not None and _not_before(time, sub.submitted_at):
+                cell.submission = None
         data = inner.get("data")
         data = data if isinstance(data, dict) else {}
         kind = inner.get("type")
@@ -314,9 +295,6 @@ class Projection:
             run.backend = _str(data.get("backend")) or run.backend
             run.attempt = _attempt(data, run.attempt)
             run.advance(CellState.ADMITTED)
-            sub = cell.submission
-            if sub is not None and _not_before(time, sub.submitted_at):
-                cell.submission = None
         elif kind == ev.PROCESS_SPAWNED:
             run.advance(CellState.RUNNING)
         elif kind == ev.COMMAND_COMPLETED:

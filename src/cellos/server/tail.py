@@ -26,12 +26,13 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from cellos.core.chain import RUN_ID_ATTR, SEQ_ATTR
+from cellos.core.envelopes import cell_id_of
+from cellos.core.envelopes import inner_event as unwrap
 from cellos.core.errors import CellosError
 from cellos.core.signing import VerifyKeys
-from cellos.server.projection import cell_id_of, unwrap
+from cellos.natsconn import connect
 from cellos.sinks.jetstream import STREAM, SUBJECTS
 from cellos.verify import EventVerifier
-from cellos.worker import queue
 
 _TYPE_PREFIX = "dev.cellos.events.cell."
 #: Without --follow, stop when no message has come for this long (a deleted tail message).
@@ -70,7 +71,7 @@ def _is_cell(data: bytes, cell_id: str) -> bool:
 
 
 async def tail(opts: TailOptions, out: TextIO, err: TextIO) -> int:
-    nc = await queue.connect(opts.url, name="cellos-events-tail")
+    nc = await connect(opts.url, name="cellos-events-tail")
     try:
         js = nc.jetstream(timeout=5.0)
         try:

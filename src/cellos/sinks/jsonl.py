@@ -142,6 +142,9 @@ class JsonlFileSink:
             return f"the fragment could not be removed: {exc.strerror}"
         return "the partial line was removed"
 
+    def flush(self) -> None:
+        return None  # every write is done inside emit()
+
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
@@ -166,6 +169,9 @@ class JsonlStreamSink:
             raise SinkError("stream", "the stream is closed")
         self.stream.write(encode_line(event).decode())
         self.stream.flush()
+
+    def flush(self) -> None:
+        return None  # every write is done inside emit()
 
     def close(self) -> None:
         if self.stream is not None:

@@ -11,5 +11,8 @@ class NoopSink:
     def emit(self, event: CloudEvent) -> None:
         del event
 
+    def flush(self) -> None:
+        return None
+
     def close(self) -> None:
         return None

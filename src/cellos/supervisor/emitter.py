@@ -92,6 +92,17 @@ class EventEmitter:
                 )
         return event
 
+    def flush(self) -> None:
+        """Wait until every sink has delivered (or dead-lettered) what it was given; a sink
+        that lost events there counts them as lost."""
+        for sink in self.sinks:
+            try:
+                sink.flush()
+            except Exception as exc:  # noqa: BLE001 - counted, like a failure in emit()
+                self.lost += 1
+                name = getattr(sink, "name", type(sink).__name__)
+                log.error("events lost: sink %s failed: %s", name, self.redactor.text(str(exc)))
+
     @property
     def last_undelivered(self) -> bool:
         """The last event reached no sink at all (there were sinks, and every one failed)."""

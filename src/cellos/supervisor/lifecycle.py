@@ -182,6 +182,7 @@ class Supervisor:
                 ev.COMPLIANCE_SUMMARY,
                 {**common, "errors": [f"{cell.cell_id}: cell of a dead supervisor was reaped"]},
             )
+            emitter.flush()  # as in run(): confirmed before the reap is reported
         return reaped
 
     # -- the lifecycle -----------------------------------------------------------------------
@@ -303,6 +304,9 @@ class Supervisor:
                 self._revoke(spec.id, out.errors)
             out.exit_code, out.outcome = self._exit_status(out)
             self._emit_summary(emitter, document, ttl, out, delivery)
+            # Sinks may publish asynchronously (JetStream pipelines its acks): the run is
+            # reported only once destroyed and the summary are acked or dead-lettered.
+            emitter.flush()
             out.lost_events = emitter.lost
             if out.lost_events and out.exit_code == 0:
                 out.exit_code = 1

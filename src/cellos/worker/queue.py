@@ -1,7 +1,8 @@
 """The work queue of cells on NATS JetStream: stream, consumer, submit, per-cell locks.
 
 * Stream ``CELLOS_CELLS`` (work-queue retention, file storage) on
-  ``cellos.cells.submit.<tenantId|default>``. A message is one validated ExecutionCell document
+  ``cellos.cells.submit.<tenantId|default>`` (the tenant encoded by
+  :func:`cellos.core.subjects.encode_token`). A message is one validated ExecutionCell document
   as RFC 8785 canonical JSON; its ``Nats-Msg-Id`` is the document's sha256 (the same digest as
   the ``specDigest`` of the run's events), so submitting the identical document twice within
   the stream's duplicate window (:data:`DUPLICATE_WINDOW_SECONDS`) queues it once.
@@ -9,11 +10,11 @@
   ``ack_wait`` (a worker that stops answering loses its message after it, and the message is
   redelivered), ``max_deliver`` (a cell that keeps killing its worker is not retried forever).
   The first worker creates it with its own settings; later workers adopt the consumer's.
-* Stream ``CELLOS_CELL_LOCKS`` (``cellos.cells.lock.<cellId>``, one message per subject, per
-  message TTL): a lease that keeps two workers from running the same cell id at the same time
-  (a redelivery racing a slow worker, or the same id submitted twice). A lease is taken with
-  ``Nats-Expected-Last-Subject-Sequence: 0``, renewed with the sequence it holds, and expires
-  by itself (``Nats-TTL``) when its worker dies.
+* Stream ``CELLOS_CELL_LOCKS`` (``cellos.cells.lock.<cellId>``, the id encoded likewise, one
+  message per subject, per message TTL): a lease that keeps two workers from running the same
+  cell id at the same time (a redelivery racing a slow worker, or the same id submitted
+  twice). A lease is taken with ``Nats-Expected-Last-Subject-Sequence: 0``, renewed with the
+  sequence it holds, and expires by itself (``Nats-TTL``) when its worker dies.
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -49,6 +48,8 @@ from cellos.core.errors import CellosError, InvalidSpec
 from cellos.core.loading import MAX_DOCUMENT_BYTES, parse_document, validate_document
 from cellos.core.log import get_logger
 from cellos.core.spec import ExecutionCell, to_document
+from cellos.core.subjects import encode_token
+from cellos.natsconn import DEFAULT_URL, NatsUnavailable, connect, describe, ensure_stream
 
 log = get_logger(__name__)
 
@@ -58,7 +59,6 @@ SUBJECTS = f"{SUBJECT_PREFIX}.>"
 CONSUMER = "cellos-workers"
 LOCK_STREAM = "CELLOS_CELL_LOCKS"
 LOCK_PREFIX = "cellos.cells.lock"
-DEFAULT_URL = "nats://127.0.0.1:4222"
 DUPLICATE_WINDOW_SECONDS = 120.0
 DEFAULT_ACK_WAIT_SECONDS = 30.0
 DEFAULT_MAX_DELIVER = 5
@@ -68,7 +68,7 @@ HEADER_CELL_ID = "Cellos-Cell-Id"
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
-class QueueError(CellosError):
+class QueueError(NatsUnavailable):
     """The work queue (NATS JetStream) could not be reached or refused a request."""
 
 
@@ -83,7 +83,7 @@ def tenant_of(document: ExecutionCell) -> str:
 
 
 def submit_subject(document: ExecutionCell) -> str:
-    return f"{SUBJECT_PREFIX}.{tenant_of(document)}"
+    return f"{SUBJECT_PREFIX}.{encode_token(tenant_of(document))}"
 
 
 def encode_document(document: ExecutionCell) -> tuple[bytes, str]:
@@ -105,56 +105,11 @@ def decode_document(data: bytes, source: str) -> ExecutionCell:
 # -- connections and topology ----------------------------------------------------------------
 
 
-async def _quiet_error(exc: Exception) -> None:
-    log.debug("nats client error: %s", exc)
-
-
-async def _quiet_event() -> None:
-    return None
-
-
-async def connect(
-    url: str, *, name: str, connect_timeout: float = 2.0, persistent: bool = False
-) -> Client:
-    """Connect to NATS; ``persistent`` (workers) reconnects forever, otherwise fail fast."""
-    try:
-        return await nats.connect(
-            url,
-            name=name,
-            connect_timeout=connect_timeout,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1 if persistent else 2,
-            reconnect_time_wait=0.5 if persistent else 0.2,
-            error_cb=_quiet_error,
-            disconnected_cb=_quiet_event,
-            closed_cb=_quiet_event,
-        )
-    except Exception as exc:  # noqa: BLE001 - every client error becomes one QueueError
-        raise QueueError("CELLOS_NATS_URL", f"cannot connect to {url}: {_describe(exc)}") from None
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Create the stream unless it exists (an operator's own settings are never changed)."""
-    assert config.name is not None
-    try:
-        await js.stream_info(config.name)
-        return
-    except nats.js.errors.NotFoundError:
-        pass
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        # Another process created it first (with other settings): use theirs.
-        await js.stream_info(config.name)
+__all__ = ["DEFAULT_URL", "QueueError", "connect", "ensure_stream"]
 
 
 async def ensure_queue(js: JetStreamContext) -> None:
-    await _ensure_stream(
+    await ensure_stream(
         js,
         StreamConfig(
             name=STREAM,
@@ -169,7 +124,7 @@ async def ensure_queue(js: JetStreamContext) -> None:
 
 
 async def ensure_locks(js: JetStreamContext) -> None:
-    await _ensure_stream(
+    await ensure_stream(
         js,
         StreamConfig(
             name=LOCK_STREAM,
@@ -261,15 +216,14 @@ def submit_document(document: ExecutionCell, url: str) -> Submitted:
     except CellosError:
         raise
     except Exception as exc:  # noqa: BLE001 - every client error becomes one QueueError
-        raise QueueError(STREAM, f"submit to {url} failed: {_describe(exc)}") from None
+        raise QueueError(STREAM, f"submit to {url} failed: {describe(exc)}") from None
 
 
 # -- per-cell leases -------------------------------------------------------------------------
 
 
 def lock_subject(cell_id: str) -> str:
-    # Cell ids are [A-Za-z0-9][A-Za-z0-9._-]*, never "..": always a valid subject suffix.
-    return f"{LOCK_PREFIX}.{cell_id}"
+    return f"{LOCK_PREFIX}.{encode_token(cell_id)}"
 
 
 def holder_name() -> str:

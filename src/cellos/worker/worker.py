@@ -49,11 +49,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from cellos.core.envelopes import inner_event
 from cellos.core.errors import InvalidSpec
 from cellos.core.log import get_logger
 from cellos.core.spec import ExecutionCell
+from cellos.core.subjects import events_filter
 from cellos.sinks.jetstream import STREAM as EVENTS_STREAM
-from cellos.sinks.jetstream import inner_event, subject_token
+from cellos.sinks.replay import DEFAULT_INTERVAL_SECONDS, replay_forever
 from cellos.supervisor.lifecycle import RunOutcome, Supervisor
 from cellos.worker.queue import (
     CONSUMER,
@@ -96,6 +98,10 @@ class WorkerConfig:
     fetch_timeout: float = 1.0
     #: How long to wait for another worker's lease of the same cell id before deferring.
     lock_wait: float | None = None
+    #: The supervisor's DLQ directory: its JetStream part is replayed on start and every
+    #: ``dlq_replay_seconds`` (0: only on start), so an outage's events reach the stream.
+    dlq_dir: str | None = None
+    dlq_replay_seconds: float = DEFAULT_INTERVAL_SECONDS
 
     @property
     def heartbeat(self) -> float:
@@ -201,6 +207,17 @@ class Worker:
                     self.events_url, name=f"cellos-worker-events {self.holder}", persistent=True
                 )
                 self._events_js = events_nc.jetstream(timeout=5.0)
+            replayer: asyncio.Task[None] | None = None
+            if self.config.dlq_dir:
+                replayer = asyncio.create_task(
+                    replay_forever(
+                        self._events_js,
+                        self.config.dlq_dir,
+                        self.config.dlq_replay_seconds,
+                        self._stop,
+                        "cellos worker",
+                    )
+                )
             _say(
                 f"ready: pulling {STREAM} as {CONSUMER} from {self.config.url} "
                 f"(concurrency {self.config.concurrency}, ack wait {self.config.ack_wait:g} s, "
@@ -210,6 +227,10 @@ class Worker:
             await self._drain()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+            if replayer is not None:
+                replayer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await replayer
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
@@ -479,14 +500,14 @@ class Worker:
     async def _earlier_attempts(self, tenant: str, cell_id: str, seq: int) -> EarlierAttempts:
         """Runs of earlier deliveries of message ``seq``, from CELLOS_EVENTS (best effort)."""
         found = EarlierAttempts()
-        prefix = f"cellos.events.cell.{tenant}.{subject_token(cell_id)}"
         try:
             async with asyncio.timeout(LOOKUP_SECONDS):
-                for event in await self._events_of(f"{prefix}.started", seq):
+                for event in await self._events_of(events_filter(tenant, cell_id, "started"), seq):
                     run_id = str(event.get("cellosrunid", ""))
                     if run_id and run_id not in found.run_ids:
                         found.run_ids.append(run_id)
-                for event in await self._events_of(f"{prefix}.compliance", seq):
+                compliance = events_filter(tenant, cell_id, "compliance")
+                for event in await self._events_of(compliance, seq):
                     data = event.get("data")
                     if isinstance(data, dict) and data.get("outcome") == "succeeded":
                         found.succeeded_run = str(event.get("cellosrunid", "?"))
@@ -514,6 +535,8 @@ class Worker:
             try:
                 event = inner_event(_loads(raw.data or b""))
             except ValueError:
+                continue
+            if event is None:
                 continue
             data = event.get("data")
             delivery = data.get("delivery") if isinstance(data, dict) else None
@@ -559,6 +582,15 @@ def run_worker(config: WorkerConfig, environ: Mapping[str, str]) -> int:
     if not env.get("CELLOS_NATS_URL", "").strip():
         env["CELLOS_NATS_URL"] = config.url
     supervisor = build_supervisor(env)
+    if config.dlq_dir is None:
+        from cellos.sinks.replay import replay_interval
+        from cellos.supervisor.composition import default_dlq_dir
+
+        config = replace(
+            config,
+            dlq_dir=env.get("CELLOS_DLQ_DIR", "").strip() or default_dlq_dir(),
+            dlq_replay_seconds=replay_interval(env),
+        )
     try:
         reaped = supervisor.reap_stale()
         for cell in reaped:
