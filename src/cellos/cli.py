@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from cellos.core.errors import CellosError
 from cellos.core.loading import load_document
 from cellos.core.spec import json_schema
+from cellos.mcp.cli import register as register_mcp_commands
 from cellos.server.cli import register as register_server_commands
 from cellos.supervisor.cli import configure_logging, print_error, run_spec
 from cellos.worker.cli import register as register_worker_commands
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_microvm_build_image)
     register_worker_commands(sub)
     register_server_commands(sub)
+    register_mcp_commands(sub)
     return parser
 
 
