@@ -25,6 +25,11 @@ with open(sys.argv[2], "w") as out:
 """
 
 NEVER_FOR_A_PLAIN_RUN = {
+    # cellos mcp only: the MCP SDK and its HTTP stack.
+    "mcp",
+    "mcp_types",
+    "uvicorn",
+    "httpx2",
     "cryptography",
     "nats",
     "aiohttp",

@@ -74,6 +74,7 @@ def serve_http(server: Any, token: str, host: str, port: int) -> None:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(128)  # before we say where: a client may connect at once
     bound = sock.getsockname()[1]
     where = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"cellos mcp: listening on http://{where}:{bound}/mcp", file=sys.stderr, flush=True)
