@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +71,13 @@ def stdio(env: dict[str, str], scenario: Scenario) -> None:
     async def main() -> None:
         params = StdioServerParameters(command=CELLOS[0], args=[*CELLOS[1:], "mcp"], env=env)
         with open(Path(env["HOME"]) / "server.stderr", "w") as errlog:
-            async with stdio_client(params, errlog=errlog) as (read, write):
-                async with ClientSession(read, write) as session:
-                    await session.initialize()
-                    with anyio.fail_after(60):
-                        await scenario(session)
+            async with (
+                stdio_client(params, errlog=errlog) as (read, write),
+                ClientSession(read, write) as session,
+            ):
+                await session.initialize()
+                with anyio.fail_after(60):
+                    await scenario(session)
 
     anyio.run(main)
 
@@ -360,22 +361,25 @@ def test_http_needs_the_token_and_runs_cells(
 
     async def main() -> None:
         client = create_mcp_http_client(headers={"Authorization": f"Bearer {TOKEN}"})
-        async with client, streamable_http_client(http_server, http_client=client) as (r, w):
-            async with ClientSession(r, w) as session:
-                await session.initialize()
-                messages: list[str | None] = []
+        messages: list[str | None] = []
 
-                async def on_progress(v: float, t: float | None, m: str | None) -> None:
-                    messages.append(m)
+        async def on_progress(v: float, t: float | None, m: str | None) -> None:
+            messages.append(m)
 
-                result = await call(
-                    session,
-                    "run_code",
-                    {"language": "python", "code": "print('over http')"},
-                    progress_callback=on_progress,
-                )
-                assert result["stdout"] == "over http\n" and result["evidence"]["ok"]
-                assert messages == ["stdout: over http\n"]
+        async with (
+            client,
+            streamable_http_client(http_server, http_client=client) as (r, w),
+            ClientSession(r, w) as session,
+        ):
+            await session.initialize()
+            result = await call(
+                session,
+                "run_code",
+                {"language": "python", "code": "print('over http')"},
+                progress_callback=on_progress,
+            )
+            assert result["stdout"] == "over http\n" and result["evidence"]["ok"]
+            assert messages == ["stdout: over http\n"]
 
     anyio.run(main)
     verify_log(server_env)
