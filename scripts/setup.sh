@@ -23,6 +23,8 @@ fi
 # Optional backends: installed where we may install, otherwise reported (cellos doctor).
 want_pkgs=()
 command -v runsc >/dev/null 2>&1 || want_pkgs+=(runsc)
+# cellos mcp's run_code(language=node) runs the host's node inside the cell (/usr is bound in).
+command -v node >/dev/null 2>&1 || want_pkgs+=(nodejs)
 # Egress authority (cells with egressRules) needs nftables.
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want_pkgs+=(nftables)
 # The microVM backend boots guests with QEMU; its image is built with gcc (static guest init).

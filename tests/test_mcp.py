@@ -28,7 +28,14 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
 from cellos.keygen import write_keypair
-from tests.conftest import base_env, read_events, require_sandbox, running_with, unique_sleep
+from tests.conftest import (
+    base_env,
+    read_events,
+    require_host,
+    require_sandbox,
+    running_with,
+    unique_sleep,
+)
 
 CELLOS = [sys.executable, "-m", "cellos.cli"]
 TOKEN = "mcp-test-token-0123456789"
@@ -169,6 +176,8 @@ def test_python_prints_streams_and_returns_its_file(server_env: dict[str, str]) 
 
 
 def test_bash_nonzero_exit_and_node(server_env: dict[str, str]) -> None:
+    require_host(os.path.exists("/usr/bin/node"), "node (Debian's nodejs, for run_code node)")
+
     async def scenario(session: ClientSession) -> None:
         result = await call(
             session, "run_code", {"language": "bash", "code": "echo oops >&2; exit 3"}

@@ -146,8 +146,11 @@ class CellRunner:
             }
             if receipt.size_bytes <= self.settings.inline_artifact_bytes:
                 try:
-                    with open(receipt.destination, "rb") as f:
-                        item["contentBase64"] = base64.b64encode(f.read()).decode()
+                    # Our own export, but read as it was written: never through a symlink.
+                    fd = os.open(receipt.destination, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    with os.fdopen(fd, "rb") as f:
+                        data = f.read(self.settings.inline_artifact_bytes + 1)
+                    item["contentBase64"] = base64.b64encode(data).decode()
                 except OSError as exc:
                     item["inlineError"] = exc.strerror or str(exc)
             items.append(item)
