@@ -120,7 +120,15 @@ def _all_events(url: str) -> list[dict[str, Any]]:
         finally:
             await nc.close()
 
-    return asyncio.run(go())
+    # Right after the restart the stream may still be electing its leader: ask again.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return asyncio.run(go())
+        except nats.errors.TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def test_two_workers_on_a_three_node_cluster_survive_a_node_kill(

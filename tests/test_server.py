@@ -579,6 +579,19 @@ def test_submit_then_follow_live(world: World, serve: Serve) -> None:
         422,
     )
     assert invalid["errors"][0]["path"] == "kind"
+    # What a run would refuse for the document alone is refused here, before it is queued.
+    unsupported = assert_problem(
+        http(
+            serve,
+            "/v1/cells",
+            method="POST",
+            body=json.dumps(doc("rb-1", run={"secretDelivery": "runtimeBroker"})).encode(),
+            content_type="application/json",
+        ),
+        422,
+    )
+    assert unsupported["errors"][0]["path"] == "spec.run.secretDelivery"
+    assert http(serve, "/v1/cells/rb-1")[0] == 404
     assert_problem(
         http(serve, "/v1/cells", method="POST", body=b"x", content_type="text/plain"), 415
     )
