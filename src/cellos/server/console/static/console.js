@@ -213,8 +213,9 @@ function keyFields(data) {
   const parts = [];
   for (const [k, v] of Object.entries(data)) {
     if (k === "cellId" || v === null || v === undefined) continue;
-    if (typeof v === "object") continue;
-    parts.push(k + "=" + String(v));
+    // Nested values (correlation, labels, limits) as JSON text, cut to stay readable.
+    const text = typeof v === "object" ? JSON.stringify(v) : String(v);
+    parts.push(k + "=" + (text.length > 300 ? text.slice(0, 300) + "…" : text));
   }
   return parts.join("  ");
 }
