@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,24 @@ def test_submit_watch_live_and_see_the_evidence(world: World, serve: Serve, brow
     assert badge(d, "console-live-1") == "signed by api-key · chain intact · complete"
     shot(d, "cells")
 
-    d.find_element("link text", "console-live-1").click()
+    # Filters: by state and by tenant.
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    Select(d.find_element("id", "filter-state")).select_by_visible_text("FAILED")
+    assert not d.find_element("css selector", "tr[data-cell-id='console-live-1']").is_displayed()
+    Select(d.find_element("id", "filter-state")).select_by_visible_text("any")
+    d.find_element("id", "filter-tenant").send_keys("acme")
+    assert d.find_element("css selector", "tr[data-cell-id='console-live-1']").is_displayed()
+    d.find_element("id", "filter-tenant").clear()
+    d.find_element("id", "filter-tenant").send_keys(" ")
+    # Keyboard: Tab reaches the cell's link from the tenant filter; Enter opens it.
+    for _ in range(40):
+        d.switch_to.active_element.send_keys(Keys.TAB)
+        if d.switch_to.active_element.text == "console-live-1":
+            break
+    assert d.switch_to.active_element.text == "console-live-1"
+    d.switch_to.active_element.send_keys(Keys.ENTER)
     wait_for(d, lambda d: "second-line" in d.find_element("id", "log-stdout").text)
     assert XSS in d.find_element("id", "log-stdout").text
     timeline = d.find_element("id", "timeline").text
@@ -282,3 +300,28 @@ def test_a_thousand_cells_and_fifty_updates_per_second(
     assert after - before == len(updated)  # none dropped, none duplicated
     assert set(states) == {"RUNNING"}
     shot(d, "cells-1000")
+
+
+def test_static_files_are_open_data_is_not(serve: Serve) -> None:
+    from tests.test_server import assert_problem, http
+
+    for path in ("/", "/console/console.js", "/console/console.css"):
+        with urllib.request.urlopen(serve.url + path, timeout=10) as response:
+            assert response.status == 200
+            csp = response.headers["Content-Security-Policy"]
+            assert "script-src 'self'" in csp and "default-src 'none'" in csp
+            assert "unsafe-inline" not in csp
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            body = response.read().decode()
+        assert TOKEN not in body
+    page = (REPO / "src/cellos/server/console/static/index.html").read_text()
+    assert "<script>" not in page and " on" not in page.replace("\n", " ").split("<body")[0]
+    script = (REPO / "src/cellos/server/console/static/console.js").read_text()
+    assert "innerHTML" not in script and "insertAdjacentHTML" not in script
+    assert "EventSource" not in script.split('"use strict"')[1]  # tokens never in URLs
+    assert_problem(http(serve, "/console/../app.py", token=None), 404)
+    assert_problem(http(serve, "/console/nothing.js", token=None), 404)
+    for path in ("/v1/console/stream", "/v1/cells/x/runs/y/verdict"):
+        assert_problem(http(serve, path, token=None), 401)
+    assert_problem(http(serve, "/v1/cells/no-such/runs/y/verdict"), 404)
+    assert_problem(http(serve, "/v1/console/stream?x=1"), 400)

@@ -23,6 +23,7 @@ _KINDS: Final = (
     ("unsigned event", "unsigned"),
     ("unknown kid", "unknown-key"),
     ("bad signature", "bad-signature"),
+    ("signature:", "bad-signature"),
     ("cellosseq", "broken-chain"),
     ("cellosprev", "broken-chain"),
     ("after the run's compliance summary", "broken-chain"),
