@@ -325,3 +325,39 @@ def test_static_files_are_open_data_is_not(serve: Serve) -> None:
         assert_problem(http(serve, path, token=None), 401)
     assert_problem(http(serve, "/v1/cells/no-such/runs/y/verdict"), 404)
     assert_problem(http(serve, "/v1/console/stream?x=1"), 400)
+
+
+def test_network_decisions_and_artifacts_are_tables_of_text(
+    world: World, serve: Serve, browser: Any
+) -> None:
+    chain, cell = RunChain(), "netrun-1"
+    isolation = ["ns:net", "network:egress-allowlist"]
+    sha = "ab" * 32
+    events = [
+        stamp(chain, ev.LIFECYCLE_STARTED, cell, {"backend": "cellos", "isolation": isolation}),
+        stamp(chain, ev.DNS_QUERY_REFUSED, cell, {"qname": XSS, "decision": "refused",
+                                                  "reasonCode": "dns_name_not_allowed"}),
+        stamp(chain, ev.L7_EGRESS_DECISION, cell, {"decision": "allowed", "host": "example.org",
+                                                   "reasonCode": "l7_sni_allowlist_match"}),
+        stamp(chain, ev.NETWORK_FLOW_DECISION, cell, {"decision": "dropped", "packets": 3,
+                                                      "bytes": 180, "rule": "drop-rest"}),
+        stamp(chain, ev.EXPORT_COMPLETED, cell, {"name": "report", "path": "/out/r.json",
+                                                 "destination": "s3://b/r.json",
+                                                 "sizeBytes": 1234, "sha256": sha}),
+        stamp(chain, ev.LIFECYCLE_DESTROYED, cell, {"outcome": "succeeded", "exitCode": 0,
+                                                    "terminalState": "clean"}),
+        stamp(chain, ev.COMPLIANCE_SUMMARY, cell, {"outcome": "succeeded", "exitCode": 0,
+                                                   "terminalState": "clean"}),
+    ]
+    publish(world, [wrap_signed(e, signer(world)) for e in events])
+    d = browser
+    d.get(serve.url + f"/#/cell/{cell}")
+    wait_for(d, lambda d: len(d.find_elements("css selector", "#network tbody tr")) == 3)
+    rows = [r.text for r in d.find_elements("css selector", "#network tbody tr")]
+    assert "refused" in rows[0] and XSS in rows[0]
+    assert "allowed" in rows[1] and "dropped" in rows[2]
+    artifacts = d.find_element("css selector", "#artifacts tbody").text
+    assert "report" in artifacts and "1234" in artifacts and sha in artifacts
+    assert "network:egress-allowlist" in d.find_element("id", "isolation").text
+    assert d.find_elements("css selector", "img") == [] and d.title == "CellOS console"
+    shot(d, "network")
