@@ -259,6 +259,7 @@ def test_a_tampered_run_shows_the_broken_chain_at_its_seq(
     d.get(serve.url + "/#/")
     wait_for(d, lambda d: "broken chain" in badge(d, cell))
     assert badge(d, cell) == "broken chain at seq 3"
+    shot(d, "cells-evidence")
     d.find_element("link text", cell).click()
     d.find_element("id", "verify-button").click()
     wait_for(d, lambda d: d.find_element("id", "verify-result").text.startswith("error:"))

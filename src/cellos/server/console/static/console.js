@@ -168,7 +168,7 @@ function insertSorted(row, id) {
 }
 
 function status() {
-  $("cells-status").textContent = cells.size + " cells · " + updates + " live updates";
+  $("cells-status").textContent = cells.size + (cells.size === 1 ? " cell · " : " cells · ") + updates + " live updates";
   $("cells-table").dataset.updates = String(updates);
   $("cells-table").dataset.cells = String(cells.size);
 }
