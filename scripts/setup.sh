@@ -29,6 +29,9 @@ command -v node >/dev/null 2>&1 || want_pkgs+=(nodejs)
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want_pkgs+=(nftables)
 # The microVM backend boots guests with QEMU; its image is built with gcc (static guest init).
 command -v qemu-system-x86_64 >/dev/null 2>&1 || want_pkgs+=(qemu-system-x86)
+# The console's browser tests drive Debian's headless Chromium through its chromedriver.
+command -v chromium >/dev/null 2>&1 || want_pkgs+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || want_pkgs+=(chromium-driver)
 
 if [ "$(id -u)" = 0 ]; then SUDO=""
 elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"

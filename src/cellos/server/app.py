@@ -28,6 +28,7 @@ from cellos.core.errors import CellosError
 from cellos.core.loading import MAX_DOCUMENT_BYTES
 from cellos.core.signing import VerifyKeys
 from cellos.server.auth import TOKEN, auth_middleware, check_token
+from cellos.server.console import setup_console
 from cellos.server.handlers import HUB
 from cellos.server.hub import Hub
 from cellos.server.openapi import OPENAPI_PATH, openapi_document
@@ -80,6 +81,7 @@ def build_app(hub: Hub, token: str) -> web.Application:
         return web.json_response(document)
 
     app.router.add_get(OPENAPI_PATH, openapi)
+    setup_console(app)
 
     async def on_shutdown(app: web.Application) -> None:
         hub.closing.set()

@@ -17,8 +17,10 @@ log = logging.getLogger(__name__)
 #: Shortest accepted API token: anything shorter is guessable.
 MIN_TOKEN_CHARS: Final = 16
 TOKEN: Final = web.AppKey("token", str)
-#: Paths served without a token (liveness, the API contract).
-OPEN_PATHS: Final = frozenset({"/healthz", "/openapi.json"})
+#: Paths served without a token (liveness, the API contract, the console's page).
+OPEN_PATHS: Final = frozenset({"/healthz", "/openapi.json", "/"})
+#: The console's static files: they hold no data (every data request carries the token).
+OPEN_PREFIXES: Final = ("/console/",)
 
 
 def check_token(token: str, source: str) -> str:
@@ -35,7 +37,7 @@ def check_token(token: str, source: str) -> str:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in OPEN_PATHS:
+    if request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES):
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, credentials = header.partition(" ")

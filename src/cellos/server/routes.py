@@ -12,6 +12,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from cellos.server import handlers as h
+from cellos.server.console import api as console
 from cellos.server.params import QueryParam
 from cellos.server.projection import CellState
 from cellos.server.schemas import CELL_ID_PATTERN, TENANT_PATTERN
@@ -62,8 +63,9 @@ OFFSET: Final = QueryParam(
     minimum=0,
     maximum=MAX_SEQ,
 )
+_RUN_ID_PATTERN: Final = r"^[A-Za-z0-9-]{1,64}$"
 RUN: Final = QueryParam(
-    "run", "The run (default: the cell's current run).", pattern=r"^[A-Za-z0-9-]{1,64}$"
+    "run", "The run (default: the cell's current run).", pattern=_RUN_ID_PATTERN
 )
 
 
@@ -203,6 +205,37 @@ ROUTES: Final[tuple[Route, ...]] = (
         "Replay every event after `since` (or Last-Event-ID), then follow",
         params=[SINCE],
         responses=[_SSE],
+        sse=True,
+    ),
+    Route(
+        "GET",
+        "/v1/cells/{id}/runs/{run}/verdict",
+        console.run_verdict,
+        "getRunVerdict",
+        "What the run's record proves (signed, chain intact, complete), by the verifier of "
+        "`cellos events verify`",
+        responses=[
+            Response(200, "The verdict (a failed check is a 200 with `problem`)", "Verdict"),
+            Response(404, "No such cell, or no such run of it", "Problem"),
+        ],
+        path_params={**_ID, "run": _RUN_ID_PATTERN},
+    ),
+    Route(
+        "GET",
+        "/v1/console/stream",
+        console.console_stream,
+        "streamConsoleCells",
+        "The web console's feed: every cell record with its run's evidence, then each change",
+        responses=[
+            Response(
+                200,
+                "Server-Sent Events: one `cellos.cells` ({items, lastSeq}; each item a Cell "
+                "plus `evidence`, a Verdict or null), then one `cellos.cell` per change "
+                "(`id` = stream sequence).",
+                None,
+                "text/event-stream",
+            )
+        ],
         sse=True,
     ),
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from cellos.server.console.schema import VERDICT
 from cellos.server.projection import CellState
 
 _STR_OR_NULL: Final = {"type": ["string", "null"]}
@@ -131,4 +132,5 @@ COMPONENTS: Final[dict[str, dict[str, Any]]] = {
     "Problem": PROBLEM,
     "Health": HEALTH,
     "ExecutionCell": DOCUMENT,
+    "Verdict": VERDICT,
 }
