@@ -72,9 +72,7 @@ def test_sse_endpoints_refuse_bad_parameters_per_the_contract(live: Serve) -> No
         status, ctype, body = http(live, path)
         assert status == 400 and ctype.startswith("application/problem+json"), body
     # A cell not known yet is waited for (routes.py: "no 404"): the stream opens.
-    request = urllib.request.Request(
-        f"{live.url}/v1/cells/nope/events/stream", headers=AUTH
-    )
+    request = urllib.request.Request(f"{live.url}/v1/cells/nope/events/stream", headers=AUTH)
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
