@@ -80,6 +80,8 @@ LOCK_POLL_SECONDS = 0.1
 #: Bound of the look-up of earlier attempts in CELLOS_EVENTS (evidence, never a blocker).
 LOOKUP_SECONDS = 5.0
 LOOKUP_MAX_EVENTS = 10_000
+#: Longest pause between attempts to reach an unreachable lock stream.
+LOCK_RETRY_MAX_SECONDS = 2.0
 #: After the grace period: seconds between the stop request (SIGTERM to the workloads) and a
 #: second one (SIGKILL), and how long the supervisor then gets to tear the cells down and
 #: publish their events.
@@ -385,13 +387,27 @@ class Worker:
         start = time.monotonic()
         next_beat = start + self.config.heartbeat
         holder: str | None = None
+        backoff = LOCK_POLL_SECONDS
         while True:
             try:
                 lease = await self._locks.acquire(cell_id, info)
             except Exception as exc:  # noqa: BLE001 - without a lease the cell must not run
-                log.warning("%s: cannot take the lease of cell %s: %s", source, cell_id, exc)
-                await self._give_back(msg, delay=1.0)
-                return None
+                # The lock stream is unreachable (e.g. a NATS node is down): a transient
+                # outage, not a failed delivery. Giving the message back would burn its
+                # deliveries within seconds and strand it; keep it in progress and retry.
+                if self.stopping:
+                    await self._give_back(msg)
+                    return None
+                if backoff == LOCK_POLL_SECONDS:
+                    log.warning("%s: cannot take the lease of cell %s: %s", source, cell_id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, LOCK_RETRY_MAX_SECONDS)
+                now = time.monotonic()
+                if now >= next_beat:
+                    await _settle(msg.in_progress, source, "in_progress")
+                    next_beat = now + self.config.heartbeat
+                continue
+            backoff = LOCK_POLL_SECONDS
             if lease is not None:
                 if holder is not None:
                     log.info("cell %s: lease taken after %.1f s", cell_id, time.monotonic() - start)

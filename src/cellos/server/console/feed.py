@@ -51,8 +51,10 @@ class ConsoleFeed:
 
     async def close(self) -> None:
         if self._sub is not None:
+            # Bounded: on a cluster whose node went away an unsubscribe may never be answered,
+            # and shutting the server down must not wait for it.
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+                await asyncio.wait_for(self._sub.unsubscribe(), CLOSE_SECONDS)
 
     async def _on_event(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
@@ -87,6 +89,9 @@ class ConsoleFeed:
             return None
         return {**view, "evidence": self.index.verdict(cell_id, view.get("runId"))}
 
+
+#: Longest wait for the feed's subscription to close at shutdown.
+CLOSE_SECONDS: Final = 2.0
 
 FEED: Final = web.AppKey("console_feed", ConsoleFeed)
 
