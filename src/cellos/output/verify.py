@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cellos.core.errors import InvalidSpec
 from cellos.core.envelopes import inner_event
+from cellos.core.errors import InvalidSpec
 from cellos.core.events import COMMAND_COMPLETED
 from cellos.core.ports import STREAMS
 from cellos.core.signing import VerifyKeys
