@@ -12,7 +12,8 @@ What is checked, event by event:
   duplicate keys or NaN;
 * with keys, every line is a signed envelope that verifies (``verify_envelope``), in either
   format (``envelope`` or ``dsse``; a file may mix them); an unsigned line fails. Without
-  keys, envelopes are only checked structurally and plain events are accepted -- that mode proves chain integrity, not authenticity;
+  keys, envelopes are only checked structurally and plain events are accepted -- that mode
+  proves chain integrity, not authenticity;
 * every (inner) event carries ``cellosrunid``/``cellosseq``/``cellosprev``; per run, the
   sequence starts at 0 and grows by exactly 1, each ``cellosprev`` is the digest of the
   previous inner event of that run (``GENESIS`` for seq 0), and nothing follows the run's
