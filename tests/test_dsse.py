@@ -310,3 +310,25 @@ class _HmacDsse(HmacSigner):
 
     def __init__(self) -> None:
         super().__init__("h", b"s" * 32)
+
+
+def test_server_projection_and_readers_fold_a_dsse_run(dsse_run: tuple[Path, Path, str]) -> None:
+    """The API server's projection, its event items and the MCP run log read DSSE envelopes
+    exactly as they read the plain events they carry."""
+    from cellos.mcp.runlog import _run_id
+    from cellos.server.hub import event_item
+    from cellos.server.projection import Projection
+
+    events, _, _ = dsse_run
+    lines = events.read_text().splitlines()
+    wires = [json.loads(line) for line in lines]
+    inners = [inner_event(w) for w in wires]
+    signed, plain = Projection(), Projection()
+    for seq, (wire, inner) in enumerate(zip(wires, inners, strict=True), start=1):
+        assert signed.apply(seq, wire) == plain.apply(seq, inner) == "dsse-1"
+        item = event_item(seq, "cellos.events.x", lines[seq - 1].encode())
+        assert item["signed"] is True and item["cellId"] == "dsse-1"
+        assert item["runSeq"] == seq - 1 and item["type"] == inner["type"]  # type: ignore[index]
+        assert _run_id(lines[seq - 1].encode()) == inner["cellosrunid"]  # type: ignore[index]
+    assert signed.skipped == plain.skipped == []
+    assert signed.cells["dsse-1"].state == plain.cells["dsse-1"].state
