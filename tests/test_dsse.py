@@ -332,3 +332,32 @@ def test_server_projection_and_readers_fold_a_dsse_run(dsse_run: tuple[Path, Pat
         assert _run_id(lines[seq - 1].encode()) == inner["cellosrunid"]  # type: ignore[index]
     assert signed.skipped == plain.skipped == []
     assert signed.cells["dsse-1"].state == plain.cells["dsse-1"].state
+
+
+def test_the_documented_recipe_verifies_with_securesystemslib_only(
+    dsse_run: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    """docs/events.md's recipe, run as written: it verifies a real run, and refuses a
+    tampered payload."""
+    text = (REPO / "docs" / "events.md").read_text(encoding="utf-8")
+    block = text.split("<!-- dsse-recipe: tests/test_dsse.py runs this block -->\n```python\n")[1]
+    script = tmp_path / "verify_dsse.py"
+    script.write_text(block.split("```")[0], encoding="utf-8")
+    assert "cellos" not in script.read_text().replace("cellosrunid", "").replace("cellosseq", "")
+    events, keys_file, _ = dsse_run
+
+    def run(path: Path) -> subprocess.CompletedProcess[str]:
+        # -I: isolated mode; the script sees the venv's site-packages, not the repo's src.
+        cmd = [sys.executable, "-I", str(script), str(path), str(keys_file)]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, check=False)
+
+    ok = run(events)
+    lines = events.read_text().splitlines()
+    assert ok.returncode == 0, ok
+    assert len(ok.stdout.splitlines()) == len(lines)
+    envelope = json.loads(lines[1])
+    _tamper(envelope["data"], "payload")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([lines[0], json.dumps(envelope), *lines[2:]]) + "\n")
+    refused = run(bad)
+    assert refused.returncode != 0 and "VerificationError" in refused.stderr

@@ -19,7 +19,6 @@ from cellos.core.signing import VerifyKeys
 from cellos.verify import EventVerifier
 
 
-
 @dataclass(frozen=True)
 class Verdict:
     ok: bool
