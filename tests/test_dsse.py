@@ -361,3 +361,18 @@ def test_the_documented_recipe_verifies_with_securesystemslib_only(
     bad.write_text("\n".join([lines[0], json.dumps(envelope), *lines[2:]]) + "\n")
     refused = run(bad)
     assert refused.returncode != 0 and "VerificationError" in refused.stderr
+
+
+def test_a_deeply_nested_payload_is_a_clear_failure_not_a_crash(
+    dsse_run: tuple[Path, Path, str], cellos_cli: Run, tmp_path: Path
+) -> None:
+    events, keys_file, _ = dsse_run
+    lines = events.read_text().splitlines()
+    envelope = json.loads(lines[0])
+    envelope["data"]["payload"] = dsse.b64encode(b"[" * 200_000 + b"]" * 200_000)
+    assert inner_event(envelope) is None
+    path = tmp_path / "deep.jsonl"
+    path.write_text("\n".join([json.dumps(envelope), *lines[1:]]) + "\n")
+    result = verify_cli(cellos_cli, path, keys_file)
+    assert result.code == 1 and "Traceback" not in result.stderr, result
+    assert result.stderr.startswith(f"error: {path}:1: DSSE payload is nested too deeply"), result

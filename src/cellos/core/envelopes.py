@@ -51,7 +51,7 @@ def _dsse_inner(data: Any) -> dict[str, Any] | None:
         return None
     try:
         inner = strict_loads(payload)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (ValueError, RecursionError):  # bad JSON or UTF-8; or nested too deeply
         return None
     return inner if isinstance(inner, dict) else None
 

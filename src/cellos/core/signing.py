@@ -435,6 +435,8 @@ class _DsseFormat:
             inner = strict_loads(payload)
         except ValueError as exc:  # includes bad UTF-8 and duplicate keys
             raise SignatureInvalid(f"DSSE payload is not a JSON event: {exc}") from None
+        except RecursionError:  # a shallow line can carry a deeply nested payload
+            raise SignatureInvalid("DSSE payload is nested too deeply") from None
         if not isinstance(inner, dict):
             raise SignatureInvalid("DSSE payload must be a JSON object")
         # One byte form per event: the payload must be exactly what the signer writes, so the
