@@ -48,6 +48,9 @@ NEVER_FOR_A_PLAIN_RUN = {
     "cellos.network",
     "cellos.server",
     "cellos.sinks.jetstream",
+    "cellos.core.signing",
+    "cellos.core.dsse",
+    "securesystemslib",
 }
 
 
@@ -111,3 +114,19 @@ def test_signing_loads_cryptography_when_asked_for(tmp_path: Path) -> None:
         CELLOS_EVENT_SIGNING_KEY_BASE64=key,
     )
     assert "cryptography" in modules
+    assert "cellos.core.dsse" not in modules  # the default format does not load DSSE
+
+
+def test_dsse_signing_loads_dsse_but_not_securesystemslib(tmp_path: Path) -> None:
+    key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    modules = _imported(
+        tmp_path,
+        DOCUMENT,
+        "cell.json",
+        CELLOS_EVENT_SIGNING="ed25519",
+        CELLOS_EVENT_SIGNING_FORMAT="dsse",
+        CELLOS_EVENT_SIGNING_KID="ci",
+        CELLOS_EVENT_SIGNING_KEY_BASE64=key,
+    )
+    assert "cellos.core.dsse" in modules
+    assert _roots(modules, {"securesystemslib"}) == set()

@@ -10,9 +10,10 @@ What is checked, event by event:
 
 * every line is one JSON object (no blank lines; a final newline is optional), without
   duplicate keys or NaN;
-* with keys, every line is a signed envelope that verifies (``unwrap_signed``); an unsigned
-  line fails. Without keys, envelopes are only checked structurally and plain events are
-  accepted -- that mode proves chain integrity, not authenticity;
+* with keys, every line is a signed envelope that verifies (``verify_envelope``), in either
+  format (``envelope`` or ``dsse``; a file may mix them); an unsigned line fails. Without
+  keys, envelopes are only checked structurally and plain events are accepted -- that mode
+  proves chain integrity, not authenticity;
 * every (inner) event carries ``cellosrunid``/``cellosseq``/``cellosprev``; per run, the
   sequence starts at 0 and grows by exactly 1, each ``cellosprev`` is the digest of the
   previous inner event of that run (``GENESIS`` for seq 0), and nothing follows the run's
@@ -43,7 +44,7 @@ from cellos.core.chain import GENESIS, PREV_ATTR, RUN_ID_ATTR, SEQ_ATTR
 from cellos.core.envelopes import is_envelope
 from cellos.core.errors import InvalidSpec
 from cellos.core.events import COMPLIANCE_SUMMARY
-from cellos.core.signing import SignatureInvalid, VerifyKeys, parse_envelope, unwrap_signed
+from cellos.core.signing import SignatureInvalid, VerifyKeys, parse_envelope, verify_envelope
 
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 _MAX_KEYS_FILE_BYTES: Final = 1 << 20
@@ -144,8 +145,8 @@ def _inner_event(obj: Any, keys: VerifyKeys | None) -> tuple[dict[str, Any], str
         if keys is not None:
             if not is_envelope(obj):
                 raise _Reject("unsigned event, but verify keys were given")
-            inner = unwrap_signed(obj, keys)
-            return inner, str(obj["data"]["kid"])
+            env = verify_envelope(obj, keys)
+            return env.event, env.kid
         if is_envelope(obj):
             return parse_envelope(obj).event, None
     except SignatureInvalid as exc:

@@ -3,6 +3,11 @@
 One rule for every reader (the JetStream sink, the DLQ, the projection, ``cellos events
 verify``), so that they cannot disagree on which cell an event belongs to. Nothing here
 checks a signature: :func:`cellos.core.signing.unwrap_signed` does, when there are keys.
+
+Both signing formats share the envelope type ``dev.cellos.events.signed_envelope.v1``: the
+``envelope`` format carries the inner event as ``data.event``, the ``dsse`` format as the
+base64 ``data.payload`` of a DSSE envelope (``datacontenttype``
+``application/vnd.dsse.envelope.v1+json``). :func:`inner_event` opens either.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ from typing import Any, Final
 from cellos.core.events import SIGNED_ENVELOPE
 
 CELL_URN_PREFIX: Final = "urn:cellos:cell:"
+# Equal to cellos.core.dsse.CONTENT_TYPE (tests check), spelled out so that opening an
+# envelope of the default format imports nothing more.
+_DSSE_CONTENT_TYPE: Final = "application/vnd.dsse.envelope.v1+json"
 
 
 def is_envelope(event: Any) -> bool:
@@ -27,7 +35,24 @@ def inner_event(event: Any) -> dict[str, Any] | None:
     if event.get("type") != SIGNED_ENVELOPE:
         return event
     data = event.get("data")
+    if event.get("datacontenttype") == _DSSE_CONTENT_TYPE:
+        return _dsse_inner(data)
     inner = data.get("event") if isinstance(data, dict) else None
+    return inner if isinstance(inner, dict) else None
+
+
+def _dsse_inner(data: Any) -> dict[str, Any] | None:
+    # Imported here: a run without DSSE (most) never needs base64 decoding of events.
+    from cellos.core.canonical import strict_loads
+    from cellos.core.dsse import decode_payload
+
+    payload = decode_payload(data)
+    if payload is None:
+        return None
+    try:
+        inner = strict_loads(payload)
+    except (ValueError, RecursionError):  # bad JSON or UTF-8; or nested too deeply
+        return None
     return inner if isinstance(inner, dict) else None
 
 

@@ -14,10 +14,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from cellos.core.envelopes import inner_event
 from cellos.core.signing import VerifyKeys
 from cellos.verify import EventVerifier
-
-SIGNED_TYPE = "dev.cellos.events.signed_envelope.v1"
 
 
 @dataclass(frozen=True)
@@ -45,11 +44,10 @@ def _run_id(line: bytes) -> str | None:
         event = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(event, dict):
+    # The one unwrap rule: an envelope of either signing format (envelope, dsse).
+    event = inner_event(event)
+    if event is None:
         return None
-    if event.get("type") == SIGNED_TYPE:
-        inner = (event.get("data") or {}).get("event")
-        event = inner if isinstance(inner, dict) else {}
     run_id = event.get("cellosrunid")
     return run_id if isinstance(run_id, str) else None
 

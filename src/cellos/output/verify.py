@@ -14,8 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from cellos.core.envelopes import inner_event
 from cellos.core.errors import InvalidSpec
-from cellos.core.events import COMMAND_COMPLETED, SIGNED_ENVELOPE
+from cellos.core.events import COMMAND_COMPLETED
 from cellos.core.ports import STREAMS
 from cellos.core.signing import VerifyKeys
 
@@ -29,10 +30,8 @@ class LogCheck:
 
 
 def _inner(obj: Any) -> Any:
-    if isinstance(obj, dict) and obj.get("type") == SIGNED_ENVELOPE:
-        data = obj.get("data")
-        return data.get("event") if isinstance(data, dict) else None
-    return obj
+    # The one unwrap rule (both signing formats); only needs the inner event, not its proof.
+    return inner_event(obj)
 
 
 def find_record(events_path: str, cell_id: str, run_id: str | None) -> dict[str, Any]:

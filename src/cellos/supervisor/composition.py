@@ -95,10 +95,14 @@ def build_supervisor(env: Mapping[str, str]) -> Supervisor:
     """Compose a supervisor; every refusal is a PolicyRefused naming the variable."""
     settings = read_settings(env)
     signer = None
-    if env.get("CELLOS_EVENT_SIGNING", "").strip() not in ("", "off"):
+    signing = env.get("CELLOS_EVENT_SIGNING", "").strip() not in ("", "off")
+    # The format's default needs no check; any other value is checked by the signing module,
+    # which is imported only then (an unsigned run must not pay for it).
+    if signing or env.get("CELLOS_EVENT_SIGNING_FORMAT", "").strip() not in ("", "envelope"):
         # Signing (and its base64/cryptography imports) only when it is configured.
-        from cellos.core.signing import signer_from_env
+        from cellos.core.signing import format_from_env, signer_from_env
 
+        format_from_env(env, signing=signing)  # refuses a bad format even with signing off
         signer = signer_from_env(env)
     if settings.profile == "hardened":
         if settings.backend == "stub":

@@ -234,9 +234,18 @@ function renderCellSummary(record) {
   dl.dataset.state = record.state;
 }
 
+// The inner event of a signed envelope, of either format (cellos.core.envelopes.inner_event):
+// "envelope" carries it as data.event, "dsse" as the base64 DSSE payload (UTF-8 JSON).
 function inner(event) {
-  if (event && event.type === "dev.cellos.events.signed_envelope.v1" && event.data) return event.data.event || {};
-  return event || {};
+  if (!(event && event.type === "dev.cellos.events.signed_envelope.v1" && event.data)) return event || {};
+  if (event.datacontenttype !== "application/vnd.dsse.envelope.v1+json") return event.data.event || {};
+  try {
+    const bytes = Uint8Array.from(atob(event.data.payload), (c) => c.charCodeAt(0));
+    const decoded = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
+    return decoded && typeof decoded === "object" ? decoded : {};
+  } catch {
+    return {};
+  }
 }
 
 const NETWORK = ["observability.v1.network_flow_decision", "observability.v1.dns_query_permitted",
