@@ -119,6 +119,8 @@ class S3ExportSink:
             Key=key,
             Body=staged.file.read(),
             ContentLength=staged.size,
+            # Both: the algorithm names the header, the value is ours (botocore computes none).
+            ChecksumAlgorithm="SHA256",
             ChecksumSHA256=staged.sha256_b64,
             Metadata={"sha256": staged.sha256_hex},
         )
@@ -144,6 +146,7 @@ class S3ExportSink:
                     UploadId=upload_id,
                     PartNumber=number,
                     Body=chunk,
+                    ChecksumAlgorithm="SHA256",
                     ChecksumSHA256=checksum,
                 )
                 parts.append(
@@ -160,7 +163,5 @@ class S3ExportSink:
             # Never leave the parts behind: they cost storage and are not the artifact.
             # The upload's own error is the one to report, not the abort's.
             with contextlib.suppress(Exception):
-                self._client.abort_multipart_upload(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id
-                )
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             raise
