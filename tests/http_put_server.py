@@ -122,3 +122,18 @@ class PutServer:
                 self._answer(201)
 
         return Handler
+
+
+def main() -> None:
+    """``python -m tests.http_put_server``: serve (hashing, not keeping, bodies) in its own
+    process, so a benchmark's client and server do not share one interpreter lock; prints the
+    URL, stops when stdin closes."""
+    import sys
+
+    with PutServer(keep_bodies=False) as server:
+        print(server.url, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()
