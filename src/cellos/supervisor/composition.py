@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from cellos.brokers import make_broker
 from cellos.core.errors import PolicyRefused
 from cellos.core.ports import EventSink
-from cellos.exports.local import LocalExportSink
+from cellos.exports.select import make_exporter
 from cellos.hosts.registry import make_backend, make_reaper
 from cellos.output.settings import output_settings
 from cellos.sinks.dlq import DlqSink
@@ -127,13 +127,15 @@ def build_supervisor(env: Mapping[str, str]) -> Supervisor:
         if jetstream_wanted(env)
         else None,
     )
+    # The export destination is checked before the backend exists: a refusal costs nothing.
+    broker = make_broker(env)
+    exporter = make_exporter(env, broker)
     backend = make_backend(settings.backend, env)
-    export_dir = env.get("CELLOS_EXPORT_DIR", "").strip()
     return Supervisor(
         backend=backend,
         sinks=_sinks(env),
-        broker=make_broker(env),
-        exporter=LocalExportSink(export_dir) if export_dir else None,
+        broker=broker,
+        exporter=exporter,
         signer=signer,
         host=os.uname().nodename,  # socket.gethostname() without importing socket
         default_ttl_seconds=settings.default_ttl_seconds,
