@@ -364,9 +364,7 @@ BAD_DOCUMENTS = [
     ),
     # Empty argv.
     Bad("argv-empty", lambda m: _valid(m, run={"argv": []}), ("spec.run.argv",)),
-    Bad(
-        "argv-empty-program", lambda m: _valid(m, run={"argv": ["", m]}), ("spec.run.argv[0]",)
-    ),
+    Bad("argv-empty-program", lambda m: _valid(m, run={"argv": ["", m]}), ("spec.run.argv[0]",)),
     Bad(
         "argv-nul",
         lambda m: _valid(m, run={"argv": ["/bin/touch", m + "\0x"]}),

@@ -200,11 +200,10 @@ def test_two_workers_on_a_three_node_cluster_survive_a_node_kill(
             by_cell.setdefault(last["data"]["cellId"], []).append(last)
         assert sorted(by_cell) == sorted(f"cl.{i:03d}" for i in range(CELLS))
         for cell, summaries in by_cell.items():
-            attempts = [s["data"]["delivery"]["attempt"] for s in summaries]
-            # At-least-once: a rerun says it is one, and names the runs before it.
-            assert attempts == sorted(attempts) and attempts[0] >= 1, (cell, attempts)
-            for summary in summaries[1:]:
-                assert summary["data"]["delivery"]["attempt"] > 1, cell
+            # At-least-once: a rerun says it is one. Stream order need not be attempt order:
+            # the first attempt's events may reach the stream last, from its worker's DLQ.
+            attempts = sorted(s["data"]["delivery"]["attempt"] for s in summaries)
+            assert attempts[0] >= 1 and len(set(attempts)) == len(attempts), (cell, attempts)
 
         env = base_env(
             tmp_path, CELLOS_NATS_URL=cluster.url(1), CELLOS_DLQ_DIR=str(tmp_path / "s-dlq")

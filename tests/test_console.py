@@ -90,8 +90,14 @@ def browser(serve: Serve) -> Iterator[Any]:
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000", "--no-first-run"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+        "--no-first-run",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     driver.set_script_timeout(30)
@@ -125,11 +131,13 @@ def row_state(driver: Any, cell_id: str) -> str | None:
 
 
 def badge(driver: Any, cell_id: str) -> str:
-    return str(driver.execute_script(
-        "const r = document.querySelector(`tr[data-cell-id='${arguments[0]}']`);"
-        "return r ? r.cells[8].textContent : '';",
-        cell_id,
-    ))
+    return str(
+        driver.execute_script(
+            "const r = document.querySelector(`tr[data-cell-id='${arguments[0]}']`);"
+            "return r ? r.cells[8].textContent : '';",
+            cell_id,
+        )
+    )
 
 
 # --- publishing hand-built runs straight to JetStream (the supervisor's wire format) -------
@@ -173,8 +181,15 @@ def test_submit_watch_live_and_see_the_evidence(world: World, serve: Serve, brow
     # Validation errors per JSON path, nothing queued.
     d.get(serve.url + "/#/submit")
     area = d.find_element("id", "document")
-    area.send_keys(json.dumps({"apiVersion": "cellos.io/v1", "kind": "ExecutionCell",
-                               "spec": {"id": "bad id!", "run": {"argv": []}}}))
+    area.send_keys(
+        json.dumps(
+            {
+                "apiVersion": "cellos.io/v1",
+                "kind": "ExecutionCell",
+                "spec": {"id": "bad id!", "run": {"argv": []}},
+            }
+        )
+    )
     d.find_element("css selector", "#submit-form button").click()
     wait_for(d, lambda d: d.find_element("id", "submit-errors").is_displayed())
     paths = [e.text for e in d.find_elements("css selector", "#submit-errors tbody td:first-child")]
@@ -183,8 +198,11 @@ def test_submit_watch_live_and_see_the_evidence(world: World, serve: Serve, brow
 
     # A real cell: a hostile label and hostile output, shown as text.
     script = f"printf '%s\\n' {json.dumps(XSS)}; sleep 2; echo second-line"
-    document = doc("console-live-1", argv=["/bin/sh", "-c", script],
-                   correlation={"tenantId": "acme", "labels": {"note": XSS}})
+    document = doc(
+        "console-live-1",
+        argv=["/bin/sh", "-c", script],
+        correlation={"tenantId": "acme", "labels": {"note": XSS}},
+    )
     area.clear()
     area.send_keys(json.dumps(document))
     d.find_element("css selector", "#submit-form button").click()
@@ -245,10 +263,18 @@ def test_a_tampered_run_shows_the_broken_chain_at_its_seq(
         stamp(chain, ev.LIFECYCLE_STARTED, cell, {"backend": "stub"}),
         stamp(chain, ev.PROCESS_SPAWNED, cell, {"program": "/bin/true", "argc": 1}),
         stamp(chain, ev.COMMAND_COMPLETED, cell, {"exitCode": 0}),
-        stamp(chain, ev.LIFECYCLE_DESTROYED, cell, {"outcome": "succeeded", "exitCode": 0,
-                                                    "terminalState": "clean"}),
-        stamp(chain, ev.COMPLIANCE_SUMMARY, cell, {"outcome": "succeeded", "exitCode": 0,
-                                                   "terminalState": "clean"}),
+        stamp(
+            chain,
+            ev.LIFECYCLE_DESTROYED,
+            cell,
+            {"outcome": "succeeded", "exitCode": 0, "terminalState": "clean"},
+        ),
+        stamp(
+            chain,
+            ev.COMPLIANCE_SUMMARY,
+            cell,
+            {"outcome": "succeeded", "exitCode": 0, "terminalState": "clean"},
+        ),
     ]
     # Someone with the key rewrites the exit code of seq 2 and signs it again: its signature
     # verifies, but seq 3's cellosprev no longer matches.
@@ -272,31 +298,44 @@ def test_a_thousand_cells_and_fifty_updates_per_second(
 ) -> None:
     sign = signer(world)
     chains = {f"bulk-{i:04d}": RunChain() for i in range(1000)}
-    first = [wrap_signed(stamp(c, ev.LIFECYCLE_STARTED, cid, {"backend": "stub"}), sign)
-             for cid, c in chains.items()]
+    first = [
+        wrap_signed(stamp(c, ev.LIFECYCLE_STARTED, cid, {"backend": "stub"}), sign)
+        for cid, c in chains.items()
+    ]
     publish(world, first)
     d = browser
     d.get(serve.url + "/#/")
     d.refresh()  # a fresh page: the snapshot of every cell in one event
     started = time.monotonic()
-    wait_for(d, lambda d: int(d.find_element("id", "cells-table").get_attribute("data-cells")
-                              or 0) >= 1000)
+    wait_for(
+        d,
+        lambda d: int(d.find_element("id", "cells-table").get_attribute("data-cells") or 0) >= 1000,
+    )
     render_s = time.monotonic() - started
     before = int(d.find_element("id", "cells-table").get_attribute("data-updates") or 0)
     updated = list(chains)[:200]
-    spawned = [wrap_signed(stamp(chains[cid], ev.PROCESS_SPAWNED, cid, {"argc": 1}), sign)
-               for cid in updated]
+    spawned = [
+        wrap_signed(stamp(chains[cid], ev.PROCESS_SPAWNED, cid, {"argc": 1}), sign)
+        for cid in updated
+    ]
     rate = publish(world, spawned, pace=1 / 50)
-    wait_for(d, lambda d: int(d.find_element("id", "cells-table").get_attribute("data-updates")
-                              or 0) >= before + len(updated))
+    wait_for(
+        d,
+        lambda d: (
+            int(d.find_element("id", "cells-table").get_attribute("data-updates") or 0)
+            >= before + len(updated)
+        ),
+    )
     states = d.execute_script(
         "return arguments[0].map(id => document.querySelector(`tr[data-cell-id='${id}']`)"
         ".dataset.state);",
         updated,
     )
     after = int(d.find_element("id", "cells-table").get_attribute("data-updates") or 0)
-    print(f"console: 1000 cells rendered in {render_s:.2f} s; {len(updated)} updates at "
-          f"{rate:.1f}/s, {after - before} received")
+    print(
+        f"console: 1000 cells rendered in {render_s:.2f} s; {len(updated)} updates at "
+        f"{rate:.1f}/s, {after - before} received"
+    )
     assert rate >= 45
     assert after - before == len(updated)  # none dropped, none duplicated
     assert set(states) == {"RUNNING"}
@@ -336,19 +375,48 @@ def test_network_decisions_and_artifacts_are_tables_of_text(
     sha = "ab" * 32
     events = [
         stamp(chain, ev.LIFECYCLE_STARTED, cell, {"backend": "cellos", "isolation": isolation}),
-        stamp(chain, ev.DNS_QUERY_REFUSED, cell, {"qname": XSS, "decision": "refused",
-                                                  "reasonCode": "dns_name_not_allowed"}),
-        stamp(chain, ev.L7_EGRESS_DECISION, cell, {"decision": "allowed", "host": "example.org",
-                                                   "reasonCode": "l7_sni_allowlist_match"}),
-        stamp(chain, ev.NETWORK_FLOW_DECISION, cell, {"decision": "dropped", "packets": 3,
-                                                      "bytes": 180, "rule": "drop-rest"}),
-        stamp(chain, ev.EXPORT_COMPLETED, cell, {"name": "report", "path": "/out/r.json",
-                                                 "destination": "s3://b/r.json",
-                                                 "sizeBytes": 1234, "sha256": sha}),
-        stamp(chain, ev.LIFECYCLE_DESTROYED, cell, {"outcome": "succeeded", "exitCode": 0,
-                                                    "terminalState": "clean"}),
-        stamp(chain, ev.COMPLIANCE_SUMMARY, cell, {"outcome": "succeeded", "exitCode": 0,
-                                                   "terminalState": "clean"}),
+        stamp(
+            chain,
+            ev.DNS_QUERY_REFUSED,
+            cell,
+            {"qname": XSS, "decision": "refused", "reasonCode": "dns_name_not_allowed"},
+        ),
+        stamp(
+            chain,
+            ev.L7_EGRESS_DECISION,
+            cell,
+            {"decision": "allowed", "host": "example.org", "reasonCode": "l7_sni_allowlist_match"},
+        ),
+        stamp(
+            chain,
+            ev.NETWORK_FLOW_DECISION,
+            cell,
+            {"decision": "dropped", "packets": 3, "bytes": 180, "rule": "drop-rest"},
+        ),
+        stamp(
+            chain,
+            ev.EXPORT_COMPLETED,
+            cell,
+            {
+                "name": "report",
+                "path": "/out/r.json",
+                "destination": "s3://b/r.json",
+                "sizeBytes": 1234,
+                "sha256": sha,
+            },
+        ),
+        stamp(
+            chain,
+            ev.LIFECYCLE_DESTROYED,
+            cell,
+            {"outcome": "succeeded", "exitCode": 0, "terminalState": "clean"},
+        ),
+        stamp(
+            chain,
+            ev.COMPLIANCE_SUMMARY,
+            cell,
+            {"outcome": "succeeded", "exitCode": 0, "terminalState": "clean"},
+        ),
     ]
     publish(world, [wrap_signed(e, signer(world)) for e in events])
     d = browser

@@ -72,9 +72,7 @@ def test_an_altered_event_breaks_the_chain_at_the_next_seq() -> None:
     assert "cellosprev does not match" in v["problem"]["reason"]
     missing = run_events("c")
     del missing[1]
-    assert verdict([wrap_signed(e, SIGNER) for e in missing])["badges"] == [
-        "broken chain at seq 2"
-    ]
+    assert verdict([wrap_signed(e, SIGNER) for e in missing])["badges"] == ["broken chain at seq 2"]
 
 
 def test_without_keys_the_chain_is_checked_but_nothing_authenticated() -> None:

@@ -68,7 +68,11 @@ def verify_log(env: dict[str, str]) -> None:
     keys = Path(env["HOME"]) / "keys" / "mcp-test.verify-keys.json"
     proc = subprocess.run(
         [*CELLOS, "events", "verify", str(events_file(env)), "--keys", str(keys)],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "signed, chain intact" in proc.stdout
@@ -158,8 +162,12 @@ def test_python_prints_streams_and_returns_its_file(server_env: dict[str, str]) 
         assert artifact["name"] == "result.txt" and artifact["exported"]
         assert base64.b64decode(artifact["contentBase64"]) == b"written by the cell"
         assert result["evidence"] == {
-            "ok": True, "signed": True, "chainIntact": True, "complete": True,
-            "events": result["evidence"]["events"], "error": None,
+            "ok": True,
+            "signed": True,
+            "chainIntact": True,
+            "complete": True,
+            "events": result["evidence"]["events"],
+            "error": None,
         }
         # Live: the first line arrived as progress well before the call returned.
         assert progress and progress[0][1] == "stdout: first\n"
@@ -185,9 +193,7 @@ def test_bash_nonzero_exit_and_node(server_env: dict[str, str]) -> None:
         assert result["exitCode"] == 3 and result["outcome"] == "failed"
         assert result["stderr"] == "oops\n" and not result["forced"]
         assert result["evidence"]["ok"]
-        result = await call(
-            session, "run_code", {"language": "node", "code": "console.log(6 * 7)"}
-        )
+        result = await call(session, "run_code", {"language": "node", "code": "console.log(6 * 7)"})
         assert (result["exitCode"], result["stdout"]) == (0, "42\n"), result
         # Output beyond the server's limit is cut and flagged (the record has the full count).
         result = await call(
@@ -233,8 +239,11 @@ def test_egress_without_authority_is_refused(server_env: dict[str, str]) -> None
         text = await refused(
             session,
             "run_code",
-            {"language": "python", "code": code,
-             "egress": [{"cidr": "1.1.1.1/32", "port": 80, "protocol": "tcp"}]},
+            {
+                "language": "python",
+                "code": code,
+                "egress": [{"cidr": "1.1.1.1/32", "port": 80, "protocol": "tcp"}],
+            },
         )
         assert "egress[0]" in text and "not within the egress this server allows" in text
         assert runs_in_log(server_env) == before  # nothing ran
@@ -258,8 +267,7 @@ def test_limits_and_malformed_arguments_are_tool_errors(server_env: dict[str, st
             ("run_code", {"language": "python", "code": "", "files": {"main.py": ""}}, "files"),
             ("run_code", {"language": "python", "code": "", "env": {"1BAD": "x"}}, "env"),
             ("run_code", {"language": "python", "code": "", "artifacts": ["/"]}, "artifacts"),
-            ("run_code", {"language": "python", "code": "",
-                          "egress": [{"port": 80}]}, "egress"),
+            ("run_code", {"language": "python", "code": "", "egress": [{"port": 80}]}, "egress"),
             ("run_command", {"argv": ["/bin/true"], "files": {"f": "x" * 600_000}}, "files"),
             ("get_run", {"run_id": "no-such-run"}, "run_id"),
         ]
@@ -347,7 +355,10 @@ def http_server(server_env: dict[str, str]) -> Iterator[str]:
     env = {**server_env, "CELLOS_API_TOKEN": TOKEN}
     proc = subprocess.Popen(
         [*CELLOS, "mcp", "--http", "--port", "0"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stderr is not None
@@ -360,9 +371,7 @@ def http_server(server_env: dict[str, str]) -> Iterator[str]:
         proc.wait(timeout=20)
 
 
-def test_http_needs_the_token_and_runs_cells(
-    server_env: dict[str, str], http_server: str
-) -> None:
+def test_http_needs_the_token_and_runs_cells(server_env: dict[str, str], http_server: str) -> None:
     for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}):
         response = httpx2.post(http_server, json={}, headers=headers)
         assert response.status_code == 401
@@ -398,7 +407,11 @@ def test_no_token_no_http_server(server_env: dict[str, str]) -> None:
     env = {k: v for k, v in server_env.items() if k != "CELLOS_API_TOKEN"}
     proc = subprocess.run(
         [*CELLOS, "mcp", "--http", "--port", "0"],
-        env=env, capture_output=True, text=True, timeout=30, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: CELLOS_API_TOKEN: not set")

@@ -299,9 +299,7 @@ INEXPRESSIBLE = [
         egress({"cidr": "10.0.0.1/24", "port": 443}),
         "spec.authority.egressRules[0].cidr",
     ),
-    Invalid(
-        "artifact-name-256-bytes", artifacts(art("é" * 128)), "spec.export.artifacts[0].name"
-    ),
+    Invalid("artifact-name-256-bytes", artifacts(art("é" * 128)), "spec.export.artifacts[0].name"),
     Invalid(
         "integer-valued-float", spec(lifetime={"ttlSeconds": 60.0}), "spec.lifetime.ttlSeconds"
     ),

@@ -68,8 +68,10 @@ def _seed_runs(tmp_path: Path, supervisor_cli: Run, backend: str) -> tuple[Path,
         CELLOS_EXPORT_DIR=str(root),
     )
     results = []
-    for cell_id, source, content in (("seq-cell-a", "only-a.txt", "alpha"),
-                                     ("seq-cell-b", "only-b.txt", "beta")):
+    for cell_id, source, content in (
+        ("seq-cell-a", "only-a.txt", "alpha"),
+        ("seq-cell-b", "only-b.txt", "beta"),
+    ):
         (tmp_path / source).write_text(content)
         spec = tmp_path / f"{cell_id}.json"
         spec.write_text(SEED_DOCUMENT % {"id": cell_id, "path": tmp_path / source})

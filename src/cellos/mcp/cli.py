@@ -19,9 +19,7 @@ def register(sub: Any) -> None:
     p.add_argument("--http", action="store_true", help="streamable HTTP instead of stdio")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="HTTP port (0: any free port)")
-    p.add_argument(
-        "--token-file", help="bearer token for --http (default: $CELLOS_API_TOKEN)"
-    )
+    p.add_argument("--token-file", help="bearer token for --http (default: $CELLOS_API_TOKEN)")
     p.add_argument(
         "--data-dir",
         help="events.jsonl and exports/ (default: $CELLOS_MCP_DATA_DIR, else the state dir)",

@@ -108,8 +108,10 @@ def _files(settings: McpSettings, files: Mapping[str, str] | None) -> dict[str, 
             raise CallError(f"files[{name!r}]", "too large for one file (about 88 KiB at most)")
         env[f"{prelude.ENV_PREFIX}{index}"] = encoded
     if total > settings.max_files_bytes:
-        raise CallError("files", f"{total} bytes in all, above this server's limit of "
-                        f"{settings.max_files_bytes}")
+        raise CallError(
+            "files",
+            f"{total} bytes in all, above this server's limit of {settings.max_files_bytes}",
+        )
     return env
 
 

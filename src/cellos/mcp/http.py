@@ -66,8 +66,10 @@ def serve_http(server: Any, token: str, host: str, port: int) -> None:
 
     # The bearer token is the guard; Host/Origin checks are the SDK's DNS-rebinding defence,
     # kept on for loopback and relaxed only when the operator binds elsewhere on purpose.
-    security = None if host in ("127.0.0.1", "localhost", "::1") else TransportSecuritySettings(
-        enable_dns_rebinding_protection=False
+    security = (
+        None
+        if host in ("127.0.0.1", "localhost", "::1")
+        else TransportSecuritySettings(enable_dns_rebinding_protection=False)
     )
     app = BearerGuard(server.streamable_http_app(transport_security=security, host=host), token)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

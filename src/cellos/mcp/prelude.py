@@ -64,9 +64,7 @@ def check_name(name: str) -> str | None:
 
 
 def encode_file(name: str, content: bytes) -> str:
-    return (
-        base64.b64encode(name.encode()).decode() + "." + base64.b64encode(content).decode()
-    )
+    return base64.b64encode(name.encode()).decode() + "." + base64.b64encode(content).decode()
 
 
 def prelude_argv(python: str, target: list[str]) -> list[str]:

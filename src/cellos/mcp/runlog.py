@@ -95,8 +95,9 @@ class RunLog:
         for position, line in enumerate(lines, 1):
             step = verifier.feed_bytes(line, position)
             if not step.ok:
-                return Verdict(False, False, False, False, position - 1, f"event {position}: "
-                               f"{step.reason}")
+                return Verdict(
+                    False, False, False, False, position - 1, f"event {position}: {step.reason}"
+                )
         incomplete = verifier.incomplete()
         return Verdict(
             ok=incomplete is None,

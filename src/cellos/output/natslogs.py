@@ -51,8 +51,6 @@ HEADER_STREAM = "Cellos-Stream"
 HEADER_OFFSET = "Cellos-Offset"
 
 
-
-
 @dataclass(frozen=True)
 class LogsStreamConfig:
     max_bytes: int

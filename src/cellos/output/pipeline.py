@@ -52,7 +52,6 @@ class _Stream:
         #: Digest of what the log holds, taken where the log was cut (None: not cut).
         self.log_digest: Any = None
 
-
     @property
     def digest(self) -> Any:
         """The stream's sha256, created at the first byte: hashlib loads OpenSSL (fast for bulk

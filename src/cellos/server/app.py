@@ -84,7 +84,7 @@ def build_app(hub: Hub, token: str) -> web.Application:
     setup_console(app)
 
     async def on_shutdown(app: web.Application) -> None:
-        hub.closing.set()
+        hub.stop_waiting()
 
     app.on_shutdown.append(on_shutdown)
     return app
@@ -124,7 +124,7 @@ async def serve(config: ServeConfig, ready: Callable[[str], None] | None = None)
                 )
             await stop.wait()
         finally:
-            hub.closing.set()
+            hub.stop_waiting()
             await runner.cleanup()
     finally:
         await hub.close()

@@ -31,6 +31,7 @@ from cellos.core.signing import SignatureInvalid, VerifyKeys, unwrap_signed
 from cellos.natsconn import connect
 from cellos.server.problems import Problem
 from cellos.server.projection import TERMINAL, Projection
+from cellos.server.watermark import Watermark
 from cellos.sinks.jetstream import STREAM, SUBJECTS, ensure_stream
 from cellos.sinks.replay import DEFAULT_INTERVAL_SECONDS, replay_forever
 from cellos.worker import queue
@@ -95,7 +96,8 @@ class Hub:
         #: Stream sequences not folded because they failed verification, with the reason.
         self.rejected: dict[int, str] = {}
         self.closing = asyncio.Event()
-        self._applied = asyncio.Condition()
+        #: The stream sequence the projection has folded so far.
+        self.applied = Watermark()
         self._caught_up = asyncio.Event()
         self._scan_lock = asyncio.Lock()
         self._queue_scanned = 0
@@ -154,8 +156,13 @@ class Hub:
                 )
             )
 
-    async def close(self) -> None:
+    def stop_waiting(self) -> None:
+        """Shutdown has begun: release every request or callback waiting on the hub."""
         self.closing.set()
+        self.applied.close()
+
+    async def close(self) -> None:
+        self.stop_waiting()
         for task in (self._scan_task, self._replay_task):
             if task is not None:
                 task.cancel()
@@ -199,21 +206,12 @@ class Hub:
                 self.projection.apply(seq, payload, msg.subject)
         if meta.num_pending == 0:
             self._caught_up.set()
-        async with self._applied:
-            self._applied.notify_all()
+        self.applied.advance(self.projection.last_seq)
 
     async def wait_applied(self, seq: int, timeout: float | None = 30.0) -> bool:
         """Wait until the projection has folded stream sequence ``seq``."""
 
-        async def reached() -> None:
-            async with self._applied:
-                await self._applied.wait_for(lambda: self.projection.last_seq >= seq)
-
-        try:
-            await asyncio.wait_for(reached(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await self.applied.wait(seq, timeout)
 
     # -- reading events ----------------------------------------------------------------------
 

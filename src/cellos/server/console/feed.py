@@ -23,6 +23,7 @@ from cellos.core.envelopes import cell_id_of, inner_event
 from cellos.server.console.evidence import EvidenceIndex
 from cellos.server.handlers import HUB
 from cellos.server.hub import Hub, _decode
+from cellos.server.watermark import Watermark
 from cellos.sinks.jetstream import STREAM, SUBJECTS
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class ConsoleFeed:
         self.hub = hub
         self.index = EvidenceIndex(hub.keys)
         self.listeners: set[asyncio.Queue[tuple[int, str]]] = set()
-        self._advanced = asyncio.Condition()
+        #: The stream sequence the evidence index has folded so far.
+        self.advanced = Watermark()
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -50,6 +52,7 @@ class ConsoleFeed:
         )
 
     async def close(self) -> None:
+        self.advanced.close()
         if self._sub is not None:
             # Bounded: on a cluster whose node went away an unsubscribe may never be answered,
             # and shutting the server down must not wait for it.
@@ -66,21 +69,12 @@ class ConsoleFeed:
             await self.hub.wait_applied(seq)
             for queue in self.listeners:
                 queue.put_nowait((seq, cell_id))
-        async with self._advanced:
-            self._advanced.notify_all()
+        self.advanced.advance(self.index.last_seq)
 
     async def caught_up(self, seq: int) -> bool:
         """Wait until the index has folded stream sequence ``seq``."""
 
-        async def reached() -> None:
-            async with self._advanced:
-                await self._advanced.wait_for(lambda: self.index.last_seq >= seq)
-
-        try:
-            await asyncio.wait_for(reached(), CATCH_UP_SECONDS)
-        except TimeoutError:
-            return False
-        return True
+        return await self.advanced.wait(seq, CATCH_UP_SECONDS)
 
     def record(self, cell_id: str) -> dict[str, Any] | None:
         """The cell's projected record with its current run's evidence."""

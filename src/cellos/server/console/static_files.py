@@ -32,9 +32,7 @@ HEADERS: Final = {
     "Cache-Control": "no-cache",
 }
 #: The files, read once: a request names one of these or gets 404 (no path handling).
-FILES: Final = {
-    p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and p.suffix in _TYPES
-}
+FILES: Final = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and p.suffix in _TYPES}
 
 
 def _file(name: str) -> web.Response:
