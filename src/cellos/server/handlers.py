@@ -4,9 +4,7 @@ already parsed by :func:`cellos.server.params.read_query` from the route's decla
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 from typing import Any, Final
 
 import nats.errors
@@ -15,11 +13,11 @@ from aiohttp import web
 from cellos.core.errors import InvalidSpec
 from cellos.server.hub import Hub, event_item
 from cellos.server.problems import Problem
+from cellos.server.sse import SseStream
 from cellos.worker import queue
 
 HUB: Final = web.AppKey("hub", Hub)
 #: SSE comment sent when nothing else was, so proxies and clients see a live connection.
-KEEPALIVE_SECONDS: Final = 15.0
 DOCUMENT_TYPES: Final = frozenset(
     {"application/json", "application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"}
 )
@@ -100,11 +98,6 @@ async def cell_events(request: web.Request, query: Query) -> web.Response:
     return web.json_response({"cellId": cell_id, "items": items, "lastSeq": last, "more": more})
 
 
-def _sse(item: dict[str, Any]) -> bytes:
-    data = json.dumps(item, separators=(",", ":"), ensure_ascii=False)
-    return f"id: {item['seq']}\nevent: cellos.event\ndata: {data}\n\n".encode()
-
-
 async def _stream(request: web.Request, query: Query, cell_id: str | None) -> web.StreamResponse:
     hub = request.app[HUB]
     since = _since(request, query)
@@ -114,28 +107,16 @@ async def _stream(request: web.Request, query: Query, cell_id: str | None) -> we
         seqs = hub.projection.event_seqs(cell_id, since) if hub.projection.get(cell_id) else []
         # Skip the part of the stream that holds nothing of this cell.
         start = seqs[0] if seqs else max(start, hub.projection.last_seq + 1)
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await response.prepare(request)
-    await response.write(b"retry: 2000\n\n")
+    stream = await SseStream.open(request)
     sub = await hub.follow(start)
-    loop = asyncio.get_running_loop()
-    last_write = loop.time()
     try:
         while not hub.closing.is_set():
             try:
                 msg = await sub.next_msg(timeout=1.0)
             except nats.errors.TimeoutError:
-                if request.transport is None or request.transport.is_closing():
+                if stream.client_gone():
                     break
-                if loop.time() - last_write >= KEEPALIVE_SECONDS:
-                    await response.write(b": keepalive\n\n")
-                    last_write = loop.time()
+                await stream.idle()
                 continue
             seq = msg.metadata.sequence.stream
             # The projection first: a client that sees event N and then asks for the cell
@@ -144,14 +125,13 @@ async def _stream(request: web.Request, query: Query, cell_id: str | None) -> we
             item = event_item(seq, msg.subject, msg.data, hub.rejected.get(seq))
             if cell_id is not None and item["cellId"] != cell_id:
                 continue
-            await response.write(_sse(item))
-            last_write = loop.time()
+            await stream.send("cellos.event", item, seq)
     except (ConnectionResetError, nats.errors.ConnectionClosedError):
         pass
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-    return response
+    return stream.response
 
 
 async def cell_event_stream(request: web.Request, query: Query) -> web.StreamResponse:

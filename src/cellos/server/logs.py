@@ -17,10 +17,8 @@ way) is waited for, not answered 404: its output is sent once it appears.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
-import json
 from datetime import datetime
 from typing import Any, Final
 
@@ -31,15 +29,10 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from cellos.core.subjects import logs_filter
 from cellos.output.natslogs import HEADER_OFFSET, HEADER_RUN, STREAM
 from cellos.server.projection import TERMINAL
+from cellos.server.sse import SseStream
 
 #: How often an idle follower checks whether the run has ended.
 POLL_SECONDS: Final = 0.25
-KEEPALIVE_SECONDS: Final = 15.0
-
-
-def _event(name: str, data: dict[str, Any], event_id: int | None = None) -> bytes:
-    head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 def _start_config(view: dict[str, Any] | None) -> ConsumerConfig:
@@ -85,17 +78,7 @@ async def stream_logs(
         ordered_consumer=True,
         config=_start_config(view),
     )
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await response.prepare(request)
-    await response.write(b"retry: 2000\n\n")
-    loop = asyncio.get_running_loop()
-    last_write = loop.time()
+    sse = await SseStream.open(request)
     expected = offset
     caught_up = False
 
@@ -110,16 +93,14 @@ async def stream_logs(
             try:
                 msg = await sub.next_msg(timeout=POLL_SECONDS)
             except nats.errors.TimeoutError:
-                if request.transport is None or request.transport.is_closing():
-                    break  # the client has gone
+                if sse.client_gone():
+                    break
                 caught_up = True
                 if not follow or run_ended():
                     end = {"runId": run, "stream": stream, "offset": expected}
-                    await response.write(_event("cellos.log.end", end))
+                    await sse.send("cellos.log.end", end)
                     break
-                if loop.time() - last_write >= KEEPALIVE_SECONDS:
-                    await response.write(b": keepalive\n\n")
-                    last_write = loop.time()
+                await sse.idle()
                 continue
             headers = msg.headers or {}
             msg_run = headers.get(HEADER_RUN)
@@ -134,7 +115,7 @@ async def stream_logs(
                 continue
             if start > expected:
                 gap = {"runId": run, "stream": stream, "from": expected, "to": start}
-                await response.write(_event("cellos.log.gap", gap))
+                await sse.send("cellos.log.gap", gap)
                 expected = start
             piece = data[expected - start :]
             item = {
@@ -143,8 +124,7 @@ async def stream_logs(
                 "offset": expected,
                 "data": base64.b64encode(piece).decode(),
             }
-            await response.write(_event("cellos.log", item, end_offset))
-            last_write = loop.time()
+            await sse.send("cellos.log", item, end_offset)
             expected = end_offset
             if not follow and caught_up and msg.metadata.num_pending == 0:
                 break
@@ -153,4 +133,4 @@ async def stream_logs(
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-    return response
+    return sse.response

@@ -4,7 +4,6 @@ OpenAPI document): a run's evidence verdict, and the live stream of cell records
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, Final
 
 from aiohttp import web
@@ -15,8 +14,10 @@ from cellos.server.console.evidence import RunEvidence
 from cellos.server.console.feed import FEED
 from cellos.server.handlers import HUB
 from cellos.server.problems import Problem
+from cellos.server.sse import SseStream
 
-KEEPALIVE_SECONDS: Final = 15.0
+#: How often a quiet stream looks whether its client is gone or the server stops.
+POLL_SECONDS: Final = 1.0
 Query = dict[str, Any]
 
 
@@ -37,49 +38,35 @@ async def run_verdict(request: web.Request, query: Query) -> web.Response:
     return web.json_response({"cellId": cell_id, **evidence.verdict()})
 
 
-def _sse(name: str, data: Any, event_id: int | None = None) -> bytes:
-    head = f"id: {event_id}\n" if event_id is not None else ""
-    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return f"{head}event: {name}\ndata: {body}\n\n".encode()
-
-
 async def console_stream(request: web.Request, query: Query) -> web.StreamResponse:
     """Every cell record (with its run's evidence) as one ``cellos.cells`` event, then one
     ``cellos.cell`` event per change, in stream order and without coalescing."""
     hub, feed = request.app[HUB], request.app[FEED]
     await feed.caught_up(hub.projection.last_seq)
+    stream = await SseStream.open(request)
     queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
     # Listen before the snapshot: a change between the two is queued, not lost.
     feed.listeners.add(queue)
     try:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await response.prepare(request)
-        await response.write(b"retry: 2000\n\n")
         snapshot_seq = feed.index.last_seq
         items = [feed.record(cid) for cid in sorted(hub.projection.cells)]
         snapshot = {"items": [i for i in items if i is not None], "lastSeq": snapshot_seq}
-        await response.write(_sse("cellos.cells", snapshot, snapshot_seq))
+        await stream.send("cellos.cells", snapshot, snapshot_seq)
         while not hub.closing.is_set():
             try:
-                seq, cell_id = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+                seq, cell_id = await asyncio.wait_for(queue.get(), POLL_SECONDS)
             except TimeoutError:
-                if request.transport is None or request.transport.is_closing():
+                if stream.client_gone():
                     break
-                await response.write(b": keepalive\n\n")
+                await stream.idle()
                 continue
             if seq <= snapshot_seq:
                 continue
             record = feed.record(cell_id)
             if record is not None:
-                await response.write(_sse("cellos.cell", record, seq))
+                await stream.send("cellos.cell", record, seq)
     except ConnectionResetError:
         pass
     finally:
         feed.listeners.discard(queue)
-    return response
+    return stream.response
