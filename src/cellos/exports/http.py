@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from cellos.core.errors import ExportError, PolicyRefused, SecretBrokerError
 from cellos.core.ports import ExportReceipt, SecretBroker
-from cellos.core.spec import check_cell_id, check_safe_file_name
+from cellos.exports.names import check_export_target
 from cellos.exports.staging import Staged, stage
 
 URL_VAR = "CELLOS_EXPORT_URL"
@@ -121,11 +121,7 @@ class HttpExportSink:
             raise ExportError(TOKEN_VAR, f"{self._token_key!r}: {exc.reason}") from None
 
     def export(self, cell_id: str, name: str, source: BinaryIO) -> ExportReceipt:
-        try:
-            check_cell_id(cell_id)
-            check_safe_file_name(name)
-        except ValueError as exc:
-            raise ExportError(name, str(exc)) from None
+        check_export_target(cell_id, name)
         token = self._token(cell_id)
         try:
             staged = stage(source)

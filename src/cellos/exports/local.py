@@ -19,7 +19,7 @@ from typing import BinaryIO
 from cellos.core.errors import ExportError
 from cellos.core.ids import sha256, uuid4
 from cellos.core.ports import ExportReceipt
-from cellos.core.spec import check_cell_id, check_safe_file_name
+from cellos.exports.names import check_export_target
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1 << 20
@@ -71,11 +71,7 @@ class LocalExportSink:
                 os.close(root_fd)
 
     def export(self, cell_id: str, name: str, source: BinaryIO) -> ExportReceipt:
-        try:
-            check_cell_id(cell_id)
-            check_safe_file_name(name)
-        except ValueError as exc:
-            raise ExportError(name, str(exc)) from None
+        check_export_target(cell_id, name)
         dir_fd, created = self._open_cell_dir(cell_id)
         tmp = f".{name[:200]}.{uuid4().replace('-', '')}.partial"
         exported = False

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 from cellos.core.errors import ExportError, PolicyRefused
 from cellos.core.ports import ExportReceipt
-from cellos.core.spec import check_cell_id, check_safe_file_name
+from cellos.exports.names import check_export_target
 from cellos.exports.staging import Staged, stage
 
 S3_VAR = "CELLOS_EXPORT_S3"
@@ -82,11 +82,7 @@ class S3ExportSink:
         return "/".join(p for p in (self.prefix, cell_id, name) if p)
 
     def export(self, cell_id: str, name: str, source: BinaryIO) -> ExportReceipt:
-        try:
-            check_cell_id(cell_id)
-            check_safe_file_name(name)
-        except ValueError as exc:
-            raise ExportError(name, str(exc)) from None
+        check_export_target(cell_id, name)
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:

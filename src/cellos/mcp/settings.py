@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from cellos.core.data_dirs import default_data_dir
 from cellos.core.errors import InvalidSpec
 from cellos.core.spec import EgressRule
 
@@ -55,15 +56,6 @@ class McpSettings:
     @property
     def export_dir(self) -> str:
         return os.path.join(self.data_dir, "exports")
-
-
-def default_data_dir() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/cellos/mcp"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    return os.path.join(base, "cellos", "mcp")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -112,7 +104,7 @@ def read_settings(env: Mapping[str, str], data_dir: str | None = None) -> McpSet
         if not os.path.isabs(path):
             raise InvalidSpec(f"CELLOS_MCP_{language.upper()}", "must be an absolute path")
     return McpSettings(
-        data_dir=data_dir or env.get("CELLOS_MCP_DATA_DIR", "").strip() or default_data_dir(),
+        data_dir=data_dir or env.get("CELLOS_MCP_DATA_DIR", "").strip() or default_data_dir("mcp"),
         tenant=tenant,
         max_timeout_seconds=max_timeout,
         default_timeout_seconds=min(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from cellos.core.data_dirs import default_data_dir
 from cellos.core.errors import PolicyRefused
 from cellos.output.pipeline import DEFAULT_LOG_MAX_BYTES, OutputSettings
 
@@ -13,15 +14,6 @@ DEFAULT_LOGS_MAX_BYTES = 1 << 30
 DEFAULT_LOGS_MAX_AGE_SECONDS = 7 * 24 * 3600
 DEFAULT_LOGS_BUFFER_BYTES = 8 << 20
 _OFF = {"off", "none", "0"}
-
-
-def default_log_dir() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/cellos/logs"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    return os.path.join(base, "cellos", "logs")
 
 
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:
@@ -45,7 +37,7 @@ def output_settings(env: Mapping[str, str], nats_url: str | None) -> OutputSetti
             raise PolicyRefused("CELLOS_LOG_DIR", f"must be an absolute path, not {raw_dir!r}")
         log_dir = raw_dir
     else:
-        log_dir = default_log_dir()
+        log_dir = default_data_dir("logs")
     max_bytes = _positive(env, "CELLOS_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES)
     stream_max = _positive(env, "CELLOS_LOGS_MAX_BYTES", DEFAULT_LOGS_MAX_BYTES)
     max_age = _positive(env, "CELLOS_LOGS_MAX_AGE_SECONDS", DEFAULT_LOGS_MAX_AGE_SECONDS)

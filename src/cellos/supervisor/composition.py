@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cellos.brokers import make_broker
+from cellos.core.data_dirs import default_data_dir
 from cellos.core.errors import PolicyRefused
 from cellos.core.ports import EventSink
 from cellos.exports.select import make_exporter
@@ -52,12 +53,7 @@ def read_settings(env: Mapping[str, str]) -> Settings:
 
 
 def default_dlq_dir() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/cellos/dlq"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    return os.path.join(base, "cellos", "dlq")
+    return default_data_dir("dlq")
 
 
 def jetstream_wanted(env: Mapping[str, str]) -> bool:
