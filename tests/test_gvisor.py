@@ -249,21 +249,6 @@ def test_doctor_runs_a_real_gvisor_container(gvisor_env: dict[str, str], cellos_
     assert "platform " in checks["gvisor"]["detail"]
 
 
-def test_egress_authority_is_refused_clearly_not_dropped(
-    tmp_path: Path, gvisor_env: dict[str, str], supervisor_cli: Run
-) -> None:
-    spec = write_doc(
-        tmp_path / "c.yaml",
-        doc("gv-net", authority={"egressRules": [{"cidr": "10.0.0.0/8", "port": 443}]}),
-    )
-    result = supervisor_cli(str(spec), gvisor_env)
-    assert result.code == 2, result
-    assert result.stderr.startswith(
-        "error: spec.authority.egressRules: egress authority is not available on the gvisor backend"
-    )
-    assert_no_gvisor_residue(tmp_path)
-
-
 def sandbox_cgroups_left(container_prefix: str) -> list[str]:
     """Cgroups of this test's sandboxes still present in any hierarchy (runsc's default place,
     the hierarchy root, and CellOS's, /cellos)."""

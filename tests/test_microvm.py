@@ -241,3 +241,20 @@ def test_a_working_directory_the_guest_owns_is_refused_before_boot(
     assert result.code == 2, result
     assert result.stderr.startswith("error: spec.run.workingDirectory: /proc/x is inside /proc")
     assert_no_vm_residue(tmp_path, image_dir)
+
+
+def test_egress_authority_is_refused_not_ignored(
+    tmp_path: Path, image_dir: Path, supervisor_cli: Run
+) -> None:
+    """The guest has no network device: a document with egress rules used to run with the
+    rules silently unenforceable (and the run's evidence claiming a scope)."""
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc("vm-net", authority={"egressRules": [{"cidr": "10.0.0.0/8", "port": 443}]}),
+    )
+    result = supervisor_cli(str(spec), vm_env(tmp_path, image_dir), timeout=60)
+    assert result.code == 2, result
+    assert result.stderr.startswith(
+        "error: spec.authority.egressRules: egress authority is not available on the qemu backend"
+    ), result
+    assert_no_vm_residue(tmp_path, image_dir)

@@ -1,5 +1,6 @@
-"""Network authority on the ``cellos`` backend, against test hosts of our own in network
-namespaces (no traffic leaves the machine)."""
+"""Network authority on the ``cellos`` and ``gvisor`` backends (the same document, the same
+network), against test hosts of our own in network namespaces (no traffic leaves the machine).
+"""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Any
 import pytest
 
 from cellos.core.loading import validate_document
-from cellos.core.ports import WorkloadRequest, WorkloadResult
+from cellos.core.ports import CellBackend, WorkloadRequest, WorkloadResult
 from cellos.hosts.cellos import CellosBackend
+from cellos.hosts.registry import make_backend
 from tests.conftest import (
     CliResult,
     base_env,
@@ -56,6 +58,22 @@ def network_residue() -> dict[str, list[str]]:
     return {"netns": netns, "links": links, "tables": names}
 
 
+#: The backends that enforce egress authority (qemu: not yet, it has no network device).
+EGRESS_BACKENDS = ["cellos", "gvisor"]
+
+
+@pytest.fixture(params=EGRESS_BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    name = str(request.param)
+    if name == "gvisor":
+        require_host(shutil.which("runsc") is not None, "gVisor runsc")
+    return name
+
+
+def backend_of(name: str, tmp_path: Path) -> CellBackend:
+    return make_backend(name, {"CELLOS_STATE_DIR": str(tmp_path / "state")})
+
+
 @pytest.fixture
 def test_host() -> Iterator[Any]:
     _ready()
@@ -86,7 +104,7 @@ for target in sys.argv[1:]:
 
 
 def probe(
-    backend: CellosBackend, cell_id: str, rules: list[dict[str, Any]], targets: list[str]
+    backend: CellBackend, cell_id: str, rules: list[dict[str, Any]], targets: list[str]
 ) -> WorkloadResult:
     argv = ["/usr/bin/python3", "-c", PROBE, *targets]
     spec = validate_document(doc(cell_id, argv=argv, authority={"egressRules": rules})).spec
@@ -110,8 +128,8 @@ def lines(result: WorkloadResult) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in result.stdout.decode().splitlines())
 
 
-def test_allowed_cidr_and_port_only(test_host: Any, tmp_path: Path) -> None:
-    backend = CellosBackend(state_root=str(tmp_path / "state"))
+def test_allowed_cidr_and_port_only(test_host: Any, tmp_path: Path, backend_name: str) -> None:
+    backend = backend_of(backend_name, tmp_path)
     other = test_host.host_ip  # the host side of the test host's link: a different address
     result = probe(
         backend,
@@ -126,14 +144,20 @@ def test_allowed_cidr_and_port_only(test_host: Any, tmp_path: Path) -> None:
     assert seen[f"{other}:8080"] == "ERR ConnectionRefusedError"
 
 
-def test_no_egress_rules_means_loopback_only(test_host: Any, tmp_path: Path) -> None:
-    backend = CellosBackend(state_root=str(tmp_path / "state"))
+def test_no_egress_rules_means_loopback_only(
+    test_host: Any, tmp_path: Path, backend_name: str
+) -> None:
+    backend = backend_of(backend_name, tmp_path)
     result = probe(backend, "net-none", [], [f"{test_host.ip}:8080"])
     assert lines(result)[f"{test_host.ip}:8080"].startswith("ERR")
 
 
 def test_flow_decisions_become_events_and_the_summary_counts_them(
-    test_host: Any, tmp_path: Path, supervisor_cli: Run, cloudevents_validator: Any
+    test_host: Any,
+    tmp_path: Path,
+    supervisor_cli: Run,
+    cloudevents_validator: Any,
+    backend_name: str,
 ) -> None:
     events = tmp_path / "events.jsonl"
     spec = write_doc(
@@ -144,7 +168,8 @@ def test_flow_decisions_become_events_and_the_summary_counts_them(
             authority={"egressRules": [{"cidr": f"{test_host.ip}/32", "port": 8080}]},
         ),
     )
-    result = supervisor_cli(str(spec), base_env(tmp_path, CELL_OS_JSONL_EVENTS=str(events)))
+    env = base_env(tmp_path, CELL_OS_JSONL_EVENTS=str(events), CELLOS_CELL_BACKEND=backend_name)
+    result = supervisor_cli(str(spec), env)
     assert result.code == 0, result
     all_events = read_events(events)
     flows = [
@@ -160,6 +185,9 @@ def test_flow_decisions_become_events_and_the_summary_counts_them(
     started = all_events[0]["data"]
     assert started["networkScope"] == {"egressRuleCount": 1, "enforced": True}
     assert "network:egress-allowlist" in started["isolation"]
+    assert "network:loopback-only" not in started["isolation"]
+    if backend_name == "gvisor":
+        assert "gvisor:network=host-in-cell-netns" in started["isolation"]
     summary = all_events[-1]["data"]
     assert summary["networkFlows"]["allowed"] >= 1 and summary["networkFlows"]["dropped"] >= 1
     assert short_types(all_events).index("observability.v1.network_flow_decision") > short_types(
@@ -252,7 +280,7 @@ connect("refused-by-ip", ip2)
 
 
 def test_dns_authority_pins_allowed_names_and_refuses_the_rest(
-    test_host: Any, tmp_path: Path, supervisor_cli: Run
+    test_host: Any, tmp_path: Path, supervisor_cli: Run, backend_name: str
 ) -> None:
     test_host.dns_server({"allowed.test": test_host.ip, "refused.test": test_host.ip2})
     events = tmp_path / "events.jsonl"
@@ -270,7 +298,8 @@ def test_dns_authority_pins_allowed_names_and_refuses_the_rest(
             },
         ),
     )
-    result = supervisor_cli(str(spec), base_env(tmp_path, CELL_OS_JSONL_EVENTS=str(events)))
+    env = base_env(tmp_path, CELL_OS_JSONL_EVENTS=str(events), CELLOS_CELL_BACKEND=backend_name)
+    result = supervisor_cli(str(spec), env)
     assert result.code == 0, result
     seen = dict(line.split(" ", 1) for line in result.stdout.splitlines())
     # An allowed name is reachable only after the cell's own DNS proxy answered it ...
@@ -315,7 +344,7 @@ for name in ("allowed.test", "evil.test"):
 
 
 def test_tls_with_a_disallowed_sni_to_an_allowed_ip_is_cut(
-    test_host: Any, tmp_path: Path, supervisor_cli: Run
+    test_host: Any, tmp_path: Path, supervisor_cli: Run, backend_name: str
 ) -> None:
     test_host.dns_server({"allowed.test": test_host.ip})
     test_host.greeter(443, "GOT")
@@ -334,7 +363,8 @@ def test_tls_with_a_disallowed_sni_to_an_allowed_ip_is_cut(
             },
         ),
     )
-    result = supervisor_cli(str(spec), base_env(tmp_path, CELL_OS_JSONL_EVENTS=str(events)))
+    env = base_env(tmp_path, CELL_OS_JSONL_EVENTS=str(events), CELLOS_CELL_BACKEND=backend_name)
+    result = supervisor_cli(str(spec), env)
     assert result.code == 0, result
     seen = dict(line.split(" ", 1) for line in result.stdout.splitlines())
     assert seen["allowed.test"] == "REPLY GOT"

@@ -530,33 +530,49 @@ def test_an_orphaned_slot_is_released_by_reap(tmp_path: Path) -> None:
     store.release(live)
 
 
-def test_a_signalled_egress_cell_leaves_no_network_behind(tmp_path: Path) -> None:
-    """SIGTERM used to leave the cgroups, netns, veth, nft table and state record behind."""
-    require_sandbox()
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("backend", ["cellos", "gvisor"])
+def test_a_signalled_egress_cell_leaves_no_network_behind(
+    tmp_path: Path, backend: str, how: signal.Signals
+) -> None:
+    """SIGTERM used to leave the cgroups, netns, veth, nft table and state record behind; after
+    a SIGKILL the reaper removes the network scope too (gvisor's as well as cellos')."""
+    require_backend(backend)
     require_host(os.geteuid() == 0, "root (network authority)")
     require_host(shutil.which("nft") is not None or os.path.exists("/usr/sbin/nft"), "nft")
     marker = unique_sleep()
     spec = write_doc(
         tmp_path / "c.yaml",
         doc(
-            "sig-net",
+            f"sig-net-{backend}",
             argv=["/bin/sh", "-c", f"sleep {marker}"],
             run={"timeoutSeconds": 120},
             authority={"egressRules": [{"cidr": "10.251.0.0/30", "port": 9, "protocol": "tcp"}]},
         ),
     )
     events = tmp_path / "events.jsonl"
-    proc = start_supervisor(spec, backend_env(tmp_path, "cellos"))
-    wait_for(lambda: started(events) and sleeping(marker), 30, "the workload")
-    assert os.path.exists("/run/netns/cellos-sig-net")
-    proc.send_signal(signal.SIGTERM)
+    env = backend_env(tmp_path, backend)
+    proc = start_supervisor(spec, env)
+    wait_for(lambda: started(events), 30, "process_spawned")
+    if backend == "cellos":
+        wait_for(lambda: sleeping(marker), 30, "the workload")
+    else:
+        wait_for(lambda: host_processes_under(tmp_path) != [], 30, "runsc")
+        time.sleep(1)
+    netns = f"/run/netns/cellos-sig-net-{backend}"
+    assert os.path.exists(netns)
+    proc.send_signal(how)
     proc.communicate(timeout=30)
-    assert proc.returncode == 143
-    assert not os.path.exists("/run/netns/cellos-sig-net")
+    if how == signal.SIGTERM:
+        assert proc.returncode == 143
+    else:
+        reap = run_cli("cellos.cli", ["reap"], env)
+        assert reap.code == 0, reap
+    assert not os.path.exists(netns)
     tables = subprocess.run(
         [shutil.which("nft") or "/usr/sbin/nft", "list", "tables"], capture_output=True, text=True
     )
-    assert "cellos_sig_net" not in tables.stdout
+    assert f"cellos_sig_net_{backend}" not in tables.stdout
     state = tmp_path / "state"
     assert os.listdir(state / "cells") == [] and os.listdir(state / "net" / "slots") == []
     assert read_events(events)[-2]["data"]["terminalState"] == "forced"

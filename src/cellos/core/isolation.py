@@ -26,6 +26,11 @@ NETWORK_LOOPBACK_ONLY: Final = "network:loopback-only"
 NETWORK_EGRESS_ALLOWLIST: Final = "network:egress-allowlist"
 NETWORK_FEATURES: Final = frozenset({NETWORK_LOOPBACK_ONLY, NETWORK_EGRESS_ALLOWLIST})
 
+# How a gVisor sandbox reaches the cell's network namespace (with egress authority only).
+#: runsc's ``--network=host`` inside the cell's netns: the sandbox's sockets are host sockets
+#: of that namespace (governed by the cell's nft table), not gVisor's own netstack.
+GVISOR_NETWORK_HOST_IN_CELL_NETNS: Final = "gvisor:network=host-in-cell-netns"
+
 # Limits from ``run.limits`` that the backend enforces (``limit:<resource>``).
 LIMIT_MEMORY: Final = "limit:memory"
 LIMIT_PIDS: Final = "limit:pids"

@@ -33,18 +33,12 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
     if name == "cellos":
         from cellos.hosts.cellos import CellosBackend
 
-        pool = env.get("CELLOS_NETWORK_POOL") or None
-        if pool is not None:
-            # Refused at start, not when the first cell with egress authority needs it.
-            from cellos.network.scope import parse_pool
-
-            parse_pool(pool)
         return CellosBackend(
             state_root=env.get("CELLOS_STATE_DIR") or None,
             cgroup_parent=env.get("CELLOS_CGROUP_PARENT") or None,
             rootfs=env.get("CELLOS_ROOTFS") or None,
             launcher=env.get("CELLOS_LAUNCHER") or None,
-            network_pool=pool,
+            network_pool=_network_pool(env),
         )
     if name == "gvisor":
         from cellos.hosts.gvisor import GvisorBackend
@@ -54,6 +48,7 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
             rootfs=env.get("CELLOS_ROOTFS") or None,
             runsc=env.get("CELLOS_RUNSC") or None,
             platform=env.get("CELLOS_GVISOR_PLATFORM") or None,
+            network_pool=_network_pool(env),
         )
     if name == "qemu":
         from cellos.hosts.microvm.backend import MicrovmBackend
@@ -71,3 +66,14 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
     raise PolicyRefused(
         "CELLOS_CELL_BACKEND", f"unknown backend {name!r} (expected one of: {', '.join(KNOWN)})"
     )
+
+
+def _network_pool(env: Mapping[str, str]) -> str | None:
+    """``CELLOS_NETWORK_POOL``, refused at start rather than when the first cell with egress
+    authority needs it."""
+    pool = env.get("CELLOS_NETWORK_POOL") or None
+    if pool is not None:
+        from cellos.network.scope import parse_pool
+
+        parse_pool(pool)
+    return pool

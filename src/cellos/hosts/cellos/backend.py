@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cellos.core import isolation as iso
 from cellos.core.errors import CellosError, HostError, PolicyRefused
-from cellos.core.events import NETWORK_FLOW_DECISION
 from cellos.core.ports import (
     CellHandle,
     TeardownReport,
@@ -51,8 +50,7 @@ from cellos.hosts.process import HostCommand, SpawnOptions, run_host_command
 from cellos.hosts.state import CellState, CellStore
 
 if TYPE_CHECKING:
-    from cellos.network import scope
-    from cellos.network.proxies import CellProxies
+    from cellos.network.cell_egress import CellEgress
 
 
 @dataclass
@@ -61,8 +59,7 @@ class _LiveCell:
     plan: SandboxPlan
     cgroup: cgroups.CellCgroup | None = None
     pid: int | None = None
-    network: scope.CellNetwork | None = None
-    proxies: CellProxies | None = None
+    egress: CellEgress | None = None
 
 
 #: A root supervisor's workloads run as nobody/nogroup: without capabilities uid 0 would still
@@ -279,60 +276,19 @@ class CellosBackend(StoredBackend):
         return _LIVE.get(handle.cell_id).state
 
     def _create_network(self, spec: CellSpec, live: _LiveCell) -> None:
-        """The cell's egress scope: netns, veth, nft table (recorded before it exists)."""
-        if os.geteuid() != 0:
-            raise PolicyRefused(
-                "spec.authority.egressRules",
-                "network authority needs root on this host (netns, veth, nft)",
-            )
+        """The cell's egress scope, recorded before it exists; the launcher joins its netns."""
         # Imported here: the proxies pull in asyncio and dnslib (~25 ms), which a cell without
         # egress authority, and every one-shot CLI run of one, never needs.
-        from cellos.network.proxies import L7_PORTS, CellProxies
+        from cellos.network.cell_egress import CellEgress
 
-        dns = spec.authority.dns_authority
-        from cellos.network import scope
-
-        rules = scope.resolve_rules(list(spec.authority.egress_rules), pin_by_dns=dns is not None)
-        net = scope.plan(spec.id, rules, self.state_root, self.network_pool or scope.DEFAULT_POOL)
-        if dns is not None:
-            net.dns_ports = sorted({(r.protocol, r.port) for r in spec.authority.egress_rules})
-        live.network = net  # from here on, teardown releases the slot
-        live.state.record["network"] = net.record()
-        try:
-            live.state.save()
-        except OSError as exc:
-            raise HostError(
-                "CELLOS_STATE_DIR", f"cannot record the cell's network: {exc.strerror}"
-            ) from None
-        scope.create(net)
-        resolv_conf = None
-        if dns is not None:
-            # The cell asks its own DNS proxy (bound inside its namespace), nobody else.
-            resolv_conf = live.state.path("resolv.conf")
-            with open(resolv_conf, "w", encoding="ascii") as fh:
-                fh.write("nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
-        # Ports 80/443 are checked at L7 against the names the cell may reach.
-        names = sorted(
-            {r.host for r in rules if r.host} | set(dns.hostname_allowlist if dns else [])
-        )
-        l7_ports = sorted(
-            {r.port for r in spec.authority.egress_rules if r.protocol == "tcp"} & set(L7_PORTS)
-        )
-        live.proxies = CellProxies(net, dns, l7_names=names, l7_ports=l7_ports)
-        live.proxies.start()
-        live.plan = replace(live.plan, netns_path=net.netns_path, resolv_conf=resolv_conf)
+        live.egress = egress = CellEgress.plan(spec, self.state_root, self.network_pool)
+        egress.record_in(live.state)
+        egress.create(live.state.path("resolv.conf"))
+        live.plan = replace(live.plan, netns_path=egress.netns_path, resolv_conf=egress.resolv_conf)
 
     def network_events(self, handle: CellHandle) -> list[tuple[str, dict[str, Any]]]:
-        """The proxies' decisions (DNS, L7) in order, then one network_flow_decision per
-        counting nftables rule of the cell."""
-        live = self._live(handle)
-        if live.network is None:
-            return []
-        found = live.proxies.drain() if live.proxies is not None else []
-        from cellos.network import scope
-
-        found += [(NETWORK_FLOW_DECISION, d) for d in scope.flow_decisions(live.network)]
-        return found
+        egress = self._live(handle).egress
+        return egress.events() if egress is not None else []
 
     def _teardown(self, cell_id: str, live: _LiveCell) -> tuple[int, list[str]]:
         killed = 0
@@ -341,12 +297,8 @@ class CellosBackend(StoredBackend):
             CellControl(live.cgroup).kill(live.pid)
         if live.cgroup is not None:
             killed, residue = live.cgroup.remove()
-        if live.proxies is not None:
-            live.proxies.stop()
-        if live.network is not None:
-            from cellos.network import scope
-
-            residue += scope.destroy(live.network.record())
+        if live.egress is not None:
+            residue += live.egress.close()
         residue += self.store.release(live.state)
         _LIVE.remove(cell_id)
         return killed, residue

@@ -1,8 +1,10 @@
 """The ``gvisor`` backend: each cell is one runsc container.
 
 ``runsc --root <state> --network=none run --bundle <bundle> <container-id>`` with a unique
-container id per run; stdout/stderr are the runsc process's pipes; the exit status is the
-workload's. On timeout/TTL: ``runsc kill --all <id> TERM``, then ``KILL``; teardown runs
+container id per run (with egress authority ``--network=host`` inside the cell's netns, see
+below); stdout/stderr are the runsc process's pipes; the exit
+status is the workload's. On timeout/TTL: ``runsc kill --all <id> TERM``, then ``KILL``;
+teardown runs
 ``runsc delete --force`` and removes the state directory and the bundle.
 
 Layout of a cell (under the cell-state store's root, :mod:`cellos.hosts.state`)::
@@ -13,6 +15,16 @@ Layout of a cell (under the cell-state store's root, :mod:`cellos.hosts.state`):
     cells/<cellId>/workspace/               bound read-write at run.workingDirectory
     runsc/<containerId>/                    runsc's --root (container state; a short path,
                                             because runsc's socket paths must fit 108 bytes)
+
+Egress authority: the cell's scope (netns, veth, nft table, DNS and L7 proxies) is the one the
+``cellos`` backend builds (:mod:`cellos.network.cell_egress`). Debian's runsc (2022) refuses
+``--network=sandbox`` on kernels >= 6 ("cannot run with network enabled in root network
+namespace": its root-netns test looks for ``/proc/sys/net/core/rmem_default``, which such
+kernels show in every netns), so the bundle names the cell's netns (``linux.namespaces``
+network ``path``), which the sandbox joins, and runsc runs with ``--network=host``: the sandbox
+sees exactly the cell's veth and loopback, and the cell's nft table governs every packet. The
+trade-off, stated in the evidence (``gvisor:network=host-in-cell-netns``): socket syscalls are
+served by the host kernel (inside the cell's netns), not by gVisor's own netstack.
 
 runsc dies with its supervisor (``PR_SET_PDEATHSIG``; runsc's attached sandbox and gofer die
 with runsc), and ``cellos reap`` deletes what is left (:mod:`cellos.hosts.gvisor.reaper`).
@@ -26,10 +38,10 @@ import shutil
 import subprocess
 import uuid
 from dataclasses import dataclass, replace
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cellos.core import isolation as iso
-from cellos.core.errors import HostError, PolicyRefused
+from cellos.core.errors import CellosError, HostError, PolicyRefused
 from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
 from cellos.core.spec import CellSpec
 from cellos.hosts.artifacts import open_in_workspace
@@ -46,6 +58,9 @@ from cellos.hosts.process import (
 )
 from cellos.hosts.state import CellState, CellStore
 
+if TYPE_CHECKING:
+    from cellos.network.cell_egress import CellEgress
+
 
 @dataclass
 class _LiveCell:
@@ -53,6 +68,7 @@ class _LiveCell:
     state: CellState
     container_id: str
     runsc_root: str
+    egress: CellEgress | None = None
 
     @property
     def cell_dir(self) -> str:
@@ -138,6 +154,7 @@ class GvisorBackend(StoredBackend):
         rootfs: str | None = None,
         runsc: str | None = None,
         platform: str | None = None,
+        network_pool: str | None = None,
     ) -> None:
         found = shutil.which(runsc or "runsc")
         if found is None:
@@ -157,6 +174,8 @@ class GvisorBackend(StoredBackend):
         self.platform = platform
         self.rootfs = rootfs
         self.store = CellStore(state_root)
+        #: None: the default pool (imported only for cells with egress authority).
+        self.network_pool = network_pool
 
     def _runsc(self, live: _LiveCell) -> list[str]:
         return runsc_argv(self.runsc, live.runsc_root, self.platform)
@@ -164,15 +183,7 @@ class GvisorBackend(StoredBackend):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def create(self, spec: CellSpec) -> CellHandle:
-        if spec.authority.egress_rules or spec.authority.dns_authority is not None:
-            # Refused rather than run without the network the document asks for. Debian's
-            # runsc (2022) will not attach its netstack to a prepared namespace here
-            # ("cannot run with network enabled in root network namespace").
-            raise PolicyRefused(
-                "spec.authority.egressRules",
-                "egress authority is not available on the gvisor backend in this "
-                "build (use the cellos backend)",
-            )
+        egress_wanted = bool(spec.authority.egress_rules)
         # runsc names its control socket after the container id, under a root inside the cell
         # dir named the same: a socket path has 108 bytes, a cell id up to 128 characters.
         container_id = f"cellos-{spec.id[:24]}-{uuid.uuid4().hex[:12]}"
@@ -187,7 +198,11 @@ class GvisorBackend(StoredBackend):
                     os.mkdir(sub, 0o700)
                 os.makedirs(runsc_root, mode=0o700)
                 if self.rootfs is None:
-                    self._skeleton(os.path.join(live.bundle, "rootfs"), spec)
+                    self._skeleton(
+                        os.path.join(live.bundle, "rootfs"),
+                        spec,
+                        resolv=egress_wanted and spec.authority.dns_authority is not None,
+                    )
             except OSError as exc:
                 shutil.rmtree(runsc_root, ignore_errors=True)
                 raise HostError(
@@ -203,6 +218,16 @@ class GvisorBackend(StoredBackend):
             "platform": self.platform,
         }
         live = self.open_cell(_LIVE, spec, record, make)
+        if egress_wanted:
+            try:
+                self._create_network(spec, live)
+            except CellosError:
+                residue = self._teardown(live)
+                if residue:
+                    raise HostError(
+                        "network", f"cannot set up the network; left behind: {residue}"
+                    ) from None
+                raise
         isolation = [
             iso.GVISOR_RUNSC,
             iso.NS_PID,
@@ -210,7 +235,11 @@ class GvisorBackend(StoredBackend):
             iso.NS_IPC,
             iso.NS_UTS,
             iso.NS_NET,
-            iso.NETWORK_LOOPBACK_ONLY,
+            *(
+                (iso.NETWORK_EGRESS_ALLOWLIST, iso.GVISOR_NETWORK_HOST_IN_CELL_NETNS)
+                if live.egress is not None
+                else (iso.NETWORK_LOOPBACK_ONLY,)
+            ),
             iso.ROOT_READ_ONLY,
             iso.CAPS_NONE,
             iso.NO_NEW_PRIVS,
@@ -234,13 +263,29 @@ class GvisorBackend(StoredBackend):
             },
         )
 
-    def _skeleton(self, root: str, spec: CellSpec) -> None:
+    def _create_network(self, spec: CellSpec, live: _LiveCell) -> None:
+        """The cell's egress scope, recorded before it exists; runsc runs inside its netns."""
+        from cellos.network.cell_egress import CellEgress
+
+        live.egress = egress = CellEgress.plan(spec, self.store.root, self.network_pool)
+        egress.record_in(live.state)
+        egress.create(live.state.path("resolv.conf"))
+
+    def network_events(self, handle: CellHandle) -> list[tuple[str, dict[str, Any]]]:
+        egress = self._live(handle).egress
+        return egress.events() if egress is not None else []
+
+    def _skeleton(self, root: str, spec: CellSpec, *, resolv: bool = False) -> None:
         """Mount points and symlinks of a read-only root built from host binds."""
         os.mkdir(root, 0o755)
         for path, target in host_symlinks().items():
             os.makedirs(os.path.join(root, os.path.dirname(path).lstrip("/")), exist_ok=True)
             os.symlink(target, os.path.join(root, path.lstrip("/")))
         points = [*host_binds(), "/proc", "/dev", "/tmp", spec.working_directory]
+        if resolv:
+            os.makedirs(os.path.join(root, "etc"), exist_ok=True)
+            with open(os.path.join(root, "etc", "resolv.conf"), "w", encoding="ascii"):
+                pass
         for path in points:
             dest = os.path.join(root, path.lstrip("/"))
             if os.path.isfile(path):
@@ -283,6 +328,9 @@ class GvisorBackend(StoredBackend):
             workspace=live.workspace,
             host_binds=() if self.rootfs else host_binds(),
             cgroups_path=cgroups_path,
+            resolv_conf=live.egress.resolv_conf if live.egress is not None else None,
+            # The sandbox joins the cell's netns (else runsc would make it a new, empty one).
+            netns_path=live.egress.netns_path if live.egress is not None else None,
         )
         argv = list(request.argv)
         if "HOME" not in request.env:
@@ -301,10 +349,13 @@ class GvisorBackend(StoredBackend):
         clones = None
         if limits is not None and limits.pids_max is not None:
             clones = evidence.CloneFailures(os.path.join(live.cell_dir, "strace.fifo"))
+        # With egress authority the sandbox joins the cell's netns (named in the bundle) and
+        # uses it as its host network; without, it has no network but its own loopback.
+        network = "--network=host" if live.egress is not None else "--network=none"
         command = [
             *runsc,
             *(clones.runsc_flags() if clones else []),
-            "--network=none",
+            network,
             "run",
             "--bundle",
             live.bundle,
@@ -351,6 +402,8 @@ class GvisorBackend(StoredBackend):
 
     def _teardown(self, live: _LiveCell) -> list[str]:
         residue = delete_container(self._runsc(live), live.runsc_root, live.container_id)
+        if live.egress is not None:
+            residue += live.egress.close()
         shutil.rmtree(live.bundle, ignore_errors=True)
         residue += self.store.release(live.state)
         _LIVE.remove(live.spec.id)

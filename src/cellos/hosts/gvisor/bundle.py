@@ -57,6 +57,8 @@ class BundleConfig:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     #: A network namespace to join (egress authority); None means runsc's ``--network=none``.
     netns_path: str | None = None
+    #: Host file bound read-only at /etc/resolv.conf (the cell's DNS proxy).
+    resolv_conf: str | None = None
     uid: int = 0
     gid: int = 0
     nofile: int = 1024
@@ -89,6 +91,15 @@ def _mounts(spec: CellSpec, config: BundleConfig) -> list[dict[str, Any]]:
                 "type": "bind",
                 "source": path,
                 "options": ["rbind", "ro", "nosuid", "nodev"],
+            }
+        )
+    if config.resolv_conf:
+        mounts.append(
+            {
+                "destination": "/etc/resolv.conf",
+                "type": "bind",
+                "source": config.resolv_conf,
+                "options": ["bind", "ro", "nosuid", "nodev"],
             }
         )
     mounts.append(

@@ -136,6 +136,13 @@ class MicrovmBackend(StoredBackend):
 
     def create(self, spec: CellSpec) -> CellHandle:
         check_working_directory(spec)
+        if spec.authority.egress_rules:
+            # Refused, never ignored: the guest has no network device in this build.
+            raise PolicyRefused(
+                "spec.authority.egressRules",
+                "egress authority is not available on the qemu backend in this build (the "
+                "guest has no network device); use the cellos or gvisor backend",
+            )
         manifest = load_manifest(self.image_dir / MANIFEST_NAME)
         # Refused before boot: a tampered kernel, initrd or VMM never runs.
         digests = verify(manifest, self.image_dir)

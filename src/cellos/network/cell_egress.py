@@ -1,0 +1,110 @@
+"""A cell's egress authority as one piece every enforcing backend opens and closes.
+
+The scope (netns, veth, nft table: :mod:`cellos.network.scope`), the DNS proxy and the L7
+check (:mod:`cellos.network.proxies`) and the cell's ``resolv.conf`` are the same whatever
+runs inside the namespace (the ``cellos`` launcher, or runsc with its host network inside it),
+so the same document means the same network on each backend. Use::
+
+    egress = CellEgress.plan(spec, store_root, pool)   # claims the address slot
+    live.egress = egress                               # from here on teardown closes it
+    egress.record_in(state)                            # the reaper can find all of it
+    egress.create(state.path("resolv.conf"))
+
+Imported only for cells with egress authority: the proxies pull in asyncio and dnslib.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cellos.core.errors import HostError, PolicyRefused
+from cellos.core.events import NETWORK_FLOW_DECISION
+from cellos.core.spec import CellSpec
+from cellos.hosts.state import CellState
+from cellos.network import scope
+from cellos.network.proxies import L7_PORTS, CellProxies
+
+#: The key of the cell's state record that names its scope.
+RECORD_KEY = "network"
+
+
+class CellEgress:
+    def __init__(self, spec: CellSpec, net: scope.CellNetwork) -> None:
+        self.spec = spec
+        self.net = net
+        self.proxies: CellProxies | None = None
+        #: The cell's resolver configuration (its own DNS proxy), when it has DNS authority.
+        self.resolv_conf: str | None = None
+
+    @classmethod
+    def plan(cls, spec: CellSpec, state_root: str, pool: str | None) -> CellEgress:
+        """Resolve the rules and claim an address slot; nothing exists on the host yet."""
+        if os.geteuid() != 0:
+            raise PolicyRefused(
+                "spec.authority.egressRules",
+                "network authority needs root on this host (netns, veth, nft)",
+            )
+        dns = spec.authority.dns_authority
+        rules = scope.resolve_rules(list(spec.authority.egress_rules), pin_by_dns=dns is not None)
+        net = scope.plan(spec.id, rules, state_root, pool or scope.DEFAULT_POOL)
+        if dns is not None:
+            net.dns_ports = sorted({(r.protocol, r.port) for r in spec.authority.egress_rules})
+        return cls(spec, net)
+
+    @property
+    def netns_path(self) -> str:
+        return self.net.netns_path
+
+    def record_in(self, state: CellState) -> None:
+        """Name the whole scope in the cell's state record before any of it exists."""
+        state.record[RECORD_KEY] = self.net.record()
+        try:
+            state.save()
+        except OSError as exc:
+            raise HostError(
+                "CELLOS_STATE_DIR", f"cannot record the cell's network: {exc.strerror}"
+            ) from None
+
+    def create(self, resolv_conf_path: str) -> None:
+        """Namespace, veth, table, then the proxies; ``resolv_conf_path`` is written when the
+        cell has DNS authority (the cell then asks its own proxy, nobody else)."""
+        scope.create(self.net)
+        dns = self.spec.authority.dns_authority
+        if dns is not None:
+            with open(resolv_conf_path, "w", encoding="ascii") as fh:
+                fh.write("nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
+            self.resolv_conf = resolv_conf_path
+        # Ports 80/443 are checked at L7 against the names the cell may reach.
+        names = sorted(
+            {r.host for r in self.net.rules if r.host} | set(dns.hostname_allowlist if dns else [])
+        )
+        l7_ports = sorted(
+            {r.port for r in self.spec.authority.egress_rules if r.protocol == "tcp"}
+            & set(L7_PORTS)
+        )
+        self.proxies = CellProxies(self.net, dns, l7_names=names, l7_ports=l7_ports)
+        self.proxies.start()
+
+    def events(self) -> list[tuple[str, dict[str, Any]]]:
+        """The proxies' decisions (DNS, L7) in order, then one ``network_flow_decision`` per
+        counting nftables rule of the cell."""
+        found = self.proxies.drain() if self.proxies is not None else []
+        found += [(NETWORK_FLOW_DECISION, d) for d in scope.flow_decisions(self.net)]
+        return found
+
+    def close(self) -> list[str]:
+        """Stop the proxies and remove the scope; what could not be removed."""
+        if self.proxies is not None:
+            self.proxies.stop()
+            self.proxies = None
+        return scope.destroy(self.net.record())
+
+
+def reap_recorded(record: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """A dead cell's scope, as its state record names it: (removed, residue)."""
+    network = record.get(RECORD_KEY)
+    if not isinstance(network, dict):
+        return [], []
+    left = scope.destroy(network)
+    return ([] if left else [f"network:{network.get('netns')}"]), left
