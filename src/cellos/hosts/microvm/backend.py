@@ -182,7 +182,7 @@ class MicrovmBackend(StoredBackend):
         if result.forced:
             return False, f"a KVM guest did not finish within {PROBE_TIMEOUT_SECONDS:g} s"
         return False, (
-            f"a KVM guest failed ({result.spawn_error or f'exit {result.exit_code}'})"[:300]
+            f"a KVM guest failed: {result.spawn_error or f'exit {result.exit_code}'}"[:300]
         )
 
     def boot_true(
