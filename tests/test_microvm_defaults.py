@@ -298,3 +298,26 @@ def test_a_full_disk_during_the_build_fails_cleanly(tmp_path: Path) -> None:
         assert sorted(os.listdir(small)) == [f".{key}.lock"]
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_the_cache_location_follows_the_user(tmp_path: Path) -> None:
+    """Root: /var/cache/cellos/microvm; anyone else: $XDG_CACHE_HOME (or ~/.cache)/cellos/microvm
+    (checked as uid 65534 in a real process); CELLOS_MICROVM_CACHE overrides both."""
+    from cellos.hosts.microvm.image_cache import cache_dir
+
+    assert cache_dir({"CELLOS_MICROVM_CACHE": "/srv/images"}) == "/srv/images"
+    if os.geteuid() != 0:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        assert cache_dir({}) == f"{base}/cellos/microvm"
+        return
+    assert cache_dir({}) == "/var/cache/cellos/microvm"
+    require_host(shutil.which("setpriv") is not None, "setpriv (util-linux)")
+    code = "from cellos.hosts.microvm.image_cache import cache_dir; print(cache_dir())"
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/nohome", "PYTHONPATH": os.pathsep.join(sys.path)}
+    for extra, expected in (({"XDG_CACHE_HOME": "/x/cache"}, "/x/cache"), ({}, "/nohome/.cache")):
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-c", code],
+            env={**env, **extra}, capture_output=True, text=True, check=True, cwd="/",
+        )  # fmt: skip
+        assert out.stdout.strip() == f"{expected}/cellos/microvm", out
