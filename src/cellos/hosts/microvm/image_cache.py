@@ -36,9 +36,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from cellos.core.errors import HostError
-from cellos.hosts.cellos.launcher import default_cache_dir as user_cache_dir
 from cellos.hosts.microvm import image, manifest
 from cellos.hosts.microvm.manifest import sha256_file
+from cellos.hosts.state import default_cache_root
 
 CACHE_ENV = "CELLOS_MICROVM_CACHE"
 REFRESH_HINT = "cellos microvm build-image --refresh"
@@ -54,7 +54,7 @@ def stderr_progress(message: str) -> None:
 def cache_dir(env: Mapping[str, str] | None = None) -> str:
     """Where the ``<key>`` images live (``CELLOS_MICROVM_CACHE`` or the per-user default)."""
     env = os.environ if env is None else env
-    return env.get(CACHE_ENV) or os.path.join(user_cache_dir(), "microvm")
+    return env.get(CACHE_ENV) or os.path.join(default_cache_root(), "microvm")
 
 
 def find_vmm(vmm: str | None = None) -> str:
