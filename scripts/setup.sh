@@ -75,3 +75,11 @@ try:
 except CellosError as exc:
     sys.exit(f"error: setup: {exc.path}: {exc.reason}")
 PY
+# The qemu backend's default guest image (per-user cache, built once per builder/QEMU version),
+# so that `CELLOS_CELL_BACKEND=qemu cellos-supervisor FILE` works right away. Optional: when it
+# cannot be built here, the first qemu cell says why.
+if command -v qemu-system-x86_64 >/dev/null 2>&1; then
+  if ! .venv/bin/cellos microvm build-image >/dev/null; then
+    echo "note: setup: the microVM guest image was not built (error above); the qemu backend builds it on first use" >&2
+  fi
+fi

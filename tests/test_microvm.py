@@ -132,7 +132,9 @@ def test_tcg_must_be_allowed_explicitly_when_kvm_cannot_boot(
     from cellos.hosts.microvm.image import MANIFEST_NAME
     from cellos.hosts.microvm.manifest import load_manifest
 
-    backend = MicrovmBackend(image_dir=str(image_dir), allow_tcg=False)
+    backend = MicrovmBackend(
+        image_dir=str(image_dir), state_root=str(tmp_path / "state"), allow_tcg=False
+    )
     manifest = load_manifest(image_dir / MANIFEST_NAME)
     try:
         accel = backend.accel(manifest)

@@ -73,7 +73,7 @@ def _cmd_logs_verify(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from cellos.doctor import run_checks
 
-    checks = run_checks()
+    checks = run_checks(refresh_microvm_probe=args.refresh_microvm_probe)
     if args.json:
         print(
             json.dumps(
@@ -112,6 +112,8 @@ def _cmd_microvm_build_image(args: argparse.Namespace) -> int:
     import shutil
 
     from cellos.hosts.microvm.image import build_image
+    from cellos.hosts.microvm.image_cache import ensure_image
+    from cellos.hosts.microvm.manifest import load_manifest
 
     vmm = args.vmm or shutil.which("qemu-system-x86_64")
     if vmm is None:
@@ -120,8 +122,16 @@ def _cmd_microvm_build_image(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    manifest = build_image(args.dir, vmm=vmm)
-    print(f"image: {args.dir}")
+    if args.dir is None:
+        # The per-user cached image the qemu backend uses without CELLOS_MICROVM_IMAGE.
+        found = ensure_image(vmm, refresh=args.refresh)
+        assert found is not None
+        directory = found[0]
+        manifest = load_manifest(f"{directory}/manifest.json")
+    else:
+        directory = args.dir
+        manifest = build_image(directory, vmm=vmm)
+    print(f"image: {directory}")
     for name, item in (
         ("kernel", manifest.kernel),
         ("initrd", manifest.initrd),
@@ -156,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="report which isolation features this host supports")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--refresh-microvm-probe",
+        action="store_true",
+        help="probe again whether KVM can boot the microVM guest (the decision is cached)",
+    )
     p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("reap", help="remove what crashed supervisors left (emits an event each)")
@@ -190,7 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
         dest="microvm_command", required=True
     )
     p = microvm.add_parser("build-image", help="build the guest kernel + initrd and its manifest")
-    p.add_argument("dir", help="output directory (vmlinuz, initrd.cpio.gz, manifest.json)")
+    p.add_argument(
+        "dir",
+        nargs="?",
+        help="output directory (vmlinuz, initrd.cpio.gz, manifest.json); default: the per-user "
+        "cached image the qemu backend uses when CELLOS_MICROVM_IMAGE is unset",
+    )
+    p.add_argument(
+        "--refresh",
+        action="store_true",
+        help="rebuild the cached image even when present (e.g. one refused as corrupted)",
+    )
     p.add_argument("--vmm", help="VMM binary recorded in the manifest (default: qemu on PATH)")
     p.set_defaults(func=_cmd_microvm_build_image)
     register_worker_commands(sub)

@@ -9,6 +9,10 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cellos.hosts.microvm.accel import AccelDecision
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,7 @@ def check_kvm() -> Check:
     )
 
 
-def run_checks() -> list[Check]:
+def run_checks(*, refresh_microvm_probe: bool = False) -> list[Check]:
     return [
         check_sandbox(),
         check_user_namespaces(),
@@ -206,52 +210,21 @@ def run_checks() -> list[Check]:
         check_tool("nft", ["--version"], "nftables"),
         check_gvisor(),
         check_kvm(),
-        *check_microvm(),
+        *check_microvm(refresh_probe=refresh_microvm_probe),
     ]
 
 
-def check_microvm() -> list[Check]:
-    """Which microVM drivers can boot here, and with which acceleration."""
+def check_microvm(*, refresh_probe: bool = False) -> list[Check]:
+    """Which microVM drivers can boot here, with which acceleration (the cached KVM probe,
+    probed again with ``refresh_probe``), and the image the qemu backend would boot."""
     from cellos.hosts.microvm.firecracker import find_firecracker
 
     checks: list[Check] = []
     qemu = shutil.which("qemu-system-x86_64")
-    image = os.environ.get("CELLOS_MICROVM_IMAGE")
     if qemu is None:
         checks.append(Check("microvm:qemu", False, "qemu-system-x86_64 not installed"))
-    elif not image:
-        checks.append(
-            Check(
-                "microvm:qemu",
-                False,
-                f"{qemu} present; no CELLOS_MICROVM_IMAGE "
-                "(build one: cellos microvm build-image DIR)",
-            )
-        )
     else:
-        from cellos.core.errors import CellosError
-        from cellos.hosts.microvm.backend import MicrovmBackend
-        from cellos.hosts.microvm.image import MANIFEST_NAME
-        from cellos.hosts.microvm.manifest import load_manifest
-
-        try:
-            backend = MicrovmBackend(image_dir=image, allow_tcg=True)
-            manifest = load_manifest(os.path.join(image, MANIFEST_NAME))
-            accel = backend.accel(manifest)
-            with tempfile.TemporaryDirectory() as work:
-                result = backend.boot_true(manifest, accel, work, 60.0)
-            booted = result.exit_code == 0
-            note = " (KVM cannot boot this guest here)" if accel == "tcg" else ""
-            checks.append(
-                Check(
-                    "microvm:qemu",
-                    booted,
-                    f"{qemu}: a one-shot guest of {image} "
-                    f"{'booted' if booted else 'failed'} with {accel}{note}",
-                )
-            )
-        except CellosError as exc:
-            checks.append(Check("microvm:qemu", False, f"{exc.path}: {exc.reason}"))
+        checks.extend(_check_qemu(qemu, refresh_probe))
     firecracker = find_firecracker()
     checks.append(
         Check(
@@ -261,3 +234,51 @@ def check_microvm() -> list[Check]:
         )
     )
     return checks
+
+
+def _describe(decision: AccelDecision) -> str:
+    if decision.decided_by in ("probe", "cache"):
+        how = "probed now" if decision.decided_by == "probe" else "cached probe"
+        return (
+            f"{decision.accel} ({how} of {decision.probed_at}, {decision.probe_ms} ms: "
+            f"{decision.detail}; re-probe: cellos doctor --refresh-microvm-probe)"
+        )
+    return f"{decision.accel} ({decision.decided_by}: {decision.detail})"
+
+
+def _check_qemu(qemu: str, refresh_probe: bool) -> list[Check]:
+    from cellos.core.errors import CellosError
+    from cellos.hosts.microvm.backend import MicrovmBackend
+
+    image = os.environ.get("CELLOS_MICROVM_IMAGE") or None
+    try:
+        backend = MicrovmBackend(
+            image_dir=image,
+            state_root=os.environ.get("CELLOS_STATE_DIR") or None,
+            allow_tcg=True,
+            accel=os.environ.get("CELLOS_MICROVM_ACCEL") or None,
+        )
+        # Doctor reports; it does not build the default image (the first cell or
+        # `cellos microvm build-image` does).
+        manifest, _ = backend.load_image(build=False)
+        decision = backend.decide_accel(manifest, refresh=refresh_probe)
+    except CellosError as exc:
+        return [Check("microvm:qemu", False, f"{exc.path}: {exc.reason}")]
+    accel_check = Check("microvm:accel", True, _describe(decision))
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            result = backend.boot_true(manifest, decision.accel, work, 60.0)
+    except CellosError as exc:
+        return [Check("microvm:qemu", False, f"{exc.path}: {exc.reason}"), accel_check]
+    booted = result.exit_code == 0
+    note = " (KVM cannot boot this guest here)" if decision.accel == "tcg" else ""
+    source = image or f"{backend.image_dir} (cached default image)"
+    return [
+        Check(
+            "microvm:qemu",
+            booted,
+            f"{qemu}: a one-shot guest of {source} "
+            f"{'booted' if booted else 'failed'} with {decision.accel}{note}",
+        ),
+        accel_check,
+    ]

@@ -50,6 +50,15 @@ def default_state_root() -> str:
     return os.path.join(runtime, "cellos") if runtime else f"/tmp/cellos-{os.geteuid()}"
 
 
+def default_cache_root() -> str:
+    """Per-user cache of built artifacts (sandbox launcher, microVM images): ``/var/cache/cellos``
+    as root, else ``${XDG_CACHE_HOME:-~/.cache}/cellos``."""
+    if os.geteuid() == 0:
+        return "/var/cache/cellos"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cellos")
+
+
 def process_start(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (tells a reused pid apart)."""
     try:

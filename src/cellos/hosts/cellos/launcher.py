@@ -28,10 +28,9 @@ _built: dict[str, str] = {}
 
 
 def default_cache_dir() -> str:
-    if os.geteuid() == 0:
-        return "/var/cache/cellos"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "cellos")
+    from cellos.hosts.state import default_cache_root
+
+    return default_cache_root()
 
 
 def _private_dir(path: str) -> None:

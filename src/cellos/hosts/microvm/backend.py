@@ -10,31 +10,41 @@ The machine is ``microvm`` under KVM; under TCG it is ``q35``, because the micro
 (no HPET or ACPI PM timer) hangs at random while the guest calibrates its TSC under
 software emulation.
 
-Acceleration is detected, not assumed: KVM is used when a probe boot with ``-accel kvm``
-succeeds; otherwise TCG, and only where the operator allows it
-(``CELLOS_MICROVM_ALLOW_TCG=1``).
+Without ``CELLOS_MICROVM_IMAGE`` the per-user cached image is used, built on first use
+(``image_cache.py``). Acceleration is detected, not assumed: KVM is used when a bounded probe
+boot with ``-accel kvm`` succeeds; otherwise TCG, and only where the operator allows it
+(``CELLOS_MICROVM_ALLOW_TCG=1``). The probe's answer is cached per host boot, kernel, VMM and
+``/dev/kvm`` (``accel.py``), so only the first cell pays for it.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from cellos.core import isolation as iso
-from cellos.core.errors import ExportError, HostError, PolicyRefused
+from cellos.core.errors import ExportError, HostError, InvalidSpec, PolicyRefused
 from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
 from cellos.core.spec import CellSpec
 from cellos.hosts.live import LiveCells, StoredBackend
+from cellos.hosts.microvm import image_cache
+from cellos.hosts.microvm.accel import (
+    KVM_DEVICE,
+    PROBE_TIMEOUT_SECONDS,
+    AccelCache,
+    AccelDecision,
+    host_key,
+    kvm_identity,
+)
 from cellos.hosts.microvm.channel import GuestChannel
 from cellos.hosts.microvm.firecracker import mem_mib_for, vcpus_for
 from cellos.hosts.microvm.image import MANIFEST_NAME
-from cellos.hosts.microvm.manifest import Manifest, load_manifest, verify
+from cellos.hosts.microvm.image_cache import ensure_image
+from cellos.hosts.microvm.manifest import Manifest, ManifestMismatch, load_manifest, verify
 from cellos.hosts.microvm.qemu_probe import kernel_append, qemu_command
 from cellos.hosts.microvm.request import (
     cgroup_settings,
@@ -52,6 +62,7 @@ class _LiveCell:
     spec: CellSpec
     state: CellState
     manifest: Manifest
+    accel: str
     artifacts: dict[str, bytes | None] = field(default_factory=dict)
 
     @property
@@ -63,8 +74,6 @@ _LIVE: LiveCells[_LiveCell] = LiveCells()
 #: The Debian cloud kernel does not get through unpacking its initramfs with less (it hangs
 #: at 128 MiB): a smaller memoryMaxBytes still gives the guest this much.
 MIN_GUEST_MIB = 256
-_ACCEL: dict[str, str] = {}
-_ACCEL_LOCK = threading.Lock()
 
 
 class MicrovmBackend(StoredBackend):
@@ -78,14 +87,10 @@ class MicrovmBackend(StoredBackend):
         allow_tcg: bool = False,
         accel: str | None = None,
     ) -> None:
-        if not image_dir:
-            raise PolicyRefused(
-                "CELLOS_MICROVM_IMAGE",
-                "the qemu backend needs an image "
-                "directory (build one with: cellos microvm build-image DIR)",
-            )
-        self.image_dir = Path(image_dir)
-        if not (self.image_dir / MANIFEST_NAME).is_file():
+        #: None: the per-user cached image (image_cache.py), resolved (built) at first create.
+        self.configured_image = image_dir
+        self.image_dir = Path(image_dir) if image_dir else None
+        if image_dir and not (Path(image_dir) / MANIFEST_NAME).is_file():
             raise PolicyRefused(
                 "CELLOS_MICROVM_IMAGE",
                 f"{image_dir}: no {MANIFEST_NAME} (the manifest is required)",
@@ -95,22 +100,71 @@ class MicrovmBackend(StoredBackend):
         self.allow_tcg = allow_tcg
         self.forced_accel = accel
         self.store = CellStore(state_root)
+        self.accel_cache = AccelCache(self.store.root)
+        self._vmm_known: dict[str, str] = {}
+
+    # -- image -------------------------------------------------------------------------------
+
+    def load_image(self, *, build: bool = True) -> tuple[Manifest, dict[str, str]]:
+        """The image's manifest and its verified digests (refused before any boot on a
+        mismatch). Without CELLOS_MICROVM_IMAGE the per-user cached image is used, built
+        first when missing (unless ``build`` is False: HostError then)."""
+        if self.configured_image is None:
+            found = ensure_image(build=build)
+            if found is None:
+                raise HostError(
+                    image_cache.cache_dir(),
+                    "the default microVM image is not built yet "
+                    "(the first qemu cell builds it, or: cellos microvm build-image)",
+                )
+            path, vmm_path, vmm_sha = found
+            self.image_dir = Path(path)
+            self._vmm_known = {vmm_path: vmm_sha}
+        assert self.image_dir is not None
+        try:
+            manifest = load_manifest(self.image_dir / MANIFEST_NAME)
+            return manifest, verify(manifest, self.image_dir, self._vmm_known)
+        except ManifestMismatch as exc:
+            if self.configured_image is not None:
+                raise
+            # The cached image was changed after it was built: refuse, never rebuild silently.
+            raise ManifestMismatch(
+                exc.path,
+                exc.expected,
+                exc.actual,
+                f"; the cached microVM image is corrupted and is not rebuilt automatically "
+                f"(rebuild it with: {image_cache.REFRESH_HINT})",
+            ) from exc
+        except InvalidSpec as exc:
+            if self.configured_image is not None:
+                raise
+            raise HostError(
+                exc.path, f"{exc.reason}; rebuild the cached image with: {image_cache.REFRESH_HINT}"
+            ) from exc
 
     # -- acceleration ------------------------------------------------------------------------
 
+    def decide_accel(self, manifest: Manifest, *, refresh: bool = False) -> AccelDecision:
+        """KVM or TCG, and what decided it (before the TCG policy is applied)."""
+        if self.forced_accel is not None:
+            return AccelDecision(self.forced_accel, "CELLOS_MICROVM_ACCEL", "set by the operator")
+        kvm = kvm_identity()
+        if kvm is None:
+            return AccelDecision("tcg", "no-kvm", f"{KVM_DEVICE} cannot be opened")
+        key = host_key(manifest.vmm.sha256, kvm)
+        return self.accel_cache.decide(key, lambda: self._probe_kvm(manifest), refresh=refresh)
+
     def accel(self, manifest: Manifest) -> str:
-        if self.forced_accel == "kvm":
+        return self._allowed(self.decide_accel(manifest))
+
+    def _allowed(self, decision: AccelDecision) -> str:
+        if decision.accel == "kvm":
             return "kvm"
-        if self.forced_accel == "tcg" or not _kvm_present():
-            return self._tcg_or_refuse("no usable /dev/kvm")
-        key = str(self.image_dir)
-        with _ACCEL_LOCK:
-            if key not in _ACCEL:
-                _ACCEL[key] = "kvm" if self._probe_kvm(manifest) else "tcg"
-        return "kvm" if _ACCEL[key] == "kvm" else self._tcg_or_refuse("KVM cannot boot the guest")
+        why = decision.detail if decision.decided_by == "no-kvm" else "KVM cannot boot the guest"
+        return self._tcg_or_refuse(why)
 
     def _tcg_or_refuse(self, why: str) -> str:
-        if not self.allow_tcg:
+        if not self.allow_tcg and self.forced_accel != "tcg":
             raise PolicyRefused(
                 "CELLOS_MICROVM_ALLOW_TCG",
                 f"{why}; software emulation (TCG) "
@@ -118,18 +172,24 @@ class MicrovmBackend(StoredBackend):
             )
         return "tcg"
 
-    def _probe_kvm(self, manifest: Manifest) -> bool:
+    def _probe_kvm(self, manifest: Manifest) -> tuple[bool, str]:
         """/dev/kvm can exist and still be unable to boot an ordinary guest (e.g. hosts that
-        only run paravirtualised guests): a short real boot decides."""
+        only run paravirtualised guests): a short real boot decides, killed when it hangs."""
         with tempfile.TemporaryDirectory() as work:
-            result = self.boot_true(manifest, "kvm", work, 20.0)
-        return result.exit_code == 0 and not result.forced
+            result = self.boot_true(manifest, "kvm", work, PROBE_TIMEOUT_SECONDS, grace=0.2)
+        if result.exit_code == 0 and not result.forced:
+            return True, f"a KVM guest booted and exited in {result.duration_ms} ms"
+        if result.forced:
+            return False, f"a KVM guest did not finish within {PROBE_TIMEOUT_SECONDS:g} s"
+        return False, (
+            f"a KVM guest failed: {result.spawn_error or f'exit {result.exit_code}'}"[:300]
+        )
 
     def boot_true(
-        self, manifest: Manifest, accel: str, work: str, timeout: float
+        self, manifest: Manifest, accel: str, work: str, timeout: float, grace: float = 1.0
     ) -> WorkloadResult:
         """Boot a guest that runs ``/bin/true`` (a probe: can this host boot the image?)."""
-        probe = HostCommand(["/bin/true"], {}, timeout, 1.0)
+        probe = HostCommand(["/bin/true"], {}, timeout, grace)
         return self._boot(manifest, probe, [], accel, work, None)[0]
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -143,14 +203,19 @@ class MicrovmBackend(StoredBackend):
                 "egress authority is not available on the qemu backend in this build (the "
                 "guest has no network device); use the cellos or gvisor backend",
             )
-        manifest = load_manifest(self.image_dir / MANIFEST_NAME)
         # Refused before boot: a tampered kernel, initrd or VMM never runs.
-        digests = verify(manifest, self.image_dir)
+        manifest, digests = self.load_image()
+        # Decided before anything exists (a probe, at most once per host boot and VMM).
+        decision = self.decide_accel(manifest)
+        accel = self._allowed(decision)
         # The record names the VMM and the directory it runs in (its cwd), so that a reaper
         # kills exactly this cell's VMM if the supervisor dies.
         record = {"vmm": manifest.vmm.path, "cellDir": self.store.cell_dir(spec.id)}
         live = self.open_cell(
-            _LIVE, spec, record, lambda cell: _LiveCell(spec=spec, state=cell, manifest=manifest)
+            _LIVE,
+            spec,
+            record,
+            lambda cell: _LiveCell(spec=spec, state=cell, manifest=manifest, accel=accel),
         )
         return CellHandle(
             cell_id=spec.id,
@@ -163,14 +228,19 @@ class MicrovmBackend(StoredBackend):
                 # The guest has no network device: its loopback is all there is.
                 iso.NETWORK_LOOPBACK_ONLY,
             ),
-            resources={"cellDir": live.cell_dir},
+            resources={
+                "cellDir": live.cell_dir,
+                "image": str(self.image_dir),
+                "accel": accel,
+                "accelDecidedBy": decision.decided_by,
+            },
             digests={f"{name}Sha256": value for name, value in digests.items()},
         )
 
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = _LIVE.get(handle.cell_id)
         limits = live.spec.limits
-        accel = self.accel(live.manifest)
+        accel = live.accel
         guest_paths = {guest_artifact_path(live.spec, a.path) for a in live.spec.artifacts}
         artifacts = sorted(p for p in guest_paths if p is not None)
         result, live.artifacts = self._boot(
@@ -204,6 +274,7 @@ class MicrovmBackend(StoredBackend):
         from cellos.core.spec import Limits
 
         lim = limits if isinstance(limits, Limits) else None
+        assert self.image_dir is not None  # load_image ran first
         append = kernel_append(
             list(workload.argv),
             dict(workload.env),
@@ -292,12 +363,3 @@ class MicrovmBackend(StoredBackend):
 
     def _state_of(self, handle: CellHandle) -> CellState:
         return _LIVE.get(handle.cell_id).state
-
-
-def _kvm_present() -> bool:
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True

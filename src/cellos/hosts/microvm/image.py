@@ -192,9 +192,17 @@ def _initrd(init: bytes, busybox: bytes) -> bytes:
 
 
 def _write(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (a full disk leaves no partial file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise HostError(str(path), f"cannot write the image file: {exc.strerror}") from exc
 
 
 def build_image(out_dir: str, *, vmm: str) -> Manifest:
@@ -209,7 +217,16 @@ def build_image(out_dir: str, *, vmm: str) -> Manifest:
     vmm_path = os.path.realpath(found)
     ensure_build_tools()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _build(out, vmm_path)
+    except OSError as exc:  # e.g. ENOSPC while unpacking the packages
+        raise HostError(
+            str(exc.filename or out), f"building the image failed: {exc.strerror}"
+        ) from exc
+
+
+def _build(out: Path, vmm_path: str) -> Manifest:
     with tempfile.TemporaryDirectory(prefix="cellos-image-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)  # noqa: S103 - lets apt's unprivileged _apt user write the download

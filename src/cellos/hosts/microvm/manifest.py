@@ -32,8 +32,10 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 class ManifestMismatch(HostError):
     """A boot artifact's sha256 differs from the one the manifest records."""
 
-    def __init__(self, path: str, expected: str, actual: str) -> None:
-        super().__init__(path, f"sha256 mismatch: manifest says {expected}, file has {actual}")
+    def __init__(self, path: str, expected: str, actual: str, hint: str = "") -> None:
+        super().__init__(
+            path, f"sha256 mismatch: manifest says {expected}, file has {actual}{hint}"
+        )
         self.expected = expected
         self.actual = actual
 
@@ -132,8 +134,13 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     )
 
 
-def verify(manifest: Manifest, image_dir: str | os.PathLike[str]) -> dict[str, str]:
-    """Recompute kernel, initrd and VMM digests.
+def verify(
+    manifest: Manifest,
+    image_dir: str | os.PathLike[str],
+    known: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Recompute kernel, initrd and VMM digests (``known``: ``{path: sha256}`` the caller has
+    just computed of the same file, e.g. the VMM digest that chose the cached image).
 
     Returns ``{"kernel": hex, "initrd": hex, "vmm": hex}``; raises ManifestMismatch naming the
     file whose digest differs (and HostError when one cannot be read).
@@ -146,7 +153,7 @@ def verify(manifest: Manifest, image_dir: str | os.PathLike[str]) -> dict[str, s
         ("vmm", manifest.vmm),
     ):
         file = art.path if role == "vmm" else str(base / art.path)
-        actual = sha256_file(file)
+        actual = (known or {}).get(file) or sha256_file(file)
         if actual != art.sha256:
             raise ManifestMismatch(file, art.sha256, actual)
         found[role] = actual
