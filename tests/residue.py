@@ -142,7 +142,7 @@ def left_behind(
 #: session's own paths is compared (cgroups, nft tables, links cannot be told apart). CI never
 #: sets it.
 SHARED_HOST = os.environ.get("CELLOS_TEST_SHARED_HOST") == "1"
-HOST_WIDE = ("cgroups", "netns", "links", "nft_tables", "processes", "temp_dirs")
+HOST_WIDE = ("cgroups", "mounts", "netns", "links", "nft_tables", "processes", "temp_dirs")
 
 
 def other_sessions(basetemp: Path) -> tuple[str, ...]:
