@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cellos.core import isolation as iso
@@ -24,16 +25,19 @@ from cellos.core.errors import CellosError, HostError, PolicyRefused
 from cellos.core.events import NETWORK_FLOW_DECISION
 from cellos.core.ports import (
     CellHandle,
+    InjectedSecret,
     TeardownReport,
     WorkloadRequest,
     WorkloadResult,
 )
+from cellos.core.secrets_env import INJECTION_TRUST_VARIABLES
 from cellos.core.spec import CellSpec
 from cellos.hosts.artifacts import open_in_workspace
 from cellos.hosts.cellos import cgroups
 from cellos.hosts.cellos.control import CellControl
 from cellos.hosts.cellos.launcher import landlock_abi, launcher_path
 from cellos.hosts.cellos.sandbox import (
+    CA_BUNDLE_PATH,
     LAUNCHER_PROCESSES,
     SandboxPlan,
     isolation_features,
@@ -63,6 +67,9 @@ class _LiveCell:
     pid: int | None = None
     network: scope.CellNetwork | None = None
     proxies: CellProxies | None = None
+    #: Variables the workload gets on top of the declared ones (the CA bundle of a cell with
+    #: secretInjection).
+    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 #: A root supervisor's workloads run as nobody/nogroup: without capabilities uid 0 would still
@@ -86,8 +93,16 @@ class CellosBackend(StoredBackend):
         rootfs: str | None = None,
         launcher: str | None = None,
         network_pool: str | None = None,
+        injection_upstream_ca: str | None = None,
     ) -> None:
         self.store = CellStore(state_root)
+        #: CA file the L7 proxy verifies injection upstreams against (None: the host's trust
+        #: store); ``CELLOS_INJECTION_UPSTREAM_CA``, for tests and enterprise TLS inspection.
+        if injection_upstream_ca is not None and not os.path.isfile(injection_upstream_ca):
+            raise PolicyRefused(
+                "CELLOS_INJECTION_UPSTREAM_CA", f"{injection_upstream_ca!r} is not a file"
+            )
+        self.injection_upstream_ca = injection_upstream_ca
         self.state_root = self.store.root
         #: None: the default pool (cellos.network.scope, imported only for egress cells).
         self.network_pool = network_pool
@@ -216,6 +231,8 @@ class CellosBackend(StoredBackend):
             )
             # The launcher passes the declared environment on to the workload, and nothing
             # else; it dies with this supervisor (its --parent check and PDEATHSIG).
+            if live.extra_env:
+                request = replace(request, env={**request.env, **live.extra_env})
             command = HostCommand.for_workload(
                 request, argv=launcher_argv(plan, request.argv, self.launcher)
             )
@@ -243,6 +260,16 @@ class CellosBackend(StoredBackend):
         if live.cgroup is None:
             return result
         return with_limit_reason(result, live.cgroup.pressure())
+
+    def inject_secrets(self, handle: CellHandle, secrets: Sequence[InjectedSecret]) -> None:
+        """Arm the cell's L7 proxy with the resolved ``secretInjection`` secrets."""
+        live = self._live(handle)
+        if live.proxies is None or not live.proxies.injects:
+            raise PolicyRefused(
+                "spec.authority.secretInjection",
+                "the cell has no L7 proxy that injects secrets (declared at create?)",
+            )
+        live.proxies.arm(secrets)
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = self._live(handle)
@@ -318,9 +345,40 @@ class CellosBackend(StoredBackend):
         l7_ports = sorted(
             {r.port for r in spec.authority.egress_rules if r.protocol == "tcp"} & set(L7_PORTS)
         )
-        live.proxies = CellProxies(net, dns, l7_names=names, l7_ports=l7_ports)
+        ca, ca_bundle = self._injection_ca(spec, live)
+        live.proxies = CellProxies(
+            net,
+            dns,
+            l7_names=names,
+            l7_ports=l7_ports,
+            injection_ca=ca,
+            upstream_ca_file=self.injection_upstream_ca,
+        )
         live.proxies.start()
-        live.plan = replace(live.plan, netns_path=net.netns_path, resolv_conf=resolv_conf)
+        live.plan = replace(
+            live.plan, netns_path=net.netns_path, resolv_conf=resolv_conf, ca_bundle=ca_bundle
+        )
+
+    def _injection_ca(self, spec: CellSpec, live: _LiveCell) -> tuple[Any, str | None]:
+        """The cell's own CA for secretInjection (its key stays in this process) and the CA
+        bundle file the cell trusts (in the cell's state directory, gone with it)."""
+        entries = spec.authority.secret_injection
+        if not entries:
+            return None, None
+        from cellos.network.cell_ca import CellCA
+
+        ca = CellCA(spec.id, [e.host for e in entries])
+        bundle = live.state.path("ca-bundle.pem")
+        try:
+            fd = os.open(bundle, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(ca.bundle())
+        except OSError as exc:
+            raise HostError(
+                "CELLOS_STATE_DIR", f"cannot write the cell's CA bundle: {exc.strerror}"
+            ) from None
+        live.extra_env = dict.fromkeys(INJECTION_TRUST_VARIABLES, CA_BUNDLE_PATH)
+        return ca, bundle
 
     def network_events(self, handle: CellHandle) -> list[tuple[str, dict[str, Any]]]:
         """The proxies' decisions (DNS, L7) in order, then one network_flow_decision per
