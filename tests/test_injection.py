@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import ssl
-import functools
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,7 +179,7 @@ async def exchange(
 
 
 def request(host: str, *headers: str, body: bytes = b"") -> bytes:
-    lines = [f"POST /path HTTP/1.1", f"Host: {host}", *headers]
+    lines = ["POST /path HTTP/1.1", f"Host: {host}", *headers]
     if body:
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
