@@ -362,3 +362,52 @@ def test_placeholder_and_ca_variables_may_not_be_declared() -> None:
         assert name in caught.value.problems[0][1]
     # The secret's own variable is free: an injected secret is never delivered as TOK.
     validate_document(document(injection_authority(), env={"TOK": "x"}))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Obsolete line folding: the parser does not guess where the header ends.
+        f"GET / HTTP/1.1\r\nHost: {HOST}\r\nAuthorization:\r\n {PLACEHOLDER}\r\n\r\n",
+        # Two different lengths: request smuggling territory.
+        f"POST / HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 0\r\nContent-Length: 1\r\n"
+        f"Authorization: {PLACEHOLDER}\r\n\r\nx",
+        # An upgrade: what follows is not HTTP/1.1 any more.
+        f"GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        f"X-Later: {PLACEHOLDER}\r\n\r\n",
+    ],
+    ids=["obs-fold", "conflicting-lengths", "upgrade"],
+)
+@sync
+async def test_requests_the_parser_does_not_understand_get_no_secret(
+    tmp_path: Path, raw: str
+) -> None:
+    async with running(tmp_path, tls=True) as setup:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", setup.proxy_port, ssl=setup.client_context, server_hostname=HOST
+        )
+        writer.write(raw.encode())
+        await writer.drain()
+        with contextlib.suppress(TimeoutError, ConnectionError, ssl.SSLError):
+            await asyncio.wait_for(reader.read(100), 2)
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 5)
+        await asyncio.sleep(0.2)
+        seen = b"".join(setup.recorder.requests)
+        assert SECRET.encode() not in seen
+        assert all(e["decision"] == "refused" for e in setup.events), setup.events
+        assert setup.events, "the placeholder was not reported"
+        no_secret_in(setup.events)
+
+
+def test_backends_without_an_egress_proxy_do_not_inject() -> None:
+    from cellos.core.ports import SecretInjectingBackend
+    from cellos.hosts.cellos.backend import CellosBackend
+    from cellos.hosts.gvisor.backend import GvisorBackend
+    from cellos.hosts.microvm.backend import MicrovmBackend
+    from cellos.hosts.stub.backend import StubBackend
+
+    assert issubclass(CellosBackend, SecretInjectingBackend)
+    for backend in (GvisorBackend, MicrovmBackend, StubBackend):
+        assert not issubclass(backend, SecretInjectingBackend), backend

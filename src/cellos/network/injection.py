@@ -12,9 +12,9 @@ Every decision is reported through ``on_event`` (the data of one ``l7_secret_inj
 event; it never holds a secret or a placeholder) before the request it concerns is sent on: a
 report that fails ends the connection.
 
-A request the parser does not understand (no ``Host``, obsolete line folding, conflicting
-lengths, a head larger than 64 KiB, ``CONNECT`` / ``Upgrade``) is never substituted: the rest
-of the connection is relayed unchanged (still watched for placeholders).
+A request the parser does not understand (obsolete line folding, conflicting lengths, a head
+larger than 64 KiB) is never substituted: the rest of the connection is relayed unchanged
+(still watched for placeholders). So is everything after a ``CONNECT`` / ``Upgrade`` request.
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ from cellos.hosts.state import CellState, CellStore
 
 if TYPE_CHECKING:
     from cellos.network import scope
+    from cellos.network.cell_ca import CellCA
     from cellos.network.proxies import CellProxies
 
 
@@ -359,7 +360,7 @@ class CellosBackend(StoredBackend):
             live.plan, netns_path=net.netns_path, resolv_conf=resolv_conf, ca_bundle=ca_bundle
         )
 
-    def _injection_ca(self, spec: CellSpec, live: _LiveCell) -> tuple[Any, str | None]:
+    def _injection_ca(self, spec: CellSpec, live: _LiveCell) -> tuple[CellCA | None, str | None]:
         """The cell's own CA for secretInjection (its key stays in this process) and the CA
         bundle file the cell trusts (in the cell's state directory, gone with it)."""
         entries = spec.authority.secret_injection
