@@ -26,6 +26,7 @@ from cellos.core.loading import validate_document
 from cellos.core.ports import InjectedSecret
 from cellos.network.cell_ca import CellCA
 from cellos.network.injection import (
+    REASON_ADDRESS_MISMATCH,
     REASON_INJECTED,
     REASON_OUTSIDE_HEADER,
     REASON_UPSTREAM_UNVERIFIED,
@@ -113,7 +114,7 @@ OTHER_PLACEHOLDER = "cellos-placeholder-" + "b" * 48
 
 @contextlib.asynccontextmanager
 async def running(
-    tmp_path: Path, *, tls: bool, upstream_trusted: bool = True
+    tmp_path: Path, *, tls: bool, upstream_trusted: bool = True, resolved: bool = True
 ) -> AsyncIterator[Setup]:
     ca_file = write_test_pki(tmp_path, [HOST, "plain.test"])
     server_context = None
@@ -127,6 +128,8 @@ async def running(
     cell_ca = CellCA("cell-1", [HOST, "other.test"])
     injections = Injections(cell_ca.hosts)
     injections.arm(secrets_for(PLACEHOLDER, OTHER_PLACEHOLDER))
+    if resolved:  # what the cell's DNS proxy would have answered for the host
+        injections.note_addresses(HOST, ["127.0.0.1"])
     events: list[dict[str, Any]] = []
     decisions: list[dict[str, Any]] = []
     untrusted = tmp_path / "untrusted"
@@ -274,6 +277,20 @@ async def test_plain_http_to_the_injection_host_is_substituted(tmp_path: Path) -
         (seen,) = setup.recorder.requests
         assert f"Authorization: Bearer {SECRET}".encode() in seen
         assert reasons(setup.events) == {("api-token", REASON_INJECTED)}
+
+
+@sync
+async def test_plain_http_to_an_address_not_resolved_for_the_host_gets_no_secret(
+    tmp_path: Path,
+) -> None:
+    # Plain HTTP proves nothing about the server: "Host: api.test" sent to the address of
+    # another allowed name must not carry the secret there.
+    async with running(tmp_path, tls=False, resolved=False) as setup:
+        await exchange(setup, request(HOST, f"Authorization: {PLACEHOLDER}"), server_name=None)
+        (seen,) = setup.recorder.requests
+        assert SECRET.encode() not in seen
+        assert f"Authorization: {PLACEHOLDER}".encode() in seen
+        assert reasons(setup.events) == {("api-token", REASON_ADDRESS_MISMATCH)}
 
 
 @sync

@@ -27,6 +27,7 @@ from typing import Any, Final
 from cellos.core.ports import InjectedSecret
 
 __all__ = [
+    "REASON_ADDRESS_MISMATCH",
     "REASON_INJECTED",
     "REASON_OUTSIDE_HEADER",
     "REASON_UPSTREAM_UNVERIFIED",
@@ -41,6 +42,7 @@ REASON_INJECTED: Final = "l7_secret_injected"
 REASON_WRONG_HOST: Final = "l7_secret_placeholder_wrong_host"
 REASON_OUTSIDE_HEADER: Final = "l7_secret_placeholder_outside_header"
 REASON_UPSTREAM_UNVERIFIED: Final = "l7_secret_upstream_unverified"
+REASON_ADDRESS_MISMATCH: Final = "l7_secret_destination_not_host"
 
 MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_CHUNK_LINE_BYTES: Final = 4096
@@ -61,6 +63,18 @@ class Injections:
         self.hosts = frozenset(normal_host(h) for h in hosts)
         self._secrets: tuple[InjectedSecret, ...] = ()
         self._placeholders: dict[bytes, str] = {}
+        self._addresses: dict[str, set[str]] = {}
+
+    def note_addresses(self, host: str, addresses: Iterable[str]) -> None:
+        """Addresses ``host`` resolved to for the cell (its DNS proxy's answers, or what the
+        supervisor resolved for a host rule): plain HTTP gets a secret only on a connection to
+        one of them, since nothing else proves which server is at the other end."""
+        key = normal_host(host)
+        if key in self.hosts:
+            self._addresses.setdefault(key, set()).update(addresses)
+
+    def reaches(self, host: str, address: str) -> bool:
+        return address in self._addresses.get(host, ())
 
     def arm(self, secrets: Sequence[InjectedSecret]) -> None:
         for secret in secrets:
@@ -275,6 +289,8 @@ class _Request:
     #: The SNI of a terminated TLS connection (requests must name the same host); None: HTTP.
     server_name: str | None
     scanner: _Scanner
+    #: Plain HTTP: the address the connection goes to (it must be one resolved for the host).
+    destination_ip: str | None = None
 
 
 def _refuse_found(req: _Request, refs: set[str], host: str | None) -> None:
@@ -295,16 +311,27 @@ def _rewrite(req: _Request, head: _Head) -> bytes:
     found = req.scanner.feed(head.request_line)
     for name, value in head.headers:
         header = name.decode("latin-1")
-        substituted = False
+        handled = False
         for secret in req.injections.for_request(host_for_injection, header):
-            if secret.placeholder.encode("ascii") in value:
+            if secret.placeholder.encode("ascii") not in value:
+                continue
+            handled = True
+            if req.server_name is None and not req.injections.reaches(
+                secret.host, req.destination_ip or ""
+            ):
                 req.report.note(
-                    REASON_INJECTED, secret_ref=secret.secret_ref, header=header, request_host=host
+                    REASON_ADDRESS_MISMATCH,
+                    secret_ref=secret.secret_ref,
+                    header=header,
+                    request_host=host,
                 )
-                value = b" " + secret.header_value().encode("latin-1")
-                substituted = True
                 break
-        if not substituted:
+            req.report.note(
+                REASON_INJECTED, secret_ref=secret.secret_ref, header=header, request_host=host
+            )
+            value = b" " + secret.header_value().encode("latin-1")
+            break
+        if not handled:
             found |= _Scanner(req.injections.placeholders).feed(name + b":" + value)
         out.append(name + b":" + value)
     _refuse_found(req, found, host)
@@ -319,11 +346,17 @@ async def relay_requests(
     injections: Injections,
     report: ConnectionReport,
     server_name: str | None,
+    destination_ip: str | None = None,
 ) -> None:
     """Relay one connection's requests from the client (``read``) to the upstream (``write``),
-    substituting placeholders where an entry allows it. Returns at the client's EOF."""
+    substituting placeholders where an entry allows it. Returns at the client's EOF.
+
+    ``server_name``: the verified SNI of a terminated TLS connection; None for plain HTTP,
+    whose ``destination_ip`` must then be an address resolved for the injection host."""
     source = _Input(read, peeked)
-    req = _Request(injections, report, server_name, _Scanner(injections.placeholders))
+    req = _Request(
+        injections, report, server_name, _Scanner(injections.placeholders), destination_ip
+    )
     current_host: list[str | None] = [None]
 
     def scan(data: bytes) -> None:

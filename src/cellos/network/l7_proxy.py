@@ -457,6 +457,7 @@ class L7Proxy:
                         injections=injections,
                         report=report,
                         server_name=None,
+                        destination_ip=host,
                     ),
                     upstream_eof,
                 )

@@ -155,6 +155,8 @@ class CellProxies:
     def _on_answer(self, name: str, addresses: list[str]) -> None:
         # Before the client gets the answer: the address is reachable once it knows it.
         scope.pin(self.net, name, addresses)
+        if self._injections is not None:
+            self._injections.note_addresses(name, addresses)
 
     def start(self) -> None:
         self._start_dns()
@@ -185,6 +187,10 @@ class CellProxies:
         try:
             if self.injection_ca is not None:
                 self._injections = Injections(self.injection_ca.hosts)
+                for rule in self.net.rules:  # host rules the supervisor resolved up front
+                    if rule.host is not None:
+                        addresses = [a.removesuffix("/32") for a in rule.addresses]
+                        self._injections.note_addresses(rule.host, addresses)
                 injection = InjectionSetup(
                     injections=self._injections,
                     ca=self.injection_ca,
