@@ -84,6 +84,18 @@ with open("/workspace/seen.bin", "wb") as fh:
                 fh.write(path.encode() + b"\n" + src.read() + b"\n")
         except OSError as e:
             fh.write(f"{path}: {e!r}\n".encode())
+# The workload's own writable memory, after it made the requests.
+with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb") as mem, \
+        open("/workspace/mem.bin", "wb") as out:
+    for line in maps:
+        fields = line.split()
+        if fields[1].startswith("rw"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                out.write(mem.read(end - start))
+            except (OSError, ValueError, OverflowError):
+                pass
 print("placeholder-length", len(ph))
 """
 
@@ -143,7 +155,12 @@ def injection_doc(host_ip: str) -> dict[str, Any]:
                 }
             ],
         },
-        export={"artifacts": [{"name": "seen.bin", "path": "/workspace/seen.bin"}]},
+        export={
+            "artifacts": [
+                {"name": "seen.bin", "path": "/workspace/seen.bin"},
+                {"name": "mem.bin", "path": "/workspace/mem.bin"},
+            ]
+        },
     )
 
 
@@ -202,6 +219,9 @@ def test_the_proxy_injects_the_secret_and_the_cell_never_holds_it(
     assert b"cellos-placeholder-" in exported  # the placeholder is what the cell holds
     assert SECRET.encode() not in exported
     assert b"PRIVATE KEY" not in exported
+    memory = (exports / "inject-1" / "mem.bin").read_bytes()
+    assert b"cellos-placeholder-" in memory  # the dump does cover what the workload holds
+    assert SECRET.encode() not in memory
     for root, _, files in os.walk(tmp_path / "logs"):
         for name in files:
             assert SECRET.encode() not in (Path(root) / name).read_bytes()
