@@ -250,3 +250,43 @@ def test_injection_on_a_backend_without_an_egress_proxy_is_refused(
     assert "cellos backend" in result.stderr
     assert "Traceback" not in result.stderr
     assert SECRET not in result.stdout + result.stderr
+
+
+def test_a_killed_supervisors_injection_cell_is_reaped_with_its_ca_bundle(tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    from cellos.hosts.cellos import CellosBackend
+
+    _ready()
+    before = network_residue()
+    state = tmp_path / "state"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nfrom cellos.hosts.cellos import CellosBackend\n"
+            "from cellos.core.loading import validate_document\n"
+            "from tests.test_secret_injection import injection_doc\n"
+            "spec = validate_document(injection_doc('10.214.0.53')).spec\n"
+            f"CellosBackend(state_root={str(state)!r}).create(spec)\n"
+            "print('ready', flush=True)\ntime.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        bundles = list(state.rglob("ca-bundle.pem"))
+        assert len(bundles) == 1
+        assert b"PRIVATE KEY" not in bundles[0].read_bytes()
+        assert "cellos-inject-1" in network_residue()["netns"]
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    reaped = CellosBackend(state_root=str(state)).reap()
+    assert [r.cell_id for r in reaped] == ["inject-1"]
+    assert list(state.rglob("ca-bundle.pem")) == []
+    assert network_residue() == before
