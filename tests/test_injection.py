@@ -428,3 +428,48 @@ def test_backends_without_an_egress_proxy_do_not_inject() -> None:
     assert issubclass(CellosBackend, SecretInjectingBackend)
     for backend in (GvisorBackend, MicrovmBackend, StubBackend):
         assert not issubclass(backend, SecretInjectingBackend), backend
+
+
+def test_the_hardened_profile_counts_only_secrets_delivered_in_the_environment(
+    tmp_path: Path,
+) -> None:
+    from cellos.brokers.memory import MemoryBroker
+    from cellos.core.errors import PolicyRefused
+    from cellos.hosts.cellos.backend import CellosBackend
+    from cellos.supervisor.lifecycle import Supervisor
+    from tests.conftest import require_sandbox
+
+    require_sandbox()
+    supervisor = Supervisor(
+        backend=CellosBackend(state_root=str(tmp_path / "state")),
+        sinks=[],
+        broker=MemoryBroker(),
+        exporter=None,
+        profile="hardened",
+    )
+    injected_only = validate_document(document(injection_authority()))
+    supervisor._check_policy(injected_only)  # the secret never enters the environment
+    authority = injection_authority()
+    authority["secretRefs"].append("plain")
+    with pytest.raises(PolicyRefused, match="secretDelivery"):
+        supervisor._check_policy(validate_document(document(authority)))
+
+
+def test_secret_values_that_cannot_be_a_header_are_refused_without_showing_them() -> None:
+    from cellos.core.errors import SecretBrokerError
+    from cellos.supervisor.secret_delivery import deliver
+
+    spec = validate_document(document(injection_authority())).spec
+    for bad in ("line\r\nX-Evil: 1", "é-accent", ""):
+        with pytest.raises(SecretBrokerError) as caught:
+            deliver(spec, {"tok": bad})
+        assert caught.value.path == "spec.authority.secretInjection[0].secretRef"
+        assert bad not in caught.value.reason or not bad
+    delivered = deliver(spec, {"tok": SECRET})
+    assert set(delivered.env) == {"CELLOS_SECRET_PLACEHOLDER_TOK"}
+    placeholder = delivered.env["CELLOS_SECRET_PLACEHOLDER_TOK"]
+    assert SECRET not in placeholder and len(placeholder) > 40
+    assert delivered.injected[0].header_value() == f"Bearer {SECRET}"
+    assert SECRET not in repr(delivered.injected)
+    # Unguessable: a new cell, a new placeholder.
+    assert deliver(spec, {"tok": SECRET}).env["CELLOS_SECRET_PLACEHOLDER_TOK"] != placeholder
