@@ -33,14 +33,8 @@ from typing import Any, Final
 from cellos.core.log import get_logger
 from cellos.network.allowlist import HostnameAllowlist
 from cellos.network.cell_ca import CellCA
-from cellos.network.injection import (
-    REASON_UPSTREAM_UNVERIFIED,
-    ConnectionReport,
-    Injections,
-    pump,
-    relay_requests,
-    stream_io,
-)
+from cellos.network.http_relay import pump, relay_requests, stream_io
+from cellos.network.injection import REASON_UPSTREAM_UNVERIFIED, ConnectionReport, Injections
 from cellos.network.sni import (
     MAX_HTTP_HEADER_BYTES,
     MAX_TLS_PEEK_BYTES,
