@@ -473,3 +473,16 @@ def test_secret_values_that_cannot_be_a_header_are_refused_without_showing_them(
     assert SECRET not in repr(delivered.injected)
     # Unguessable: a new cell, a new placeholder.
     assert deliver(spec, {"tok": SECRET}).env["CELLOS_SECRET_PLACEHOLDER_TOK"] != placeholder
+
+
+@sync
+async def test_a_large_body_passes_through_terminated_tls_intact(tmp_path: Path) -> None:
+    body = bytes(range(256)) * (16 * 1024)  # 4 MiB, every byte value
+    async with running(tmp_path, tls=True) as setup:
+        reply = await exchange(
+            setup, request(HOST, f"Authorization: {PLACEHOLDER}", body=body), server_name=HOST
+        )
+        assert b"200 OK" in reply
+        (seen,) = setup.recorder.requests
+        assert seen.endswith(body)
+        assert f"Authorization: Bearer {SECRET}".encode() in seen
