@@ -9,6 +9,7 @@ daemon thread of the supervisor, shared by all its cells. Their decisions are bu
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import threading
@@ -111,13 +112,30 @@ def _redirect_commands(ports: list[int]) -> list[dict[str, Any]]:
     ]
 
 
+_UPSTREAM_CONTEXTS: dict[tuple[str | None, int, int], ssl.SSLContext] = {}
+_UPSTREAM_LOCK = threading.Lock()
+
+
 def upstream_context(cafile: str | None) -> ssl.SSLContext:
     """How the proxy verifies the real upstream of an injection host: the host's trust store,
-    or only the CAs of ``cafile`` (``CELLOS_INJECTION_UPSTREAM_CA``)."""
-    context = ssl.create_default_context(cafile=cafile)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])
-    return context
+    or only the CAs of ``cafile`` (``CELLOS_INJECTION_UPSTREAM_CA``).
+
+    Loading a trust store costs tens of milliseconds; one context (read-only once built) serves
+    every cell of this process, and is rebuilt when the CA file changes."""
+    stamp = (0, 0)
+    if cafile is not None:
+        info = os.stat(cafile)
+        stamp = (info.st_mtime_ns, info.st_size)
+    key = (cafile, *stamp)
+    with _UPSTREAM_LOCK:
+        context = _UPSTREAM_CONTEXTS.get(key)
+        if context is None:
+            context = ssl.create_default_context(cafile=cafile)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.set_alpn_protocols(["http/1.1"])
+            _UPSTREAM_CONTEXTS.clear()  # one trust store is current at a time
+            _UPSTREAM_CONTEXTS[key] = context
+        return context
 
 
 class CellProxies:
