@@ -290,3 +290,27 @@ def test_a_killed_supervisors_injection_cell_is_reaped_with_its_ca_bundle(tmp_pa
     assert [r.cell_id for r in reaped] == ["inject-1"]
     assert list(state.rglob("ca-bundle.pem")) == []
     assert network_residue() == before
+
+
+def test_an_upstream_ca_file_that_is_not_pem_fails_the_cell_clearly(
+    tmp_path: Path, supervisor_cli: Run
+) -> None:
+    _ready()
+    before = network_residue()
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("this is not a certificate\n")
+    spec = write_doc(tmp_path / "c.yaml", injection_doc("10.214.0.53"))
+    result = supervisor_cli(
+        str(spec),
+        base_env(
+            tmp_path,
+            CELL_OS_USE_NOOP_SINK="1",
+            CELLOS_BROKER="env",
+            CELLOS_SECRET_API_TOKEN=SECRET,
+            CELLOS_INJECTION_UPSTREAM_CA=str(bad),
+        ),
+    )
+    assert result.code == 2, result  # a configuration the operator must fix
+    assert "error: CELLOS_INJECTION_UPSTREAM_CA: cannot load CA certificates" in result.stderr
+    assert "Traceback" not in result.stderr and SECRET not in result.stderr + result.stdout
+    assert network_residue() == before

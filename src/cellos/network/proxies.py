@@ -17,7 +17,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from cellos.core import events as ev
-from cellos.core.errors import HostError, PolicyRefused
+from cellos.core.errors import CellosError, HostError, PolicyRefused
 from cellos.core.ports import InjectedSecret
 from cellos.core.spec import DnsAuthority
 from cellos.network import nft, scope
@@ -124,13 +124,24 @@ def upstream_context(cafile: str | None) -> ssl.SSLContext:
     every cell of this process, and is rebuilt when the CA file changes."""
     stamp = (0, 0)
     if cafile is not None:
-        info = os.stat(cafile)
+        try:
+            info = os.stat(cafile)
+        except OSError as exc:
+            raise PolicyRefused(
+                "CELLOS_INJECTION_UPSTREAM_CA", f"cannot read {cafile!r}: {exc.strerror}"
+            ) from None
         stamp = (info.st_mtime_ns, info.st_size)
     key = (cafile, *stamp)
     with _UPSTREAM_LOCK:
         context = _UPSTREAM_CONTEXTS.get(key)
         if context is None:
-            context = ssl.create_default_context(cafile=cafile)
+            try:
+                context = ssl.create_default_context(cafile=cafile)
+            except (ssl.SSLError, OSError) as exc:
+                raise PolicyRefused(
+                    "CELLOS_INJECTION_UPSTREAM_CA",
+                    f"cannot load CA certificates from {cafile!r}: {exc}",
+                ) from None
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.set_alpn_protocols(["http/1.1"])
             _UPSTREAM_CONTEXTS.clear()  # one trust store is current at a time
@@ -223,6 +234,9 @@ class CellProxies:
             )
             nft.run(_redirect_commands(self.l7_ports), netns=netns)
             ProxyLoop.get().call(proxy.start_on(listen))
+        except CellosError:
+            listen.close()
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure is a host error for the cell
             listen.close()
             raise HostError("network", f"cannot start the cell's L7 proxy: {exc}") from None
