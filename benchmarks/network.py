@@ -3,11 +3,13 @@
 
 Warm cells (one ``Supervisor`` per variant, many cells), ``cellos`` backend, a ``/bin/true``
 workload: ``cellos/no-network`` (``egressRules: []``: a fresh loopback-only namespace),
-``cellos/egress`` (one CIDR rule: netns + veth + nft table + teardown) and
-``cellos/egress+dns`` (plus a DNS authority: the in-namespace DNS proxy and L7 redirect),
-interleaved in shuffled rounds with the bare primitive ``unshare --pid --fork --mount --net
---uts --ipc true``. Reported: p50, p90, their ratios to ``unshare`` and the p50 ratio to the
-cell without network. Needs root (netns, veth, nftables).
+``cellos/egress`` (one CIDR rule: netns + veth + nft table + teardown), ``cellos/egress+dns``
+(plus a DNS authority: the in-namespace DNS proxy and L7 redirect) and
+``cellos/egress+dns+injection`` (plus one ``secretInjection`` entry: the per-cell CA, its
+bundle, the secret resolved and the proxy armed), interleaved in shuffled rounds with the bare
+primitive ``unshare --pid --fork --mount --net --uts --ipc true``. Reported: p50, p90, their
+ratios to ``unshare`` and the p50 ratio to the cell without network. Needs root (netns, veth,
+nftables).
 
     python benchmarks/network.py [--rounds N] [--warmup W] [--json]
 """
@@ -38,6 +40,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "resolvers": [{"resolverId": "r", "address": "127.0.0.1:53"}],
         },
     },
+    "cellos/egress+dns+injection": {
+        "secretRefs": ["bench-token"],
+        "egressRules": [{"cidr": "192.0.2.0/24", "port": 443}],
+        "dnsAuthority": {
+            "hostnameAllowlist": ["example.test"],
+            "resolvers": [{"resolverId": "r", "address": "127.0.0.1:53"}],
+        },
+        "secretInjection": [
+            {"secretRef": "bench-token", "host": "example.test", "header": "Authorization"}
+        ],
+    },
 }
 
 
@@ -59,7 +72,11 @@ def benchmark(rounds: int, warmup: int, seed: int) -> dict[str, Any]:
                     "CELL_OS_USE_NOOP_SINK": "1",
                     "CELLOS_CELL_BACKEND": "cellos",
                     "CELLOS_STATE_DIR": str(state),
+                    "CELLOS_BROKER": "env",
+                    "CELLOS_SECRET_BENCH_TOKEN": "bench-secret-value",
                 }
+                if os.environ.get("CELLOS_LAUNCHER"):  # a prebuilt launcher, if given
+                    env["CELLOS_LAUNCHER"] = os.environ["CELLOS_LAUNCHER"]
                 cells.append(WarmCells(name, env))
             tasks = [
                 c.task(lambda i, n=n, a=a: cell_document(cell_id(n, i), authority=a))
@@ -79,6 +96,11 @@ def benchmark(rounds: int, warmup: int, seed: int) -> dict[str, Any]:
     added = None
     if no_network.samples and cells[1].series.samples:
         added = (harness.p50(cells[1].series.samples) - harness.p50(no_network.samples)) / 1e6
+    injection_added = None
+    if cells[2].series.samples and cells[3].series.samples:
+        injection_added = (
+            harness.p50(cells[3].series.samples) - harness.p50(cells[2].series.samples)
+        ) / 1e6
     return {
         "benchmark": "cellos.network",
         "config": {"rounds": rounds, "warmup": warmup, "seed": seed},
@@ -86,6 +108,7 @@ def benchmark(rounds: int, warmup: int, seed: int) -> dict[str, Any]:
         "unshare": " ".join(harness.UNSHARE_ARGV),
         "rows": rows,
         "egress_added_ms": added,
+        "injection_added_ms": injection_added,
         "elapsed_seconds": time.perf_counter() - started,
     }
 
@@ -97,6 +120,11 @@ def show(report: Mapping[str, Any]) -> None:
         print(
             f"egress authority adds {report['egress_added_ms']:.2f} ms per cell at p50 "
             "(netns, veth, nft table, teardown)"
+        )
+    if report.get("injection_added_ms") is not None:
+        print(
+            f"secret injection adds {report['injection_added_ms']:.2f} ms per cell at p50 "
+            "(per-cell CA, CA bundle, arming the proxy)"
         )
     cfg = report["config"]
     print(

@@ -561,6 +561,11 @@ BAD_SIGNING = [
             {"CELLOS_NETWORK_POOL": "10.213.0.1/16"}, "CELLOS_NETWORK_POOL", id="pool-host-bits"
         ),
         pytest.param({"CELLOS_NETWORK_POOL": "fd00::/64"}, "CELLOS_NETWORK_POOL", id="pool-ipv6"),
+        pytest.param(
+            {"CELLOS_INJECTION_UPSTREAM_CA": "/nonexistent/ca.pem"},
+            "CELLOS_INJECTION_UPSTREAM_CA",
+            id="injection-upstream-ca-missing",
+        ),
     ],
 )
 def test_bad_configuration_is_refused_without_residue(

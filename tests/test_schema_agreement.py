@@ -76,6 +76,18 @@ def dns(**fields: Any) -> Doc:
     return spec(authority={"dnsAuthority": fields})
 
 
+def injection(**entry: Any) -> Doc:
+    """A cell that injects secret ``tok`` into requests to api.test (plus ``entry``'s changes)."""
+    fields = {"secretRef": "tok", "host": "api.test", "header": "Authorization", **entry}
+    return spec(
+        authority={
+            "secretRefs": ["tok"],
+            "egressRules": [{"host": "api.test", "port": 443}],
+            "secretInjection": [fields],
+        }
+    )
+
+
 def artifacts(*items: Any) -> Doc:
     return spec(export={"artifacts": list(items)})
 
@@ -270,6 +282,45 @@ EXPRESSIBLE = [
         "spec.authority.dnsAuthority.resolvers[0].resolverId",
     ),
     Invalid("policy-incomplete", spec(policy={"packId": "p"}), "spec.policy.packVersion"),
+    Invalid(
+        "injection-format-no-marker",
+        injection(format="Bearer"),
+        "spec.authority.secretInjection[0].format",
+    ),
+    Invalid(
+        "injection-format-twice",
+        injection(format="{value}:{value}"),
+        "spec.authority.secretInjection[0].format",
+    ),
+    Invalid(
+        "injection-format-newline",
+        injection(format="{value}\r\nX-Evil: 1"),
+        "spec.authority.secretInjection[0].format",
+    ),
+    Invalid(
+        "injection-header-space",
+        injection(header="X Token"),
+        "spec.authority.secretInjection[0].header",
+    ),
+    Invalid(
+        "injection-host-wildcard",
+        injection(host="*.api.test"),
+        "spec.authority.secretInjection[0].host",
+    ),
+    Invalid(
+        "injection-missing-header",
+        edit(
+            lambda d: (
+                d.update(injection()) or d["spec"]["authority"]["secretInjection"][0].pop("header")
+            )
+        ),
+        "spec.authority.secretInjection[0].header",
+    ),
+    Invalid(
+        "injection-unknown-key",
+        injection(value="x"),
+        "spec.authority.secretInjection[0].value",
+    ),
     Invalid("run-list", spec(run=["/bin/true"]), "spec.run"),
 ]
 
@@ -286,6 +337,38 @@ INEXPRESSIBLE = [
         spec(
             authority={"secretRefs": ["npm-token"]},
             run={"argv": ["/bin/true"], "env": {"NPM_TOKEN": "x"}},
+        ),
+        "spec",
+    ),
+    Invalid(
+        "injection-secret-not-a-ref",
+        injection(secretRef="other"),
+        "spec.authority.secretInjection[0].secretRef",
+    ),
+    Invalid(
+        "injection-host-not-allowed",
+        injection(host="evil.test"),
+        "spec.authority.secretInjection[0].host",
+    ),
+    Invalid(
+        "injection-reserved-header",
+        injection(header="Transfer-Encoding"),
+        "spec.authority.secretInjection[0].header",
+    ),
+    Invalid(
+        "injection-placeholder-env-clash",
+        edit(
+            lambda d: (
+                d.update(injection())
+                or d["spec"]["run"].update(env={"CELLOS_SECRET_PLACEHOLDER_TOK": "x"})
+            )
+        ),
+        "spec",
+    ),
+    Invalid(
+        "injection-ca-variable-clash",
+        edit(
+            lambda d: d.update(injection()) or d["spec"]["run"].update(env={"SSL_CERT_FILE": "x"})
         ),
         "spec",
     ),
@@ -328,6 +411,25 @@ VALID = [
     artifacts(art(".hidden"), art("report.json", "out/report.json"), art("é" * 127)),
     artifacts(art("a", "/workspace/x"), art("b", "/workspace/x")),
     spec(authority={"secretRefs": ["npm-token", "a.b"]}),
+    injection(),
+    injection(format="Bearer {value}", host="API.test.", header="x-api-key"),
+    spec(
+        authority={
+            "secretRefs": ["tok"],
+            "egressRules": [{"cidr": "10.0.0.0/8", "port": 80}],
+            "dnsAuthority": {"hostnameAllowlist": ["*.corp.test"]},
+            "secretInjection": [
+                {"secretRef": "tok", "host": "a.corp.test", "header": "X-Token"},
+                {
+                    "secretRef": "tok",
+                    "host": "b.corp.test",
+                    "header": "X-Token",
+                    "format": "t={value};",
+                },
+            ],
+        },
+        run={"argv": ["/bin/true"], "env": {"TOK": "not the secret's variable when injected"}},
+    ),
     egress(
         {"host": "registry.npmjs.org", "port": 443},
         {"host": "localhost.", "port": 1, "protocol": "udp"},
@@ -416,10 +518,15 @@ def inexpressible_violation(document: Doc) -> str | None:
     if lifetime and timeout is not None and timeout > lifetime["ttlSeconds"]:
         return "timeout <= ttl"
     authority = cell.get("authority") or {}
+    injected = {e["secretRef"] for e in authority.get("secretInjection") or []}
     if run_ and run_.get("secretDelivery", "env") == "env":
         env = run_.get("env") or {}
-        if any(secret_env_name(ref) in env for ref in authority.get("secretRefs") or []):
+        refs = [r for r in authority.get("secretRefs") or [] if r not in injected]
+        if any(secret_env_name(ref) in env for ref in refs):
             return "secret/env clash"
+    broken = _injection_violation(authority, (run_ or {}).get("env") or {} if run_ else None)
+    if broken is not None:
+        return broken
     for rule in authority.get("egressRules") or []:
         if rule.get("cidr") is not None:
             try:
@@ -433,6 +540,55 @@ def inexpressible_violation(document: Doc) -> str | None:
         return "artifact name bytes"
     if any("\ud800" <= ch <= "\udfff" for ch in json.dumps(document, ensure_ascii=False)):
         return "lone surrogate"
+    return None
+
+
+def _injection_violation(authority: Doc, env: dict[str, str] | None) -> str | None:
+    """docs/document.md's secretInjection rules, restated."""
+    entries = authority.get("secretInjection") or []
+    refs = authority.get("secretRefs") or []
+    rules = [
+        r
+        for r in authority.get("egressRules") or []
+        if r.get("protocol", "tcp") == "tcp" and r["port"] in (80, 443)
+    ]
+    dns = authority.get("dnsAuthority") or {}
+    patterns = [p.lower().rstrip(".") for p in dns.get("hostnameAllowlist") or []]
+    seen = set()
+    for entry in entries:
+        host = entry["host"].lower().rstrip(".")
+        if entry["secretRef"] not in refs:
+            return "injection: secretRef not in secretRefs"
+        if entry["header"].lower() in {
+            "host",
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "upgrade",
+            "te",
+            "trailer",
+        }:
+            return "injection: reserved header"
+        if (host, entry["header"].lower()) in seen:
+            return "injection: header of a host twice"
+        seen.add((host, entry["header"].lower()))
+        by_rule = any((r.get("host") or "").lower().rstrip(".") == host for r in rules)
+        by_dns = (
+            bool(rules)
+            and "dnsAuthority" in authority
+            and authority["dnsAuthority"] is not None
+            and any(host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in patterns)
+        )
+        if not (by_rule or by_dns):
+            return "injection: host not reachable at L7"
+    if entries and env is not None:
+        names = {"SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE"}
+        names |= {
+            "CELLOS_SECRET_PLACEHOLDER_" + secret_env_name(e["secretRef"]).lstrip("_")
+            for e in entries
+        }
+        if names & set(env):
+            return "injection: variable clash"
     return None
 
 

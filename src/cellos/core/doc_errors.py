@@ -23,10 +23,11 @@ Loc = tuple[int | str, ...]
 Problem = tuple[Loc, str]
 
 _AT = re.compile(r"^(?P<msg>.*) - at `(?:key` in `)?(?P<path>\$[^`]*)`$", re.S)
-_REGEX = re.compile(r"^Expected `str` matching regex (?P<pattern>'.*')$", re.S)
+_REGEX = re.compile(r"""^Expected `str` matching regex (?P<pattern>'.*'|".*")$""", re.S)
 #: msgspec quotes the pattern with ``repr``.
 _REASONS = {repr(pattern): reason for pattern, reason in PATTERN_REASONS.items()}
-_RULE = re.compile(r"^@(?P<field>[A-Za-z0-9_\[\]]+): (?P<reason>.*)$", re.S)
+_RULE = re.compile(r"^@(?P<field>[A-Za-z0-9_\[\].]+): (?P<reason>.*)$", re.S)
+_FIELD_PART = re.compile(r"([A-Za-z0-9_]+)|\[(\d+)\]")
 _SEGMENT = re.compile(r"\.([A-Za-z0-9_]+)|\[(\d+)\]")
 
 
@@ -115,14 +116,17 @@ def _translate(message: str, data: Any, tp: Any, loc: Loc) -> Problem:
     if rule:
         sub = rule["field"]
         reason = rule["reason"]
-        name, _, index = sub.partition("[")
-        where = (*where, name, *([int(index.rstrip("]"))] if index else []))
+        parts = [m[1] if m[1] else int(m[2]) for m in _FIELD_PART.finditer(sub)]
+        where = (*where, *parts)
         return (*loc, *where), reason
     regex = _REGEX.match(reason)
     if regex and regex["pattern"] in _REASONS:
         value = data if not where else None
         shown = repr(value)[:80] if isinstance(value, str) else "the value"
-        reason = _REASONS[regex["pattern"]].replace("{value}", shown)
+        # Only a leading ``{value}`` stands for the offending value (a reason may quote the
+        # literal text ``{value}``, e.g. the secretInjection format's marker).
+        template = _REASONS[regex["pattern"]]
+        reason = shown + template[7:] if template.startswith("{value}") else template
     elif reason.startswith("Invalid enum value"):
         allowed = _literals(tp)
         if allowed:

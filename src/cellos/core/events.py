@@ -19,6 +19,7 @@ NETWORK_FLOW_DECISION: Final = _PREFIX + "observability.v1.network_flow_decision
 DNS_QUERY_PERMITTED: Final = _PREFIX + "observability.v1.dns_query_permitted"
 DNS_QUERY_REFUSED: Final = _PREFIX + "observability.v1.dns_query_refused"
 L7_EGRESS_DECISION: Final = _PREFIX + "observability.v1.l7_egress_decision"
+L7_SECRET_INJECTION: Final = _PREFIX + "observability.v1.l7_secret_injection"
 EVIDENCE_BUNDLE_EMITTED: Final = _PREFIX + "evidence_bundle.v1.emitted"
 COMPLIANCE_SUMMARY: Final = _PREFIX + "compliance.v1.summary"
 SIGNED_ENVELOPE: Final = "dev.cellos.events.signed_envelope.v1"
@@ -35,6 +36,7 @@ PHASES: Final = {
     DNS_QUERY_PERMITTED: "observability",
     DNS_QUERY_REFUSED: "observability",
     L7_EGRESS_DECISION: "observability",
+    L7_SECRET_INJECTION: "observability",
     EVIDENCE_BUNDLE_EMITTED: "evidence",
     COMPLIANCE_SUMMARY: "compliance",
 }

@@ -168,6 +168,34 @@ class NetworkEvidenceBackend(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class InjectedSecret:
+    """One ``authority.secretInjection`` entry with its resolved secret, for the cell's L7 proxy.
+
+    The workload holds only ``placeholder``; the proxy replaces a header value that contains it
+    by ``format`` with ``{value}`` = the secret, on requests to ``host`` only."""
+
+    secret_ref: str
+    #: Lower case, without a trailing dot.
+    host: str
+    header: str
+    format: str
+    placeholder: str
+    value: str = field(repr=False)
+
+    def header_value(self) -> str:
+        return self.format.replace("{value}", self.value, 1)
+
+
+@runtime_checkable
+class SecretInjectingBackend(Protocol):
+    """A backend whose egress proxy can put secrets into requests (``secretInjection``)."""
+
+    def inject_secrets(self, handle: CellHandle, secrets: Sequence[InjectedSecret]) -> None:
+        """Arm the created cell's proxy; called after create, before the workload starts."""
+        ...
+
+
 @runtime_checkable
 class ReapingBackend(Protocol):
     """A backend that leaves host state a crashed supervisor could orphan."""

@@ -24,7 +24,11 @@ from typing import Annotated, Any, Literal, NoReturn
 import msgspec
 from msgspec import Meta
 
-from cellos.core.secrets_env import secret_env_name
+from cellos.core.secrets_env import (
+    INJECTION_TRUST_VARIABLES,
+    placeholder_env_name,
+    secret_env_name,
+)
 
 API_VERSION = "cellos.io/v1"
 KIND = "ExecutionCell"
@@ -78,6 +82,12 @@ WORKING_DIRECTORY_PATTERN = _whole(
 #: One plain file name: no separators, NUL or control characters, no ``..``, not ``.``, no
 #: leading ``~``; the export destination is ``<root>/<cellId>/<name>``.
 FILE_NAME_PATTERN = _whole(r"(?!~)(?![^\x00]*\.\.)(?!\.(?![\s\S]))[^/\\\x00-\x1f]+")
+#: An HTTP field name (RFC 9110 ``token``).
+HEADER_NAME_PATTERN = _whole(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: A header value template: ``{value}`` exactly once, no CR, LF or NUL (header injection).
+INJECTION_FORMAT_PATTERN = _whole(
+    r"(?:(?!\{value\})[^\r\n\x00])*\{value\}(?:(?!\{value\})[^\r\n\x00])*"
+)
 
 #: Why a value does not match, per pattern (``{value}`` is the offending value, quoted).
 PATTERN_REASONS: dict[str, str] = {
@@ -93,6 +103,8 @@ PATTERN_REASONS: dict[str, str] = {
     "(IPv6 in brackets)",
     NO_NUL_PATTERN: "must not contain NUL",
     WORKING_DIRECTORY_PATTERN: "must be an absolute path below '/' without '..'",
+    HEADER_NAME_PATTERN: "{value} is not an HTTP header name (RFC 9110 token characters)",
+    INJECTION_FORMAT_PATTERN: "must contain {value} exactly once and no CR, LF or NUL",
     FILE_NAME_PATTERN: "must be a single file name (no '/', '\\\\', NUL, control characters, "
     "'..' or leading '~', at most 255 bytes)",
 }
@@ -224,13 +236,90 @@ class DnsAuthority(_Doc, frozen=True, kw_only=True):
     resolvers: list[Resolver] = []
 
 
+#: Headers that frame or route a request: a secret placed there would change what the request
+#: is, not only who it claims to be from.
+RESERVED_INJECTION_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer"}
+)
+#: Ports whose TCP the cell's L7 proxy sees (80: HTTP, 443: HTTPS).
+L7_PORTS = (80, 443)
+
+
+class SecretInjection(_Doc, frozen=True, kw_only=True):
+    """The cell's L7 proxy puts secret ``secretRef`` into header ``header`` of requests to
+    ``host``; the workload only ever holds a placeholder (docs/secrets.md)."""
+
+    secret_ref: SecretKey
+    host: Host
+    header: Annotated[str, Meta(pattern=HEADER_NAME_PATTERN, max_length=128)]
+    format: Annotated[str, Meta(pattern=INJECTION_FORMAT_PATTERN, max_length=1024)] = "{value}"
+
+
+def _host_key(host: str) -> str:
+    return host.lower().rstrip(".")
+
+
+def _allowlisted(host: str, patterns: list[str]) -> bool:
+    """``hostnameAllowlist`` semantics (docs/network.md): exact, case-insensitive; ``*.x``
+    matches the subdomains of x, not x."""
+    for pattern in patterns:
+        key = _host_key(pattern)
+        if key.startswith("*."):
+            if host.endswith(key[1:]):
+                return True
+        elif host == key:
+            return True
+    return False
+
+
 class Authority(_Doc, frozen=True, kw_only=True):
     secret_refs: Annotated[list[SecretKey], _UNIQUE] = []
     egress_rules: list[Annotated[EgressRule, _ONE_DESTINATION]] = []
     dns_authority: DnsAuthority | None = None
+    secret_injection: Annotated[list[SecretInjection], _UNIQUE] = []
 
     def __post_init__(self) -> None:
         _check_unique(self.secret_refs, "secretRefs", "secret keys must be unique")
+        seen: set[tuple[str, str]] = set()
+        for index, entry in enumerate(self.secret_injection):
+            where = f"secretInjection[{index}]"
+            if entry.secret_ref not in self.secret_refs:
+                rule_error(
+                    f"{where}.secretRef",
+                    f"{entry.secret_ref!r} is not in spec.authority.secretRefs",
+                )
+            if entry.header.lower() in RESERVED_INJECTION_HEADERS:
+                rule_error(
+                    f"{where}.header",
+                    f"{entry.header!r} frames or routes the request and cannot carry a secret",
+                )
+            key = (_host_key(entry.host), entry.header.lower())
+            if key in seen:
+                rule_error(
+                    f"{where}.host",
+                    f"header {entry.header!r} of {entry.host!r} is "
+                    "already injected by an earlier entry",
+                )
+            seen.add(key)
+            if not self._l7_reachable(key[0]):
+                rule_error(
+                    f"{where}.host",
+                    f"{entry.host!r} is not reachable through the cell's L7 proxy: it needs a "
+                    "tcp egress rule for that host on port 80 or 443, or a name in "
+                    "dnsAuthority.hostnameAllowlist and a tcp egress rule on port 80 or 443",
+                )
+
+    def _l7_reachable(self, host: str) -> bool:
+        l7 = [r for r in self.egress_rules if r.protocol == "tcp" and r.port in L7_PORTS]
+        if any(r.host is not None and _host_key(r.host) == host for r in l7):
+            return True
+        dns = self.dns_authority
+        return bool(l7) and dns is not None and _allowlisted(host, dns.hostname_allowlist)
+
+    @property
+    def injected_refs(self) -> frozenset[str]:
+        """Secret keys the workload gets only as a placeholder."""
+        return frozenset(e.secret_ref for e in self.secret_injection)
 
 
 class Lifetime(_Doc, frozen=True, kw_only=True):
@@ -321,12 +410,26 @@ class CellSpec(_Doc, frozen=True, kw_only=True):
             raise ValueError(
                 f"run.timeoutSeconds ({timeout}) must be <= lifetime.ttlSeconds ({ttl})"
             )
+        injected = self.authority.injected_refs
         if run.secret_delivery == "env":
             for ref in self.authority.secret_refs:
-                if secret_env_name(ref) in run.env:
+                if ref not in injected and secret_env_name(ref) in run.env:
                     raise ValueError(
                         f"run.env.{secret_env_name(ref)} collides with the variable that "
                         f"delivers secret {ref!r}"
+                    )
+        for ref in sorted(injected):
+            if placeholder_env_name(ref) in run.env:
+                raise ValueError(
+                    f"run.env.{placeholder_env_name(ref)} collides with the variable that "
+                    f"carries the placeholder of secret {ref!r}"
+                )
+        if injected:
+            for name in INJECTION_TRUST_VARIABLES:
+                if name in run.env:
+                    raise ValueError(
+                        f"run.env.{name} collides with the cell's CA bundle variable "
+                        "(set by CellOS when secretInjection is declared)"
                     )
 
     @property

@@ -39,6 +39,7 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
             rootfs=env.get("CELLOS_ROOTFS") or None,
             launcher=env.get("CELLOS_LAUNCHER") or None,
             network_pool=_network_pool(env),
+            injection_upstream_ca=env.get("CELLOS_INJECTION_UPSTREAM_CA") or None,
         )
     if name == "gvisor":
         from cellos.hosts.gvisor import GvisorBackend

@@ -16,7 +16,7 @@ Imported only for cells with egress authority: the proxies pull in asyncio and d
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellos.core.errors import HostError, PolicyRefused
 from cellos.core.events import NETWORK_FLOW_DECISION
@@ -24,6 +24,9 @@ from cellos.core.spec import CellSpec
 from cellos.hosts.state import CellState
 from cellos.network import scope
 from cellos.network.proxies import L7_PORTS, CellProxies
+
+if TYPE_CHECKING:
+    from cellos.network.cell_ca import CellCA
 
 #: The key of the cell's state record that names its scope.
 RECORD_KEY = "network"
@@ -66,9 +69,18 @@ class CellEgress:
                 "CELLOS_STATE_DIR", f"cannot record the cell's network: {exc.strerror}"
             ) from None
 
-    def create(self, resolv_conf_path: str) -> None:
+    def create(
+        self,
+        resolv_conf_path: str,
+        *,
+        injection_ca: CellCA | None = None,
+        upstream_ca_file: str | None = None,
+    ) -> None:
         """Namespace, veth, table, then the proxies; ``resolv_conf_path`` is written when the
-        cell has DNS authority (the cell then asks its own proxy, nobody else)."""
+        cell has DNS authority (the cell then asks its own proxy, nobody else). With
+        ``injection_ca`` the L7 proxy terminates TLS for the cell's secretInjection hosts and
+        verifies their real certificates (against ``upstream_ca_file``, else the host's store).
+        """
         scope.create(self.net)
         dns = self.spec.authority.dns_authority
         if dns is not None:
@@ -83,7 +95,14 @@ class CellEgress:
             {r.port for r in self.spec.authority.egress_rules if r.protocol == "tcp"}
             & set(L7_PORTS)
         )
-        self.proxies = CellProxies(self.net, dns, l7_names=names, l7_ports=l7_ports)
+        self.proxies = CellProxies(
+            self.net,
+            dns,
+            l7_names=names,
+            l7_ports=l7_ports,
+            injection_ca=injection_ca,
+            upstream_ca_file=upstream_ca_file,
+        )
         self.proxies.start()
 
     def events(self) -> list[tuple[str, dict[str, Any]]]:

@@ -23,14 +23,18 @@ import asyncio
 import errno
 import ipaddress
 import socket
+import ssl
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Final
 
 from cellos.core.log import get_logger
 from cellos.network.allowlist import HostnameAllowlist
+from cellos.network.cell_ca import CellCA
+from cellos.network.http_relay import pump, relay_requests, stream_io
+from cellos.network.injection import REASON_UPSTREAM_UNVERIFIED, ConnectionReport, Injections
 from cellos.network.sni import (
     MAX_HTTP_HEADER_BYTES,
     MAX_TLS_PEEK_BYTES,
@@ -40,6 +44,7 @@ from cellos.network.sni import (
     parse_client_hello_sni,
     parse_http_host,
 )
+from cellos.network.tls_server import TlsServerStream
 
 __all__ = [
     "REASON_HTTP_HOST_MATCH",
@@ -50,6 +55,7 @@ __all__ = [
     "REASON_SNI_MISSING",
     "SO_ORIGINAL_DST",
     "Allowlist",
+    "InjectionSetup",
     "L7Proxy",
     "OriginalDestination",
     "UpstreamConnector",
@@ -161,6 +167,18 @@ def _ipv6_literal(entry: str) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class InjectionSetup:
+    """What the proxy needs for ``secretInjection``: the table, the cell's CA (TLS to the
+    injection hosts is terminated with leaves it issues), the context that verifies the real
+    upstream, and where ``l7_secret_injection`` event data goes."""
+
+    injections: Injections
+    ca: CellCA
+    upstream_context: ssl.SSLContext
+    on_event: Callable[[dict[str, Any]], None]
+
+
 @dataclass(frozen=True, slots=True)
 class _Verdict:
     allowed: bool
@@ -197,6 +215,7 @@ class L7Proxy:
         connect_upstream: UpstreamConnector = open_upstream,
         peek_timeout: float = 5.0,
         connect_timeout: float = 10.0,
+        injection: InjectionSetup | None = None,
     ) -> None:
         if not peek_timeout > 0:
             raise ValueError("peek_timeout must be positive")
@@ -208,6 +227,7 @@ class L7Proxy:
         self._connect_upstream = connect_upstream
         self._peek_timeout = peek_timeout
         self._connect_timeout = connect_timeout
+        self._injection = injection
         self._listen_sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -316,6 +336,25 @@ class L7Proxy:
                 # instead of a truncated handshake it may retry (DESIGN §9: visible refusal).
                 _reset(conn)
             return
+        injection = self._injection
+        if injection is not None and injection.injections.active:
+            if verdict.reason_code == REASON_SNI_MATCH and injection.injections.terminates(
+                verdict.server_name
+            ):
+                assert verdict.server_name is not None
+                await self._terminate(
+                    conn, reader, client, host, port, verdict.server_name, peeked, injection
+                )
+                return
+            if verdict.reason_code == REASON_HTTP_HOST_MATCH:
+                report = ConnectionReport(
+                    injection.on_event, event["destination"], verdict.server_name
+                )
+                if not await self._forward(
+                    reader, client, host, port, peeked, (injection.injections, report)
+                ):
+                    _reset(conn)
+                return
         if not await self._forward(reader, client, host, port, peeked):
             _reset(conn)
 
@@ -385,34 +424,140 @@ class L7Proxy:
         host: str,
         port: int,
         peeked: bytes,
+        http_injection: tuple[Injections, ConnectionReport] | None = None,
     ) -> bool:
-        """Connect upstream and splice; False if the upstream could not be reached."""
+        """Connect upstream and splice; False if the upstream could not be reached.
+
+        ``http_injection``: the client speaks plain HTTP and the cell injects secrets: its
+        requests go through :func:`relay_requests` instead of a plain copy."""
+        connected = await self._open_upstream(host, port)
+        if connected is None:
+            return False
+        upstream_reader, upstream_writer = connected
         try:
-            upstream_reader, upstream_writer = await asyncio.wait_for(
-                self._connect_upstream(host, port), self._connect_timeout
-            )
+            outbound: Coroutine[Any, Any, None]
+            if http_injection is None:
+                upstream_writer.write(peeked)
+                outbound = _pump(client_reader, upstream_writer)
+            else:
+                injections, report = http_injection
+                client_read, _, _ = stream_io(client_reader, client_writer)
+                _, upstream_write, upstream_eof = stream_io(upstream_reader, upstream_writer)
+                outbound = _then(
+                    relay_requests(
+                        client_read,
+                        upstream_write,
+                        peeked,
+                        injections=injections,
+                        report=report,
+                        server_name=None,
+                        destination_ip=host,
+                    ),
+                    upstream_eof,
+                )
+            await _splice(outbound, _pump(upstream_reader, client_writer))
+        finally:
+            await _close_writer(upstream_writer)
+        return True
+
+    async def _open_upstream(
+        self, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        try:
+            return await asyncio.wait_for(self._connect_upstream(host, port), self._connect_timeout)
         except (OSError, TimeoutError) as exc:
             logger.info(
                 "l7 proxy: upstream %s unreachable: %r", _format_destination(host, port), exc
             )
-            return False
+            return None
+
+    async def _terminate(
+        self,
+        conn: socket.socket,
+        reader: asyncio.StreamReader,
+        client: asyncio.StreamWriter,
+        host: str,
+        port: int,
+        server_name: str,
+        peeked: bytes,
+        injection: InjectionSetup,
+    ) -> None:
+        """TLS to an injection host: verify the real upstream first (against the host's trust
+        store), then finish the client's handshake with a leaf of the cell's CA and relay
+        the decrypted requests through :func:`relay_requests`."""
+        destination = _format_destination(host, port)
+        report = ConnectionReport(injection.on_event, destination, server_name)
+        connected = await self._open_upstream(host, port)
+        if connected is None:
+            _reset(conn)
+            return
+        upstream_reader, upstream_writer = connected
         try:
-            upstream_writer.write(peeked)
-            pumps = [
-                asyncio.create_task(_pump(client_reader, upstream_writer)),
-                asyncio.create_task(_pump(upstream_reader, client_writer)),
-            ]
             try:
-                # Both directions run until their EOF (half-closes are passed on); an error
-                # in either one ends the whole connection.
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
-            finally:
-                for pump in pumps:
-                    pump.cancel()
-                await asyncio.gather(*pumps, return_exceptions=True)
+                await upstream_writer.start_tls(
+                    injection.upstream_context,
+                    server_hostname=server_name,
+                    ssl_handshake_timeout=self._connect_timeout,
+                )
+            except ssl.SSLError as exc:
+                # An upstream that cannot prove it is the host never sees a secret.
+                logger.info(
+                    "l7 proxy: upstream %s (%s) not verified: %s", destination, server_name, exc
+                )
+                report.note(REASON_UPSTREAM_UNVERIFIED, request_host=server_name)
+                _reset(conn)
+                return
+            except (OSError, TimeoutError):
+                _reset(conn)
+                return
+            tls = TlsServerStream(injection.ca.server_context(server_name), reader, client)
+            try:
+                await tls.handshake(peeked, self._peek_timeout)
+            except (ssl.SSLError, OSError, TimeoutError):
+                _reset(conn)
+                return
+            upstream_read, upstream_write, _ = stream_io(upstream_reader, upstream_writer)
+
+            async def client_done() -> None:
+                # TLS has no half-close: the client's end ends the upstream session too.
+                await _close_writer(upstream_writer)
+
+            await _splice(
+                _then(
+                    relay_requests(
+                        tls.read,
+                        upstream_write,
+                        b"",
+                        injections=injection.injections,
+                        report=report,
+                        server_name=server_name,
+                    ),
+                    client_done,
+                ),
+                pump(upstream_read, tls.write, tls.close),
+            )
         finally:
             await _close_writer(upstream_writer)
-        return True
+
+
+async def _splice(outbound: Coroutine[Any, Any, None], inbound: Coroutine[Any, Any, None]) -> None:
+    """Run both directions until their EOF (half-closes are passed on); an error in either
+    one ends the whole connection."""
+    pumps = [asyncio.create_task(outbound), asyncio.create_task(inbound)]
+    try:
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in pumps:
+            task.cancel()
+        results = await asyncio.gather(*pumps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, Exception) and not isinstance(result, OSError | ssl.SSLError):
+            raise result
+
+
+async def _then(first: Awaitable[None], after: Callable[[], Awaitable[None]]) -> None:
+    await first
+    await after()
 
 
 async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:

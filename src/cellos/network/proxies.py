@@ -9,17 +9,22 @@ daemon thread of the supervisor, shared by all its cells. Their decisions are bu
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import ssl
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from cellos.core import events as ev
-from cellos.core.errors import HostError, PolicyRefused
+from cellos.core.errors import CellosError, HostError, PolicyRefused
+from cellos.core.ports import InjectedSecret
 from cellos.core.spec import DnsAuthority
 from cellos.network import nft, scope
+from cellos.network.cell_ca import CellCA
 from cellos.network.dns_proxy import DnsProxy
-from cellos.network.l7_proxy import L7Proxy
+from cellos.network.injection import Injections
+from cellos.network.l7_proxy import InjectionSetup, L7Proxy
 from cellos.network.netns_sockets import bound_socket, in_netns, unbound_socket
 
 T = TypeVar("T")
@@ -107,6 +112,43 @@ def _redirect_commands(ports: list[int]) -> list[dict[str, Any]]:
     ]
 
 
+_UPSTREAM_CONTEXTS: dict[tuple[str | None, int, int], ssl.SSLContext] = {}
+_UPSTREAM_LOCK = threading.Lock()
+
+
+def upstream_context(cafile: str | None) -> ssl.SSLContext:
+    """How the proxy verifies the real upstream of an injection host: the host's trust store,
+    or only the CAs of ``cafile`` (``CELLOS_INJECTION_UPSTREAM_CA``).
+
+    Loading a trust store costs tens of milliseconds; one context (read-only once built) serves
+    every cell of this process, and is rebuilt when the CA file changes."""
+    stamp = (0, 0)
+    if cafile is not None:
+        try:
+            info = os.stat(cafile)
+        except OSError as exc:
+            raise PolicyRefused(
+                "CELLOS_INJECTION_UPSTREAM_CA", f"cannot read {cafile!r}: {exc.strerror}"
+            ) from None
+        stamp = (info.st_mtime_ns, info.st_size)
+    key = (cafile, *stamp)
+    with _UPSTREAM_LOCK:
+        context = _UPSTREAM_CONTEXTS.get(key)
+        if context is None:
+            try:
+                context = ssl.create_default_context(cafile=cafile)
+            except (ssl.SSLError, OSError) as exc:
+                raise PolicyRefused(
+                    "CELLOS_INJECTION_UPSTREAM_CA",
+                    f"cannot load CA certificates from {cafile!r}: {exc}",
+                ) from None
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.set_alpn_protocols(["http/1.1"])
+            _UPSTREAM_CONTEXTS.clear()  # one trust store is current at a time
+            _UPSTREAM_CONTEXTS[key] = context
+        return context
+
+
 class CellProxies:
     def __init__(
         self,
@@ -114,11 +156,16 @@ class CellProxies:
         dns: DnsAuthority | None,
         l7_names: list[str] | None = None,
         l7_ports: list[int] | None = None,
+        injection_ca: CellCA | None = None,
+        upstream_ca_file: str | None = None,
     ) -> None:
         self.net = net
         self.dns_authority = dns
         self.l7_names = l7_names or []
         self.l7_ports = l7_ports or []
+        self.injection_ca = injection_ca
+        self.upstream_ca_file = upstream_ca_file
+        self._injections: Injections | None = None
         self._l7: L7Proxy | None = None
         self.events: list[tuple[str, dict[str, Any]]] = []
         self._events_lock = threading.Lock()
@@ -137,6 +184,8 @@ class CellProxies:
     def _on_answer(self, name: str, addresses: list[str]) -> None:
         # Before the client gets the answer: the address is reachable once it knows it.
         scope.pin(self.net, name, addresses)
+        if self._injections is not None:
+            self._injections.note_addresses(name, addresses)
 
     def start(self) -> None:
         self._start_dns()
@@ -163,18 +212,46 @@ class CellProxies:
                 raise
             return await asyncio.open_connection(sock=sock)
 
-        proxy = L7Proxy(
-            self.l7_names,
-            lambda d: self._record(ev.L7_EGRESS_DECISION, d),
-            connect_upstream=connect_upstream,
-        )
+        injection = None
         try:
+            if self.injection_ca is not None:
+                self._injections = Injections(self.injection_ca.hosts)
+                for rule in self.net.rules:  # host rules the supervisor resolved up front
+                    if rule.host is not None:
+                        addresses = [a.removesuffix("/32") for a in rule.addresses]
+                        self._injections.note_addresses(rule.host, addresses)
+                injection = InjectionSetup(
+                    injections=self._injections,
+                    ca=self.injection_ca,
+                    upstream_context=upstream_context(self.upstream_ca_file),
+                    on_event=lambda d: self._record(ev.L7_SECRET_INJECTION, d),
+                )
+            proxy = L7Proxy(
+                self.l7_names,
+                lambda d: self._record(ev.L7_EGRESS_DECISION, d),
+                connect_upstream=connect_upstream,
+                injection=injection,
+            )
             nft.run(_redirect_commands(self.l7_ports), netns=netns)
             ProxyLoop.get().call(proxy.start_on(listen))
+        except CellosError:
+            listen.close()
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure is a host error for the cell
             listen.close()
             raise HostError("network", f"cannot start the cell's L7 proxy: {exc}") from None
         self._l7 = proxy
+
+    @property
+    def injects(self) -> bool:
+        """Whether the cell's L7 proxy runs with secret injection."""
+        return self._l7 is not None and self._injections is not None
+
+    def arm(self, secrets: Sequence[InjectedSecret]) -> None:
+        """Hand the resolved injection secrets to the running L7 proxy."""
+        if self._injections is None:
+            raise HostError("network", "the cell's L7 proxy does not inject secrets")
+        self._injections.arm(secrets)
 
     def _start_dns(self) -> None:
         if self.dns_authority is None:

@@ -40,16 +40,17 @@ from cellos.core.ports import (
     ReapedCell,
     ReapingBackend,
     SecretBroker,
+    SecretInjectingBackend,
     TeardownReport,
     WorkloadRequest,
     WorkloadResult,
 )
-from cellos.core.secrets_env import secret_env_name
 from cellos.core.spec import ExecutionCell, to_document
 from cellos.core.stop import StopRequest
 from cellos.output.pipeline import OutputPipeline, OutputSettings, truncated
 from cellos.sinks.redact import Redactor
 from cellos.supervisor.emitter import EventEmitter
+from cellos.supervisor.secret_delivery import ResolvedSecrets, deliver
 
 if TYPE_CHECKING:
     from cellos.core.signing import Signer
@@ -218,7 +219,7 @@ class Supervisor:
         try:
             self._check_policy(document)
             revoke_pending = True
-            secret_env = self._resolve_secrets(document, redactor)
+            secrets = self._resolve_secrets(document, redactor)
             if stop.is_set():
                 raise HostError("supervisor", f"{stop.describe()} before the cell was created")
             try:
@@ -271,11 +272,15 @@ class Supervisor:
                         + "; ".join(emitter.last_failures)
                         + "); the workload was not run",
                     )
+                if secrets.injected:
+                    # Before anything runs: the cell's L7 proxy learns the secrets it injects.
+                    assert isinstance(self.backend, SecretInjectingBackend)  # _check_policy
+                    self.backend.inject_secrets(handle, secrets.injected)
                 # A cell without ``run`` (the seed contract) is created, exports, is destroyed:
                 # no process_spawned / command.completed events (docs/events.md).
                 if spec.run is not None:
                     out.result = self._run_workload(
-                        document, handle, secret_env, ttl_deadline, emitter, on_output, out
+                        document, handle, secrets, ttl_deadline, emitter, on_output, out
                     )
                     if out.result.spawn_error:
                         out.errors.append(HostError("spec.run.argv[0]", out.result.spawn_error))
@@ -324,16 +329,25 @@ class Supervisor:
     # -- steps -------------------------------------------------------------------------------
 
     def _check_policy(self, document: ExecutionCell) -> None:
+        authority = document.spec.authority
+        if authority.secret_injection and not isinstance(self.backend, SecretInjectingBackend):
+            raise PolicyRefused(
+                "spec.authority.secretInjection",
+                f"the {self.backend.name} backend has no egress proxy that can inject secrets "
+                "(secret injection needs the cellos backend)",
+            )
         run = document.spec.run
         if run is None:
             return  # no workload, so no secret delivery to check
-        # Delivery modes this build cannot honour are refused by validation already.
-        if self.profile == "hardened" and document.spec.authority.secret_refs:
+        # Delivery modes this build cannot honour are refused by validation already. Injected
+        # secrets never reach the environment (only their placeholders do).
+        env_refs = set(authority.secret_refs) - authority.injected_refs
+        if self.profile == "hardened" and env_refs:
             raise PolicyRefused(
                 "spec.run.secretDelivery", "the hardened profile refuses secretDelivery 'env'"
             )
 
-    def _resolve_secrets(self, document: ExecutionCell, redactor: Redactor) -> dict[str, str]:
+    def _resolve_secrets(self, document: ExecutionCell, redactor: Redactor) -> ResolvedSecrets:
         values: dict[str, str] = {}
         for index, key in enumerate(document.spec.authority.secret_refs):
             try:
@@ -343,14 +357,14 @@ class Supervisor:
                     f"spec.authority.secretRefs[{index}]", f"{key!r}: {exc.reason}"
                 ) from None
             redactor.add(value)
-            values[secret_env_name(key)] = value
-        return values
+            values[key] = value
+        return deliver(document.spec, values)
 
     def _run_workload(
         self,
         document: ExecutionCell,
         handle: CellHandle,
-        secret_env: dict[str, str],
+        secrets: ResolvedSecrets,
         ttl_deadline: float,
         emitter: EventEmitter,
         on_output: OutputSink | None,
@@ -384,12 +398,12 @@ class Supervisor:
             cell_id=handle.cell_id,
             run_id=emitter.run_id,
             tenant=str(correlation.get("tenantId") or "default"),
-            secrets=[value.encode() for value in secret_env.values()],
+            secrets=[value.encode() for value in secrets.values],
             consumer=on_output,
         )
         request = WorkloadRequest(
             argv=run.argv,
-            env={**run.env, **secret_env},
+            env={**run.env, **secrets.env},
             working_directory=run.working_directory,
             deadline_seconds=deadline,
             graceful_shutdown_seconds=float(grace),

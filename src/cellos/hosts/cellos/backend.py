@@ -16,23 +16,27 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cellos.core import isolation as iso
 from cellos.core.errors import CellosError, HostError, PolicyRefused
 from cellos.core.ports import (
     CellHandle,
+    InjectedSecret,
     TeardownReport,
     WorkloadRequest,
     WorkloadResult,
 )
+from cellos.core.secrets_env import INJECTION_TRUST_VARIABLES
 from cellos.core.spec import CellSpec
 from cellos.hosts.artifacts import open_in_workspace
 from cellos.hosts.cellos import cgroups
 from cellos.hosts.cellos.control import CellControl
 from cellos.hosts.cellos.launcher import landlock_abi, launcher_path
 from cellos.hosts.cellos.sandbox import (
+    CA_BUNDLE_PATH,
     LAUNCHER_PROCESSES,
     SandboxPlan,
     isolation_features,
@@ -50,6 +54,7 @@ from cellos.hosts.process import HostCommand, SpawnOptions, run_host_command
 from cellos.hosts.state import CellState, CellStore
 
 if TYPE_CHECKING:
+    from cellos.network.cell_ca import CellCA
     from cellos.network.cell_egress import CellEgress
 
 
@@ -60,6 +65,9 @@ class _LiveCell:
     cgroup: cgroups.CellCgroup | None = None
     pid: int | None = None
     egress: CellEgress | None = None
+    #: Variables the workload gets on top of the declared ones (the CA bundle of a cell with
+    #: secretInjection).
+    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 #: A root supervisor's workloads run as nobody/nogroup: without capabilities uid 0 would still
@@ -83,8 +91,16 @@ class CellosBackend(StoredBackend):
         rootfs: str | None = None,
         launcher: str | None = None,
         network_pool: str | None = None,
+        injection_upstream_ca: str | None = None,
     ) -> None:
         self.store = CellStore(state_root)
+        #: CA file the L7 proxy verifies injection upstreams against (None: the host's trust
+        #: store); ``CELLOS_INJECTION_UPSTREAM_CA``, for tests and enterprise TLS inspection.
+        if injection_upstream_ca is not None and not os.path.isfile(injection_upstream_ca):
+            raise PolicyRefused(
+                "CELLOS_INJECTION_UPSTREAM_CA", f"{injection_upstream_ca!r} is not a file"
+            )
+        self.injection_upstream_ca = injection_upstream_ca
         self.state_root = self.store.root
         #: None: the default pool (cellos.network.scope, imported only for egress cells).
         self.network_pool = network_pool
@@ -213,6 +229,8 @@ class CellosBackend(StoredBackend):
             )
             # The launcher passes the declared environment on to the workload, and nothing
             # else; it dies with this supervisor (its --parent check and PDEATHSIG).
+            if live.extra_env:
+                request = replace(request, env={**request.env, **live.extra_env})
             command = HostCommand.for_workload(
                 request, argv=launcher_argv(plan, request.argv, self.launcher)
             )
@@ -240,6 +258,17 @@ class CellosBackend(StoredBackend):
         if live.cgroup is None:
             return result
         return with_limit_reason(result, live.cgroup.pressure())
+
+    def inject_secrets(self, handle: CellHandle, secrets: Sequence[InjectedSecret]) -> None:
+        """Arm the cell's L7 proxy with the resolved ``secretInjection`` secrets."""
+        egress = self._live(handle).egress
+        proxies = egress.proxies if egress is not None else None
+        if proxies is None or not proxies.injects:
+            raise PolicyRefused(
+                "spec.authority.secretInjection",
+                "the cell has no L7 proxy that injects secrets (declared at create?)",
+            )
+        proxies.arm(secrets)
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = self._live(handle)
@@ -283,8 +312,39 @@ class CellosBackend(StoredBackend):
 
         live.egress = egress = CellEgress.plan(spec, self.state_root, self.network_pool)
         egress.record_in(live.state)
-        egress.create(live.state.path("resolv.conf"))
-        live.plan = replace(live.plan, netns_path=egress.netns_path, resolv_conf=egress.resolv_conf)
+        ca, ca_bundle = self._injection_ca(spec, live)
+        egress.create(
+            live.state.path("resolv.conf"),
+            injection_ca=ca,
+            upstream_ca_file=self.injection_upstream_ca,
+        )
+        live.plan = replace(
+            live.plan,
+            netns_path=egress.netns_path,
+            resolv_conf=egress.resolv_conf,
+            ca_bundle=ca_bundle,
+        )
+
+    def _injection_ca(self, spec: CellSpec, live: _LiveCell) -> tuple[CellCA | None, str | None]:
+        """The cell's own CA for secretInjection (its key stays in this process) and the CA
+        bundle file the cell trusts (in the cell's state directory, gone with it)."""
+        entries = spec.authority.secret_injection
+        if not entries:
+            return None, None
+        from cellos.network.cell_ca import CellCA
+
+        ca = CellCA(spec.id, [e.host for e in entries])
+        bundle = live.state.path("ca-bundle.pem")
+        try:
+            fd = os.open(bundle, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(ca.bundle())
+        except OSError as exc:
+            raise HostError(
+                "CELLOS_STATE_DIR", f"cannot write the cell's CA bundle: {exc.strerror}"
+            ) from None
+        live.extra_env = dict.fromkeys(INJECTION_TRUST_VARIABLES, CA_BUNDLE_PATH)
+        return ca, bundle
 
     def network_events(self, handle: CellHandle) -> list[tuple[str, dict[str, Any]]]:
         egress = self._live(handle).egress

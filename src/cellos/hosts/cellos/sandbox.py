@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from cellos.core import isolation as iso
 from cellos.hosts.host_root import HOSTNAME_MAX, host_binds, host_symlinks
 
+#: Where a cell with ``secretInjection`` finds the CAs it trusts (host CAs + its own CA).
+CA_BUNDLE_PATH = "/etc/cellos/ca-bundle.pem"
+
 
 @dataclass(frozen=True)
 class SandboxPlan:
@@ -35,6 +38,9 @@ class SandboxPlan:
     netns_path: str | None = None
     #: Host file bound read-only at /etc/resolv.conf (the cell's DNS proxy).
     resolv_conf: str | None = None
+    #: Host file bound read-only at :data:`CA_BUNDLE_PATH` (the cell's CA bundle when the
+    #: cell's L7 proxy injects secrets).
+    ca_bundle: str | None = None
     #: ``cgroup.procs`` files of the cell's leaves, joined before any namespace exists.
     cgroup_procs: tuple[str, ...] = ()
     #: The Landlock ABI the kernel offers (0: none; then no Landlock is applied).
@@ -73,6 +79,8 @@ def launcher_argv(plan: SandboxPlan, argv: Sequence[str], launcher: str) -> list
     args += ["--rootfs", plan.rootfs] if plan.rootfs else _host_root_args()
     if plan.resolv_conf:
         args += ["--ro-bind", plan.resolv_conf, "/etc/resolv.conf"]
+    if plan.ca_bundle:
+        args += ["--ro-bind", plan.ca_bundle, CA_BUNDLE_PATH]
     args += ["--tmp-size", str(plan.tmp_size_bytes)]
     args += ["--workspace", plan.workspace, plan.working_directory]
     if plan.landlock_abi:

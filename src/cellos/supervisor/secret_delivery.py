@@ -1,0 +1,63 @@
+"""How resolved secrets reach a cell: as variables, or (``authority.secretInjection``) only as
+per-cell placeholders that the cell's L7 proxy replaces in requests to the declared hosts."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from cellos.core.errors import SecretBrokerError
+from cellos.core.ports import InjectedSecret
+from cellos.core.secrets_env import placeholder_env_name, secret_env_name
+from cellos.core.spec import CellSpec
+
+
+@dataclass
+class ResolvedSecrets:
+    #: Variables for the workload: secret values, and placeholders of injected secrets.
+    env: dict[str, str] = field(default_factory=dict)
+    #: What the cell's L7 proxy injects (empty without secretInjection).
+    injected: list[InjectedSecret] = field(default_factory=list)
+    #: Every resolved value (what output redaction must hide).
+    values: list[str] = field(default_factory=list)
+
+
+def new_placeholder() -> str:
+    """An unguessable per-cell token that stands for a secret (it is not the secret)."""
+    return "cellos-placeholder-" + secrets.token_hex(24)
+
+
+def deliver(spec: CellSpec, resolved: dict[str, str]) -> ResolvedSecrets:
+    """``resolved``: secret key -> value, for every key of ``authority.secretRefs``."""
+    out = ResolvedSecrets(values=list(resolved.values()))
+    placeholders: dict[str, str] = {}
+    for index, entry in enumerate(spec.authority.secret_injection):
+        value = resolved[entry.secret_ref]
+        if not _header_safe(value):
+            # The value is never shown; only why it cannot be used.
+            raise SecretBrokerError(
+                f"spec.authority.secretInjection[{index}].secretRef",
+                f"{entry.secret_ref!r}: the secret cannot be put into a header (it holds "
+                "characters other than printable ASCII, space and tab)",
+            )
+        placeholder = placeholders.setdefault(entry.secret_ref, new_placeholder())
+        out.injected.append(
+            InjectedSecret(
+                secret_ref=entry.secret_ref,
+                host=entry.host.lower().rstrip("."),
+                header=entry.header,
+                format=entry.format,
+                placeholder=placeholder,
+                value=value,
+            )
+        )
+    for key, value in resolved.items():
+        if key in placeholders:
+            out.env[placeholder_env_name(key)] = placeholders[key]
+        else:
+            out.env[secret_env_name(key)] = value
+    return out
+
+
+def _header_safe(value: str) -> bool:
+    return bool(value) and all(ch == "\t" or " " <= ch <= "~" for ch in value)
