@@ -40,12 +40,13 @@ from cellos.core.ports import (
     ReapedCell,
     ReapingBackend,
     SecretBroker,
+    SecretFilesBackend,
     TeardownReport,
     WorkloadRequest,
     WorkloadResult,
 )
 from cellos.core.secrets_env import secret_env_name
-from cellos.core.spec import ExecutionCell, to_document
+from cellos.core.spec import SECRETS_DIRECTORY, ExecutionCell, to_document
 from cellos.core.stop import StopRequest
 from cellos.output.pipeline import OutputPipeline, OutputSettings, truncated
 from cellos.sinks.redact import Redactor
@@ -218,7 +219,7 @@ class Supervisor:
         try:
             self._check_policy(document)
             revoke_pending = True
-            secret_env = self._resolve_secrets(document, redactor)
+            secrets = self._resolve_secrets(document, redactor)
             if stop.is_set():
                 raise HostError("supervisor", f"{stop.describe()} before the cell was created")
             try:
@@ -260,6 +261,7 @@ class Supervisor:
                     },
                     "correlation": _correlation(document),
                     "delivery": dict(delivery) if delivery else None,
+                    "secrets": _secrets_evidence(document),
                 },
             )
             try:
@@ -275,7 +277,7 @@ class Supervisor:
                 # no process_spawned / command.completed events (docs/events.md).
                 if spec.run is not None:
                     out.result = self._run_workload(
-                        document, handle, secret_env, ttl_deadline, emitter, on_output, out
+                        document, handle, secrets, ttl_deadline, emitter, on_output, out
                     )
                     if out.result.spawn_error:
                         out.errors.append(HostError("spec.run.argv[0]", out.result.spawn_error))
@@ -325,15 +327,40 @@ class Supervisor:
 
     def _check_policy(self, document: ExecutionCell) -> None:
         run = document.spec.run
-        if run is None:
-            return  # no workload, so no secret delivery to check
-        # Delivery modes this build cannot honour are refused by validation already.
-        if self.profile == "hardened" and document.spec.authority.secret_refs:
+        if run is None or not document.spec.authority.secret_refs:
+            return  # no workload or no secret, so no secret delivery to check
+        if not run.secrets_as_files:
+            if self.profile == "hardened":
+                raise PolicyRefused(
+                    "spec.run.secretDelivery",
+                    "the hardened profile refuses secretDelivery 'env' "
+                    "(use runtimeBroker or runtimeLeasedBroker)",
+                )
+            return
+        where = run.working_directory.rstrip("/")
+        if (
+            where == SECRETS_DIRECTORY
+            or where.startswith(SECRETS_DIRECTORY + "/")
+            or (SECRETS_DIRECTORY.startswith(where + "/"))
+        ):
             raise PolicyRefused(
-                "spec.run.secretDelivery", "the hardened profile refuses secretDelivery 'env'"
+                "spec.run.workingDirectory",
+                f"{run.working_directory} overlaps {SECRETS_DIRECTORY}, where "
+                f"secretDelivery {run.secret_delivery!r} puts the secrets",
+            )
+        backend = self.backend
+        why = (
+            backend.secret_files_refusal(document.spec)
+            if isinstance(backend, SecretFilesBackend)
+            else f"the {backend.name} backend cannot deliver secrets as files"
+        )
+        if why is not None:
+            raise PolicyRefused(
+                "spec.run.secretDelivery", f"{run.secret_delivery!r} is not available: {why}"
             )
 
     def _resolve_secrets(self, document: ExecutionCell, redactor: Redactor) -> dict[str, str]:
+        """key -> value of every secret the cell may resolve (in ``secretRefs`` order)."""
         values: dict[str, str] = {}
         for index, key in enumerate(document.spec.authority.secret_refs):
             try:
@@ -343,14 +370,14 @@ class Supervisor:
                     f"spec.authority.secretRefs[{index}]", f"{key!r}: {exc.reason}"
                 ) from None
             redactor.add(value)
-            values[secret_env_name(key)] = value
+            values[key] = value
         return values
 
     def _run_workload(
         self,
         document: ExecutionCell,
         handle: CellHandle,
-        secret_env: dict[str, str],
+        secrets: dict[str, str],
         ttl_deadline: float,
         emitter: EventEmitter,
         on_output: OutputSink | None,
@@ -384,12 +411,16 @@ class Supervisor:
             cell_id=handle.cell_id,
             run_id=emitter.run_id,
             tenant=str(correlation.get("tenantId") or "default"),
-            secrets=[value.encode() for value in secret_env.values()],
+            secrets=[value.encode() for value in secrets.values()],
             consumer=on_output,
         )
+        files = run.secrets_as_files
+        secret_env = {} if files else {secret_env_name(k): v for k, v in secrets.items()}
         request = WorkloadRequest(
             argv=run.argv,
             env={**run.env, **secret_env},
+            secret_files={k: v.encode() for k, v in secrets.items()} if files else {},
+            secret_lease_seconds=run.secret_lease_seconds if files else None,
             working_directory=run.working_directory,
             deadline_seconds=deadline,
             graceful_shutdown_seconds=float(grace),
@@ -616,6 +647,22 @@ class Supervisor:
         if out.errors:
             return 1, "failed"
         return 0, "succeeded"
+
+
+def _secrets_evidence(document: ExecutionCell) -> dict[str, Any] | None:
+    """How the cell's secrets reach the workload: the mode and the keys, never a value."""
+    run = document.spec.run
+    keys = list(document.spec.authority.secret_refs)
+    if run is None or not keys:
+        return None
+    files = run.secrets_as_files
+    return {
+        "mode": run.secret_delivery,
+        "keys": keys,
+        "directory": SECRETS_DIRECTORY if files else None,
+        "variables": None if files else [secret_env_name(k) for k in keys],
+        "leaseSeconds": run.secret_lease_seconds,
+    }
 
 
 def _correlation(document: ExecutionCell) -> dict[str, Any] | None:
