@@ -347,7 +347,7 @@ class CellSpec(_Doc, frozen=True, kw_only=True):
     correlation: Correlation | None = None
     authority: Authority = msgspec.field(default_factory=Authority)
     lifetime: Lifetime | None = None
-    run: Annotated[RunSpec, _LEASE_RULE] | None = None
+    run: Annotated[RunSpec | None, _LEASE_RULE] = None
     export: ExportSpec | None = None
     policy: Policy | None = None
     placement: Placement | None = None

@@ -355,9 +355,7 @@ class Supervisor:
             else f"the {backend.name} backend cannot deliver secrets as files"
         )
         if why is not None:
-            raise PolicyRefused(
-                "spec.run.secretDelivery", f"{run.secret_delivery!r} is not available: {why}"
-            )
+            raise PolicyRefused("spec.run.secretDelivery", f"{run.secret_delivery!r}: {why}")
 
     def _resolve_secrets(self, document: ExecutionCell, redactor: Redactor) -> dict[str, str]:
         """key -> value of every secret the cell may resolve (in ``secretRefs`` order)."""
