@@ -160,6 +160,15 @@ class MicrovmBackend(StoredBackend):
             digests={f"{name}Sha256": value for name, value in digests.items()},
         )
 
+    def secret_files_refusal(self, spec: CellSpec) -> str | None:
+        """Not yet: the request travels on the guest kernel's command line, where a secret
+        must never be, and the guest has no other channel from the host in this build."""
+        return (
+            f"the {self.name} backend has no secret channel to the guest yet (the request "
+            "travels on the kernel command line, where secrets must never be); use the "
+            "cellos or gvisor backend"
+        )
+
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = _LIVE.get(handle.cell_id)
         limits = live.spec.limits
