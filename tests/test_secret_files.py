@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -416,4 +417,109 @@ def test_secrets_too_large_for_files_are_refused_without_their_value(tmp_path: P
     assert out.errors[0].path == "spec.authority.secretRefs"
     assert "at most 1048576" in out.errors[0].reason
     assert big[:64].encode() not in json.dumps(out.events).encode()
+    assert_cell_gone(tmp_path)
+
+
+# -- qemu: the secrets travel on the guest channel -------------------------------------------
+
+QEMU_INSPECT = (
+    "id -u; ls -ln /run/secrets/npm-token /run/secrets/db.pass; "
+    "sha256sum /run/secrets/npm-token /run/secrets/db.pass; "
+    "echo environ; tr '\\0' '\\n' < /proc/self/environ; echo env; env; "
+    "touch /run/secrets/new 2>/dev/null && echo writable || echo read-only; "
+    "echo output; cat /run/secrets/npm-token"
+)
+
+
+def qemu_env(tmp_path: Path, image: Path, secret_files: dict[str, str]) -> dict[str, str]:
+    return {
+        **cell_env(tmp_path, "qemu", secret_files),
+        "CELLOS_MICROVM_IMAGE": str(image),
+        "CELLOS_MICROVM_ALLOW_TCG": "1",
+    }
+
+
+def test_qemu_runtime_broker_files_come_over_the_guest_channel(
+    tmp_path: Path, image_dir: Path, secret_files: dict[str, str], supervisor_cli: Run
+) -> None:
+    env = qemu_env(tmp_path, image_dir, secret_files)
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        secret_doc("rb-qemu", ["/bin/sh", "-c", QEMU_INSPECT], secretDelivery="runtimeBroker"),
+    )
+    # The kernel command line the VMM gets is watched for the whole run.
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                    environ = Path(f"/proc/{entry}/environ").read_bytes()
+                except OSError:
+                    continue
+                if str(image_dir).encode() in cmdline:
+                    seen.append(cmdline + b"\0" + environ)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = supervisor_cli(str(spec), env, timeout=300)
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.code == 0, result
+    assert seen, "the VMM was never seen running"
+    # (an acceleration probe may boot the image too, without secrets)
+    assert any(b"cellos.secrets=" in s for s in seen)
+    assert [leaks(s) for s in seen if leaks(s)] == []
+    lines = result.stdout.splitlines()
+    assert lines[0] == "65534"
+    listing = {line.split()[-1]: (line.split()[0], line.split()[2]) for line in lines[1:3]}
+    assert listing == {f"/run/secrets/{k}": ("-r--------", "65534") for k in SECRETS}
+    hashes = {line.split()[1]: line.split()[0] for line in lines[3:5]}
+    assert hashes == {f"/run/secrets/{k}": sha(v) for k, v in SECRETS.items()}
+    # The workload's real environment is the declared one; busybox sh itself adds SHLVL,
+    # PATH and PWD to what env(1) sees.
+    shell_vars = ("SHLVL=", "PATH=", "PWD=")
+    rest = [line for line in lines[5:] if not line.startswith(shell_vars)]
+    assert rest == ["environ", "CI=true", "env", "CI=true", "read-only", "output", "[REDACTED]"]
+    assert leaks(everything_written(tmp_path, result)) == []
+    events = read_events(tmp_path / "events.jsonl")
+    started = next(e for e in events if e["type"].endswith("lifecycle.v1.started"))
+    assert started["data"]["secrets"]["mode"] == "runtimeBroker"
+    assert_cell_gone(tmp_path)
+
+
+def test_qemu_leased_files_are_gone_after_the_lease(
+    tmp_path: Path, image_dir: Path, secret_files: dict[str, str], supervisor_cli: Run
+) -> None:
+    env = qemu_env(tmp_path, image_dir, secret_files)
+    script = (
+        "exec 3< /run/secrets/npm-token; sha256sum /run/secrets/npm-token; sleep 3; "
+        "test -e /run/secrets/npm-token && echo present || echo gone; ls /run/secrets; "
+        "echo held $(cat <&3 | wc -c); echo still running"
+    )
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        secret_doc(
+            "lease-qemu",
+            ["/bin/sh", "-c", script],
+            secretDelivery="runtimeLeasedBroker",
+            secretLeaseSeconds=1,
+        ),
+    )
+    result = supervisor_cli(str(spec), env, timeout=300)
+    assert result.code == 0, result
+    assert result.stdout.splitlines() == [
+        f"{sha(SECRETS['npm-token'])}  /run/secrets/npm-token",
+        "gone",
+        "held 0",
+        "still running",
+    ]
+    assert leaks(everything_written(tmp_path, result)) == []
     assert_cell_gone(tmp_path)

@@ -18,13 +18,13 @@ Limits (refused with an error naming ``spec.authority.secretRefs``, never a valu
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import fcntl
+import functools
 import os
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 from cellos.core.errors import HostError
 from cellos.core.spec import SECRETS_DIRECTORY
@@ -96,7 +96,21 @@ def sealed_memfd(files: Mapping[str, bytes]) -> int:
 
 # -- host tmpfs (gvisor) --------------------------------------------------------------------
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+@functools.cache
+def _libc() -> Any:
+    # Loaded on first use only: the cellos backend (on every supervisor start) never needs it.
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
+
+
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 _MNT_DETACH = 2
 
@@ -106,8 +120,8 @@ def mount_host_tmpfs(path: str, files: Mapping[str, bytes]) -> None:
     os.mkdir(path, 0o700)
     opts = f"mode=0700,size={tmpfs_size(files)},nr_inodes={MAX_SECRETS + 8}".encode()
     flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
-    if _libc.mount(b"tmpfs", path.encode(), b"tmpfs", flags, opts) != 0:
-        err = ctypes.get_errno()
+    if _libc().mount(b"tmpfs", path.encode(), b"tmpfs", flags, opts) != 0:
+        err = _errno()
         os.rmdir(path)
         raise HostError(
             "spec.run.secretDelivery", f"cannot mount a tmpfs for the secrets: {os.strerror(err)}"
@@ -120,8 +134,8 @@ def unmount_host_tmpfs(path: str) -> list[str]:
         return []
     with contextlib.suppress(OSError):
         _wipe(path)
-    if os.path.ismount(path) and _libc.umount2(path.encode(), _MNT_DETACH) != 0:
-        err = ctypes.get_errno()
+    if os.path.ismount(path) and _libc().umount2(path.encode(), _MNT_DETACH) != 0:
+        err = _errno()
         if err not in (errno.EINVAL, errno.ENOENT):
             return [f"mount:{path}"]
     try:
