@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -522,4 +523,54 @@ def test_qemu_leased_files_are_gone_after_the_lease(
         "still running",
     ]
     assert leaks(everything_written(tmp_path, result)) == []
+    assert_cell_gone(tmp_path)
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_gvisor_secrets_tmpfs_is_gone_after_a_killed_supervisor(
+    tmp_path: Path, secret_files: dict[str, str], how: signal.Signals
+) -> None:
+    """The host tmpfs of a gVisor cell's secrets is recorded before it is mounted: a
+    signalled supervisor unmounts it itself, a SIGKILLed one leaves it to ``cellos reap``."""
+    require_backend("gvisor")
+    env = cell_env(tmp_path, "gvisor", secret_files)
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        secret_doc(
+            f"gv-kill-{how.name.lower()}",
+            ["/bin/sh", "-c", "echo up; sleep 240"],
+            secretDelivery="runtimeBroker",
+            limits={"gracefulShutdownSeconds": 1},
+        ),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellos.supervisor.cli", str(spec)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    secrets_mount = str(tmp_path / "state" / "cells")
+    deadline = time.monotonic() + 60
+    while secrets_mount not in Path("/proc/self/mountinfo").read_text():
+        assert time.monotonic() < deadline, "the secrets tmpfs was never mounted"
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1)
+    proc.send_signal(how)
+    out, err = proc.communicate(timeout=60)
+    if how == signal.SIGKILL:
+        # Nothing ran in the killed supervisor: the tmpfs is still there until the reaper.
+        assert secrets_mount in Path("/proc/self/mountinfo").read_text()
+        reap = subprocess.run(
+            [sys.executable, "-m", "cellos.cli", "reap"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert reap.returncode == 0, reap
+    else:
+        assert proc.returncode == 128 + how, err
+    assert leaks(out + err) == []
     assert_cell_gone(tmp_path)
