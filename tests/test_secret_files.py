@@ -9,6 +9,7 @@ carries a value, and nothing of the cell (its tmpfs included) is left on the hos
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -574,3 +575,55 @@ def test_gvisor_secrets_tmpfs_is_gone_after_a_killed_supervisor(
         assert proc.returncode == 128 + how, err
     assert leaks(out + err) == []
     assert_cell_gone(tmp_path)
+
+
+def test_an_unprivileged_supervisor_delivers_files_in_its_user_namespace() -> None:
+    """Not root: the cell's user namespace owns its mount namespace, so the launcher mounts
+    the tmpfs there too; the files belong to the supervisor's uid (the workload's)."""
+    from cellos.core.ports import WorkloadRequest
+    from cellos.hosts.cellos import CellosBackend
+    from tests.test_unprivileged import NOBODY, as_nobody
+
+    # Imported before the drop to nobody (who may not read the interpreter's files).
+    codecs.lookup("ascii")
+    value = SECRETS["npm-token"]
+    script = (
+        "id -u; stat -c '%a %u' /run/secrets/npm-token; sha256sum < /run/secrets/npm-token; "
+        "touch /run/secrets/x 2>/dev/null && echo writable || echo read-only; "
+        "sleep 2; test -e /run/secrets/npm-token && echo present || echo gone"
+    )
+
+    def work(home: str) -> dict[str, Any]:
+        backend = CellosBackend(state_root=os.path.join(home, "state"))
+        spec = validate_document(doc("unpriv-secrets", argv=["/bin/sh", "-c", script])).spec
+        handle = backend.create(spec)
+        try:
+            result = backend.run(
+                handle,
+                WorkloadRequest(
+                    argv=spec.run.argv if spec.run else [],
+                    env={},
+                    working_directory="/workspace",
+                    deadline_seconds=30,
+                    graceful_shutdown_seconds=1,
+                    secret_files={"npm-token": value.encode()},
+                    secret_lease_seconds=1,
+                ),
+            )
+        finally:
+            backend.destroy(handle)
+        return {
+            "exit": result.exit_code,
+            "stdout": result.stdout.decode(),
+            "err": result.stderr.decode(),
+        }
+
+    out = as_nobody(work)
+    assert out["exit"] == 0, out
+    assert out["stdout"].splitlines() == [
+        str(NOBODY),
+        f"400 {NOBODY}",
+        f"{sha(value)}  -",
+        "read-only",
+        "gone",
+    ]
