@@ -627,3 +627,62 @@ def test_an_unprivileged_supervisor_delivers_files_in_its_user_namespace() -> No
         "read-only",
         "gone",
     ]
+
+
+@pytest.mark.parametrize("delivery", ["runtimeBroker", "env"])
+def test_a_hardened_supervisor_runs_file_delivery_and_refuses_env(
+    tmp_path: Path,
+    nats_server: Any,
+    secret_files: dict[str, str],
+    supervisor_cli: Run,
+    cellos_cli: Run,
+    delivery: str,
+) -> None:
+    """The whole hardened composition (cellos backend, signed events, JetStream required):
+    file delivery runs, env delivery is refused before the cell exists; every event verifies
+    and none carries a value."""
+    require_sandbox()
+    keys = tmp_path / "keys"
+    keygen = cellos_cli(["keygen", "--kid", "hard", "--out-dir", str(keys)], base_env(tmp_path))
+    assert keygen.code == 0, keygen
+    env = {
+        **cell_env(tmp_path, "cellos", secret_files),
+        "CELLOS_DEPLOYMENT_PROFILE": "hardened",
+        "CELLOS_EVENT_SIGNING": "ed25519",
+        "CELLOS_EVENT_SIGNING_KID": "hard",
+        "CELLOS_EVENT_SIGNING_KEY_BASE64": (keys / "hard.key").read_text().strip(),
+        "CELL_OS_REQUIRE_JETSTREAM": "1",
+        "CELLOS_NATS_URL": nats_server.url,
+    }
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        secret_doc(
+            f"hardened-{delivery.lower()}",
+            ["/bin/sh", "-c", "cat /run/secrets/npm-token > /dev/null"],
+            secretDelivery=delivery,
+        ),
+    )
+    result = supervisor_cli(str(spec), env)
+    types = short_types(read_events(tmp_path / "events.jsonl"))
+    if delivery == "env":
+        assert result.code == 2, result
+        assert result.stderr.startswith(
+            "error: spec.run.secretDelivery: the hardened profile refuses secretDelivery 'env'"
+        ), result
+        assert "lifecycle.v1.started" not in types
+    else:
+        assert result.code == 0, result
+        assert "lifecycle.v1.started" in types
+    verify = cellos_cli(
+        [
+            "events",
+            "verify",
+            str(tmp_path / "events.jsonl"),
+            "--keys",
+            str(keys / "hard.verify-keys.json"),
+        ],
+        base_env(tmp_path),
+    )
+    assert verify.code == 0, verify
+    assert leaks(everything_written(tmp_path, result)) == []
+    assert_cell_gone(tmp_path)
