@@ -114,7 +114,8 @@ def test_reference_command_probe() -> None:
 
 
 @pytest.mark.parametrize(
-    "script", ["lifecycle", "gvisor", "network", "work_queue", "microvm", "output"]
+    "script",
+    ["lifecycle", "gvisor", "network", "work_queue", "microvm", "output", "secret_delivery"],
 )
 def test_benchmark_scripts_import_and_parse_help(script: str) -> None:
     module = load(script)

@@ -70,6 +70,7 @@ INTERESTING = st.sampled_from(
         "udp",
         "env",
         "runtimeBroker",
+        "runtimeLeasedBroker",
         "cellos.io/v1",
         "ExecutionCell",
         "x" * 300,
@@ -476,8 +477,8 @@ def test_supervisor_on_mutated_documents(
     assert spec.run.argv == ["/bin/true"]
     assert out == ""  # /bin/true prints nothing
     # /bin/true succeeds; only what the lifecycle refuses or cannot do fails the run.
-    if spec.run.secret_delivery != "env":
-        expected = {2}  # not supported by this build
+    if spec.run.secrets_as_files and spec.authority.secret_refs:
+        expected = {2}  # the stub backend cannot deliver secrets as files
     elif spec.authority.secret_refs:
         expected = {1}  # the memory broker holds no secret
     elif spec.artifacts:

@@ -148,12 +148,33 @@ EXPRESSIBLE = [
     Invalid("ttl-fraction", spec(lifetime={"ttlSeconds": 1.5}), "spec.lifetime.ttlSeconds"),
     Invalid("ttl-missing", spec(lifetime={}), "spec.lifetime.ttlSeconds"),
     Invalid("argv-empty", run(argv=[]), "spec.run.argv"),
-    # What the run would refuse is refused by validation (and the schema) already.
-    Invalid("runtime-broker", run(secretDelivery="runtimeBroker"), "spec.run.secretDelivery"),
+    Invalid("secret-delivery-bogus", run(secretDelivery="bogus"), "spec.run.secretDelivery"),
+    # A lease belongs to leased delivery: required there, refused anywhere else.
     Invalid(
-        "runtime-leased-broker",
+        "leased-without-lease",
         run(secretDelivery="runtimeLeasedBroker"),
-        "spec.run.secretDelivery",
+        "spec.run.secretLeaseSeconds",
+    ),
+    Invalid(
+        "leased-null-lease",
+        run(secretDelivery="runtimeLeasedBroker", secretLeaseSeconds=None),
+        "spec.run.secretLeaseSeconds",
+    ),
+    Invalid(
+        "lease-with-runtime-broker",
+        run(secretDelivery="runtimeBroker", secretLeaseSeconds=5),
+        "spec.run.secretLeaseSeconds",
+    ),
+    Invalid("lease-with-default-env", run(secretLeaseSeconds=5), "spec.run.secretLeaseSeconds"),
+    Invalid(
+        "lease-zero",
+        run(secretDelivery="runtimeLeasedBroker", secretLeaseSeconds=0),
+        "spec.run.secretLeaseSeconds",
+    ),
+    Invalid(
+        "lease-string",
+        run(secretDelivery="runtimeLeasedBroker", secretLeaseSeconds="5"),
+        "spec.run.secretLeaseSeconds",
     ),
     Invalid("argv-string", run(argv="/bin/true"), "spec.run.argv"),
     Invalid("argv-empty-program", run(argv=[""]), "spec.run.argv[0]"),
@@ -400,6 +421,13 @@ VALID = [
     spec(id="X"),
     run(env={"_A1": "", "PATH": "/usr/bin"}, workingDirectory="/w/..x/./y"),
     run(argv=["/bin/echo", ""], secretDelivery="env"),
+    run(secretDelivery="runtimeBroker"),
+    run(secretDelivery="runtimeBroker", secretLeaseSeconds=None),
+    run(secretDelivery="runtimeLeasedBroker", secretLeaseSeconds=1),
+    spec(
+        authority={"secretRefs": ["npm-token"]},
+        run={"argv": ["/bin/true"], "env": {"NPM_TOKEN": "x"}, "secretDelivery": "runtimeBroker"},
+    ),
     run(
         limits={
             "memoryMaxBytes": 1 << 20,

@@ -591,7 +591,7 @@ def test_submit_then_follow_live(world: World, serve: Serve) -> None:
             serve,
             "/v1/cells",
             method="POST",
-            body=json.dumps(doc("rb-1", run={"secretDelivery": "runtimeBroker"})).encode(),
+            body=json.dumps(doc("rb-1", run={"secretDelivery": "bogus"})).encode(),
             content_type="application/json",
         ),
         422,

@@ -392,12 +392,12 @@ def test_submit_refuses_an_invalid_document_and_deduplicates(
     assert result.stdout == ""
     assert queue_state(nats_server.url)[0] == 0
     # A document the run would refuse is refused before anything is queued.
-    unsupported = write_doc(
-        tmp_path / "rb.yaml", doc("rb-1", run={"secretDelivery": "runtimeBroker"})
-    )
+    unsupported = write_doc(tmp_path / "rb.yaml", doc("rb-1", run={"secretDelivery": "bogus"}))
     result = cellos_cli(["submit", str(unsupported)], env)
     assert result.code == 2, result
-    assert result.stderr.startswith("error: spec.run.secretDelivery: must be 'env'"), result
+    assert result.stderr.startswith(
+        "error: spec.run.secretDelivery: must be 'env' or 'runtimeBroker' or 'runtimeLeasedBroker'"
+    ), result
     assert queue_state(nats_server.url)[0] == 0
 
     good = write_doc(tmp_path / "good.yaml", doc("sub-1", correlation={"tenantId": "acme"}))

@@ -103,9 +103,10 @@ def _leaf(data: Any, tp: Any, loc: Loc) -> list[Problem]:
     return []
 
 
-#: Why an enum is narrower than a reader of the Rust CellOS format might expect.
+#: What an allowed value of an enum means, where a bare list would leave the reader guessing.
 _ENUM_NOTES = {
-    "secretDelivery": " (runtimeBroker and runtimeLeasedBroker are not supported by this build)",
+    "secretDelivery": " (env: variables; runtimeBroker: files under /run/secrets; "
+    "runtimeLeasedBroker: the same files, removed after run.secretLeaseSeconds)",
 }
 
 

@@ -114,6 +114,12 @@ class WorkloadRequest:
     #: Where the workload's output goes as it is produced (None: only the bounded capture
     #: of ``WorkloadResult.stdout``/``stderr``).
     output: OutputSink | None = None
+    #: Secrets delivered as files (``runtimeBroker``, ``runtimeLeasedBroker``): key -> value,
+    #: each written to ``/run/secrets/<key>`` inside the cell by a :class:`SecretFilesBackend`.
+    #: Never in ``env``, never in an event; ``repr`` leaves the values out.
+    secret_files: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+    #: Seconds after the workload's start when the secret files are removed (None: never).
+    secret_lease_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,17 @@ class CellBackend(Protocol):
         ...
 
     def destroy(self, handle: CellHandle) -> TeardownReport: ...
+
+
+@runtime_checkable
+class SecretFilesBackend(Protocol):
+    """A backend that delivers ``WorkloadRequest.secret_files`` as files under /run/secrets on
+    a per-cell tmpfs (mode 0400, owned by the workload's uid), removes them when the lease
+    ends, and leaves no copy on the host after teardown."""
+
+    def secret_files_refusal(self, spec: CellSpec) -> str | None:
+        """None when this backend can deliver ``spec``'s secrets as files; else why not."""
+        ...
 
 
 @runtime_checkable

@@ -338,6 +338,29 @@ class Limits(_Doc, frozen=True, kw_only=True):
     graceful_shutdown_seconds: Annotated[int, Meta(ge=0, le=300)] = 5
 
 
+#: How ``authority.secretRefs`` reach the workload (docs/document.md, "Secrets").
+SecretDelivery = Literal["env", "runtimeBroker", "runtimeLeasedBroker"]
+LEASED_DELIVERY = "runtimeLeasedBroker"
+FILE_DELIVERIES = ("runtimeBroker", LEASED_DELIVERY)
+#: Where file deliveries put the secrets inside the cell (one file per key).
+SECRETS_DIRECTORY = "/run/secrets"
+
+#: ``secretLeaseSeconds`` is required with leased delivery and absent (or null) otherwise;
+#: :meth:`RunSpec.__post_init__` enforces it.
+_LEASE_RULE = Meta(
+    extra_json_schema={
+        "if": {
+            "required": ["secretDelivery"],
+            "properties": {"secretDelivery": {"const": LEASED_DELIVERY}},
+        },
+        "then": {
+            "required": ["secretLeaseSeconds"],
+            "properties": {"secretLeaseSeconds": {"type": "integer"}},
+        },
+        "else": {"properties": {"secretLeaseSeconds": {"type": "null"}}},
+    }
+)
+
 #: ``prefixItems``: the program (argv[0]) is a non-empty string.
 _PROGRAM_NON_EMPTY = Meta(
     min_length=1, max_length=4096, extra_json_schema={"prefixItems": [{"minLength": 1}]}
@@ -350,16 +373,34 @@ class RunSpec(_Doc, frozen=True, kw_only=True):
     argv: Annotated[list[NoNul], _PROGRAM_NON_EMPTY]
     working_directory: WorkingDirectory = DEFAULT_WORKING_DIRECTORY
     env: dict[EnvName, NoNul] = {}
-    # The document format also names runtimeBroker and runtimeLeasedBroker (files under
-    # /run/secrets); this build delivers secrets only as environment variables, and what a run
-    # would refuse must be refused by validation (and so by the schema) already.
-    secret_delivery: Literal["env"] = "env"
+    #: ``env``: variables; ``runtimeBroker``: files under /run/secrets on a per-cell tmpfs;
+    #: ``runtimeLeasedBroker``: the same files, removed after ``secretLeaseSeconds``.
+    secret_delivery: SecretDelivery = "env"
+    #: Seconds from the workload's start until its secret files are removed (leased only).
+    secret_lease_seconds: PositiveSeconds | None = None
     timeout_seconds: PositiveSeconds | None = None
     limits: Limits | None = None
 
     def __post_init__(self) -> None:
         if not self.argv[0]:
             rule_error("argv[0]", "argv[0] (the program) must be non-empty")
+        leased = self.secret_delivery == LEASED_DELIVERY
+        if leased and self.secret_lease_seconds is None:
+            rule_error(
+                "secretLeaseSeconds",
+                f"required when secretDelivery is {LEASED_DELIVERY!r}",
+            )
+        if not leased and self.secret_lease_seconds is not None:
+            rule_error(
+                "secretLeaseSeconds",
+                f"only allowed with secretDelivery {LEASED_DELIVERY!r} "
+                f"(secretDelivery is {self.secret_delivery!r})",
+            )
+
+    @property
+    def secrets_as_files(self) -> bool:
+        """Secrets are files under /run/secrets (not variables)."""
+        return self.secret_delivery in FILE_DELIVERIES
 
 
 class Artifact(_Doc, frozen=True, kw_only=True):
@@ -395,7 +436,7 @@ class CellSpec(_Doc, frozen=True, kw_only=True):
     correlation: Correlation | None = None
     authority: Authority = msgspec.field(default_factory=Authority)
     lifetime: Lifetime | None = None
-    run: RunSpec | None = None
+    run: Annotated[RunSpec | None, _LEASE_RULE] = None
     export: ExportSpec | None = None
     policy: Policy | None = None
     placement: Placement | None = None

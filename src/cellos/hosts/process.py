@@ -32,7 +32,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol
 
 from cellos.core.errors import HostError
 from cellos.core.ports import OutputSink, WorkloadRequest, WorkloadResult
@@ -174,6 +174,9 @@ class SpawnOptions:
     #: Extra descriptors the command needs (e.g. a seccomp program for the launcher).
     pass_fds: tuple[int, ...] = ()
     control: ProcessControl = field(default_factory=ProcessGroupControl)
+    #: Takes over the process's stdin pipe (it must close it; e.g. the microVM backend sends
+    #: the guest its secrets on the serial line); None: stdin reads EOF at once.
+    on_stdin: Callable[[IO[bytes]], None] | None = None
 
 
 def _workload_processes(control: ProcessControl, pid: int) -> set[int]:
@@ -294,8 +297,11 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
                 "CELLOS_STATE_DIR", f"cannot record the started process: {exc.strerror}"
             ) from None
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    # The workload gets an immediate EOF on stdin: cells are not interactive.
-    proc.stdin.close()
+    if options.on_stdin is not None:
+        options.on_stdin(proc.stdin)
+    else:
+        # The workload gets an immediate EOF on stdin: cells are not interactive.
+        proc.stdin.close()
     stdout_stream = _BoundedStream(out_log, "stdout", command.output)
     stderr_stream = _BoundedStream(err_log, "stderr", command.output)
     streams = {proc.stdout.fileno(): stdout_stream, proc.stderr.fileno(): stderr_stream}

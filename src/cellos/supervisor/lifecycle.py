@@ -40,12 +40,14 @@ from cellos.core.ports import (
     ReapedCell,
     ReapingBackend,
     SecretBroker,
+    SecretFilesBackend,
     SecretInjectingBackend,
     TeardownReport,
     WorkloadRequest,
     WorkloadResult,
 )
-from cellos.core.spec import ExecutionCell, to_document
+from cellos.core.secrets_env import secret_env_name
+from cellos.core.spec import SECRETS_DIRECTORY, ExecutionCell, to_document
 from cellos.core.stop import StopRequest
 from cellos.output.pipeline import OutputPipeline, OutputSettings, truncated
 from cellos.sinks.redact import Redactor
@@ -261,6 +263,7 @@ class Supervisor:
                     },
                     "correlation": _correlation(document),
                     "delivery": dict(delivery) if delivery else None,
+                    "secrets": _secrets_evidence(document),
                 },
             )
             try:
@@ -337,17 +340,40 @@ class Supervisor:
                 "(secret injection needs the cellos backend)",
             )
         run = document.spec.run
-        if run is None:
-            return  # no workload, so no secret delivery to check
-        # Delivery modes this build cannot honour are refused by validation already. Injected
-        # secrets never reach the environment (only their placeholders do).
-        env_refs = set(authority.secret_refs) - authority.injected_refs
-        if self.profile == "hardened" and env_refs:
+        if run is None or not authority.secret_refs:
+            return  # no workload or no secret, so no secret delivery to check
+        if not run.secrets_as_files:
+            # Injected secrets never reach the environment (only their placeholders do).
+            if self.profile == "hardened" and set(authority.secret_refs) - authority.injected_refs:
+                raise PolicyRefused(
+                    "spec.run.secretDelivery",
+                    "the hardened profile refuses secretDelivery 'env' "
+                    "(use runtimeBroker or runtimeLeasedBroker)",
+                )
+            return
+        where = run.working_directory.rstrip("/")
+        if (
+            where == SECRETS_DIRECTORY
+            or where.startswith(SECRETS_DIRECTORY + "/")
+            or (SECRETS_DIRECTORY.startswith(where + "/"))
+        ):
             raise PolicyRefused(
-                "spec.run.secretDelivery", "the hardened profile refuses secretDelivery 'env'"
+                "spec.run.workingDirectory",
+                f"{run.working_directory} overlaps {SECRETS_DIRECTORY}, where "
+                f"secretDelivery {run.secret_delivery!r} puts the secrets",
             )
+        backend = self.backend
+        why = (
+            backend.secret_files_refusal(document.spec)
+            if isinstance(backend, SecretFilesBackend)
+            else f"the {backend.name} backend cannot deliver secrets as files"
+        )
+        if why is not None:
+            raise PolicyRefused("spec.run.secretDelivery", f"{run.secret_delivery!r}: {why}")
 
     def _resolve_secrets(self, document: ExecutionCell, redactor: Redactor) -> ResolvedSecrets:
+        """Every secret the cell may resolve, and how each reaches it (variable, file or
+        injection placeholder)."""
         values: dict[str, str] = {}
         for index, key in enumerate(document.spec.authority.secret_refs):
             try:
@@ -404,6 +430,8 @@ class Supervisor:
         request = WorkloadRequest(
             argv=run.argv,
             env={**run.env, **secrets.env},
+            secret_files=secrets.files,
+            secret_lease_seconds=run.secret_lease_seconds if secrets.files else None,
             working_directory=run.working_directory,
             deadline_seconds=deadline,
             graceful_shutdown_seconds=float(grace),
@@ -630,6 +658,26 @@ class Supervisor:
         if out.errors:
             return 1, "failed"
         return 0, "succeeded"
+
+
+def _secrets_evidence(document: ExecutionCell) -> dict[str, Any] | None:
+    """How the cell's secrets reach the workload: the mode and the keys, never a value."""
+    run = document.spec.run
+    keys = list(document.spec.authority.secret_refs)
+    if run is None or not keys:
+        return None
+    files = run.secrets_as_files
+    injected = document.spec.authority.injected_refs
+    delivered = [k for k in keys if k not in injected]
+    return {
+        "mode": run.secret_delivery,
+        "keys": keys,
+        "directory": SECRETS_DIRECTORY if files and delivered else None,
+        "variables": None if files else [secret_env_name(k) for k in delivered],
+        "leaseSeconds": run.secret_lease_seconds,
+        # Held by the cell's L7 proxy; the workload has only their placeholders.
+        "injected": [k for k in keys if k in injected],
+    }
 
 
 def _correlation(document: ExecutionCell) -> dict[str, Any] | None:

@@ -1,5 +1,7 @@
-"""How resolved secrets reach a cell: as variables, or (``authority.secretInjection``) only as
-per-cell placeholders that the cell's L7 proxy replaces in requests to the declared hosts."""
+"""How resolved secrets reach a cell: as variables, as files under ``/run/secrets``
+(``secretDelivery: runtimeBroker`` / ``runtimeLeasedBroker``), or (``authority.
+secretInjection``) only as per-cell placeholders that the cell's L7 proxy replaces in requests
+to the declared hosts."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from cellos.core.spec import CellSpec
 class ResolvedSecrets:
     #: Variables for the workload: secret values, and placeholders of injected secrets.
     env: dict[str, str] = field(default_factory=dict)
+    #: key -> value of the secrets delivered as files (empty with ``secretDelivery: env``).
+    files: dict[str, bytes] = field(default_factory=dict)
     #: What the cell's L7 proxy injects (empty without secretInjection).
     injected: list[InjectedSecret] = field(default_factory=list)
     #: Every resolved value (what output redaction must hide).
@@ -51,9 +55,12 @@ def deliver(spec: CellSpec, resolved: dict[str, str]) -> ResolvedSecrets:
                 value=value,
             )
         )
+    as_files = spec.run is not None and spec.run.secrets_as_files
     for key, value in resolved.items():
         if key in placeholders:
             out.env[placeholder_env_name(key)] = placeholders[key]
+        elif as_files:
+            out.files[key] = value.encode()
         else:
             out.env[secret_env_name(key)] = value
     return out

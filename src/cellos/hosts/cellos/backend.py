@@ -51,6 +51,7 @@ from cellos.hosts.host_root import (
 from cellos.hosts.limit_reasons import with_limit_reason
 from cellos.hosts.live import LiveCells, StoredBackend
 from cellos.hosts.process import HostCommand, SpawnOptions, run_host_command
+from cellos.hosts.secret_files import SECRETS_DIRECTORY, sealed_memfd
 from cellos.hosts.state import CellState, CellStore
 
 if TYPE_CHECKING:
@@ -206,13 +207,22 @@ class CellosBackend(StoredBackend):
         # The seccomp program goes through a pipe (far smaller than a pipe's buffer, so the
         # write never blocks); the launcher reports setup and exec failures through another,
         # close-on-exec one, which a workload cannot write to or forge.
+        # Secrets delivered as files travel in a sealed memfd that only the cell's pid 1
+        # reads (never argv, env or a host file); it is checked before anything starts.
+        secrets_fd = sealed_memfd(request.secret_files) if request.secret_files else -1
         seccomp_read, seccomp_write = os.pipe2(os.O_CLOEXEC)
         error_read, error_write = os.pipe2(os.O_CLOEXEC)
         try:
             os.write(seccomp_write, workload_filter_bpf())
             os.close(seccomp_write)
             seccomp_write = -1
-            plan = replace(live.plan, seccomp_fd=seccomp_read, error_fd=error_write)
+            plan = replace(
+                live.plan,
+                seccomp_fd=seccomp_read,
+                error_fd=error_write,
+                secrets_fd=secrets_fd if secrets_fd >= 0 else None,
+                secret_lease_seconds=request.secret_lease_seconds,
+            )
 
             def on_spawn(pid: int) -> None:
                 live.pid = pid
@@ -224,7 +234,7 @@ class CellosBackend(StoredBackend):
                 cwd="/",
                 log_dir=live.state.cell_dir,
                 on_spawn=on_spawn,
-                pass_fds=(seccomp_read, error_write),
+                pass_fds=(seccomp_read, error_write, *([secrets_fd] if secrets_fd >= 0 else [])),
                 control=CellControl(live.cgroup),
             )
             # The launcher passes the declared environment on to the workload, and nothing
@@ -239,7 +249,7 @@ class CellosBackend(StoredBackend):
             error_write = -1
             setup_error = _read_all(error_read)
         finally:
-            for fd in (seccomp_read, seccomp_write, error_read, error_write):
+            for fd in (seccomp_read, seccomp_write, error_read, error_write, secrets_fd):
                 if fd >= 0:
                     os.close(fd)
         return self._explain(live, result, setup_error)
@@ -287,6 +297,15 @@ class CellosBackend(StoredBackend):
         )
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def secret_files_refusal(self, spec: CellSpec) -> str | None:
+        """The launcher mounts the secrets' tmpfs on /run/secrets: a rootfs directory (read-only,
+        never changed) must already have that mount point."""
+        if self.rootfs and not os.path.isdir(
+            os.path.join(self.rootfs, SECRETS_DIRECTORY.lstrip("/"))
+        ):
+            return f"CELLOS_ROOTFS {self.rootfs} has no {SECRETS_DIRECTORY} directory to mount on"
+        return None
 
     def _check_working_directory(self, path: str) -> None:
         """The workspace is mounted at ``path``: not inside what the cell's root binds from

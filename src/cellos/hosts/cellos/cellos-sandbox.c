@@ -26,6 +26,12 @@
  *   --error-fd FD          setup and exec errors are written here, then exit 125 (setup) or
  *                          127 (exec); the descriptor is close-on-exec, so the supervisor
  *                          reads end-of-file and nothing else when the workload started
+ *   --secrets FD           a sealed memfd of secrets (repeated: KEY NUL, 8-byte big-endian
+ *                          length, VALUE): each becomes /run/secrets/KEY (mode 0400, owned by
+ *                          the workload) on a tmpfs of the cell's own; values never touch argv,
+ *                          the environment or a host file
+ *   --secret-lease SECONDS the cell's pid 1 truncates and removes the secret files this long
+ *                          after the workload started (runtimeLeasedBroker)
  *
  * Process shape (the supervisor's CellControl relies on it): this process (the supervisor's
  * child) stays outside the cell's pid namespace and waits; its child is the cell's pid 1, which
@@ -60,6 +66,10 @@
 #include <unistd.h>
 
 #define SETUP_FAILED 125
+#define MAX_SECRETS 64
+#define MAX_SECRET_KEY 128
+#define MAX_SECRET_BYTES (1 << 20)
+#define SECRETS_DIR "/run/secrets"
 #define EXEC_FAILED 127
 #define MAX_ITEMS 64
 
@@ -120,10 +130,19 @@ static struct {
     int n_ro_binds;
     const char *tmp_size;
     struct pair workspace;
-    int seccomp_fd, error_fd;
-    long uid, gid, parent;
+    int seccomp_fd, error_fd, secrets_fd;
+    long uid, gid, parent, secret_lease;
     char **argv;
-} opt = {.seccomp_fd = -1, .error_fd = -1, .uid = -1, .gid = -1, .parent = -1};
+} opt = {.seccomp_fd = -1, .error_fd = -1, .secrets_fd = -1, .uid = -1, .gid = -1, .parent = -1};
+
+/* The secret files pid 1 removes when the lease ends (their descriptors stay open in pid 1
+ * only, which is not dumpable: the workload cannot reach them through /proc/1/fd). */
+static struct {
+    char key[MAX_SECRET_KEY + 1];
+    int fd;
+} secrets[MAX_SECRETS];
+static int n_secrets;
+static volatile sig_atomic_t lease_over;
 
 static struct sock_fprog seccomp_prog;
 
@@ -206,6 +225,11 @@ static void parse(int argc, char **argv) {
             i += 2;
         } else if (!strcmp(a, "--seccomp")) { NEED(1); opt.seccomp_fd = parse_fd(argv[++i]); }
         else if (!strcmp(a, "--error-fd")) { NEED(1); opt.error_fd = parse_fd(argv[++i]); }
+        else if (!strcmp(a, "--secrets")) { NEED(1); opt.secrets_fd = parse_fd(argv[++i]); }
+        else if (!strcmp(a, "--secret-lease")) {
+            NEED(1);
+            opt.secret_lease = parse_id(argv[++i]);
+        }
         else if (!strcmp(a, "--parent")) { NEED(1); opt.parent = parse_id(argv[++i]); }
         else if (!strcmp(a, "--user")) {
             NEED(2);
@@ -219,6 +243,8 @@ static void parse(int argc, char **argv) {
     if (i >= argc) die(SETUP_FAILED, "no program to run");
     if (!opt.workspace.a || opt.workspace.b[0] != '/')
         die(SETUP_FAILED, "--workspace SRC /ABSOLUTE-DST is required");
+    if (opt.secret_lease > 0 && opt.secrets_fd < 0)
+        die(SETUP_FAILED, "--secret-lease needs --secrets");
     opt.argv = argv + i;
 }
 
@@ -384,6 +410,107 @@ static void cover_proc(void) {
     }
 }
 
+static int valid_key(const char *key, size_t len) {
+    if (len == 0 || len > MAX_SECRET_KEY || !strcmp(key, ".") || !strcmp(key, "..")) return 0;
+    for (size_t i = 0; i < len; i++)
+        if (key[i] == '/' || (unsigned char)key[i] < 0x20) return 0;
+    return 1;
+}
+
+static void write_fully(int fd, const unsigned char *data, size_t len, const char *key) {
+    while (len > 0) {
+        ssize_t n = write(fd, data, len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) die(SETUP_FAILED, "cannot write secret %s: %s", key, strerror(errno));
+        data += n;
+        len -= (size_t)n;
+    }
+}
+
+/* /run/secrets: a tmpfs of this cell's mount namespace (it dies with the namespace), one
+ * file per secret, mode 0400, owned by the workload's uid. The values come from the sealed
+ * memfd (never argv, env or a host file); our copy in memory is cleared at once. */
+static void mount_secrets(void) {
+    struct stat st;
+    if (fstat(opt.secrets_fd, &st) < 0) die(SETUP_FAILED, "bad --secrets: %s", strerror(errno));
+    if (st.st_size > MAX_SECRET_BYTES + MAX_SECRETS * (MAX_SECRET_KEY + 9))
+        die(SETUP_FAILED, "the secrets are larger than %d bytes", MAX_SECRET_BYTES);
+    size_t size = (size_t)st.st_size;
+    unsigned char *blob = malloc(size + 1);
+    if (!blob) die(SETUP_FAILED, "out of memory for the secrets");
+    size_t got = 0;
+    while (got < size) {
+        ssize_t n = pread(opt.secrets_fd, blob + got, size - got, (off_t)got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) die(SETUP_FAILED, "cannot read the secrets: %s", strerror(errno));
+        got += (size_t)n;
+    }
+    close(opt.secrets_fd);
+    opt.secrets_fd = -1;
+    /* A page per file plus the values, rounded up: the tmpfs holds exactly these files. */
+    char mount_opts[96];
+    snprintf(mount_opts, sizeof mount_opts, "mode=0755,size=%zu,nr_inodes=%d",
+             size + (size_t)(MAX_SECRETS + 1) * 4096, MAX_SECRETS + 8);
+    make_dirs("/newroot" SECRETS_DIR);
+    CHECK(mount("tmpfs", "/newroot" SECRETS_DIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                mount_opts),
+          "cannot mount %s: %s", SECRETS_DIR, strerror(errno));
+    size_t at = 0;
+    while (at < size) {
+        const char *key = (const char *)blob + at;
+        size_t key_len = strnlen(key, size - at);
+        if (key_len == size - at || at + key_len + 9 > size)
+            die(SETUP_FAILED, "the secrets are malformed");
+        if (!valid_key(key, key_len)) die(SETUP_FAILED, "a secret key is not a file name");
+        if (n_secrets == MAX_SECRETS) die(SETUP_FAILED, "more than %d secrets", MAX_SECRETS);
+        at += key_len + 1;
+        uint64_t len = 0;
+        for (int i = 0; i < 8; i++) len = (len << 8) | blob[at + i];
+        at += 8;
+        if (len > size - at) die(SETUP_FAILED, "the secrets are malformed");
+        char path[sizeof("/newroot" SECRETS_DIR "/") + MAX_SECRET_KEY];
+        snprintf(path, sizeof path, "/newroot" SECRETS_DIR "/%.128s", key);
+        int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0400);
+        if (fd < 0) die(SETUP_FAILED, "cannot create %s/%s: %s", SECRETS_DIR, key, strerror(errno));
+        write_fully(fd, blob + at, (size_t)len, key);
+        if (opt.uid >= 0 && fchown(fd, (uid_t)opt.uid, (gid_t)opt.gid) < 0)
+            die(SETUP_FAILED, "cannot give %s/%s to the workload: %s", SECRETS_DIR, key,
+                strerror(errno));
+        CHECK(fchmod(fd, 0400), "cannot chmod %s/%s: %s", SECRETS_DIR, key, strerror(errno));
+        memcpy(secrets[n_secrets].key, key, key_len + 1);
+        if (opt.secret_lease > 0) {
+            secrets[n_secrets].fd = fd;
+        } else {
+            close(fd);
+            secrets[n_secrets].fd = -1;
+        }
+        n_secrets++;
+        at += (size_t)len;
+    }
+    explicit_bzero(blob, size);
+    free(blob);
+}
+
+static void on_lease_alarm(int sig) {
+    (void)sig;
+    lease_over = 1;
+}
+
+/* The lease ended: every secret file is emptied (also for a workload that holds it open) and
+ * removed. pid 1 owns /run/secrets, so it needs no capability for this. */
+static void end_lease(void) {
+    for (int i = 0; i < n_secrets; i++) {
+        char path[sizeof(SECRETS_DIR "/") + MAX_SECRET_KEY];
+        snprintf(path, sizeof path, SECRETS_DIR "/%.128s", secrets[i].key);
+        if (secrets[i].fd >= 0) {
+            if (ftruncate(secrets[i].fd, 0) < 0) { /* the unlink below still removes it */ }
+            close(secrets[i].fd);
+            secrets[i].fd = -1;
+        }
+        unlink(path);
+    }
+}
+
 static void build_root(void) {
     char dst[4096], src[4096];
     /* Nothing mounted from here on reaches the host, and nothing of the host's reaches us. */
@@ -435,6 +562,7 @@ static void build_root(void) {
     snprintf(tmp_opts, sizeof tmp_opts, "mode=1777,size=%s", opt.tmp_size ? opt.tmp_size : "64m");
     CHECK(mount("tmpfs", "/newroot/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts),
           "cannot mount /tmp: %s", strerror(errno));
+    if (opt.secrets_fd >= 0) mount_secrets();
     path_in(src, sizeof src, "/oldroot", opt.workspace.a);
     path_in(dst, sizeof dst, "/newroot", opt.workspace.b);
     bind(src, dst);
@@ -557,12 +685,23 @@ static int exit_status(int status) {
  * or attach to it. */
 static void __attribute__((noreturn)) reap_until(pid_t workload) {
     if (opt.error_fd >= 0) close(opt.error_fd);
+    if (opt.secret_lease > 0) {
+        /* No SA_RESTART: the alarm interrupts wait() below. */
+        struct sigaction sa = {.sa_handler = on_lease_alarm};
+        sigemptyset(&sa.sa_mask);
+        CHECK(sigaction(SIGALRM, &sa, NULL), "sigaction: %s", strerror(errno));
+        alarm((unsigned)opt.secret_lease);
+    }
     CHECK(prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable: %s", strerror(errno));
     CHECK(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs: %s", strerror(errno));
     drop_capabilities();
     for (;;) {
         int status;
         pid_t pid = wait(&status);
+        if (lease_over == 1) {
+            lease_over = 2;
+            end_lease();
+        }
         if (pid < 0 && errno == EINTR) continue;
         if (pid < 0) _exit(SETUP_FAILED);
         if (pid == workload) _exit(exit_status(status));
@@ -583,6 +722,8 @@ int main(int argc, char **argv) {
     if (opt.error_fd >= 0 && fcntl(opt.error_fd, F_SETFD, FD_CLOEXEC) < 0)
         die(SETUP_FAILED, "bad --error-fd: %s", strerror(errno));
     die_with_parent((pid_t)opt.parent);
+    if (opt.secrets_fd >= 0 && fcntl(opt.secrets_fd, F_SETFD, FD_CLOEXEC) < 0)
+        die(SETUP_FAILED, "bad --secrets: %s", strerror(errno));
     if (opt.seccomp_fd >= 0) read_seccomp();
     join_cgroups();
     enter_namespaces();
@@ -596,6 +737,7 @@ int main(int argc, char **argv) {
     if (init > 0) {
         close(alive[0]);
         if (opt.error_fd >= 0) close(opt.error_fd);
+        if (opt.secrets_fd >= 0) close(opt.secrets_fd); /* only the cell's pid 1 reads it */
         int status;
         while (waitpid(init, &status, 0) < 0)
             if (errno != EINTR) _exit(SETUP_FAILED);

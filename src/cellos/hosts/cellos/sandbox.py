@@ -49,6 +49,10 @@ class SandboxPlan:
     workload_user: tuple[int, int] | None = None
     seccomp_fd: int | None = None
     error_fd: int | None = None
+    #: A sealed memfd of secrets for /run/secrets (``secret_files.sealed_memfd``).
+    secrets_fd: int | None = None
+    #: Seconds after the workload's start when the cell's pid 1 removes the secret files.
+    secret_lease_seconds: int | None = None
     tmp_size_bytes: int = 64 << 20
 
 
@@ -91,6 +95,10 @@ def launcher_argv(plan: SandboxPlan, argv: Sequence[str], launcher: str) -> list
         args += ["--seccomp", str(plan.seccomp_fd)]
     if plan.error_fd is not None:
         args += ["--error-fd", str(plan.error_fd)]
+    if plan.secrets_fd is not None:
+        args += ["--secrets", str(plan.secrets_fd)]
+        if plan.secret_lease_seconds is not None:
+            args += ["--secret-lease", str(plan.secret_lease_seconds)]
     return [*args, "--", *argv]
 
 

@@ -56,6 +56,13 @@ from cellos.hosts.process import (
     SpawnOptions,
     run_host_command,
 )
+from cellos.hosts.secret_files import (
+    SECRETS_DIRECTORY,
+    HostLease,
+    mount_host_tmpfs,
+    unmount_host_tmpfs,
+    write_files,
+)
 from cellos.hosts.state import CellState, CellStore
 
 if TYPE_CHECKING:
@@ -82,8 +89,15 @@ class _LiveCell:
     def workspace(self) -> str:
         return self.state.path("workspace")
 
+    @property
+    def secrets(self) -> str:
+        """Host tmpfs of the secret files (``runtimeBroker``), bound read-only into the cell."""
+        return self.state.path("secrets")
+
 
 _LIVE: LiveCells[_LiveCell] = LiveCells()
+#: The workload runs as root of gVisor's own kernel (the bundle's default user).
+WORKLOAD_UID = WORKLOAD_GID = 0
 
 
 def runsc_argv(runsc: str, root: str, platform: str | None) -> list[str]:
@@ -286,6 +300,8 @@ class GvisorBackend(StoredBackend):
             os.makedirs(os.path.join(root, "etc"), exist_ok=True)
             with open(os.path.join(root, "etc", "resolv.conf"), "w", encoding="ascii"):
                 pass
+        if spec.run is not None and spec.run.secrets_as_files:
+            points.append(SECRETS_DIRECTORY)
         for path in points:
             dest = os.path.join(root, path.lstrip("/"))
             if os.path.isfile(path):
@@ -295,8 +311,50 @@ class GvisorBackend(StoredBackend):
             else:
                 os.makedirs(dest, exist_ok=True)
 
+    def secret_files_refusal(self, spec: CellSpec) -> str | None:
+        """The secrets' directory is bound onto /run/secrets: a rootfs directory (read-only,
+        never changed) must already have that mount point."""
+        if self.rootfs and not os.path.isdir(
+            os.path.join(self.rootfs, SECRETS_DIRECTORY.lstrip("/"))
+        ):
+            return f"CELLOS_ROOTFS {self.rootfs} has no {SECRETS_DIRECTORY} directory to bind on"
+        return None
+
+    def _prepare_secrets(self, live: _LiveCell, request: WorkloadRequest) -> str | None:
+        """A tmpfs under the cell's state directory (0700: only root reaches it) holding one
+        file per secret (0400, the workload's uid); recorded before it is mounted."""
+        if not request.secret_files:
+            return None
+        live.state.record["secretsMount"] = live.secrets
+        try:
+            live.state.save()
+            mount_host_tmpfs(live.secrets, request.secret_files)
+            write_files(live.secrets, request.secret_files, WORKLOAD_UID, WORKLOAD_GID)
+        except OSError as exc:
+            unmount_host_tmpfs(live.secrets)
+            raise HostError(
+                "CELLOS_STATE_DIR", f"cannot prepare the secret files: {exc.strerror}"
+            ) from None
+        except HostError:
+            unmount_host_tmpfs(live.secrets)
+            raise
+        return live.secrets
+
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = self._live(handle)
+        secrets_dir = self._prepare_secrets(live, request)
+        try:
+            return self._run_limited(live, request, secrets_dir)
+        finally:
+            if secrets_dir is not None:
+                # The workload has ended: its secrets go now (teardown checks again).
+                residue = unmount_host_tmpfs(secrets_dir)
+                if residue:
+                    raise HostError("spec.run.secretDelivery", f"left {', '.join(residue)}")
+
+    def _run_limited(
+        self, live: _LiveCell, request: WorkloadRequest, secrets_dir: str | None
+    ) -> WorkloadResult:
         limits = live.spec.limits
         try:
             sandbox_cgroups = evidence.SandboxCgroups(live.container_id, limits)
@@ -307,7 +365,9 @@ class GvisorBackend(StoredBackend):
             ) from None
         counters: dict[str, int] = {}
         try:
-            result, clone_failures = self._run(live, request, sandbox_cgroups.cgroups_path)
+            result, clone_failures = self._run(
+                live, request, sandbox_cgroups.cgroups_path, secrets_dir
+            )
         finally:
             if limits is not None and limits.memory_max_bytes:
                 counters["oomKills"] = sandbox_cgroups.oom_kills()
@@ -319,7 +379,11 @@ class GvisorBackend(StoredBackend):
         return with_limit_reason(result, counters)
 
     def _run(
-        self, live: _LiveCell, request: WorkloadRequest, cgroups_path: str
+        self,
+        live: _LiveCell,
+        request: WorkloadRequest,
+        cgroups_path: str,
+        secrets_dir: str | None = None,
     ) -> tuple[WorkloadResult, int | None]:
         """runsc run; the result and, with pidsMax, how many forks the limit refused."""
         rootfs = self.rootfs or os.path.join(live.bundle, "rootfs")
@@ -331,6 +395,9 @@ class GvisorBackend(StoredBackend):
             resolv_conf=live.egress.resolv_conf if live.egress is not None else None,
             # The sandbox joins the cell's netns (else runsc would make it a new, empty one).
             netns_path=live.egress.netns_path if live.egress is not None else None,
+            secrets_dir=secrets_dir,
+            uid=WORKLOAD_UID,
+            gid=WORKLOAD_GID,
         )
         argv = list(request.argv)
         if "HOME" not in request.env:
@@ -362,6 +429,12 @@ class GvisorBackend(StoredBackend):
             live.container_id,
         ]
         # runsc itself needs no environment; the workload's is in config.json.
+        lease = None
+        if secrets_dir is not None and request.secret_lease_seconds is not None:
+            # Counted from the start of runsc; the sandbox sees the removal at once (runsc
+            # validates bind mounts against the host: --file-access-mounts=shared).
+            lease = HostLease(secrets_dir, request.secret_lease_seconds)
+            lease.start()
         try:
             result = run_host_command(
                 HostCommand.for_workload(request, argv=command, env={}),
@@ -374,6 +447,8 @@ class GvisorBackend(StoredBackend):
                 ),
             )
         finally:
+            if lease is not None:
+                lease.cancel()
             failures = clones.finish() if clones else None
         return _explain(result), failures
 
@@ -404,6 +479,7 @@ class GvisorBackend(StoredBackend):
         residue = delete_container(self._runsc(live), live.runsc_root, live.container_id)
         if live.egress is not None:
             residue += live.egress.close()
+        residue += unmount_host_tmpfs(live.secrets)
         shutil.rmtree(live.bundle, ignore_errors=True)
         residue += self.store.release(live.state)
         _LIVE.remove(live.spec.id)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cellos.core.errors import InvalidSpec
-from cellos.core.spec import CellSpec
+from cellos.core.spec import SECRETS_DIRECTORY, CellSpec
 from cellos.hosts.host_root import HOSTNAME_MAX, host_binds, host_symlinks
 
 __all__ = [
@@ -66,6 +66,9 @@ class BundleConfig:
     #: runsc's default, a cgroup named after the container at the root of each hierarchy).
     cgroups_path: str | None = None
     tmp_size_bytes: int = 64 << 20
+    #: A host directory holding the secret files (``runtimeBroker``), bound read-only at
+    #: ``/run/secrets``; None: no secrets as files.
+    secrets_dir: str | None = None
 
 
 def _mounts(spec: CellSpec, config: BundleConfig) -> list[dict[str, Any]]:
@@ -110,6 +113,15 @@ def _mounts(spec: CellSpec, config: BundleConfig) -> list[dict[str, Any]]:
             "options": ["rbind", "rw", "nosuid", "nodev"],
         }
     )
+    if config.secrets_dir is not None:
+        mounts.append(
+            {
+                "destination": SECRETS_DIRECTORY,
+                "type": "bind",
+                "source": config.secrets_dir,
+                "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+            }
+        )
     return mounts
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from cellos.hosts.gvisor import evidence
 from cellos.hosts.gvisor.backend import delete_container, runsc_argv
+from cellos.hosts.secret_files import unmount_host_tmpfs
 
 
 def _is_runsc_of(pid: int, container_id: str) -> bool:
@@ -40,6 +41,10 @@ def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:
             check=False,
         )
     residue = delete_container(argv, root, container)
+    secrets = record.get("secretsMount")
+    if isinstance(secrets, str):
+        # The host tmpfs of a cell's secret files (runtimeBroker): emptied and unmounted.
+        residue += unmount_host_tmpfs(secrets)
     removed = [] if residue else [f"runsc:{container}"]
     if "network" in record:
         from cellos.network.cell_egress import reap_recorded

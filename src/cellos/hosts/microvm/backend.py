@@ -19,17 +19,21 @@ boot with ``-accel kvm`` succeeds; otherwise TCG, and only where the operator al
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import io
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from cellos.core import isolation as iso
 from cellos.core.errors import ExportError, HostError, InvalidSpec, PolicyRefused
 from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
 from cellos.core.spec import CellSpec
+from cellos.hosts import secret_files
 from cellos.hosts.live import LiveCells, StoredBackend
 from cellos.hosts.microvm import image_cache
 from cellos.hosts.microvm.accel import (
@@ -237,6 +241,11 @@ class MicrovmBackend(StoredBackend):
             digests={f"{name}Sha256": value for name, value in digests.items()},
         )
 
+    def secret_files_refusal(self, spec: CellSpec) -> str | None:
+        """Secrets travel on the guest channel (the serial line, after ``CELLOS:READY``),
+        never on the kernel command line; the guest init writes them to a tmpfs."""
+        return None
+
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = _LIVE.get(handle.cell_id)
         limits = live.spec.limits
@@ -253,6 +262,8 @@ class MicrovmBackend(StoredBackend):
             on_spawn=live.state.write_pid,
             hostname=guest_hostname(live.spec),
             workdir=live.spec.working_directory,
+            secret_files=request.secret_files,
+            secret_lease=request.secret_lease_seconds,
         )
         return result
 
@@ -268,6 +279,8 @@ class MicrovmBackend(StoredBackend):
         *,
         hostname: str | None = None,
         workdir: str | None = None,
+        secret_files: Mapping[str, bytes] | None = None,
+        secret_lease: int | None = None,
     ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
         """Boot once; the result and the artifacts the guest sent (None: missing there).
         ``workload`` is what the guest runs, with the deadline and stop of the VMM."""
@@ -282,7 +295,10 @@ class MicrovmBackend(StoredBackend):
             hostname=hostname,
             workdir=workdir,
             cgroup=cgroup_settings(lim),
+            secrets=bool(secret_files),
+            secret_lease=secret_lease if secret_files else None,
         )
+        sender = SecretSender(secret_files) if secret_files else None
         command = qemu_command(
             manifest.vmm.path,
             self.image_dir,
@@ -294,7 +310,7 @@ class MicrovmBackend(StoredBackend):
             vcpus=vcpus_for(lim.cpu_max if lim else None),
         )
         # The guest channel is decoded as it arrives: the workload's output is live.
-        guest = GuestChannel(workload.output)
+        guest = GuestChannel(workload.output, on_ready=sender.send if sender else None)
         # The VMM needs no environment (the workload's travels on the command line).
         vmm = HostCommand(
             command,
@@ -304,10 +320,20 @@ class MicrovmBackend(StoredBackend):
             workload.stop,
             output=guest,
         )
-        raw = run_host_command(
-            vmm,
-            SpawnOptions(cwd=work, log_dir=work, on_spawn=on_spawn, die_with_parent=True),
-        )
+        try:
+            raw = run_host_command(
+                vmm,
+                SpawnOptions(
+                    cwd=work,
+                    log_dir=work,
+                    on_spawn=on_spawn,
+                    die_with_parent=True,
+                    on_stdin=sender.take if sender else None,
+                ),
+            )
+        finally:
+            if sender is not None:
+                sender.close()
         if raw.spawn_error:
             return raw, {}
         try:
@@ -363,3 +389,51 @@ class MicrovmBackend(StoredBackend):
 
     def _state_of(self, handle: CellHandle) -> CellState:
         return _LIVE.get(handle.cell_id).state
+
+
+class SecretSender:
+    """Sends the guest its secrets on the serial line (the VMM's stdin) once the guest init
+    said ``CELLOS:READY``: the line is then in raw mode (nothing is echoed back), and init
+    waits for exactly one ``CELLOS:SECRETS:<base64>`` line. A thread writes it, so that a
+    slow guest never stalls the loop that drains the VMM's output; stdin is closed after."""
+
+    def __init__(self, files: Mapping[str, bytes]) -> None:
+        self._line: bytes | None = (
+            b"CELLOS:SECRETS:" + base64.b64encode(secret_files.encode(files)) + b"\n"
+        )
+        self._stdin: IO[bytes] | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def take(self, stdin: IO[bytes]) -> None:
+        self._stdin = stdin
+
+    def send(self) -> None:
+        with self._lock:
+            if self._stdin is None or self._line is None or self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._write, daemon=True)
+            self._thread.start()
+
+    def _write(self) -> None:
+        stdin, line = self._stdin, self._line
+        self._line = None
+        if stdin is None or line is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            stdin.write(line)
+            stdin.flush()
+        with contextlib.suppress(OSError, ValueError):
+            stdin.close()
+
+    def close(self) -> None:
+        """After the VMM exited: the writer is done (or fails on the closed pipe); nothing
+        of the secrets stays referenced here."""
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._line = None
+        with self._lock:
+            if self._stdin is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._stdin.close()
+                self._stdin = None

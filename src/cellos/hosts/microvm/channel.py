@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from typing import Any
 
 from cellos.core.errors import HostError
@@ -27,8 +28,12 @@ _KINDS = {b"CELLOS:OUT:": "stdout", b"CELLOS:ERR:": "stderr"}
 
 
 class GuestChannel:
-    def __init__(self, output: OutputSink | None) -> None:
+    def __init__(
+        self, output: OutputSink | None, on_ready: Callable[[], None] | None = None
+    ) -> None:
         self.output = output
+        #: Called once, when the guest init says ``CELLOS:READY`` (it then listens).
+        self.on_ready = on_ready
         self.heads = {"stdout": bytearray(), "stderr": bytearray()}
         self.totals = {"stdout": 0, "stderr": 0}
         self._line = bytearray()
@@ -65,6 +70,9 @@ class GuestChannel:
             return
         stream = _KINDS.get(line[:11])
         if stream is None:
+            if line == b"CELLOS:READY" and self.on_ready is not None:
+                ready, self.on_ready = self.on_ready, None
+                ready()
             self._other.append(line.decode("utf-8", "replace"))
             return
         try:

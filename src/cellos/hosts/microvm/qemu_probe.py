@@ -57,8 +57,13 @@ def kernel_append(
     hostname: str | None = None,
     workdir: str | None = None,
     cgroup: dict[str, str] | None = None,
+    secrets: bool = False,
+    secret_lease: int | None = None,
 ) -> str:
     """The kernel command line carrying the request; InvalidSpec when it does not fit.
+
+    ``secrets`` only says that secrets follow on the channel (``cellos.secrets``), and
+    ``secret_lease`` for how long the guest keeps them: a secret value is never put here.
 
     ``hostname`` becomes the guest's hostname, ``workdir`` the workload's working directory
     (created in the guest when missing), ``cgroup`` the settings of the workload's cgroup in
@@ -79,6 +84,10 @@ def kernel_append(
         parts.append(f"cellos.workdir={b64url_text(workdir)}")
     if cgroup:
         parts.append(f"cellos.cgroup={b64url_json(cgroup)}")
+    if secrets:
+        parts.append(f"cellos.secrets={b64url_text('1')}")
+        if secret_lease is not None:
+            parts.append(f"cellos.secretlease={b64url_text(str(secret_lease))}")
     append = " ".join(parts)
     if len(append.encode()) > MAX_CMDLINE:
         raise InvalidSpec(

@@ -1,5 +1,8 @@
 """The ``stub`` backend keeps the seed contract: it isolates nothing and makes no syscalls.
 
+Secrets as files (``runtimeBroker``, ``runtimeLeasedBroker``) are refused before the cell is
+created (:meth:`StubBackend.secret_files_refusal`): there is no cell file system to hold them.
+
 ``create`` only checks that the id is non-empty; ``destroy`` always reports
 ``destroyed: true, peers_tracked_after: 0``. The workload runs as a plain host subprocess
 (still with a clean environment and closed descriptors) and artifact paths are host paths.
@@ -25,6 +28,14 @@ class StubBackend:
             raise HostError("spec.id", "spec.id must be non-empty")
         return CellHandle(
             cell_id=spec.id, backend=self.name, isolation=("env-cleared", "fds-closed")
+        )
+
+    def secret_files_refusal(self, spec: CellSpec) -> str | None:
+        """Refused: the stub's workload shares the host's file system, so there is no private
+        /run/secrets to put files in (and a host directory would be readable by others)."""
+        return (
+            "the stub backend isolates nothing and has no private /run/secrets; use the "
+            "cellos, gvisor or qemu backend (or secretDelivery 'env')"
         )
 
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:

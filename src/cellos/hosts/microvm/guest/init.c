@@ -21,6 +21,15 @@
  *   cellos.hostname=<base64url hostname>                  optional (the cell id, <= 64 bytes)
  *   cellos.workdir=<base64url absolute path>              optional (default /workspace)
  *   cellos.cgroup=<base64url JSON object file -> value>   optional: memory.max, pids.max
+ *   cellos.secrets=1                                      optional: secrets follow on the channel
+ *   cellos.secretlease=<seconds>                          optional: remove them after this long
+ *
+ * Secrets (secretDelivery runtimeBroker / runtimeLeasedBroker) never travel on the command
+ * line: with cellos.secrets=1, init waits after READY for one line from the host on the
+ * channel (raw mode: nothing is echoed), "CELLOS:SECRETS:<base64 blob>\n", where the blob is
+ * (KEY NUL, 8-byte big-endian length, VALUE)*; each secret becomes /run/secrets/KEY (mode
+ * 0400, owned by the workload's user) on a tmpfs, and init's copy is cleared.  With a lease,
+ * init empties and removes the files that many seconds after the workload started.
  *
  * The workload runs in its own cgroup (v2, /sys/fs/cgroup/cell, memory and pids
  * controllers) with the limits of cellos.cgroup; its memory.events oom_kill and pids.events
@@ -56,11 +65,17 @@
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <termios.h>
+#include <time.h>
 #include <unistd.h>
 
 #define NOBODY 65534
 #define CHUNK 3072 /* raw bytes per OUT/ERR/ART line: 4096 base64 characters */
 #define MAX_ART_PATH 1024 /* bytes; bounds the line buffers */
+#define SECRETS_DIR "/run/secrets"
+#define MAX_SECRETS 64
+#define MAX_SECRET_KEY 128
+#define MAX_SECRETS_LINE (3 << 20) /* base64 of 1 MiB of values plus keys, with room */
+#define SECRETS_WAIT_MS 60000
 
 static int chan = -1; /* the host channel; never inherited by the workload (O_CLOEXEC) */
 
@@ -724,6 +739,145 @@ static void exec_workload(char **argv, char **envp)
 static const char *workdir = "/workspace";
 static int use_cgroup = 0;
 
+/* ------------------------------------------------------------------ secrets as files */
+
+static struct {
+    char key[MAX_SECRET_KEY + 1];
+    int fd; /* kept (root only, init's) to empty the file when the lease ends */
+} secrets[MAX_SECRETS];
+static int n_secrets;
+static long secret_lease; /* seconds; 0: no lease */
+
+/* Read the secrets line from the host; NULL or why not.  The line is cleared after use. */
+static const char *receive_secrets(void)
+{
+    static char why[160];
+    static const char prefix[] = "CELLOS:SECRETS:";
+    char *line = malloc(MAX_SECRETS_LINE + 1);
+    if (!line)
+        return "out of memory";
+    size_t len = 0;
+    for (;;) {
+        struct pollfd pf = {chan, POLLIN, 0};
+        int r = poll(&pf, 1, SECRETS_WAIT_MS);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            free(line);
+            return r == 0 ? "the host sent no secrets" : "poll failed";
+        }
+        ssize_t n = read(chan, line + len, MAX_SECRETS_LINE - len);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (n <= 0) {
+            free(line);
+            return "the channel closed before the secrets arrived";
+        }
+        len += (size_t)n;
+        if (memchr(line + len - (size_t)n, '\n', (size_t)n))
+            break;
+        if (len == MAX_SECRETS_LINE) {
+            explicit_bzero(line, len);
+            free(line);
+            return "the secrets line is too long";
+        }
+    }
+    char *nl = memchr(line, '\n', len);
+    size_t plen = sizeof prefix - 1;
+    const char *result = NULL;
+    size_t size = 0;
+    unsigned char *blob = NULL;
+    if ((size_t)(nl - line) < plen || memcmp(line, prefix, plen)) {
+        result = "malformed secrets line";
+        goto out;
+    }
+    blob = (unsigned char *)b64url_decode(line + plen, (size_t)(nl - line) - plen, &size);
+    if (!blob) {
+        result = "malformed secrets line";
+        goto out;
+    }
+    mkdir("/run", 0755);
+    mkdir(SECRETS_DIR, 0755);
+    char opts[96];
+    snprintf(opts, sizeof opts, "mode=0755,size=%zu,nr_inodes=%d",
+             size + (size_t)(MAX_SECRETS + 1) * 4096, MAX_SECRETS + 8);
+    if (mount("tmpfs", SECRETS_DIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts) < 0) {
+        result = (snprintf(why, sizeof why, "mount %s: %s", SECRETS_DIR, strerror(errno)), why);
+        goto out;
+    }
+    for (size_t at = 0; at < size;) {
+        const char *key = (const char *)blob + at;
+        size_t klen = strnlen(key, size - at);
+        if (klen == 0 || klen > MAX_SECRET_KEY || klen == size - at || at + klen + 9 > size ||
+            strchr(key, '/') || !strcmp(key, ".") || !strcmp(key, "..") ||
+            n_secrets == MAX_SECRETS) {
+            result = "malformed secrets";
+            goto out;
+        }
+        at += klen + 1;
+        uint64_t vlen = 0;
+        for (int i = 0; i < 8; i++)
+            vlen = (vlen << 8) | blob[at + i];
+        at += 8;
+        if (vlen > size - at) {
+            result = "malformed secrets";
+            goto out;
+        }
+        char path[sizeof SECRETS_DIR + MAX_SECRET_KEY + 2];
+        snprintf(path, sizeof path, SECRETS_DIR "/%.128s", key);
+        int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0400);
+        if (fd < 0) {
+            result = (snprintf(why, sizeof why, "create %s: %s", path, strerror(errno)), why);
+            goto out;
+        }
+        write_all(fd, (const char *)blob + at, (size_t)vlen);
+        if (fchown(fd, NOBODY, NOBODY) < 0 || fchmod(fd, 0400) < 0) {
+            close(fd);
+            result = (snprintf(why, sizeof why, "chown %s: %s", path, strerror(errno)), why);
+            goto out;
+        }
+        memcpy(secrets[n_secrets].key, key, klen + 1);
+        secrets[n_secrets].fd = fd;
+        if (!secret_lease) {
+            close(fd);
+            secrets[n_secrets].fd = -1;
+        }
+        n_secrets++;
+        at += (size_t)vlen;
+    }
+out:
+    if (blob) {
+        explicit_bzero(blob, size);
+        free(blob);
+    }
+    explicit_bzero(line, len);
+    free(line);
+    return result;
+}
+
+/* The lease ended: empty every secret file (also for a descriptor the workload holds) and
+ * remove it. */
+static void end_lease(void)
+{
+    for (int i = 0; i < n_secrets; i++) {
+        char path[sizeof SECRETS_DIR + MAX_SECRET_KEY + 2];
+        snprintf(path, sizeof path, SECRETS_DIR "/%.128s", secrets[i].key);
+        if (secrets[i].fd >= 0) {
+            if (ftruncate(secrets[i].fd, 0) < 0) { /* the unlink below still removes it */ }
+            close(secrets[i].fd);
+            secrets[i].fd = -1;
+        }
+        unlink(path);
+    }
+}
+
+static long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000L + ts.tv_nsec / 1000000L;
+}
+
 static void child(char **argv, char **envp, int in, int out, int err, int report)
 {
     const char *step = "stdin";
@@ -803,7 +957,12 @@ static int run_workload(char **argv, char **envp)
 
     struct stream st[2] = {{out[0], "OUT"}, {err[0], "ERR"}};
     int status = 0, exited = 0;
+    long lease_end = secret_lease ? now_ms() + secret_lease * 1000L : 0;
     while (st[0].fd >= 0 || st[1].fd >= 0 || !exited) {
+        if (lease_end && now_ms() >= lease_end) {
+            lease_end = 0;
+            end_lease();
+        }
         struct pollfd pf[2] = {{st[0].fd, POLLIN, 0}, {st[1].fd, POLLIN, 0}};
         /* Short timeout: waitpid below notices the workload's exit without SIGCHLD plumbing. */
         int r = poll(pf, 2, exited ? -1 : 50);
@@ -983,6 +1142,19 @@ int main(void)
         j = (struct json){text, text + strlen(text), NULL};
         if (!(settings = json_env_object(&j)))
             fail_spawn("cellos.cgroup", j.err);
+    }
+    if ((text = cmdline_param(cmdline, "cellos.secretlease", &err)) != NULL || err) {
+        if (err)
+            fail_spawn("cellos.secretlease", err);
+        secret_lease = strtol(text, NULL, 10);
+        if (secret_lease < 1)
+            fail_spawn("cellos.secretlease", "must be a positive number of seconds");
+    }
+    if ((text = cmdline_param(cmdline, "cellos.secrets", &err)) != NULL || err) {
+        if (err)
+            fail_spawn("cellos.secrets", err);
+        if ((why = receive_secrets()) != NULL)
+            fail_spawn("cellos.secrets", why);
     }
     /* Always: the counters explain an OOM kill even without a declared limit. */
     if ((why = setup_cgroup(settings)) != NULL)
