@@ -207,6 +207,7 @@ def test_runtime_broker_delivers_files_and_nothing_else(
         "directory": "/run/secrets",
         "variables": None,
         "leaseSeconds": None,
+        "injected": [],
     }
     summary = events[-1]["data"]
     assert summary["secretDeliveryMode"] == "runtimeBroker"
@@ -684,3 +685,29 @@ def test_a_hardened_supervisor_runs_file_delivery_and_refuses_env(
     assert verify.code == 0, verify
     assert leaks(everything_written(tmp_path, result)) == []
     assert_cell_gone(tmp_path)
+
+
+def test_files_and_injection_combine_one_rule_per_secret() -> None:
+    """A cell may inject one secret through its proxy and receive another as a file: the
+    injected one reaches the cell only as a placeholder, the other only as a file."""
+    from cellos.supervisor.secret_delivery import deliver
+
+    spec = validate_document(
+        doc(
+            "combo",
+            run={"secretDelivery": "runtimeBroker"},
+            authority={
+                "secretRefs": ["api-token", "db-pass"],
+                "egressRules": [{"host": "api.test", "port": 443, "protocol": "tcp"}],
+                "secretInjection": [
+                    {"secretRef": "api-token", "host": "api.test", "header": "Authorization"}
+                ],
+            },
+        )
+    ).spec
+    out = deliver(spec, {"api-token": "tok-123", "db-pass": "pw-456"})
+    assert out.files == {"db-pass": b"pw-456"}
+    assert list(out.env) == ["CELLOS_SECRET_PLACEHOLDER_API_TOKEN"]
+    assert "tok-123" not in out.env.values() and "pw-456" not in out.env.values()
+    assert [s.secret_ref for s in out.injected] == ["api-token"]
+    assert sorted(out.values) == ["pw-456", "tok-123"]  # both redacted from output

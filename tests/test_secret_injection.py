@@ -201,6 +201,9 @@ def test_the_proxy_injects_the_secret_and_the_cell_never_holds_it(
     assert SECRET not in other
 
     events = read_events(events_file)
+    started = next(e["data"] for e in events if e["type"].endswith("lifecycle.v1.started"))
+    assert started["secrets"]["injected"] == ["api-token"]
+    assert started["secrets"]["variables"] == []  # only a placeholder reaches the cell
     injection = [e["data"] for e in events if e["type"].endswith("l7_secret_injection")]
     assert {
         (d["secretRef"], d["decision"], d["reasonCode"], d["requestHost"]) for d in injection
