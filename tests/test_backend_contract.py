@@ -14,7 +14,7 @@ from cellos.core.errors import ExportError, HostError
 from cellos.core.ports import CellBackend, WorkloadRequest
 from cellos.core.spec import CellSpec
 from cellos.hosts.cellos import CellosBackend
-from cellos.hosts.process import LOG_CAP_BYTES
+from cellos.hosts.process import RELAY_CAP_BYTES
 from cellos.hosts.stub import StubBackend
 from tests.conftest import (
     doc,
@@ -254,13 +254,17 @@ def test_cellos_workspace_logs_and_artifacts(tmp_path: Path) -> None:
                     "/bin/sh",
                     "-c",
                     f"mkdir out && echo data > out/a.txt && ln -s /etc/hostname out/link "
-                    f"&& head -c {LOG_CAP_BYTES + 4096} /dev/zero",
+                    f"&& echo raw-output-marker && head -c {RELAY_CAP_BYTES + 4096} /dev/zero",
                 ]
             ),
         )
         assert result.exit_code == 0
-        assert result.stdout_bytes == LOG_CAP_BYTES + 4096 and result.truncated
-        assert (workspace.parent / "stdout.log").stat().st_size == LOG_CAP_BYTES
+        assert result.stdout_bytes == RELAY_CAP_BYTES + 4096 + 18 and result.truncated
+        # The raw (unredacted) output is never written to the cell's state directory: the
+        # output pipeline's redacted log is the only copy on disk.
+        for path in workspace.parent.rglob("*"):
+            if path.is_file() and path.parent != workspace / "out":
+                assert b"raw-output-marker" not in path.read_bytes(), path
         with backend.open_artifact(handle, "/workspace/out/a.txt") as fh:
             assert fh.read() == b"data\n"
         with backend.open_artifact(handle, "out/a.txt") as fh:

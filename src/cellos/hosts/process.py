@@ -32,7 +32,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, BinaryIO, Protocol
+from typing import IO, Protocol
 
 from cellos.core.errors import HostError
 from cellos.core.ports import OutputSink, WorkloadRequest, WorkloadResult
@@ -42,8 +42,6 @@ from cellos.hosts.procfs import iter_procs
 #: env(1) inside a gVisor cell: removes the variable runsc adds (HOME),
 #: so that the workload's environment is exactly the declared one.
 ENV_PROGRAM = "/usr/bin/env"
-#: Bytes of each stream written to the log file; the rest is counted and dropped.
-LOG_CAP_BYTES = 16 << 20
 #: Bytes of the head of each stream kept in memory (``WorkloadResult.stdout``/``stderr``);
 #: the whole stream goes to the command's ``output`` sink as it is read.
 RELAY_CAP_BYTES = 1 << 20
@@ -67,13 +65,13 @@ _F_SETPIPE_SZ = 1031
 
 
 class _BoundedStream:
-    """Counts every byte, hands it to the output sink, writes up to LOG_CAP to a file, keeps
-    up to RELAY_CAP in memory."""
+    """Counts every byte, hands it to the output sink, keeps up to RELAY_CAP in memory.
 
-    def __init__(
-        self, log: BinaryIO | None, name: str = "stdout", output: OutputSink | None = None
-    ) -> None:
-        self.log = log
+    Nothing of the raw stream is written to disk here: the output sink's durable log is the
+    one copy on disk, and it is redacted (a workload that prints its secret must not leave it
+    in a file of the cell's state directory)."""
+
+    def __init__(self, name: str = "stdout", output: OutputSink | None = None) -> None:
         self.name = name
         self.output = output
         self.total = 0
@@ -83,13 +81,11 @@ class _BoundedStream:
     def feed(self, chunk: bytes) -> None:
         if self.output is not None:
             self.output.write(self.name, chunk)
-        if self.log is not None and self.total < LOG_CAP_BYTES:
-            self.log.write(chunk[: LOG_CAP_BYTES - self.total])
         if len(self.kept) < RELAY_CAP_BYTES:
             self.kept += chunk[: RELAY_CAP_BYTES - len(self.kept)]
         self.total += len(chunk)
-        # Truncated means bytes were lost from the durable copy (the log, or memory without one).
-        self.truncated = self.total > (LOG_CAP_BYTES if self.log is not None else RELAY_CAP_BYTES)
+        # Truncated: the in-memory head is not the whole stream.
+        self.truncated = self.total > RELAY_CAP_BYTES
 
 
 class ProcessControl(Protocol):
@@ -162,8 +158,6 @@ class HostCommand:
 @dataclass(frozen=True)
 class SpawnOptions:
     cwd: str
-    #: Directory for ``stdout.log`` / ``stderr.log``; None keeps output in memory only.
-    log_dir: str | None = None
     #: Runs in the child between fork and exec (e.g. joining a cgroup). Must be async-safe.
     preexec: Callable[[], None] | None = None
     #: Called with the pid right after a successful spawn (e.g. to record it for a reaper).
@@ -205,20 +199,6 @@ def _wait_all_gone(control: ProcessControl, pid: int, timeout: float = 5.0) -> N
         time.sleep(0.0005)
 
 
-def _open_log(log_dir: str | None, name: str) -> BinaryIO | None:
-    if log_dir is None:
-        return None
-    path = os.path.join(log_dir, name)
-    try:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-    except OSError as exc:
-        # The log lives in the cell's state directory (e.g. it is full): nothing started.
-        raise HostError("CELLOS_STATE_DIR", f"cannot create {path}: {exc.strerror}") from None
-    return os.fdopen(fd, "wb")
-
-
 _PR_SET_PDEATHSIG = 1
 
 
@@ -249,14 +229,6 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
     """Run ``command`` to completion, deadline or stop; never raises for its failures."""
     started = time.monotonic()
     argv = list(command.argv)
-    # Logs are opened first: a failure here must not leave a started, unsupervised process.
-    out_log = _open_log(options.log_dir, "stdout.log")
-    try:
-        err_log = _open_log(options.log_dir, "stderr.log")
-    except HostError:
-        if out_log is not None:
-            out_log.close()
-        raise
     preexec = _die_with_parent(options.preexec) if options.die_with_parent else options.preexec
     try:
         proc = subprocess.Popen(
@@ -272,9 +244,6 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
             preexec_fn=preexec,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        for log in (out_log, err_log):
-            if log is not None:
-                log.close()
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return WorkloadResult(
             exit_code=None,
@@ -290,9 +259,6 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
             options.control.kill(proc.pid)
             proc.kill()
             proc.communicate()
-            for log in (out_log, err_log):
-                if log is not None:
-                    log.close()
             raise HostError(
                 "CELLOS_STATE_DIR", f"cannot record the started process: {exc.strerror}"
             ) from None
@@ -302,8 +268,8 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
     else:
         # The workload gets an immediate EOF on stdin: cells are not interactive.
         proc.stdin.close()
-    stdout_stream = _BoundedStream(out_log, "stdout", command.output)
-    stderr_stream = _BoundedStream(err_log, "stderr", command.output)
+    stdout_stream = _BoundedStream("stdout", command.output)
+    stderr_stream = _BoundedStream("stderr", command.output)
     streams = {proc.stdout.fileno(): stdout_stream, proc.stderr.fileno(): stderr_stream}
     for fd in streams:
         # Best effort: a smaller pipe only means more, smaller reads.
@@ -313,9 +279,6 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
     try:
         stopped_by, status = _supervise(proc, streams, command, started, options.control, killed)
     finally:
-        for log in (out_log, err_log):
-            if log is not None:
-                log.close()
         proc.stdout.close()
         proc.stderr.close()
     forced = stopped_by is not None

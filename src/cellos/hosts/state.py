@@ -323,7 +323,7 @@ def rmtree(path: str, ignore_errors: bool = True) -> None:
 def remove_cell_dir(cell_dir: str) -> None:
     """Remove a cell's directory: the usual few files directly, anything else by rmtree."""
     with contextlib.suppress(OSError):
-        for name in ("record.json", "pid", "stdout.log", "stderr.log"):
+        for name in ("record.json", "pid"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(cell_dir, name))
         os.rmdir(os.path.join(cell_dir, "workspace"))  # fails unless empty: then rmtree

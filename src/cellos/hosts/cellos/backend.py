@@ -232,7 +232,6 @@ class CellosBackend(StoredBackend):
 
             options = SpawnOptions(
                 cwd="/",
-                log_dir=live.state.cell_dir,
                 on_spawn=on_spawn,
                 pass_fds=(seccomp_read, error_write, *([secrets_fd] if secrets_fd >= 0 else [])),
                 control=CellControl(live.cgroup),

@@ -440,7 +440,6 @@ class GvisorBackend(StoredBackend):
                 HostCommand.for_workload(request, argv=command, env={}),
                 SpawnOptions(
                     cwd="/",
-                    log_dir=live.cell_dir,
                     on_spawn=live.state.write_pid,
                     control=RunscControl(runsc, live.container_id),
                     die_with_parent=True,

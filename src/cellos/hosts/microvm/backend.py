@@ -325,7 +325,6 @@ class MicrovmBackend(StoredBackend):
                 vmm,
                 SpawnOptions(
                     cwd=work,
-                    log_dir=work,
                     on_spawn=on_spawn,
                     die_with_parent=True,
                     on_stdin=sender.take if sender else None,
