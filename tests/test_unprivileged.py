@@ -7,6 +7,7 @@ be readable by ``nobody``).
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import shutil
@@ -32,6 +33,9 @@ def as_nobody(work: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
         pytest.skip("needs root to create the unprivileged user's process")
     require_sandbox()
     workload_filter_bpf()  # compiled and cached before the fork
+    # Codecs are imported on first use, from files nobody may not read (e.g. under /root).
+    for name in ("ascii", "utf-8", "latin-1"):
+        codecs.lookup(name)
     home = tempfile.mkdtemp(prefix="cellos-nobody-")
     os.chown(home, NOBODY, NOBODY)
     read_fd, write_fd = os.pipe()
