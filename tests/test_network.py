@@ -87,6 +87,11 @@ def test_host() -> Iterator[Any]:
         yield host
     finally:
         host.close()
+    # The kernel frees a removed cell's namespace, and its veth pair with it, asynchronously;
+    # a supervisor waits for that at exit (scope.settle, atexit), and so does this process.
+    from cellos.network.scope import settle
+
+    assert settle() == [], "a link outlived its namespace (something still held it)"
     assert network_residue() == before, "network residue left behind"
 
 

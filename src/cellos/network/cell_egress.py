@@ -10,20 +10,23 @@ so the same document means the same network on each backend. Use::
     egress.record_in(state)                            # the reaper can find all of it
     egress.create(state.path("resolv.conf"))
 
-Imported only for cells with egress authority: the proxies pull in asyncio and dnslib.
+Imported only for cells with egress authority; the proxies (asyncio, dnslib: ~25 ms of
+imports) only for cells that need one (a DNS authority, or names to check on 80/443).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellos.core.errors import HostError, PolicyRefused
 from cellos.core.events import NETWORK_FLOW_DECISION
 from cellos.core.spec import CellSpec
 from cellos.hosts.state import CellState
 from cellos.network import scope
-from cellos.network.proxies import L7_PORTS, CellProxies
+
+if TYPE_CHECKING:
+    from cellos.network.proxies import CellProxies
 
 #: The key of the cell's state record that names its scope.
 RECORD_KEY = "network"
@@ -81,8 +84,12 @@ class CellEgress:
         )
         l7_ports = sorted(
             {r.port for r in self.spec.authority.egress_rules if r.protocol == "tcp"}
-            & set(L7_PORTS)
+            & set(scope.L7_PORTS)
         )
+        if dns is None and not (names and l7_ports):
+            return  # nothing to proxy: no event loop, no asyncio import
+        from cellos.network.proxies import CellProxies
+
         self.proxies = CellProxies(self.net, dns, l7_names=names, l7_ports=l7_ports)
         self.proxies.start()
 
@@ -106,5 +113,5 @@ def reap_recorded(record: dict[str, Any]) -> tuple[list[str], list[str]]:
     network = record.get(RECORD_KEY)
     if not isinstance(network, dict):
         return [], []
-    left = scope.destroy(network)
+    left = scope.destroy(network, delete_link=True)
     return ([] if left else [f"network:{network.get('netns')}"]), left

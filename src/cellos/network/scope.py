@@ -27,6 +27,7 @@ import ipaddress
 import os
 import re
 import socket
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +37,11 @@ from cellos.network import nft
 
 if TYPE_CHECKING:
     from cellos.hosts.state import CellStore
+    from cellos.network.rtnl import Rtnl
 
 DEFAULT_POOL = "10.213.0.0/16"
+#: TCP ports checked at L7 (SNI / Host) when the cell has names to check.
+L7_PORTS = (80, 443)
 FAMILY = "inet"
 
 
@@ -107,6 +111,25 @@ def pool_capacity(pool: ipaddress.IPv4Network) -> int:
     return pool.num_addresses // 4
 
 
+_host_rtnl: Any = None
+_host_rtnl_lock = threading.Lock()
+
+
+def host_rtnl() -> Rtnl:
+    """The process's rtnetlink socket in the host's namespace (opened once)."""
+    global _host_rtnl
+    from cellos.network.rtnl import Rtnl
+
+    with _host_rtnl_lock:
+        if _host_rtnl is None:
+            _host_rtnl = Rtnl()
+        return _host_rtnl  # type: ignore[no-any-return]
+
+
+def host_link(slot: int) -> str:
+    return f"cvh{slot}"
+
+
 def claim_slot(state_root: str, cell_id: str, pool: ipaddress.IPv4Network) -> tuple[int, str]:
     """Claim a free /30 of the pool (slot ``n`` is its ``n``-th /30, from 0): ``net/slots/<n>``
     is created as a symlink naming the cell, so the claim and its owner appear in one atomic
@@ -114,6 +137,7 @@ def claim_slot(state_root: str, cell_id: str, pool: ipaddress.IPv4Network) -> tu
     its supervisor died)."""
     slots = os.path.join(state_root, "net", "slots")
     capacity = pool_capacity(pool)
+    host = host_rtnl()
     try:
         os.makedirs(slots, mode=0o700, exist_ok=True)
         for slot in range(capacity):
@@ -121,6 +145,12 @@ def claim_slot(state_root: str, cell_id: str, pool: ipaddress.IPv4Network) -> tu
             try:
                 os.symlink(cell_id, path)
             except FileExistsError:
+                continue
+            if host.link_index(host_link(slot)) is not None:
+                # The link of a scope the kernel is still freeing (a namespace is freed
+                # asynchronously, its veth pair with it), or another state directory's: the
+                # slot's name and addresses are not free yet.
+                os.unlink(path)
                 continue
             return slot, path
     except OSError as exc:
@@ -225,7 +255,7 @@ def plan(
         cell_id=cell_id,
         slot=slot,
         netns=f"cellos-{cell_id}",
-        host_if=f"cvh{slot}",
+        host_if=host_link(slot),
         cell_if=f"cvc{slot}",
         host_ip=str(base + 1),
         cell_ip=str(base + 2),
@@ -428,75 +458,167 @@ def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
 
 
 def create(net: CellNetwork) -> None:
-    """Build the namespace, the veth pair, addresses, routes and the table."""
-    from pyroute2 import IPRoute, NetNS, netns
+    """Build the namespace, the veth pair, addresses, routes and the table, in this process
+    (rtnetlink and libnftables; no process is spawned). The table is in place before the
+    host's end of the link comes up: no packet of the cell ever passes unfiltered."""
+    from cellos.network import rtnl
 
     try:
-        netns.create(net.netns)
-        with IPRoute() as ipr:
-            ipr.link(
-                "add",
-                ifname=net.host_if,
-                kind="veth",
-                peer={"ifname": net.cell_if, "net_ns_fd": net.netns},
-            )
-            index = ipr.link_lookup(ifname=net.host_if)[0]
-            ipr.addr("add", index=index, address=net.host_ip, prefixlen=30)
-            ipr.link("set", index=index, state="up")
-        with NetNS(net.netns) as ns:
-            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-            index = ns.link_lookup(ifname=net.cell_if)[0]
-            ns.addr("add", index=index, address=net.cell_ip, prefixlen=30)
-            ns.link("set", index=index, state="up")
-            ns.route("add", dst="default", gateway=net.host_ip)
+        host = host_rtnl()
+
+        def build() -> None:
+            # A throwaway thread: it ends inside the new namespace, and nothing else runs there.
+            host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                rtnl.create_netns_here(net.netns)
+                with rtnl.Rtnl() as cell:
+                    cell.add_veth(net.cell_if, net.host_if, host_ns)
+                    lo = cell.link_index("lo")
+                    if lo is not None:
+                        cell.set_up(lo, "lo")
+                    index = cell.link_index(net.cell_if)
+                    if index is None:
+                        raise HostError("network", f"veth {net.cell_if} vanished after creation")
+                    cell.add_address(index, net.cell_ip, 30, net.cell_if)
+                    cell.add_default_route(net.host_ip, index)
+            finally:
+                os.close(host_ns)
+
+        rtnl.in_thread(build)
         _enable_forwarding()
         nft.run(table_commands(net))
+        index = host.link_index(net.host_if)
+        if index is None:
+            raise HostError("network", f"veth {net.host_if} vanished after creation")
+        host.add_address(index, net.host_ip, 30, net.host_if)
+        host.set_up(index, net.host_if)
     except HostError:
         raise
-    except Exception as exc:  # noqa: BLE001 - netlink errors come in many types
+    except OSError as exc:
         raise HostError("network", f"cannot create the cell's network scope: {exc}") from None
 
 
+_forwarding_checked = False
+
+
 def _enable_forwarding() -> None:
+    global _forwarding_checked
+    if _forwarding_checked:
+        return
     path = "/proc/sys/net/ipv4/ip_forward"
     with open(path, encoding="ascii") as fh:
-        if fh.read().strip() == "1":
-            return
-    with open(path, "w", encoding="ascii") as fh:
-        fh.write("1")
+        if fh.read().strip() != "1":
+            with open(path, "w", encoding="ascii") as out:
+                out.write("1")
+    _forwarding_checked = True
 
 
-def destroy(record: dict[str, Any]) -> list[str]:
-    """Remove table, veth and namespace named in a record; return what could not be removed."""
-    from pyroute2 import IPRoute, netns
+def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
+    """Remove the table and the namespace named in a record, release the slot; return what
+    could not be removed.
+
+    The veth pair lives and dies with the cell's namespace: unbinding the namespace (nothing
+    else holds it once the cell's processes and sockets are gone) lets the kernel free it and
+    both ends of the link, tens of milliseconds later, in its own worker; deleting the link
+    here would block this thread for that long (an RCU barrier). A slot whose link still
+    exists is never claimed again until it is gone (:func:`claim_slot`). ``delete_link``
+    (the reaper) deletes the host's end explicitly first, in case anything still holds the
+    namespace of a dead cell.
+    """
+    from cellos.network import rtnl
 
     residue: list[str] = []
     table = record.get("table")
-    if isinstance(table, str) and nft.table_exists(FAMILY, table):
+    if isinstance(table, str):
         try:
-            nft.run([{"delete": {"table": {"family": FAMILY, "name": table}}}])
+            nft.delete_table(FAMILY, table)
         except HostError:
             residue.append(f"nft:{table}")
     host_if = record.get("host_if")
+    found = None
     if isinstance(host_if, str):
-        with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=host_if)
-            if found:
-                try:
-                    ipr.link("del", index=found[0])
-                except Exception:  # noqa: BLE001 - reported as residue
-                    residue.append(f"veth:{host_if}")
-    name = record.get("netns")
-    if isinstance(name, str) and os.path.exists(f"/run/netns/{name}"):
         try:
-            netns.remove(name)
-        except Exception:  # noqa: BLE001 - reported as residue
+            host = host_rtnl()
+            found = host.link_index(host_if)
+            if delete_link and found is not None:
+                host.delete_link(found, host_if)
+                found = None
+        except OSError:
+            residue.append(f"veth:{host_if}")
+    name = record.get("netns")
+    if isinstance(name, str):
+        try:
+            if rtnl.remove_netns(name) and isinstance(host_if, str) and found is not None:
+                _freeing.add(host_if, found)
+        except OSError:
             residue.append(f"netns:{name}")
     slot_file = record.get("slot_file")
     if isinstance(slot_file, str):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(slot_file)
     return residue
+
+
+class _Freeing:
+    """Host ends of veth pairs whose namespace this process unbound: the kernel frees them
+    asynchronously. :meth:`settle` waits until they are gone (deleting any that outlives
+    the bound explicitly); it runs at process exit, so no link outlives the process that
+    made it, and is what a caller checking for residue right after ``destroy`` waits on.
+    Links are known by name and index: a name may be reused once its link is gone, an
+    index is not."""
+
+    def __init__(self) -> None:
+        self._links: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        self._registered = False
+
+    def add(self, host_if: str, index: int) -> None:
+        with self._lock:
+            if len(self._links) >= 64:
+                self._links = {link for link in self._links if _present(*link)}
+            self._links.add((host_if, index))
+            if not self._registered:
+                import atexit
+
+                atexit.register(self.settle)
+                self._registered = True
+
+    def settle(self, timeout: float = 5.0) -> list[str]:
+        """Wait until every link handed to the kernel is gone; return those that had to be
+        deleted explicitly (they outlived ``timeout``: something still held the namespace)."""
+        import time
+
+        with self._lock:
+            pending = set(self._links)
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            pending = {link for link in pending if _present(*link)}
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        forced = []
+        for name, index in sorted(pending):
+            with contextlib.suppress(OSError):
+                host_rtnl().delete_link(index, name)
+                forced.append(name)
+        with self._lock:
+            self._links = {link for link in self._links if _present(*link)}
+        return forced
+
+
+def _present(name: str, index: int) -> bool:
+    return host_rtnl().link_index(name) == index
+
+
+_freeing = _Freeing()
+
+
+def settle(timeout: float = 5.0) -> list[str]:
+    """Wait for the kernel to free the links of every scope this process removed (see
+    :class:`_Freeing`); the names deleted explicitly because they outlived ``timeout``."""
+    return _freeing.settle(timeout)
 
 
 def flow_decisions(net: CellNetwork) -> list[dict[str, Any]]:
