@@ -4,9 +4,11 @@ network), against test hosts of our own in network namespaces (no traffic leaves
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -147,6 +149,133 @@ def test_allowed_cidr_and_port_only(test_host: Any, tmp_path: Path, backend_name
     # Blocked TCP is rejected visibly (RST), not left to time out.
     assert seen[f"{test_host.ip}:8081"] == "ERR ConnectionRefusedError"
     assert seen[f"{other}:8080"] == "ERR ConnectionRefusedError"
+
+
+def test_an_ipv6_rule_allows_its_destination_and_port_only(
+    test_host: Any, tmp_path: Path, backend_name: str
+) -> None:
+    test_host.http_server(8080, "allowed v6", address=test_host.ip6)
+    test_host.http_server(8081, "other port v6", address=test_host.ip6)
+    test_host.http_server(8080, "other address v6", address=test_host.ip6_2)
+    backend = backend_of(backend_name, tmp_path)
+    ip6, other6 = test_host.ip6, test_host.ip6_2
+    result = probe(
+        backend,
+        "net-v6",
+        [{"cidr": f"{ip6}/128", "port": 8080, "protocol": "tcp"}],
+        [f"{ip6}:8080", f"{ip6}:8081", f"{other6}:8080", f"{test_host.ip}:8080"],
+    )
+    seen = lines(result)
+    assert seen[f"{ip6}:8080"] == "OK allowed v6"
+    # Everything else is rejected visibly, over IPv6 as over IPv4 (no IPv4 rule here).
+    assert seen[f"{ip6}:8081"] == "ERR ConnectionRefusedError"
+    assert seen[f"{other6}:8080"] == "ERR ConnectionRefusedError"
+    assert seen[f"{test_host.ip}:8080"] == "ERR ConnectionRefusedError"
+
+
+def _listener6() -> tuple[socket.socket, list[Any]]:
+    """A TCP listener on every IPv6 address of the host's namespace; accepted peers are
+    collected (there must be none)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.bind(("::", 0))
+    sock.listen(8)
+    sock.settimeout(0.2)
+    accepted: list[Any] = []
+
+    def serve() -> None:
+        while sock.fileno() >= 0:
+            try:
+                conn, peer = sock.accept()
+            except OSError:
+                continue
+            accepted.append(peer)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock, accepted
+
+
+def _link_local(ifname: str) -> str:
+    """The link-local IPv6 address of a host interface (/proc/net/if_inet6)."""
+    with open("/proc/net/if_inet6", encoding="ascii") as fh:
+        for line in fh:
+            addr, _index, _plen, scope, _flags, name = line.split()
+            if name == ifname and scope == "20":
+                return str(ipaddress.IPv6Address(bytes.fromhex(addr)))
+    raise AssertionError(f"{ifname} has no link-local address")
+
+
+def test_no_ipv6_leaves_a_cell_without_an_ipv6_rule(
+    test_host: Any, tmp_path: Path, backend_name: str
+) -> None:
+    """The cell's link has the kernel's link-local IPv6 address; with IPv4 rules only, no
+    IPv6 reaches the test host, nor the host's own end of the link (link-local)."""
+    test_host.http_server(8080, "v6 reached", address=test_host.ip6)
+    listener, accepted = _listener6()
+    port = listener.getsockname()[1]
+    backend = backend_of(backend_name, tmp_path)
+    before = {n for n in os.listdir("/sys/class/net") if n.startswith("cvh")}
+    spec = validate_document(
+        doc(
+            "net-v4only",
+            argv=["/bin/true"],
+            authority={"egressRules": [{"cidr": f"{test_host.ip}/32", "port": 8080}]},
+        )
+    ).spec
+    handle = backend.create(spec)
+    try:
+        (host_if,) = {n for n in os.listdir("/sys/class/net") if n.startswith("cvh")} - before
+        cell_if = "cvc" + host_if.removeprefix("cvh")
+        link_local = f"{_link_local(host_if)}%{cell_if}"
+        # Wait until the cell's own link-local address is no longer tentative (DAD), so
+        # that a failure below is the firewall's, not the address's.
+        argv = [
+            "/usr/bin/python3",
+            "-c",
+            "import time; time.sleep(2.5)\n" + PROBE,
+            f"{test_host.ip}:8080",
+            f"{test_host.ip6}:8080",
+            f"{link_local}:{port}",
+        ]
+        result = backend.run(
+            handle,
+            WorkloadRequest(
+                argv=argv,
+                env={},
+                working_directory="/workspace",
+                deadline_seconds=60,
+                graceful_shutdown_seconds=1,
+            ),
+        )
+    finally:
+        backend.destroy(handle)
+        listener.close()
+    seen = lines(result)
+    assert seen.get(f"{test_host.ip}:8080") == "OK allowed port", result
+    assert seen[f"{test_host.ip6}:8080"].startswith("ERR"), result  # no IPv6 route at all
+    assert seen[f"{link_local}:{port}"].startswith("ERR"), result
+    assert accepted == [], "an IPv6 connection from the cell reached the host"
+
+
+def test_an_ipv6_rule_on_a_port_checked_at_l7_is_refused_not_ignored(
+    tmp_path: Path, backend_name: str
+) -> None:
+    """The SNI/Host check sees IPv4 only: an IPv6 rule on 443 next to names to check would
+    pass IPv6 connections unchecked, so the cell is refused before anything exists."""
+    _ready()
+    from cellos.core.errors import PolicyRefused
+
+    before = network_residue()
+    backend = backend_of(backend_name, tmp_path)
+    rules = [{"host": "registry.example", "port": 443}, {"cidr": "2001:db8::/32", "port": 443}]
+    spec = validate_document(doc("net-v6-l7", authority={"egressRules": rules})).spec
+    with pytest.raises(PolicyRefused) as caught:
+        backend.create(spec)
+    assert caught.value.path == "spec.authority.egressRules[1].cidr"
+    assert "IPv6" in caught.value.reason and "L7" in caught.value.reason
+    assert network_residue() == before
+    slots = tmp_path / "state" / "net" / "slots"
+    assert not slots.exists() or os.listdir(slots) == []
 
 
 def test_no_egress_rules_means_loopback_only(

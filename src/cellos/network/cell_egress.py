@@ -48,6 +48,7 @@ class CellEgress:
                 "spec.authority.egressRules",
                 "network authority needs root on this host (netns, veth, nft)",
             )
+        _refuse_unchecked_ipv6(spec)
         dns = spec.authority.dns_authority
         rules = scope.resolve_rules(list(spec.authority.egress_rules), pin_by_dns=dns is not None)
         net = scope.plan(spec.id, rules, state_root, pool or scope.DEFAULT_POOL)
@@ -106,6 +107,29 @@ class CellEgress:
             self.proxies.stop()
             self.proxies = None
         return scope.destroy(self.net.record())
+
+
+def _refuse_unchecked_ipv6(spec: CellSpec) -> None:
+    """The SNI/Host check redirects IPv4 only: an IPv6 rule on a port it checks, in a cell
+    that has names to check, would let IPv6 connections past the check. Refused (before
+    anything is resolved or claimed), not ignored."""
+    rules = spec.authority.egress_rules
+    dns = spec.authority.dns_authority
+    if not (any(r.host for r in rules) or (dns is not None and dns.hostname_allowlist)):
+        return
+    for index, rule in enumerate(rules):
+        if (
+            rule.cidr is not None
+            and ":" in rule.cidr
+            and rule.protocol == "tcp"
+            and rule.port in scope.L7_PORTS
+        ):
+            raise PolicyRefused(
+                f"spec.authority.egressRules[{index}].cidr",
+                f"an IPv6 rule on tcp/{rule.port} cannot be combined with names checked at L7 "
+                "(SNI/Host: host rules or dnsAuthority.hostnameAllowlist) in this build; the "
+                "check sees IPv4 only",
+            )
 
 
 def reap_recorded(record: dict[str, Any]) -> tuple[list[str], list[str]]:

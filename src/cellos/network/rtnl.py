@@ -14,11 +14,13 @@ with the request it answers and the errno's text.
 
 from __future__ import annotations
 
+# The C module: ``socket`` itself costs ~2 ms to import (its enum conversions), on the path of
+# every one-shot supervisor of a cell with egress authority.
+import _socket
 import ctypes
 import errno
 import ipaddress
 import os
-import socket
 import struct
 import threading
 from collections.abc import Callable
@@ -106,7 +108,7 @@ def _name(value: str) -> bytes:
 def _ifinfo(index: int = 0, up: bool = False) -> bytes:
     flags = IFF_UP if up else 0
     # family, pad, type, index, flags, change
-    return struct.pack("BxHiII", socket.AF_UNSPEC, 0, index, flags, flags)
+    return struct.pack("BxHiII", _socket.AF_UNSPEC, 0, index, flags, flags)
 
 
 class Rtnl:
@@ -114,7 +116,7 @@ class Rtnl:
     (a socket keeps its namespace for life, whichever thread uses it later)."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        self.sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, 0)
         self.sock.bind((0, 0))
         self._seq = 0
         self._lock = threading.Lock()
@@ -208,7 +210,7 @@ class Rtnl:
 
     def add_address(self, index: int, address: str, prefixlen: int, what: str) -> None:
         ip = ipaddress.ip_address(address)
-        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        family = _socket.AF_INET if ip.version == 4 else _socket.AF_INET6
         flags = IFA_F_NODAD if ip.version == 6 else 0
         body = struct.pack("BBBBI", family, prefixlen, flags, RT_SCOPE_UNIVERSE, index)
         body += _attr(IFA_LOCAL, ip.packed) + _attr(IFA_ADDRESS, ip.packed)
@@ -221,7 +223,7 @@ class Rtnl:
 
     def add_default_route(self, gateway: str, index: int) -> None:
         ip = ipaddress.ip_address(gateway)
-        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        family = _socket.AF_INET if ip.version == 4 else _socket.AF_INET6
         body = struct.pack(
             "BBBBBBBBI",
             family,

@@ -26,9 +26,7 @@ import contextlib
 import ipaddress
 import os
 import re
-import socket
 import threading
-from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cellos.core.errors import HostError, PolicyRefused
@@ -40,48 +38,106 @@ if TYPE_CHECKING:
     from cellos.network.rtnl import Rtnl
 
 DEFAULT_POOL = "10.213.0.0/16"
+#: IPv6 link addresses (unique local, RFC 4193): slot ``n`` is its ``n``-th /126 (host ``::1``,
+#: cell ``::2`` of it), used only by cells with an IPv6 egress rule.
+POOL6 = "fd63:656c:6c6f::/64"
 #: TCP ports checked at L7 (SNI / Host) when the cell has names to check.
 L7_PORTS = (80, 443)
 FAMILY = "inet"
 
 
-@dataclass(frozen=True)
 class AllowRule:
-    index: int
-    addresses: tuple[str, ...]  # CIDRs (for a host rule: its pinned addresses so far)
-    port: int
-    protocol: str
-    source: str  # "cidr:<x>" or "host:<name>"
-    host: str | None = None
+    """One egress rule as the scope enforces it. (Plain classes, not dataclasses: this
+    module is imported by every one-shot ``cellos-supervisor`` of a cell with egress
+    authority, and generating dataclass methods costs milliseconds there.)"""
+
+    __slots__ = ("addresses", "host", "index", "port", "protocol", "source")
+
+    def __init__(
+        self,
+        index: int,
+        addresses: tuple[str, ...],  # CIDRs (for a host rule: its pinned addresses so far)
+        port: int,
+        protocol: str,
+        source: str,  # "cidr:<x>" or "host:<name>"
+        host: str | None = None,
+    ) -> None:
+        self.index = index
+        self.addresses = addresses
+        self.port = port
+        self.protocol = protocol
+        self.source = source
+        self.host = host
 
     @property
     def set_name(self) -> str:
         """Host rules match a set, so the DNS proxy can pin answered addresses at run time."""
         return f"h{self.index}"
 
+    def record(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
-@dataclass
+
 class CellNetwork:
-    cell_id: str
-    slot: int
-    netns: str
-    host_if: str
-    cell_if: str
-    host_ip: str
-    cell_ip: str
-    table: str
-    slot_file: str
-    rules: list[AllowRule] = field(default_factory=list)
-    #: (protocol, port) pairs on which names answered by the cell's DNS proxy are reachable.
-    dns_ports: list[tuple[str, int]] = field(default_factory=list)
+    __slots__ = (
+        "cell_id",
+        "cell_if",
+        "cell_ip",
+        "cell_ip6",
+        "dns_ports",
+        "host_if",
+        "host_ip",
+        "host_ip6",
+        "netns",
+        "rules",
+        "slot",
+        "slot_file",
+        "table",
+    )
+
+    def __init__(
+        self,
+        *,
+        cell_id: str,
+        slot: int,
+        netns: str,
+        host_if: str,
+        cell_if: str,
+        host_ip: str,
+        cell_ip: str,
+        table: str,
+        slot_file: str,
+        rules: list[AllowRule] | None = None,
+        host_ip6: str | None = None,
+        cell_ip6: str | None = None,
+    ) -> None:
+        self.cell_id = cell_id
+        self.slot = slot
+        self.netns = netns
+        self.host_if = host_if
+        self.cell_if = cell_if
+        self.host_ip = host_ip
+        self.cell_ip = cell_ip
+        self.table = table
+        self.slot_file = slot_file
+        self.rules = rules or []
+        #: (protocol, port) pairs on which names answered by the cell's DNS proxy are
+        #: reachable.
+        self.dns_ports: list[tuple[str, int]] = []
+        #: IPv6 ends of the link (a /126 of :data:`POOL6`, same slot), only for a cell with
+        #: an IPv6 rule; a cell without one has no IPv6 address but the kernel's link-local
+        #: one, and no IPv6 route.
+        self.host_ip6 = host_ip6
+        self.cell_ip6 = cell_ip6
 
     @property
     def netns_path(self) -> str:
         return f"/run/netns/{self.netns}"
 
     def record(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["rules"] = [asdict(r) for r in self.rules]
+        data = {name: getattr(self, name) for name in self.__slots__}
+        data["rules"] = [r.record() for r in self.rules]
+        data["dns_ports"] = [list(p) for p in self.dns_ports]
         return data
 
 
@@ -202,11 +258,6 @@ def resolve_rules(rules: list[EgressRule], *, pin_by_dns: bool = False) -> list[
     for index, rule in enumerate(rules):
         if rule.cidr is not None:
             net = ipaddress.ip_network(rule.cidr)
-            if net.version != 4:
-                raise PolicyRefused(
-                    f"spec.authority.egressRules[{index}].cidr",
-                    "IPv6 egress is not supported by this build",
-                )
             resolved.append(
                 AllowRule(index, (str(net),), rule.port, rule.protocol, f"cidr:{rule.cidr}")
             )
@@ -225,6 +276,8 @@ def resolve_rules(rules: list[EgressRule], *, pin_by_dns: bool = False) -> list[
             )
             continue
         try:
+            import socket  # only for host rules resolved here
+
             infos = socket.getaddrinfo(rule.host, rule.port, socket.AF_INET)
         except OSError as exc:
             raise HostError(
@@ -245,12 +298,18 @@ def resolve_rules(rules: list[EgressRule], *, pin_by_dns: bool = False) -> list[
     return resolved
 
 
+def wants_ipv6(rules: list[AllowRule]) -> bool:
+    return any(":" in address for rule in rules for address in rule.addresses)
+
+
 def plan(
     cell_id: str, rules: list[AllowRule], state_root: str, pool: str = DEFAULT_POOL
 ) -> CellNetwork:
     network = parse_pool(pool)
     slot, slot_file = claim_slot(state_root, cell_id, network)
     base = network.network_address + slot * 4
+    base6 = ipaddress.ip_network(POOL6).network_address + slot * 4
+    v6 = wants_ipv6(rules)
     return CellNetwork(
         cell_id=cell_id,
         slot=slot,
@@ -262,6 +321,8 @@ def plan(
         table=_table_name(cell_id),
         slot_file=slot_file,
         rules=rules,
+        host_ip6=str(base6 + 1) if v6 else None,
+        cell_ip6=str(base6 + 2) if v6 else None,
     )
 
 
@@ -269,10 +330,10 @@ def _addr_match(address: str) -> dict[str, Any]:
     net = ipaddress.ip_network(address)
     right: Any = (
         str(net.network_address)
-        if net.prefixlen == 32
+        if net.prefixlen == net.max_prefixlen
         else {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
     )
-    return nft.match(nft.payload("ip", "daddr"), right)
+    return nft.match(nft.payload("ip" if net.version == 4 else "ip6", "daddr"), right)
 
 
 def _rule(table: str, chain: str, expr: list[Any], comment: str) -> dict[str, Any]:
@@ -441,19 +502,37 @@ def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
             )
     cmds += _visible_denials(t, "forward", from_cell, "")
     cmds.append(_rule(t, "input", [from_cell, replies, {"accept": None}], "host replies"))
-    cmds += _visible_denials(t, "input", from_cell, " to host")
-    cmds.append(
-        _rule(
-            t,
-            "postrouting",
-            [
-                nft.match(nft.payload("ip", "saddr"), net.cell_ip),
-                nft.match(nft.meta("oifname"), net.host_if, op="!="),
-                {"masquerade": None},
-            ],
-            "nat out",
+    if net.cell_ip6 is not None:
+        # IPv6 needs neighbour discovery with the host's end (what ARP is to IPv4, which
+        # nftables' inet family never sees); nothing else of ICMPv6 reaches the host.
+        nd = ["nd-neighbor-solicit", "nd-neighbor-advert"]
+        cmds.append(
+            _rule(
+                t,
+                "input",
+                [
+                    from_cell,
+                    nft.match(nft.payload("icmpv6", "type"), {"set": nd}),
+                    {"accept": None},
+                ],
+                "neighbour discovery",
+            )
         )
-    )
+    cmds += _visible_denials(t, "input", from_cell, " to host")
+    sources = [("ip", net.cell_ip)] + ([("ip6", net.cell_ip6)] if net.cell_ip6 else [])
+    for family, source in sources:
+        cmds.append(
+            _rule(
+                t,
+                "postrouting",
+                [
+                    nft.match(nft.payload(family, "saddr"), source),
+                    nft.match(nft.meta("oifname"), net.host_if, op="!="),
+                    {"masquerade": None},
+                ],
+                "nat out" if family == "ip" else "nat6 out",
+            )
+        )
     return cmds
 
 
@@ -481,16 +560,21 @@ def create(net: CellNetwork) -> None:
                         raise HostError("network", f"veth {net.cell_if} vanished after creation")
                     cell.add_address(index, net.cell_ip, 30, net.cell_if)
                     cell.add_default_route(net.host_ip, index)
+                    if net.cell_ip6 is not None and net.host_ip6 is not None:
+                        cell.add_address(index, net.cell_ip6, 126, net.cell_if)
+                        cell.add_default_route(net.host_ip6, index)
             finally:
                 os.close(host_ns)
 
         rtnl.in_thread(build)
-        _enable_forwarding()
+        _enable_forwarding(ipv6=net.cell_ip6 is not None)
         nft.run(table_commands(net))
         index = host.link_index(net.host_if)
         if index is None:
             raise HostError("network", f"veth {net.host_if} vanished after creation")
         host.add_address(index, net.host_ip, 30, net.host_if)
+        if net.host_ip6 is not None:
+            host.add_address(index, net.host_ip6, 126, net.host_if)
         host.set_up(index, net.host_if)
     except HostError:
         raise
@@ -498,19 +582,24 @@ def create(net: CellNetwork) -> None:
         raise HostError("network", f"cannot create the cell's network scope: {exc}") from None
 
 
-_forwarding_checked = False
+_forwarding_checked: set[str] = set()
 
 
-def _enable_forwarding() -> None:
-    global _forwarding_checked
-    if _forwarding_checked:
-        return
-    path = "/proc/sys/net/ipv4/ip_forward"
-    with open(path, encoding="ascii") as fh:
-        if fh.read().strip() != "1":
-            with open(path, "w", encoding="ascii") as out:
-                out.write("1")
-    _forwarding_checked = True
+def _enable_forwarding(*, ipv6: bool = False) -> None:
+    """Routing between the cells' links and the rest: IPv4 always, IPv6 only once a cell
+    has an IPv6 rule (a host that forwards IPv6 stops accepting router advertisements on
+    interfaces with ``accept_ra=1``; see docs/network.md)."""
+    paths = ["/proc/sys/net/ipv4/ip_forward"]
+    if ipv6:
+        paths.append("/proc/sys/net/ipv6/conf/all/forwarding")
+    for path in paths:
+        if path in _forwarding_checked:
+            continue
+        with open(path, encoding="ascii") as fh:
+            if fh.read().strip() != "1":
+                with open(path, "w", encoding="ascii") as out:
+                    out.write("1")
+        _forwarding_checked.add(path)
 
 
 def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
