@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from cellos.core.loading import validate_document
 from cellos.core.ports import CellBackend, WorkloadRequest, WorkloadResult
 from cellos.hosts.cellos import CellosBackend
 from cellos.hosts.registry import make_backend
+from cellos.network.scope import POOL6
 from tests.conftest import (
     CliResult,
     base_env,
@@ -195,52 +197,37 @@ def _listener6() -> tuple[socket.socket, list[Any]]:
     return sock, accepted
 
 
-def _link_local(ifname: str) -> str:
-    """The link-local IPv6 address of a host interface (/proc/net/if_inet6)."""
-    with open("/proc/net/if_inet6", encoding="ascii") as fh:
-        for line in fh:
-            addr, _index, _plen, scope, _flags, name = line.split()
-            if name == ifname and scope == "20":
-                return str(ipaddress.IPv6Address(bytes.fromhex(addr)))
-    raise AssertionError(f"{ifname} has no link-local address")
+def _link_local(ifname: str, timeout: float = 5) -> str:
+    """The link-local IPv6 address of a host interface (/proc/net/if_inet6; the kernel adds
+    it shortly after the link comes up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open("/proc/net/if_inet6", encoding="ascii") as fh:
+            for line in fh:
+                addr, _index, _plen, scope, _flags, name = line.split()
+                if name == ifname and scope == "20":
+                    return str(ipaddress.IPv6Address(bytes.fromhex(addr)))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{ifname} has no link-local address")
+        time.sleep(0.02)
 
 
-def test_no_ipv6_leaves_a_cell_without_an_ipv6_rule(
-    test_host: Any, tmp_path: Path, backend_name: str
-) -> None:
-    """The cell's link has the kernel's link-local IPv6 address; with IPv4 rules only, no
-    IPv6 reaches the test host, nor the host's own end of the link (link-local)."""
-    test_host.http_server(8080, "v6 reached", address=test_host.ip6)
-    listener, accepted = _listener6()
-    port = listener.getsockname()[1]
-    backend = backend_of(backend_name, tmp_path)
+def run_created(
+    backend: CellBackend,
+    cell_id: str,
+    rules: list[dict[str, Any]],
+    argv_of: Callable[[str], list[str]],
+) -> WorkloadResult:
+    """Create a cell, then run ``argv_of(host end of its link)`` in it, then destroy it."""
     before = {n for n in os.listdir("/sys/class/net") if n.startswith("cvh")}
-    spec = validate_document(
-        doc(
-            "net-v4only",
-            argv=["/bin/true"],
-            authority={"egressRules": [{"cidr": f"{test_host.ip}/32", "port": 8080}]},
-        )
-    ).spec
+    spec = validate_document(doc(cell_id, authority={"egressRules": rules})).spec
     handle = backend.create(spec)
     try:
         (host_if,) = {n for n in os.listdir("/sys/class/net") if n.startswith("cvh")} - before
-        cell_if = "cvc" + host_if.removeprefix("cvh")
-        link_local = f"{_link_local(host_if)}%{cell_if}"
-        # Wait until the cell's own link-local address is no longer tentative (DAD), so
-        # that a failure below is the firewall's, not the address's.
-        argv = [
-            "/usr/bin/python3",
-            "-c",
-            "import time; time.sleep(2.5)\n" + PROBE,
-            f"{test_host.ip}:8080",
-            f"{test_host.ip6}:8080",
-            f"{link_local}:{port}",
-        ]
-        result = backend.run(
+        return backend.run(
             handle,
             WorkloadRequest(
-                argv=argv,
+                argv=argv_of(host_if),
                 env={},
                 working_directory="/workspace",
                 deadline_seconds=60,
@@ -249,11 +236,71 @@ def test_no_ipv6_leaves_a_cell_without_an_ipv6_rule(
         )
     finally:
         backend.destroy(handle)
+
+
+SHOW_IPV6 = """
+import sys
+with open("/proc/net/if_inet6") as fh:
+    for line in fh:
+        if line.split()[5] != "lo":
+            print("ipv6-address", line.split()[5], line.split()[0])
+"""
+
+
+def test_no_ipv6_leaves_a_cell_without_an_ipv6_rule(
+    test_host: Any, tmp_path: Path, backend_name: str
+) -> None:
+    """With IPv4 rules only, the cell's link has no IPv6 at all (not even the kernel's
+    link-local address, on either end) and no IPv6 reaches the test host."""
+    test_host.http_server(8080, "v6 reached", address=test_host.ip6)
+    backend = backend_of(backend_name, tmp_path)
+    host_v6: list[str] = []
+
+    def argv_of(host_if: str) -> list[str]:
+        with open("/proc/net/if_inet6", encoding="ascii") as fh:
+            host_v6.extend(line for line in fh if line.split()[5] == host_if)
+        script = SHOW_IPV6 + PROBE
+        return ["/usr/bin/python3", "-c", script, f"{test_host.ip}:8080", f"{test_host.ip6}:8080"]
+
+    rules = [{"cidr": f"{test_host.ip}/32", "port": 8080}]
+    result = run_created(backend, "net-v4only", rules, argv_of)
+    out = result.stdout.decode()
+    assert f"{test_host.ip}:8080 OK allowed port" in out, result
+    assert f"{test_host.ip6}:8080 ERR" in out, result  # no address, no route: nothing leaves
+    assert "ipv6-address" not in out, result
+    assert host_v6 == [], "the host's end of a cell's link has an IPv6 address"
+
+
+def test_an_ipv6_cell_cannot_reach_the_host_itself(
+    test_host: Any, tmp_path: Path, backend_name: str
+) -> None:
+    """A cell with an IPv6 rule reaches its destination, never the host: neither the host's
+    end of the link (its /126 address, its link-local address) nor the host's other
+    addresses (the test host link's ::1)."""
+    test_host.http_server(8080, "allowed v6", address=test_host.ip6)
+    listener, accepted = _listener6()
+    port = listener.getsockname()[1]
+    backend = backend_of(backend_name, tmp_path)
+    targets: list[str] = []
+
+    def argv_of(host_if: str) -> list[str]:
+        slot = int(host_if.removeprefix("cvh"))
+        host_end = ipaddress.ip_network(POOL6).network_address + slot * 4 + 1
+        link_local = f"{_link_local(host_if)}%cvc{slot}"
+        targets.extend(
+            [f"{host_end}:{port}", f"{link_local}:{port}", f"{test_host.host_ip6}:{port}"]
+        )
+        return ["/usr/bin/python3", "-c", PROBE, f"{test_host.ip6}:8080", *targets]
+
+    rules = [{"cidr": f"{test_host.ip6}/128", "port": 8080}, {"cidr": "::/0", "port": port}]
+    try:
+        result = run_created(backend, "net-v6-host", rules, argv_of)
+    finally:
         listener.close()
     seen = lines(result)
-    assert seen.get(f"{test_host.ip}:8080") == "OK allowed port", result
-    assert seen[f"{test_host.ip6}:8080"].startswith("ERR"), result  # no IPv6 route at all
-    assert seen[f"{link_local}:{port}"].startswith("ERR"), result
+    assert seen[f"{test_host.ip6}:8080"] == "OK allowed v6", result
+    for target in targets:
+        assert seen[target] == "ERR ConnectionRefusedError", (target, result)
     assert accepted == [], "an IPv6 connection from the cell reached the host"
 
 

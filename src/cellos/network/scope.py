@@ -550,6 +550,10 @@ def create(net: CellNetwork) -> None:
             host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             try:
                 rtnl.create_netns_here(net.netns)
+                # IPv6 on the cell's link only for a cell with an IPv6 rule (then without
+                # router solicitations: its route is static); otherwise not even the
+                # kernel's link-local address.
+                _ipv6_sysctl("default", ipv6)
                 with rtnl.Rtnl() as cell:
                     cell.add_veth(net.cell_if, net.host_if, host_ns)
                     lo = cell.link_index("lo")
@@ -566,12 +570,14 @@ def create(net: CellNetwork) -> None:
             finally:
                 os.close(host_ns)
 
+        ipv6 = net.cell_ip6 is not None
         rtnl.in_thread(build)
-        _enable_forwarding(ipv6=net.cell_ip6 is not None)
+        _enable_forwarding(ipv6=ipv6)
         nft.run(table_commands(net))
         index = host.link_index(net.host_if)
         if index is None:
             raise HostError("network", f"veth {net.host_if} vanished after creation")
+        _ipv6_sysctl(net.host_if, ipv6)
         host.add_address(index, net.host_ip, 30, net.host_if)
         if net.host_ip6 is not None:
             host.add_address(index, net.host_ip6, 126, net.host_if)
@@ -580,6 +586,26 @@ def create(net: CellNetwork) -> None:
         raise
     except OSError as exc:
         raise HostError("network", f"cannot create the cell's network scope: {exc}") from None
+
+
+def _ipv6_sysctl(interface: str, ipv6: bool) -> None:
+    """IPv6 of ``interface`` (or ``default``: links created later) in the calling thread's
+    namespace: off, or on without router solicitations."""
+    conf = f"/proc/sys/net/ipv6/conf/{interface}/"
+    try:
+        if not ipv6:
+            with open(conf + "disable_ipv6", "w", encoding="ascii") as fh:
+                fh.write("1")
+            return
+        for name, value in (("disable_ipv6", "0"), ("router_solicitations", "0")):
+            with open(conf + name, "w", encoding="ascii") as fh:
+                fh.write(value)
+    except FileNotFoundError:
+        if ipv6:
+            raise HostError(
+                "spec.authority.egressRules", "IPv6 is not available on this host's kernel"
+            ) from None
+        # No IPv6 in this kernel at all: nothing to turn off.
 
 
 _forwarding_checked: set[str] = set()
