@@ -17,13 +17,14 @@ from __future__ import annotations
 # The C module: ``socket`` itself costs ~2 ms to import (its enum conversions), on the path of
 # every one-shot supervisor of a cell with egress authority.
 import _socket
+import contextlib
 import ctypes
 import errno
 import ipaddress
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -303,8 +304,8 @@ def enter_netns(path: str) -> None:
 
 
 def create_netns_here(name: str) -> str:
-    """In the calling thread (which must be a throwaway one): a new network namespace,
-    bound at ``/run/netns/<name>``; the thread is left inside it. Returns the path."""
+    """In the calling thread: a new network namespace, bound at ``/run/netns/<name>``; the
+    thread is left inside it (see :func:`new_netns`). Returns the path."""
     _prepare_run_dir()
     path = netns_path(name)
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
@@ -317,6 +318,27 @@ def create_netns_here(name: str) -> str:
         os.unlink(path)
         raise
     return path
+
+
+@contextlib.contextmanager
+def new_netns(name: str) -> Iterator[str]:
+    """A new network namespace bound at ``/run/netns/<name>``, with the calling thread inside
+    it for the ``with`` block and back in its own namespace after it, whatever happens (a
+    thread switches namespaces in microseconds; a throwaway thread costs milliseconds on a
+    loaded machine). The block must not start threads or run foreign code."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            yield create_netns_here(name)
+        finally:
+            if _libc.setns(own, CLONE_NEWNET) != 0:
+                # Unreachable in practice (root, our own namespace): a supervisor thread left
+                # in a cell's namespace must not go on.
+                err = os.strerror(ctypes.get_errno())
+                os.write(2, f"cellos: cannot return to the host namespace: {err}\n".encode())
+                os.abort()
+    finally:
+        os.close(own)
 
 
 def remove_netns(name: str) -> bool:

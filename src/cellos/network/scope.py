@@ -545,33 +545,28 @@ def create(net: CellNetwork) -> None:
     try:
         host = host_rtnl()
 
-        def build() -> None:
-            # A throwaway thread: it ends inside the new namespace, and nothing else runs there.
-            host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                rtnl.create_netns_here(net.netns)
+        ipv6 = net.cell_ip6 is not None
+        host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with rtnl.new_netns(net.netns), rtnl.Rtnl() as cell:
                 # IPv6 on the cell's link only for a cell with an IPv6 rule (then without
                 # router solicitations: its route is static); otherwise not even the
                 # kernel's link-local address.
                 _ipv6_sysctl("default", ipv6)
-                with rtnl.Rtnl() as cell:
-                    cell.add_veth(net.cell_if, net.host_if, host_ns)
-                    lo = cell.link_index("lo")
-                    if lo is not None:
-                        cell.set_up(lo, "lo")
-                    index = cell.link_index(net.cell_if)
-                    if index is None:
-                        raise HostError("network", f"veth {net.cell_if} vanished after creation")
-                    cell.add_address(index, net.cell_ip, 30, net.cell_if)
-                    cell.add_default_route(net.host_ip, index)
-                    if net.cell_ip6 is not None and net.host_ip6 is not None:
-                        cell.add_address(index, net.cell_ip6, 126, net.cell_if)
-                        cell.add_default_route(net.host_ip6, index)
-            finally:
-                os.close(host_ns)
-
-        ipv6 = net.cell_ip6 is not None
-        rtnl.in_thread(build)
+                cell.add_veth(net.cell_if, net.host_if, host_ns)
+                lo = cell.link_index("lo")
+                if lo is not None:
+                    cell.set_up(lo, "lo")
+                index = cell.link_index(net.cell_if)
+                if index is None:
+                    raise HostError("network", f"veth {net.cell_if} vanished after creation")
+                cell.add_address(index, net.cell_ip, 30, net.cell_if)
+                cell.add_default_route(net.host_ip, index)
+                if net.cell_ip6 is not None and net.host_ip6 is not None:
+                    cell.add_address(index, net.cell_ip6, 126, net.cell_if)
+                    cell.add_default_route(net.host_ip6, index)
+        finally:
+            os.close(host_ns)
         _enable_forwarding(ipv6=ipv6)
         nft.run(table_commands(net))
         index = host.link_index(net.host_if)
