@@ -325,6 +325,28 @@ def test_an_ipv6_rule_on_a_port_checked_at_l7_is_refused_not_ignored(
     assert not slots.exists() or os.listdir(slots) == []
 
 
+def test_a_supervisor_leaves_no_link_behind_when_it_exits(
+    tmp_path: Path, supervisor_cli: Run, backend_name: str
+) -> None:
+    """Teardown hands the cell's namespace (and so its veth pair) to the kernel to free; the
+    supervisor waits for that before it exits, so the moment it has exited nothing is left,
+    every time (checked at once, without waiting)."""
+    _ready()
+    before = network_residue()
+    env = base_env(tmp_path, CELL_OS_USE_NOOP_SINK="1", CELLOS_CELL_BACKEND=backend_name)
+    for index in range(3):
+        spec = write_doc(
+            tmp_path / f"c{index}.yaml",
+            doc(
+                f"net-exit-{index}",
+                authority={"egressRules": [{"cidr": "192.0.2.0/24", "port": 9}]},
+            ),
+        )
+        result = supervisor_cli(str(spec), env)
+        assert result.code == 0, result
+        assert network_residue() == before, f"residue right after exit of cell {index}"
+
+
 def test_no_egress_rules_means_loopback_only(
     test_host: Any, tmp_path: Path, backend_name: str
 ) -> None:

@@ -86,6 +86,7 @@ class CellNetwork:
         "cell_ip6",
         "dns_ports",
         "host_if",
+        "host_index",
         "host_ip",
         "host_ip6",
         "netns",
@@ -129,6 +130,9 @@ class CellNetwork:
         #: one, and no IPv6 route.
         self.host_ip6 = host_ip6
         self.cell_ip6 = cell_ip6
+        #: The interface index of the host's end once this process created it (a name can
+        #: be another cell's after ours is gone; an index is not reused).
+        self.host_index: int | None = None
 
     @property
     def netns_path(self) -> str:
@@ -572,6 +576,7 @@ def create(net: CellNetwork) -> None:
         index = host.link_index(net.host_if)
         if index is None:
             raise HostError("network", f"veth {net.host_if} vanished after creation")
+        net.host_index = index
         _ipv6_sysctl(net.host_if, ipv6)
         host.add_address(index, net.host_ip, 30, net.host_if)
         if net.host_ip6 is not None:
@@ -658,7 +663,10 @@ def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
     name = record.get("netns")
     if isinstance(name, str):
         try:
-            if rtnl.remove_netns(name) and isinstance(host_if, str) and found is not None:
+            removed = rtnl.remove_netns(name)
+            # Only the link this process made (by index), never a later cell's of that name.
+            ours = found is not None and found == record.get("host_index")
+            if removed and isinstance(host_if, str) and found is not None and ours:
                 _freeing.add(host_if, found)
         except OSError:
             residue.append(f"netns:{name}")
