@@ -1,22 +1,30 @@
 #!/usr/bin/env python3
-"""Network scope benchmark: what a cell's egress authority costs per cell.
+"""Network scope benchmark: what a cell's egress authority costs per cell, warm and cold.
 
-Warm cells (one ``Supervisor`` per variant, many cells), ``cellos`` backend, a ``/bin/true``
-workload: ``cellos/no-network`` (``egressRules: []``: a fresh loopback-only namespace),
-``cellos/egress`` (one CIDR rule: netns + veth + nft table + teardown), ``cellos/egress+dns``
-(plus a DNS authority: the in-namespace DNS proxy and L7 redirect) and
-``cellos/egress+dns+injection`` (plus one ``secretInjection`` entry: the per-cell CA, its
-bundle, the secret resolved and the proxy armed), interleaved in shuffled rounds with the bare
-primitive ``unshare --pid --fork --mount --net --uts --ipc true``. Reported: p50, p90, their
-ratios to ``unshare`` and the p50 ratio to the cell without network. Needs root (netns, veth,
-nftables).
+``cellos`` backend, a ``/bin/true`` workload, three variants: ``no-network`` (``egressRules:
+[]``: a fresh loopback-only namespace), ``egress`` (one CIDR rule: netns + veth + nft table +
+teardown) and ``egress+dns`` (plus a DNS authority: the in-namespace DNS proxy).
 
-    python benchmarks/network.py [--rounds N] [--warmup W] [--json]
+* warm: one ``Supervisor`` per variant, many cells (what a worker does), interleaved in
+  shuffled rounds with the bare primitive ``unshare --pid --fork --mount --net --uts --ipc
+  true``;
+* cold: one ``cellos-supervisor FILE`` process per cell (what a one-shot CLI user pays:
+  interpreter start, imports, the scope, teardown, exit), interleaved in shuffled rounds with
+  ``python -c pass``.
+
+Reported: p50, p90, their ratios to the reference and the p50 ratio to the cell without
+network, and, per phase, how much the network scope adds at p50 (variant p50 minus
+no-network p50, same run). Acceptance (issue 14): egress adds at most 15 ms at p50, warm and
+cold. Needs root (netns, veth, nftables). ``CELLOS_LAUNCHER`` is passed on when set (a
+prebuilt launcher: other checkouts on the same host share the default launcher cache).
+
+    python benchmarks/network.py [--rounds N] [--warmup W] [--cold-rounds N] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -28,19 +36,20 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from harness import BenchError, WarmCells, cell_document, cell_id
+from harness import BenchError, Series, WarmCells, cell_document, cell_id, timed
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "cellos/no-network": {},
-    "cellos/egress": {"egressRules": [{"cidr": "192.0.2.0/24", "port": 443}]},
-    "cellos/egress+dns": {
+    "no-network": {},
+    "egress": {"egressRules": [{"cidr": "192.0.2.0/24", "port": 443}]},
+    "egress+dns": {
         "egressRules": [{"cidr": "192.0.2.0/24", "port": 443}],
         "dnsAuthority": {
             "hostnameAllowlist": ["example.test"],
             "resolvers": [{"resolverId": "r", "address": "127.0.0.1:53"}],
         },
     },
-    "cellos/egress+dns+injection": {
+    # Plus one secretInjection entry: the per-cell CA, its bundle, the secret armed in the proxy.
+    "egress+dns+injection": {
         "secretRefs": ["bench-token"],
         "egressRules": [{"cidr": "192.0.2.0/24", "port": 443}],
         "dnsAuthority": {
@@ -52,99 +61,246 @@ VARIANTS: dict[str, dict[str, Any]] = {
         ],
     },
 }
+#: At most this much added per cell by egress authority, at p50, warm and cold (issue 14).
+TARGET_ADDED_MS = 15.0
+PYTHON_PASS = "python -c pass"
 
 
-def benchmark(rounds: int, warmup: int, seed: int) -> dict[str, Any]:
-    harness.ensure_cellos_importable()
-    started = time.perf_counter()
+def cli_command() -> list[str]:
+    """The ``cellos-supervisor`` entry point next to the interpreter, else ``-m``."""
+    script = Path(sys.executable).with_name("cellos-supervisor")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "cellos.supervisor.cli"]
+
+
+def base_env(tmp: Path, state: Path, src_added: bool) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp),
+        "LANG": "C.UTF-8",
+        "CELL_OS_USE_NOOP_SINK": "1",
+        "CELLOS_CELL_BACKEND": "cellos",
+        "CELLOS_STATE_DIR": str(state),
+        "CELLOS_LOG_DIR": str(tmp / "logs"),
+        # The injection variant's secret (never a real one).
+        "CELLOS_BROKER": "env",
+        "CELLOS_SECRET_BENCH_TOKEN": "bench-secret-value",
+    }
+    if os.environ.get("CELLOS_LAUNCHER"):
+        env["CELLOS_LAUNCHER"] = os.environ["CELLOS_LAUNCHER"]
+    path = [str(harness.REPO / "src")] if src_added else []
+    path += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(path)
+    return env
+
+
+def added_ms(series: Mapping[str, Series], phase: str) -> dict[str, float | None]:
+    """Per variant with network: its p50 minus the no-network p50 of the same phase (ms)."""
+    base = series[f"{phase}/no-network"]
+    found: dict[str, float | None] = {}
+    for name in VARIANTS:
+        if name == "no-network":
+            continue
+        s = series[f"{phase}/{name}"]
+        found[name] = (
+            (harness.p50(s.samples) - harness.p50(base.samples)) / 1e6
+            if s.samples and base.samples
+            else None
+        )
+    return found
+
+
+def warm_phase(
+    tmp: Path, rounds: int, warmup: int, rng: random.Random, src_added: bool
+) -> tuple[list[Series], Series, list[Path]]:
     cells: list[WarmCells] = []
+    state_dirs = []
+    try:
+        for name in VARIANTS:
+            state = tmp / f"state-warm-{name}"
+            state_dirs.append(state)
+            cells.append(WarmCells(f"warm/{name}", base_env(tmp, state, src_added)))
+        tasks = [
+            c.task(lambda i, n=n, a=a: cell_document(cell_id("w", n, i), authority=a))
+            for c, (n, a) in zip(cells, VARIANTS.items(), strict=True)
+        ]
+        unshare, unshare_task = harness.command_reference("unshare", harness.UNSHARE_ARGV)
+        tasks += [unshare_task] if unshare_task else []
+        harness.run_rounds(rounds, warmup, tasks, rng, "warm")
+    finally:
+        for c in cells:
+            c.close()
+    return [unshare, *(c.series for c in cells)], unshare, state_dirs
+
+
+def cold_phase(
+    tmp: Path, rounds: int, warmup: int, rng: random.Random, src_added: bool
+) -> tuple[list[Series], Series, list[Path]]:
+    command = cli_command()
+    specs = tmp / "specs"
+    specs.mkdir()
+    python = Series(PYTHON_PASS)
+    pass_env = base_env(tmp, tmp / "unused", src_added)
+    tasks = [
+        timed(
+            python,
+            lambda: harness.run_checked(
+                [sys.executable, "-c", "pass"], PYTHON_PASS, env=pass_env, cwd=tmp
+            ),
+        )
+    ]
+    rows = [python]
+    state_dirs = []
+    for name, authority in VARIANTS.items():
+        state = tmp / f"state-cold-{name}"
+        state_dirs.append(state)
+        env = base_env(tmp, state, src_added)
+        series = Series(f"cold/{name}")
+        rows.append(series)
+
+        def one(
+            index: int,
+            record: bool,
+            name: str = name,
+            authority: dict[str, Any] = authority,
+            env: Mapping[str, str] = env,
+            series: Series = series,
+        ) -> None:
+            cid = cell_id("c", name, index)
+            spec = specs / f"{cid}.json"
+            spec.write_text(json.dumps(cell_document(cid, authority=authority)), encoding="utf-8")
+            argv = [*command, str(spec)]
+            what = f"cold/{name}"
+            timed(series, lambda: harness.run_checked(argv, what, env=env, cwd=tmp))(index, record)
+
+        tasks.append(one)
+    harness.run_rounds(rounds, warmup, tasks, rng, "cold")
+    return rows, python, state_dirs
+
+
+def benchmark(
+    rounds: int, warmup: int, cold_rounds: int, cold_warmup: int, seed: int
+) -> dict[str, Any]:
+    src_added = harness.ensure_cellos_importable()
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    load_before = os.getloadavg()
+    phases: dict[str, Any] = {}
+    series: dict[str, Series] = {}
     with tempfile.TemporaryDirectory(prefix="cellos-bench-net-") as tmp_name:
         tmp = Path(tmp_name)
-        state_dirs = []
-        try:
-            for index, name in enumerate(VARIANTS):
-                state = tmp / f"state-{index}"
-                state_dirs.append(state)
-                env = {
-                    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                    "HOME": str(tmp),
-                    "LANG": "C.UTF-8",
-                    "CELL_OS_USE_NOOP_SINK": "1",
-                    "CELLOS_CELL_BACKEND": "cellos",
-                    "CELLOS_STATE_DIR": str(state),
-                    "CELLOS_BROKER": "env",
-                    "CELLOS_SECRET_BENCH_TOKEN": "bench-secret-value",
-                }
-                if os.environ.get("CELLOS_LAUNCHER"):  # a prebuilt launcher, if given
-                    env["CELLOS_LAUNCHER"] = os.environ["CELLOS_LAUNCHER"]
-                cells.append(WarmCells(name, env))
-            tasks = [
-                c.task(lambda i, n=n, a=a: cell_document(cell_id(n, i), authority=a))
-                for c, (n, a) in zip(cells, VARIANTS.items(), strict=True)
-            ]
-            unshare, unshare_task = harness.command_reference("unshare", harness.UNSHARE_ARGV)
-            tasks += [unshare_task] if unshare_task else []
-            harness.run_rounds(rounds, warmup, tasks, random.Random(seed))
-        finally:
-            for c in cells:
-                c.close()
+        state_dirs: list[Path] = []
+        if rounds:
+            rows, unshare, dirs = warm_phase(tmp, rounds, warmup, rng, src_added)
+            state_dirs += dirs
+            series.update({s.name: s for s in rows})
+            phases["warm"] = {
+                "reference": unshare.name,
+                "rows": harness.ratio_rows(rows, unshare, [series["warm/no-network"]]),
+                "added_ms": added_ms(series, "warm"),
+            }
+        if cold_rounds:
+            rows, python, dirs = cold_phase(tmp, cold_rounds, cold_warmup, rng, src_added)
+            state_dirs += dirs
+            series.update({s.name: s for s in rows})
+            phases["cold"] = {
+                "reference": python.name,
+                "rows": harness.ratio_rows(rows, python, [series["cold/no-network"]]),
+                "added_ms": added_ms(series, "cold"),
+            }
         left = harness.residue(state_dirs)
         if left:
             raise BenchError(f"cells left residue in their state directories: {left[:5]}")
-    no_network = cells[0].series
-    rows = harness.ratio_rows([unshare, *(c.series for c in cells)], unshare, [no_network])
-    added = None
-    if no_network.samples and cells[1].series.samples:
-        added = (harness.p50(cells[1].series.samples) - harness.p50(no_network.samples)) / 1e6
-    injection_added = None
-    if cells[2].series.samples and cells[3].series.samples:
-        injection_added = (
-            harness.p50(cells[3].series.samples) - harness.p50(cells[2].series.samples)
-        ) / 1e6
+    acceptance = {
+        phase: {
+            "claim": f"{phase}: egress adds <= {TARGET_ADDED_MS:g} ms per cell at p50",
+            "added_ms": data["added_ms"]["egress"],
+            "met": data["added_ms"]["egress"] is not None
+            and data["added_ms"]["egress"] <= TARGET_ADDED_MS,
+        }
+        for phase, data in phases.items()
+    }
     return {
         "benchmark": "cellos.network",
-        "config": {"rounds": rounds, "warmup": warmup, "seed": seed},
-        "host": harness.host_info(),
+        "config": {
+            "rounds": rounds,
+            "warmup": warmup,
+            "cold_rounds": cold_rounds,
+            "cold_warmup": cold_warmup,
+            "seed": seed,
+        },
+        "host": {
+            **harness.host_info(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
         "unshare": " ".join(harness.UNSHARE_ARGV),
-        "rows": rows,
-        "egress_added_ms": added,
-        "injection_added_ms": injection_added,
+        "cold_command": " ".join([*cli_command(), "SPEC"]),
+        "phases": phases,
+        "acceptance": acceptance,
         "elapsed_seconds": time.perf_counter() - started,
     }
 
 
 def show(report: Mapping[str, Any]) -> None:
-    print("CellOS network scope: a /bin/true cell with and without egress authority (warm)")
-    print("\n".join(harness.ratio_table(report["rows"], "unshare")))
-    if report["egress_added_ms"] is not None:
-        print(
-            f"egress authority adds {report['egress_added_ms']:.2f} ms per cell at p50 "
-            "(netns, veth, nft table, teardown)"
-        )
-    if report.get("injection_added_ms") is not None:
-        print(
-            f"secret injection adds {report['injection_added_ms']:.2f} ms per cell at p50 "
-            "(per-cell CA, CA bundle, arming the proxy)"
-        )
-    cfg = report["config"]
+    titles = {
+        "warm": "warm: one Supervisor per variant, many cells",
+        "cold": "cold: one cellos-supervisor FILE process per cell",
+    }
+    print("CellOS network scope: a /bin/true cell with and without egress authority")
+    for phase, data in report["phases"].items():
+        print(f"\n{titles[phase]}")
+        print("\n".join(harness.ratio_table(data["rows"], data["reference"])))
+        for name, value in data["added_ms"].items():
+            shown = "n/a" if value is None else f"{value:.2f} ms"
+            print(f"{phase}: {name} adds {shown} per cell at p50 (over {phase}/no-network)")
+    print()
+    for acc in report["acceptance"].values():
+        verdict = "MET" if acc["met"] else "NOT MET"
+        value = "n/a" if acc["added_ms"] is None else f"{acc['added_ms']:.2f} ms"
+        print(f"acceptance: {acc['claim']}: {value}: {verdict}")
+    cfg, host = report["config"], report["host"]
+    load = " ".join(f"{x:.2f}" for x in host["loadavg_before"])
+    load_after = " ".join(f"{x:.2f}" for x in host["loadavg_after"])
     print(
-        f"unshare = {report['unshare']}; {cfg['rounds']}+{cfg['warmup']} rounds, "
-        f"seed {cfg['seed']}; {report['elapsed_seconds']:.1f} s"
+        f"unshare = {report['unshare']}; cold = {report['cold_command']}; "
+        f"{cfg['rounds']}+{cfg['warmup']} warm and {cfg['cold_rounds']}+{cfg['cold_warmup']} "
+        f"cold rounds, seed {cfg['seed']}; load average {load} -> {load_after} "
+        f"({host['cpus']} cpus); {report['elapsed_seconds']:.1f} s"
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="benchmarks/network.py",
-        description="p50/p90 of warm cellos cells with and without egress authority, as "
-        "ratios against unshare measured in the same run (needs root and nft).",
+        description="p50/p90 of cellos cells with and without egress authority, warm (one "
+        "supervisor) and cold (a cellos-supervisor process per cell), against unshare and "
+        "python -c pass measured in the same run (needs root and nft).",
     )
     harness.add_round_options(parser, rounds=20, warmup=3)
+    parser.add_argument(
+        "--cold-rounds",
+        type=harness.nonnegative,
+        default=12,
+        help="measured cold rounds (default 12; 0 skips the cold phase)",
+    )
+    parser.add_argument(
+        "--cold-warmup",
+        type=harness.nonnegative,
+        default=2,
+        help="unrecorded cold rounds run first (default 2)",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0 or shutil.which("nft") is None:
         print("network benchmark not run: needs root and nftables (nft)", file=sys.stderr)
         return 2
-    return harness.emit(lambda: benchmark(args.rounds, args.warmup, args.seed), args.json, show)
+    return harness.emit(
+        lambda: benchmark(args.rounds, args.warmup, args.cold_rounds, args.cold_warmup, args.seed),
+        args.json,
+        show,
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Test hosts of our own in network namespaces (no traffic leaves the machine).
 
 A ``TestHost`` is a network namespace ``ctest-<n>`` joined to the host by a veth pair on
-``10.214.<n>.0/30`` (host ``.1``, test host ``.2``), with servers started inside it through
+``10.214.<n>.0/29`` (host ``.1``, test host ``.2`` and ``.3``) and ``fd74:6573:74:<n>::/64``
+(host ``::1``, test host ``::2`` and ``::3``), with servers started inside it through
 ``nsenter``. Everything is removed by ``close()``.
 """
 
@@ -27,6 +28,10 @@ class TestHost:
         self.ip = f"10.214.{self.n}.2"
         #: A second address of the same test host (a /29 link), for "another destination".
         self.ip2 = f"10.214.{self.n}.3"
+        #: The same test host over IPv6 (unique local addresses of its own /64).
+        self.host_ip6 = f"fd74:6573:74:{self.n:x}::1"
+        self.ip6 = f"fd74:6573:74:{self.n:x}::2"
+        self.ip6_2 = f"fd74:6573:74:{self.n:x}::3"
         self.procs: list[subprocess.Popen[bytes]] = []
         netns.create(self.name)
         with IPRoute() as ipr:
@@ -46,6 +51,27 @@ class TestHost:
             ns.addr("add", index=index, address=self.ip2, prefixlen=29)
             ns.link("set", index=index, state="up")
             ns.route("add", dst="default", gateway=self.host_ip)
+        self._add_ipv6()
+
+    def _add_ipv6(self) -> None:
+        """IPv6 addresses without duplicate address detection (usable at once)."""
+        from cellos.network import rtnl
+
+        with rtnl.Rtnl() as host:
+            index = host.link_index(self.host_if)
+            assert index is not None
+            host.add_address(index, self.host_ip6, 64, self.host_if)
+
+        def inside() -> None:
+            rtnl.enter_netns(f"/run/netns/{self.name}")
+            with rtnl.Rtnl() as ns:
+                index = ns.link_index(self.peer_if)
+                assert index is not None
+                ns.add_address(index, self.ip6, 64, self.peer_if)
+                ns.add_address(index, self.ip6_2, 64, self.peer_if)
+                ns.add_default_route(self.host_ip6, index)
+
+        rtnl.in_thread(inside)
 
     def run(self, argv: list[str]) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
@@ -56,9 +82,10 @@ class TestHost:
         self.procs.append(proc)
         return proc
 
-    def http_server(self, port: int, body: str) -> None:
+    def http_server(self, port: int, body: str, address: str | None = None) -> None:
         """A tiny HTTP/1.0 responder (http.server would block on a reverse-DNS lookup of its
-        own address in a namespace without DNS)."""
+        own address in a namespace without DNS), on ``address`` (default: :attr:`ip`)."""
+        address = address or self.ip
         script = (
             "import socketserver, sys\n"
             "body = sys.argv[3].encode()\n"
@@ -68,10 +95,13 @@ class TestHost:
             "        head = b'HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(body)\n"
             "        self.wfile.write(head + body)\n"
             "socketserver.TCPServer.allow_reuse_address = True\n"
+            "import socket\n"
+            "if ':' in sys.argv[1]:\n"
+            "    socketserver.TCPServer.address_family = socket.AF_INET6\n"
             "socketserver.ThreadingTCPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()\n"
         )
-        self.run([sys.executable, "-c", script, self.ip, str(port), body])
-        self.wait_port(port)
+        self.run([sys.executable, "-c", script, address, str(port), body])
+        self.wait_port(port, address)
 
     def greeter(self, port: int, reply: str) -> None:
         """Answers ``reply`` to the first bytes of any connection (e.g. a ClientHello)."""
@@ -111,12 +141,12 @@ class TestHost:
         self.run([sys.executable, "-c", script, self.ip, json.dumps(records)])
         self.wait_port(53)
 
-    def wait_port(self, port: int, timeout: float = 10) -> None:
+    def wait_port(self, port: int, address: str | None = None, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
         probe = [
             sys.executable,
             "-c",
-            f"import socket; socket.create_connection(('{self.ip}', {port}), 1)",
+            f"import socket; socket.create_connection(('{address or self.ip}', {port}), 1)",
         ]
         while time.monotonic() < deadline:
             if (

@@ -4,11 +4,14 @@ network), against test hosts of our own in network namespaces (no traffic leaves
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from cellos.core.loading import validate_document
 from cellos.core.ports import CellBackend, WorkloadRequest, WorkloadResult
 from cellos.hosts.cellos import CellosBackend
 from cellos.hosts.registry import make_backend
+from cellos.network.scope import POOL6
 from tests.conftest import (
     CliResult,
     base_env,
@@ -87,6 +91,11 @@ def test_host() -> Iterator[Any]:
         yield host
     finally:
         host.close()
+    # The kernel frees a removed cell's namespace, and its veth pair with it, asynchronously;
+    # a supervisor waits for that at exit (scope.settle, atexit), and so does this process.
+    from cellos.network.scope import settle
+
+    assert settle() == [], "a link outlived its namespace (something still held it)"
     assert network_residue() == before, "network residue left behind"
 
 
@@ -142,6 +151,200 @@ def test_allowed_cidr_and_port_only(test_host: Any, tmp_path: Path, backend_name
     # Blocked TCP is rejected visibly (RST), not left to time out.
     assert seen[f"{test_host.ip}:8081"] == "ERR ConnectionRefusedError"
     assert seen[f"{other}:8080"] == "ERR ConnectionRefusedError"
+
+
+def test_an_ipv6_rule_allows_its_destination_and_port_only(
+    test_host: Any, tmp_path: Path, backend_name: str
+) -> None:
+    test_host.http_server(8080, "allowed v6", address=test_host.ip6)
+    test_host.http_server(8081, "other port v6", address=test_host.ip6)
+    test_host.http_server(8080, "other address v6", address=test_host.ip6_2)
+    backend = backend_of(backend_name, tmp_path)
+    ip6, other6 = test_host.ip6, test_host.ip6_2
+    result = probe(
+        backend,
+        "net-v6",
+        [{"cidr": f"{ip6}/128", "port": 8080, "protocol": "tcp"}],
+        [f"{ip6}:8080", f"{ip6}:8081", f"{other6}:8080", f"{test_host.ip}:8080"],
+    )
+    seen = lines(result)
+    assert seen[f"{ip6}:8080"] == "OK allowed v6"
+    # Everything else is rejected visibly, over IPv6 as over IPv4 (no IPv4 rule here).
+    assert seen[f"{ip6}:8081"] == "ERR ConnectionRefusedError"
+    assert seen[f"{other6}:8080"] == "ERR ConnectionRefusedError"
+    assert seen[f"{test_host.ip}:8080"] == "ERR ConnectionRefusedError"
+
+
+def _listener6() -> tuple[socket.socket, list[Any]]:
+    """A TCP listener on every IPv6 address of the host's namespace; accepted peers are
+    collected (there must be none)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.bind(("::", 0))
+    sock.listen(8)
+    sock.settimeout(0.2)
+    accepted: list[Any] = []
+
+    def serve() -> None:
+        while sock.fileno() >= 0:
+            try:
+                conn, peer = sock.accept()
+            except OSError:
+                continue
+            accepted.append(peer)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock, accepted
+
+
+def _link_local(ifname: str, timeout: float = 5) -> str:
+    """The link-local IPv6 address of a host interface (/proc/net/if_inet6; the kernel adds
+    it shortly after the link comes up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open("/proc/net/if_inet6", encoding="ascii") as fh:
+            for line in fh:
+                addr, _index, _plen, scope, _flags, name = line.split()
+                if name == ifname and scope == "20":
+                    return str(ipaddress.IPv6Address(bytes.fromhex(addr)))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{ifname} has no link-local address")
+        time.sleep(0.02)
+
+
+def run_created(
+    backend: CellBackend,
+    cell_id: str,
+    rules: list[dict[str, Any]],
+    argv_of: Callable[[str], list[str]],
+) -> WorkloadResult:
+    """Create a cell, then run ``argv_of(host end of its link)`` in it, then destroy it."""
+    before = {n for n in os.listdir("/sys/class/net") if n.startswith("cvh")}
+    spec = validate_document(doc(cell_id, authority={"egressRules": rules})).spec
+    handle = backend.create(spec)
+    try:
+        (host_if,) = {n for n in os.listdir("/sys/class/net") if n.startswith("cvh")} - before
+        return backend.run(
+            handle,
+            WorkloadRequest(
+                argv=argv_of(host_if),
+                env={},
+                working_directory="/workspace",
+                deadline_seconds=60,
+                graceful_shutdown_seconds=1,
+            ),
+        )
+    finally:
+        backend.destroy(handle)
+
+
+SHOW_IPV6 = """
+import sys
+with open("/proc/net/if_inet6") as fh:
+    for line in fh:
+        if line.split()[5] != "lo":
+            print("ipv6-address", line.split()[5], line.split()[0])
+"""
+
+
+def test_no_ipv6_leaves_a_cell_without_an_ipv6_rule(
+    test_host: Any, tmp_path: Path, backend_name: str
+) -> None:
+    """With IPv4 rules only, the cell's link has no IPv6 at all (not even the kernel's
+    link-local address, on either end) and no IPv6 reaches the test host."""
+    test_host.http_server(8080, "v6 reached", address=test_host.ip6)
+    backend = backend_of(backend_name, tmp_path)
+    host_v6: list[str] = []
+
+    def argv_of(host_if: str) -> list[str]:
+        with open("/proc/net/if_inet6", encoding="ascii") as fh:
+            host_v6.extend(line for line in fh if line.split()[5] == host_if)
+        script = SHOW_IPV6 + PROBE
+        return ["/usr/bin/python3", "-c", script, f"{test_host.ip}:8080", f"{test_host.ip6}:8080"]
+
+    rules = [{"cidr": f"{test_host.ip}/32", "port": 8080}]
+    result = run_created(backend, "net-v4only", rules, argv_of)
+    out = result.stdout.decode()
+    assert f"{test_host.ip}:8080 OK allowed port" in out, result
+    assert f"{test_host.ip6}:8080 ERR" in out, result  # no address, no route: nothing leaves
+    assert "ipv6-address" not in out, result
+    assert host_v6 == [], "the host's end of a cell's link has an IPv6 address"
+
+
+def test_an_ipv6_cell_cannot_reach_the_host_itself(
+    test_host: Any, tmp_path: Path, backend_name: str
+) -> None:
+    """A cell with an IPv6 rule reaches its destination, never the host: neither the host's
+    end of the link (its /126 address, its link-local address) nor the host's other
+    addresses (the test host link's ::1)."""
+    test_host.http_server(8080, "allowed v6", address=test_host.ip6)
+    listener, accepted = _listener6()
+    port = listener.getsockname()[1]
+    backend = backend_of(backend_name, tmp_path)
+    targets: list[str] = []
+
+    def argv_of(host_if: str) -> list[str]:
+        slot = int(host_if.removeprefix("cvh"))
+        host_end = ipaddress.ip_network(POOL6).network_address + slot * 4 + 1
+        link_local = f"{_link_local(host_if)}%cvc{slot}"
+        targets.extend(
+            [f"{host_end}:{port}", f"{link_local}:{port}", f"{test_host.host_ip6}:{port}"]
+        )
+        return ["/usr/bin/python3", "-c", PROBE, f"{test_host.ip6}:8080", *targets]
+
+    rules = [{"cidr": f"{test_host.ip6}/128", "port": 8080}, {"cidr": "::/0", "port": port}]
+    try:
+        result = run_created(backend, "net-v6-host", rules, argv_of)
+    finally:
+        listener.close()
+    seen = lines(result)
+    assert seen[f"{test_host.ip6}:8080"] == "OK allowed v6", result
+    for target in targets:
+        assert seen[target] == "ERR ConnectionRefusedError", (target, result)
+    assert accepted == [], "an IPv6 connection from the cell reached the host"
+
+
+def test_an_ipv6_rule_on_a_port_checked_at_l7_is_refused_not_ignored(
+    tmp_path: Path, backend_name: str
+) -> None:
+    """The SNI/Host check sees IPv4 only: an IPv6 rule on 443 next to names to check would
+    pass IPv6 connections unchecked, so the cell is refused before anything exists."""
+    _ready()
+    from cellos.core.errors import PolicyRefused
+
+    before = network_residue()
+    backend = backend_of(backend_name, tmp_path)
+    rules = [{"host": "registry.example", "port": 443}, {"cidr": "2001:db8::/32", "port": 443}]
+    spec = validate_document(doc("net-v6-l7", authority={"egressRules": rules})).spec
+    with pytest.raises(PolicyRefused) as caught:
+        backend.create(spec)
+    assert caught.value.path == "spec.authority.egressRules[1].cidr"
+    assert "IPv6" in caught.value.reason and "L7" in caught.value.reason
+    assert network_residue() == before
+    slots = tmp_path / "state" / "net" / "slots"
+    assert not slots.exists() or os.listdir(slots) == []
+
+
+def test_a_supervisor_leaves_no_link_behind_when_it_exits(
+    tmp_path: Path, supervisor_cli: Run, backend_name: str
+) -> None:
+    """Teardown hands the cell's namespace (and so its veth pair) to the kernel to free; the
+    supervisor waits for that before it exits, so the moment it has exited nothing is left,
+    every time (checked at once, without waiting)."""
+    _ready()
+    before = network_residue()
+    env = base_env(tmp_path, CELL_OS_USE_NOOP_SINK="1", CELLOS_CELL_BACKEND=backend_name)
+    for index in range(3):
+        spec = write_doc(
+            tmp_path / f"c{index}.yaml",
+            doc(
+                f"net-exit-{index}",
+                authority={"egressRules": [{"cidr": "192.0.2.0/24", "port": 9}]},
+            ),
+        )
+        result = supervisor_cli(str(spec), env)
+        assert result.code == 0, result
+        assert network_residue() == before, f"residue right after exit of cell {index}"
 
 
 def test_no_egress_rules_means_loopback_only(

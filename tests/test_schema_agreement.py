@@ -263,6 +263,16 @@ EXPRESSIBLE = [
         "spec.authority.egressRules[0].cidr",
     ),
     Invalid(
+        "egress-cidr6-garbage",
+        egress({"cidr": "2001:db8::/129", "port": 443}),
+        "spec.authority.egressRules[0].cidr",
+    ),
+    Invalid(
+        "egress-cidr6-two-gaps",
+        egress({"cidr": "2001::db8::1", "port": 443}),
+        "spec.authority.egressRules[0].cidr",
+    ),
+    Invalid(
         "egress-port-zero",
         egress({"host": "a.example", "port": 0}),
         "spec.authority.egressRules[0].port",
@@ -403,6 +413,11 @@ INEXPRESSIBLE = [
         egress({"cidr": "10.0.0.1/24", "port": 443}),
         "spec.authority.egressRules[0].cidr",
     ),
+    Invalid(
+        "cidr6-host-bits",
+        egress({"cidr": "2001:db8::1/64", "port": 443}),
+        "spec.authority.egressRules[0].cidr",
+    ),
     Invalid("artifact-name-256-bytes", artifacts(art("é" * 128)), "spec.export.artifacts[0].name"),
     Invalid(
         "integer-valued-float", spec(lifetime={"ttlSeconds": 60.0}), "spec.lifetime.ttlSeconds"
@@ -464,6 +479,9 @@ VALID = [
         {"cidr": "10.0.0.0/8", "port": 65535},
         {"cidr": "10.0.0.1", "port": 5432},
         {"cidr": "2001:db8::/32", "port": 443},
+        {"cidr": "fd74:6573:74:1::2/128", "port": 8080, "protocol": "udp"},
+        {"cidr": "::1", "port": 80},
+        {"cidr": "::/0", "port": 443},
         {"host": None, "cidr": "0.0.0.0/0", "port": 53},
     ),
     dns(

@@ -10,7 +10,8 @@ so the same document means the same network on each backend. Use::
     egress.record_in(state)                            # the reaper can find all of it
     egress.create(state.path("resolv.conf"))
 
-Imported only for cells with egress authority: the proxies pull in asyncio and dnslib.
+Imported only for cells with egress authority; the proxies (asyncio, dnslib: ~25 ms of
+imports) only for cells that need one (a DNS authority, or names to check on 80/443).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from cellos.core.events import NETWORK_FLOW_DECISION
 from cellos.core.spec import CellSpec
 from cellos.hosts.state import CellState
 from cellos.network import scope
-from cellos.network.proxies import L7_PORTS, CellProxies
 
 if TYPE_CHECKING:
     from cellos.network.cell_ca import CellCA
+    from cellos.network.proxies import CellProxies
 
 #: The key of the cell's state record that names its scope.
 RECORD_KEY = "network"
@@ -48,6 +49,7 @@ class CellEgress:
                 "spec.authority.egressRules",
                 "network authority needs root on this host (netns, veth, nft)",
             )
+        _refuse_unchecked_ipv6(spec)
         dns = spec.authority.dns_authority
         rules = scope.resolve_rules(list(spec.authority.egress_rules), pin_by_dns=dns is not None)
         net = scope.plan(spec.id, rules, state_root, pool or scope.DEFAULT_POOL)
@@ -93,8 +95,12 @@ class CellEgress:
         )
         l7_ports = sorted(
             {r.port for r in self.spec.authority.egress_rules if r.protocol == "tcp"}
-            & set(L7_PORTS)
+            & set(scope.L7_PORTS)
         )
+        if dns is None and not (names and l7_ports):
+            return  # nothing to proxy: no event loop, no asyncio import
+        from cellos.network.proxies import CellProxies
+
         self.proxies = CellProxies(
             self.net,
             dns,
@@ -120,10 +126,33 @@ class CellEgress:
         return scope.destroy(self.net.record())
 
 
+def _refuse_unchecked_ipv6(spec: CellSpec) -> None:
+    """The SNI/Host check redirects IPv4 only: an IPv6 rule on a port it checks, in a cell
+    that has names to check, would let IPv6 connections past the check. Refused (before
+    anything is resolved or claimed), not ignored."""
+    rules = spec.authority.egress_rules
+    dns = spec.authority.dns_authority
+    if not (any(r.host for r in rules) or (dns is not None and dns.hostname_allowlist)):
+        return
+    for index, rule in enumerate(rules):
+        if (
+            rule.cidr is not None
+            and ":" in rule.cidr
+            and rule.protocol == "tcp"
+            and rule.port in scope.L7_PORTS
+        ):
+            raise PolicyRefused(
+                f"spec.authority.egressRules[{index}].cidr",
+                f"an IPv6 rule on tcp/{rule.port} cannot be combined with names checked at L7 "
+                "(SNI/Host: host rules or dnsAuthority.hostnameAllowlist) in this build; the "
+                "check sees IPv4 only",
+            )
+
+
 def reap_recorded(record: dict[str, Any]) -> tuple[list[str], list[str]]:
     """A dead cell's scope, as its state record names it: (removed, residue)."""
     network = record.get(RECORD_KEY)
     if not isinstance(network, dict):
         return [], []
-    left = scope.destroy(network)
+    left = scope.destroy(network, delete_link=True)
     return ([] if left else [f"network:{network.get('netns')}"]), left

@@ -32,7 +32,7 @@ DNS_LISTEN = ("127.0.0.1", 53)
 L7_LISTEN = ("127.0.0.1", 15001)
 #: Firewall mark of the L7 proxy's own upstream connections (not redirected again).
 L7_MARK = 0x1
-L7_PORTS = (80, 443)
+L7_PORTS = scope.L7_PORTS
 
 
 class ProxyLoop:

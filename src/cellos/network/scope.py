@@ -26,8 +26,7 @@ import contextlib
 import ipaddress
 import os
 import re
-import socket
-from dataclasses import asdict, dataclass, field
+import threading
 from typing import TYPE_CHECKING, Any
 
 from cellos.core.errors import HostError, PolicyRefused
@@ -36,48 +35,113 @@ from cellos.network import nft
 
 if TYPE_CHECKING:
     from cellos.hosts.state import CellStore
+    from cellos.network.rtnl import Rtnl
 
 DEFAULT_POOL = "10.213.0.0/16"
+#: IPv6 link addresses (unique local, RFC 4193): slot ``n`` is its ``n``-th /126 (host ``::1``,
+#: cell ``::2`` of it), used only by cells with an IPv6 egress rule.
+POOL6 = "fd63:656c:6c6f::/64"
+#: TCP ports checked at L7 (SNI / Host) when the cell has names to check.
+L7_PORTS = (80, 443)
 FAMILY = "inet"
 
 
-@dataclass(frozen=True)
 class AllowRule:
-    index: int
-    addresses: tuple[str, ...]  # CIDRs (for a host rule: its pinned addresses so far)
-    port: int
-    protocol: str
-    source: str  # "cidr:<x>" or "host:<name>"
-    host: str | None = None
+    """One egress rule as the scope enforces it. (Plain classes, not dataclasses: this
+    module is imported by every one-shot ``cellos-supervisor`` of a cell with egress
+    authority, and generating dataclass methods costs milliseconds there.)"""
+
+    __slots__ = ("addresses", "host", "index", "port", "protocol", "source")
+
+    def __init__(
+        self,
+        index: int,
+        addresses: tuple[str, ...],  # CIDRs (for a host rule: its pinned addresses so far)
+        port: int,
+        protocol: str,
+        source: str,  # "cidr:<x>" or "host:<name>"
+        host: str | None = None,
+    ) -> None:
+        self.index = index
+        self.addresses = addresses
+        self.port = port
+        self.protocol = protocol
+        self.source = source
+        self.host = host
 
     @property
     def set_name(self) -> str:
         """Host rules match a set, so the DNS proxy can pin answered addresses at run time."""
         return f"h{self.index}"
 
+    def record(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
-@dataclass
+
 class CellNetwork:
-    cell_id: str
-    slot: int
-    netns: str
-    host_if: str
-    cell_if: str
-    host_ip: str
-    cell_ip: str
-    table: str
-    slot_file: str
-    rules: list[AllowRule] = field(default_factory=list)
-    #: (protocol, port) pairs on which names answered by the cell's DNS proxy are reachable.
-    dns_ports: list[tuple[str, int]] = field(default_factory=list)
+    __slots__ = (
+        "cell_id",
+        "cell_if",
+        "cell_ip",
+        "cell_ip6",
+        "dns_ports",
+        "host_if",
+        "host_index",
+        "host_ip",
+        "host_ip6",
+        "netns",
+        "rules",
+        "slot",
+        "slot_file",
+        "table",
+    )
+
+    def __init__(
+        self,
+        *,
+        cell_id: str,
+        slot: int,
+        netns: str,
+        host_if: str,
+        cell_if: str,
+        host_ip: str,
+        cell_ip: str,
+        table: str,
+        slot_file: str,
+        rules: list[AllowRule] | None = None,
+        host_ip6: str | None = None,
+        cell_ip6: str | None = None,
+    ) -> None:
+        self.cell_id = cell_id
+        self.slot = slot
+        self.netns = netns
+        self.host_if = host_if
+        self.cell_if = cell_if
+        self.host_ip = host_ip
+        self.cell_ip = cell_ip
+        self.table = table
+        self.slot_file = slot_file
+        self.rules = rules or []
+        #: (protocol, port) pairs on which names answered by the cell's DNS proxy are
+        #: reachable.
+        self.dns_ports: list[tuple[str, int]] = []
+        #: IPv6 ends of the link (a /126 of :data:`POOL6`, same slot), only for a cell with
+        #: an IPv6 rule; a cell without one has no IPv6 address but the kernel's link-local
+        #: one, and no IPv6 route.
+        self.host_ip6 = host_ip6
+        self.cell_ip6 = cell_ip6
+        #: The interface index of the host's end once this process created it (a name can
+        #: be another cell's after ours is gone; an index is not reused).
+        self.host_index: int | None = None
 
     @property
     def netns_path(self) -> str:
         return f"/run/netns/{self.netns}"
 
     def record(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["rules"] = [asdict(r) for r in self.rules]
+        data = {name: getattr(self, name) for name in self.__slots__}
+        data["rules"] = [r.record() for r in self.rules]
+        data["dns_ports"] = [list(p) for p in self.dns_ports]
         return data
 
 
@@ -107,6 +171,25 @@ def pool_capacity(pool: ipaddress.IPv4Network) -> int:
     return pool.num_addresses // 4
 
 
+_host_rtnl: Any = None
+_host_rtnl_lock = threading.Lock()
+
+
+def host_rtnl() -> Rtnl:
+    """The process's rtnetlink socket in the host's namespace (opened once)."""
+    global _host_rtnl
+    from cellos.network.rtnl import Rtnl
+
+    with _host_rtnl_lock:
+        if _host_rtnl is None:
+            _host_rtnl = Rtnl()
+        return _host_rtnl  # type: ignore[no-any-return]
+
+
+def host_link(slot: int) -> str:
+    return f"cvh{slot}"
+
+
 def claim_slot(state_root: str, cell_id: str, pool: ipaddress.IPv4Network) -> tuple[int, str]:
     """Claim a free /30 of the pool (slot ``n`` is its ``n``-th /30, from 0): ``net/slots/<n>``
     is created as a symlink naming the cell, so the claim and its owner appear in one atomic
@@ -114,6 +197,7 @@ def claim_slot(state_root: str, cell_id: str, pool: ipaddress.IPv4Network) -> tu
     its supervisor died)."""
     slots = os.path.join(state_root, "net", "slots")
     capacity = pool_capacity(pool)
+    host = host_rtnl()
     try:
         os.makedirs(slots, mode=0o700, exist_ok=True)
         for slot in range(capacity):
@@ -121,6 +205,12 @@ def claim_slot(state_root: str, cell_id: str, pool: ipaddress.IPv4Network) -> tu
             try:
                 os.symlink(cell_id, path)
             except FileExistsError:
+                continue
+            if host.link_index(host_link(slot)) is not None:
+                # The link of a scope the kernel is still freeing (a namespace is freed
+                # asynchronously, its veth pair with it), or another state directory's: the
+                # slot's name and addresses are not free yet.
+                os.unlink(path)
                 continue
             return slot, path
     except OSError as exc:
@@ -172,11 +262,6 @@ def resolve_rules(rules: list[EgressRule], *, pin_by_dns: bool = False) -> list[
     for index, rule in enumerate(rules):
         if rule.cidr is not None:
             net = ipaddress.ip_network(rule.cidr)
-            if net.version != 4:
-                raise PolicyRefused(
-                    f"spec.authority.egressRules[{index}].cidr",
-                    "IPv6 egress is not supported by this build",
-                )
             resolved.append(
                 AllowRule(index, (str(net),), rule.port, rule.protocol, f"cidr:{rule.cidr}")
             )
@@ -195,6 +280,8 @@ def resolve_rules(rules: list[EgressRule], *, pin_by_dns: bool = False) -> list[
             )
             continue
         try:
+            import socket  # only for host rules resolved here
+
             infos = socket.getaddrinfo(rule.host, rule.port, socket.AF_INET)
         except OSError as exc:
             raise HostError(
@@ -215,23 +302,31 @@ def resolve_rules(rules: list[EgressRule], *, pin_by_dns: bool = False) -> list[
     return resolved
 
 
+def wants_ipv6(rules: list[AllowRule]) -> bool:
+    return any(":" in address for rule in rules for address in rule.addresses)
+
+
 def plan(
     cell_id: str, rules: list[AllowRule], state_root: str, pool: str = DEFAULT_POOL
 ) -> CellNetwork:
     network = parse_pool(pool)
     slot, slot_file = claim_slot(state_root, cell_id, network)
     base = network.network_address + slot * 4
+    base6 = ipaddress.ip_network(POOL6).network_address + slot * 4
+    v6 = wants_ipv6(rules)
     return CellNetwork(
         cell_id=cell_id,
         slot=slot,
         netns=f"cellos-{cell_id}",
-        host_if=f"cvh{slot}",
+        host_if=host_link(slot),
         cell_if=f"cvc{slot}",
         host_ip=str(base + 1),
         cell_ip=str(base + 2),
         table=_table_name(cell_id),
         slot_file=slot_file,
         rules=rules,
+        host_ip6=str(base6 + 1) if v6 else None,
+        cell_ip6=str(base6 + 2) if v6 else None,
     )
 
 
@@ -239,10 +334,10 @@ def _addr_match(address: str) -> dict[str, Any]:
     net = ipaddress.ip_network(address)
     right: Any = (
         str(net.network_address)
-        if net.prefixlen == 32
+        if net.prefixlen == net.max_prefixlen
         else {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
     )
-    return nft.match(nft.payload("ip", "daddr"), right)
+    return nft.match(nft.payload("ip" if net.version == 4 else "ip6", "daddr"), right)
 
 
 def _rule(table: str, chain: str, expr: list[Any], comment: str) -> dict[str, Any]:
@@ -411,92 +506,237 @@ def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
             )
     cmds += _visible_denials(t, "forward", from_cell, "")
     cmds.append(_rule(t, "input", [from_cell, replies, {"accept": None}], "host replies"))
-    cmds += _visible_denials(t, "input", from_cell, " to host")
-    cmds.append(
-        _rule(
-            t,
-            "postrouting",
-            [
-                nft.match(nft.payload("ip", "saddr"), net.cell_ip),
-                nft.match(nft.meta("oifname"), net.host_if, op="!="),
-                {"masquerade": None},
-            ],
-            "nat out",
+    if net.cell_ip6 is not None:
+        # IPv6 needs neighbour discovery with the host's end (what ARP is to IPv4, which
+        # nftables' inet family never sees); nothing else of ICMPv6 reaches the host.
+        nd = ["nd-neighbor-solicit", "nd-neighbor-advert"]
+        cmds.append(
+            _rule(
+                t,
+                "input",
+                [
+                    from_cell,
+                    nft.match(nft.payload("icmpv6", "type"), {"set": nd}),
+                    {"accept": None},
+                ],
+                "neighbour discovery",
+            )
         )
-    )
+    cmds += _visible_denials(t, "input", from_cell, " to host")
+    sources = [("ip", net.cell_ip)] + ([("ip6", net.cell_ip6)] if net.cell_ip6 else [])
+    for family, source in sources:
+        cmds.append(
+            _rule(
+                t,
+                "postrouting",
+                [
+                    nft.match(nft.payload(family, "saddr"), source),
+                    nft.match(nft.meta("oifname"), net.host_if, op="!="),
+                    {"masquerade": None},
+                ],
+                "nat out" if family == "ip" else "nat6 out",
+            )
+        )
     return cmds
 
 
 def create(net: CellNetwork) -> None:
-    """Build the namespace, the veth pair, addresses, routes and the table."""
-    from pyroute2 import IPRoute, NetNS, netns
+    """Build the namespace, the veth pair, addresses, routes and the table, in this process
+    (rtnetlink and libnftables; no process is spawned). The table is in place before the
+    host's end of the link comes up: no packet of the cell ever passes unfiltered."""
+    from cellos.network import rtnl
 
     try:
-        netns.create(net.netns)
-        with IPRoute() as ipr:
-            ipr.link(
-                "add",
-                ifname=net.host_if,
-                kind="veth",
-                peer={"ifname": net.cell_if, "net_ns_fd": net.netns},
-            )
-            index = ipr.link_lookup(ifname=net.host_if)[0]
-            ipr.addr("add", index=index, address=net.host_ip, prefixlen=30)
-            ipr.link("set", index=index, state="up")
-        with NetNS(net.netns) as ns:
-            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-            index = ns.link_lookup(ifname=net.cell_if)[0]
-            ns.addr("add", index=index, address=net.cell_ip, prefixlen=30)
-            ns.link("set", index=index, state="up")
-            ns.route("add", dst="default", gateway=net.host_ip)
-        _enable_forwarding()
+        host = host_rtnl()
+
+        ipv6 = net.cell_ip6 is not None
+        host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with rtnl.new_netns(net.netns), rtnl.Rtnl() as cell:
+                # IPv6 on the cell's link only for a cell with an IPv6 rule (then without
+                # router solicitations: its route is static); otherwise not even the
+                # kernel's link-local address.
+                _ipv6_sysctl("default", ipv6)
+                cell.add_veth(net.cell_if, net.host_if, host_ns)
+                lo = cell.link_index("lo")
+                if lo is not None:
+                    cell.set_up(lo, "lo")
+                index = cell.link_index(net.cell_if)
+                if index is None:
+                    raise HostError("network", f"veth {net.cell_if} vanished after creation")
+                cell.add_address(index, net.cell_ip, 30, net.cell_if)
+                cell.add_default_route(net.host_ip, index)
+                if net.cell_ip6 is not None and net.host_ip6 is not None:
+                    cell.add_address(index, net.cell_ip6, 126, net.cell_if)
+                    cell.add_default_route(net.host_ip6, index)
+        finally:
+            os.close(host_ns)
+        _enable_forwarding(ipv6=ipv6)
         nft.run(table_commands(net))
+        index = host.link_index(net.host_if)
+        if index is None:
+            raise HostError("network", f"veth {net.host_if} vanished after creation")
+        net.host_index = index
+        _ipv6_sysctl(net.host_if, ipv6)
+        host.add_address(index, net.host_ip, 30, net.host_if)
+        if net.host_ip6 is not None:
+            host.add_address(index, net.host_ip6, 126, net.host_if)
+        host.set_up(index, net.host_if)
     except HostError:
         raise
-    except Exception as exc:  # noqa: BLE001 - netlink errors come in many types
+    except OSError as exc:
         raise HostError("network", f"cannot create the cell's network scope: {exc}") from None
 
 
-def _enable_forwarding() -> None:
-    path = "/proc/sys/net/ipv4/ip_forward"
-    with open(path, encoding="ascii") as fh:
-        if fh.read().strip() == "1":
+def _ipv6_sysctl(interface: str, ipv6: bool) -> None:
+    """IPv6 of ``interface`` (or ``default``: links created later) in the calling thread's
+    namespace: off, or on without router solicitations."""
+    conf = f"/proc/sys/net/ipv6/conf/{interface}/"
+    try:
+        if not ipv6:
+            with open(conf + "disable_ipv6", "w", encoding="ascii") as fh:
+                fh.write("1")
             return
-    with open(path, "w", encoding="ascii") as fh:
-        fh.write("1")
+        for name, value in (("disable_ipv6", "0"), ("router_solicitations", "0")):
+            with open(conf + name, "w", encoding="ascii") as fh:
+                fh.write(value)
+    except FileNotFoundError:
+        if ipv6:
+            raise HostError(
+                "spec.authority.egressRules", "IPv6 is not available on this host's kernel"
+            ) from None
+        # No IPv6 in this kernel at all: nothing to turn off.
 
 
-def destroy(record: dict[str, Any]) -> list[str]:
-    """Remove table, veth and namespace named in a record; return what could not be removed."""
-    from pyroute2 import IPRoute, netns
+_forwarding_checked: set[str] = set()
+
+
+def _enable_forwarding(*, ipv6: bool = False) -> None:
+    """Routing between the cells' links and the rest: IPv4 always, IPv6 only once a cell
+    has an IPv6 rule (a host that forwards IPv6 stops accepting router advertisements on
+    interfaces with ``accept_ra=1``; see docs/network.md)."""
+    paths = ["/proc/sys/net/ipv4/ip_forward"]
+    if ipv6:
+        paths.append("/proc/sys/net/ipv6/conf/all/forwarding")
+    for path in paths:
+        if path in _forwarding_checked:
+            continue
+        with open(path, encoding="ascii") as fh:
+            if fh.read().strip() != "1":
+                with open(path, "w", encoding="ascii") as out:
+                    out.write("1")
+        _forwarding_checked.add(path)
+
+
+def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
+    """Remove the table and the namespace named in a record, release the slot; return what
+    could not be removed.
+
+    The veth pair lives and dies with the cell's namespace: unbinding the namespace (nothing
+    else holds it once the cell's processes and sockets are gone) lets the kernel free it and
+    both ends of the link, tens of milliseconds later, in its own worker; deleting the link
+    here would block this thread for that long (an RCU barrier). A slot whose link still
+    exists is never claimed again until it is gone (:func:`claim_slot`). ``delete_link``
+    (the reaper) deletes the host's end explicitly first, in case anything still holds the
+    namespace of a dead cell.
+    """
+    from cellos.network import rtnl
 
     residue: list[str] = []
     table = record.get("table")
-    if isinstance(table, str) and nft.table_exists(FAMILY, table):
+    if isinstance(table, str):
         try:
-            nft.run([{"delete": {"table": {"family": FAMILY, "name": table}}}])
+            nft.delete_table(FAMILY, table)
         except HostError:
             residue.append(f"nft:{table}")
     host_if = record.get("host_if")
+    found = None
     if isinstance(host_if, str):
-        with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=host_if)
-            if found:
-                try:
-                    ipr.link("del", index=found[0])
-                except Exception:  # noqa: BLE001 - reported as residue
-                    residue.append(f"veth:{host_if}")
-    name = record.get("netns")
-    if isinstance(name, str) and os.path.exists(f"/run/netns/{name}"):
         try:
-            netns.remove(name)
-        except Exception:  # noqa: BLE001 - reported as residue
+            host = host_rtnl()
+            found = host.link_index(host_if)
+            if delete_link and found is not None:
+                host.delete_link(found, host_if)
+                found = None
+        except OSError:
+            residue.append(f"veth:{host_if}")
+    name = record.get("netns")
+    if isinstance(name, str):
+        try:
+            removed = rtnl.remove_netns(name)
+            # Only the link this process made (by index), never a later cell's of that name.
+            ours = found is not None and found == record.get("host_index")
+            if removed and isinstance(host_if, str) and found is not None and ours:
+                _freeing.add(host_if, found)
+        except OSError:
             residue.append(f"netns:{name}")
     slot_file = record.get("slot_file")
     if isinstance(slot_file, str):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(slot_file)
     return residue
+
+
+class _Freeing:
+    """Host ends of veth pairs whose namespace this process unbound: the kernel frees them
+    asynchronously. :meth:`settle` waits until they are gone (deleting any that outlives
+    the bound explicitly); it runs at process exit, so no link outlives the process that
+    made it, and is what a caller checking for residue right after ``destroy`` waits on.
+    Links are known by name and index: a name may be reused once its link is gone, an
+    index is not."""
+
+    def __init__(self) -> None:
+        self._links: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        self._registered = False
+
+    def add(self, host_if: str, index: int) -> None:
+        with self._lock:
+            if len(self._links) >= 64:
+                self._links = {link for link in self._links if _present(*link)}
+            self._links.add((host_if, index))
+            if not self._registered:
+                import atexit
+
+                atexit.register(self.settle)
+                self._registered = True
+
+    def settle(self, timeout: float = 5.0) -> list[str]:
+        """Wait until every link handed to the kernel is gone; return those that had to be
+        deleted explicitly (they outlived ``timeout``: something still held the namespace)."""
+        import time
+
+        with self._lock:
+            pending = set(self._links)
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            pending = {link for link in pending if _present(*link)}
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        forced = []
+        for name, index in sorted(pending):
+            with contextlib.suppress(OSError):
+                host_rtnl().delete_link(index, name)
+                forced.append(name)
+        with self._lock:
+            self._links = {link for link in self._links if _present(*link)}
+        return forced
+
+
+def _present(name: str, index: int) -> bool:
+    return host_rtnl().link_index(name) == index
+
+
+_freeing = _Freeing()
+
+
+def settle(timeout: float = 5.0) -> list[str]:
+    """Wait for the kernel to free the links of every scope this process removed (see
+    :class:`_Freeing`); the names deleted explicitly because they outlived ``timeout``."""
+    return _freeing.settle(timeout)
 
 
 def flow_decisions(net: CellNetwork) -> list[dict[str, Any]]:
