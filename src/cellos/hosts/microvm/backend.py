@@ -19,8 +19,12 @@ boot with ``-accel kvm`` succeeds; otherwise TCG, and only where the operator al
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import select
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +49,13 @@ from cellos.hosts.microvm.firecracker import mem_mib_for, vcpus_for
 from cellos.hosts.microvm.image import MANIFEST_NAME
 from cellos.hosts.microvm.image_cache import ensure_image
 from cellos.hosts.microvm.manifest import Manifest, ManifestMismatch, load_manifest, verify
-from cellos.hosts.microvm.qemu_probe import kernel_append, qemu_command
+from cellos.hosts.microvm.pool import ClaimedGuest, Shape, claim, live_pool, start_detached
+from cellos.hosts.microvm.qemu_probe import (
+    POOL_APPEND,
+    kernel_append,
+    qemu_command,
+    request_line,
+)
 from cellos.hosts.microvm.request import (
     cgroup_settings,
     check_working_directory,
@@ -64,6 +74,8 @@ class _LiveCell:
     manifest: Manifest
     accel: str
     artifacts: dict[str, bytes | None] = field(default_factory=dict)
+    #: The warm pool's guest this cell runs in (None: a cold boot).
+    guest: ClaimedGuest | None = None
 
     @property
     def cell_dir(self) -> str:
@@ -86,6 +98,7 @@ class MicrovmBackend(StoredBackend):
         state_root: str | None = None,
         allow_tcg: bool = False,
         accel: str | None = None,
+        pool_size: int = 0,
     ) -> None:
         #: None: the per-user cached image (image_cache.py), resolved (built) at first create.
         self.configured_image = image_dir
@@ -100,6 +113,8 @@ class MicrovmBackend(StoredBackend):
         self.allow_tcg = allow_tcg
         self.forced_accel = accel
         self.store = CellStore(state_root)
+        #: CELLOS_MICROVM_POOL: cells take a warm guest of the pool (started when missing).
+        self.pool_size = pool_size
         self.accel_cache = AccelCache(self.store.root)
         self._vmm_known: dict[str, str] = {}
 
@@ -208,15 +223,32 @@ class MicrovmBackend(StoredBackend):
         # Decided before anything exists (a probe, at most once per host boot and VMM).
         decision = self.decide_accel(manifest)
         accel = self._allowed(decision)
+        pool: dict[str, str] = {}
+        guest: ClaimedGuest | None = None
+        if self.pool_size > 0:
+            guest, why = self._claim(spec, accel, digests)
+            pool = {"pool": "hit"} if guest else {"pool": "miss", "poolMiss": why}
         # The record names the VMM and the directory it runs in (its cwd), so that a reaper
-        # kills exactly this cell's VMM if the supervisor dies.
+        # kills exactly this cell's VMM if the supervisor dies (a pool guest's runs in its
+        # directory of the pool).
         record = {"vmm": manifest.vmm.path, "cellDir": self.store.cell_dir(spec.id)}
-        live = self.open_cell(
-            _LIVE,
-            spec,
-            record,
-            lambda cell: _LiveCell(spec=spec, state=cell, manifest=manifest, accel=accel),
-        )
+        if guest is not None:
+            record["vmmDir"] = guest.path
+        try:
+            live = self.open_cell(
+                _LIVE,
+                spec,
+                record,
+                lambda cell: _LiveCell(
+                    spec=spec, state=cell, manifest=manifest, accel=accel, guest=guest
+                ),
+            )
+            if guest is not None:
+                live.state.write_pid(guest.pid)
+        except BaseException:
+            if guest is not None:
+                guest.release()
+            raise
         return CellHandle(
             cell_id=spec.id,
             backend=self.name,
@@ -233,9 +265,184 @@ class MicrovmBackend(StoredBackend):
                 "image": str(self.image_dir),
                 "accel": accel,
                 "accelDecidedBy": decision.decided_by,
+                **pool,
             },
             digests={f"{name}Sha256": value for name, value in digests.items()},
         )
+
+    # -- the warm pool ------------------------------------------------------------------------
+
+    @staticmethod
+    def shape_of(limits: object) -> Shape:
+        """The guest a cell's limits need (a pool guest of another shape does not fit)."""
+        from cellos.core.spec import Limits
+
+        lim = limits if isinstance(limits, Limits) else None
+        return Shape(
+            memory_mib=max(MIN_GUEST_MIB, mem_mib_for(lim.memory_max_bytes if lim else None)),
+            vcpus=vcpus_for(lim.cpu_max if lim else None),
+        )
+
+    def _claim(
+        self, spec: CellSpec, accel: str, digests: dict[str, str]
+    ) -> tuple[ClaimedGuest | None, str]:
+        """A warm guest for this cell, or None and why not (a cold boot then)."""
+        assert self.image_dir is not None
+        guest, why = claim(
+            self.store.root, self.shape_of(spec.limits), accel, str(self.image_dir), digests
+        )
+        if guest is None and live_pool(self.store.root) is None:
+            self._start_pool()
+        return guest, why
+
+    def _start_pool(self) -> None:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "LANG": "C.UTF-8",
+        }
+        for name in ("HOME", "XDG_CACHE_HOME", "CELLOS_MICROVM_CACHE", "PYTHONPATH"):
+            if os.environ.get(name):
+                env[name] = os.environ[name]
+        if self.configured_image:
+            env["CELLOS_MICROVM_IMAGE"] = self.configured_image
+        if self.allow_tcg:
+            env["CELLOS_MICROVM_ALLOW_TCG"] = "1"
+        if self.forced_accel:
+            env["CELLOS_MICROVM_ACCEL"] = self.forced_accel
+        start_detached(self.store.root, self.pool_size, env)
+
+    def pool_guest_command(
+        self, shape: Shape, guest_dir: str
+    ) -> tuple[list[str], dict[str, object]]:
+        """A pool guest's VMM command (the manifest verified first, as for every boot) and
+        the fields its record carries (what a supervisor checks before using it)."""
+        manifest, digests = self.load_image()
+        accel = self.accel(manifest)
+        assert self.image_dir is not None
+        command = qemu_command(
+            manifest.vmm.path,
+            self.image_dir,
+            POOL_APPEND,
+            accel,
+            manifest.kernel.path,
+            manifest.initrd.path,
+            memory_mib=shape.memory_mib,
+            vcpus=shape.vcpus,
+            channel_socket="qemu.sock",  # relative to the guest's directory (its cwd)
+        )
+        fields: dict[str, object] = {
+            "accel": accel,
+            "image": str(self.image_dir),
+            "digests": digests,
+        }
+        return command, fields
+
+    def _run_on_guest(
+        self,
+        guest: ClaimedGuest,
+        workload: HostCommand,
+        line: bytes,
+    ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
+        """Send the request to a claimed pool guest and read its results until its exit code
+        (or the deadline / a stop, which kill the VMM). The guest is killed at the end."""
+        channel = GuestChannel(workload.output)
+        started = time.monotonic()
+        deadline = (
+            started + workload.deadline_seconds if workload.deadline_seconds is not None else None
+        )
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+        def wake() -> None:
+            with contextlib.suppress(OSError):
+                os.write(wake_w, b"x")
+
+        stop = workload.stop
+        if stop is not None:
+            stop.add_waker(wake)
+        stopped_by: str | None = None
+        eof = False
+        try:
+            try:
+                guest.sock.sendall(line)
+            except OSError as exc:
+                return WorkloadResult(
+                    exit_code=None,
+                    duration_ms=0,
+                    spawn_error=f"pool guest channel: {exc.strerror or exc}",
+                    reason="spawn_failed",
+                ), {}
+            while not channel.exited:
+                if stop is not None and stop.reason is not None:
+                    stopped_by = stop.reason
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    stopped_by = "timeout"
+                    break
+                readable, _, _ = select.select([guest.sock.fileno(), wake_r], [], [], left)
+                if guest.sock.fileno() in readable:
+                    try:
+                        data = guest.sock.recv(1 << 16)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        eof = True
+                        break
+                    channel.write("stdout", data)
+        finally:
+            if stop is not None:
+                stop.remove_waker(wake)
+            os.close(wake_r)
+            os.close(wake_w)
+            guest.kill()  # single use: nothing else ever runs in this guest
+        duration_ms = int((time.monotonic() - started) * 1000)
+        forced = stopped_by is not None
+        return self._result(
+            channel,
+            duration_ms,
+            forced,
+            stopped_by,
+            "the pool guest's channel closed" if eof else "no exit code",
+            truncated=False,
+        )
+
+    def _result(
+        self,
+        guest: GuestChannel,
+        duration_ms: int,
+        forced: bool,
+        reason: str | None,
+        vmm_status: str,
+        truncated: bool,
+    ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
+        try:
+            channel = guest.finish()
+        except HostError as exc:
+            return WorkloadResult(
+                exit_code=None,
+                duration_ms=duration_ms,
+                spawn_error=f"guest channel: {exc.reason}",
+                reason="spawn_failed",
+            ), {}
+        exit_code = None if forced else channel.get("exit_code")
+        result = WorkloadResult(
+            exit_code=exit_code,
+            duration_ms=duration_ms,
+            forced=forced,
+            reason=reason if forced else None,
+            spawn_error=channel.get("spawn_error")
+            or (
+                None
+                if forced or exit_code is not None
+                else f"the guest reported no exit code ({vmm_status})"
+            ),
+            stdout=channel["stdout"],
+            stderr=channel["stderr"],
+            stdout_bytes=channel["stdout_bytes"],
+            stderr_bytes=channel["stderr_bytes"],
+            truncated=truncated,
+        )
+        return explain(result, channel.get("limits")), dict(channel.get("artifacts", {}))
 
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = _LIVE.get(handle.cell_id)
@@ -243,6 +450,19 @@ class MicrovmBackend(StoredBackend):
         accel = live.accel
         guest_paths = {guest_artifact_path(live.spec, a.path) for a in live.spec.artifacts}
         artifacts = sorted(p for p in guest_paths if p is not None)
+        if live.guest is not None:
+            line = request_line(
+                list(request.argv),
+                dict(request.env),
+                artifacts,
+                hostname=guest_hostname(live.spec),
+                workdir=live.spec.working_directory,
+                cgroup=cgroup_settings(limits),
+            )
+            result, live.artifacts = self._run_on_guest(
+                live.guest, HostCommand.for_workload(request), line
+            )
+            return result
         result, live.artifacts = self._boot(
             live.manifest,
             HostCommand.for_workload(request),
@@ -310,34 +530,14 @@ class MicrovmBackend(StoredBackend):
         )
         if raw.spawn_error:
             return raw, {}
-        try:
-            channel = guest.finish()
-        except HostError as exc:
-            return WorkloadResult(
-                exit_code=None,
-                duration_ms=raw.duration_ms,
-                spawn_error=f"guest channel: {exc.reason}",
-                reason="spawn_failed",
-            ), {}
-        exit_code = None if raw.forced else channel.get("exit_code")
-        result = WorkloadResult(
-            exit_code=exit_code,
-            duration_ms=raw.duration_ms,
-            forced=raw.forced,
-            reason=raw.reason if raw.forced else None,
-            spawn_error=channel.get("spawn_error")
-            or (
-                None
-                if raw.forced or exit_code is not None
-                else f"the guest reported no exit code (VMM status {raw.exit_code})"
-            ),
-            stdout=channel["stdout"],
-            stderr=channel["stderr"],
-            stdout_bytes=channel["stdout_bytes"],
-            stderr_bytes=channel["stderr_bytes"],
+        return self._result(
+            guest,
+            raw.duration_ms,
+            raw.forced,
+            raw.reason,
+            f"VMM status {raw.exit_code}",
             truncated=raw.truncated,
         )
-        return explain(result, channel.get("limits")), dict(channel.get("artifacts", {}))
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = _LIVE.get(handle.cell_id)
@@ -352,6 +552,8 @@ class MicrovmBackend(StoredBackend):
 
     def destroy(self, handle: CellHandle) -> TeardownReport:
         live = _LIVE.get(handle.cell_id)
+        if live.guest is not None:
+            live.guest.release()  # killed; the pool's manager removes it and boots another
         residue = self.store.release(live.state)
         peers = _LIVE.remove(handle.cell_id)
         return TeardownReport(

@@ -5,6 +5,7 @@
  * (/dev/ttyS0).  Every line on the channel is "CELLOS:<KIND>[:<field>...]\n":
  *
  *   CELLOS:READY                                  init is up, the workload is about to start
+ *   CELLOS:IDLE                                   a pool guest waits for its request line
  *   CELLOS:OUT:<base64 chunk>                     workload stdout
  *   CELLOS:ERR:<base64 chunk>                     workload stderr
  *   CELLOS:SPAWNERR:<message>                     the workload could not be started
@@ -14,7 +15,9 @@
  *   CELLOS:UNAME:<uname -r>
  *   CELLOS:EXIT:<code>                            128+signal when killed, 127 spawn failure
  *
- * The request comes from the kernel command line (/proc/cmdline):
+ * The request comes from the kernel command line (/proc/cmdline), or, in a pool guest
+ * (cellos.pool=1 on the kernel command line), from one line on the channel in the same
+ * "name=value ..." syntax, read once the guest is idle (it sends CELLOS:IDLE first):
  *   cellos.argv=<base64url JSON array of strings>          required
  *   cellos.env=<base64url JSON object string -> string>   optional (default: empty env)
  *   cellos.artifacts=<base64url JSON array of abs paths>  optional
@@ -540,6 +543,42 @@ static char *cmdline_param(const char *cmdline, const char *name, const char **e
 
 static void fail_spawn(const char *what, const char *why) __attribute__((noreturn));
 
+/* Is the exact token present on the kernel command line? */
+static int cmdline_flag(const char *cmdline, const char *token)
+{
+    size_t tl = strlen(token);
+    for (const char *p = cmdline; (p = strstr(p, token)) != NULL; p += tl)
+        if ((p == cmdline || p[-1] == ' ') && (p[tl] == ' ' || p[tl] == '\n' || p[tl] == '\0'))
+            return 1;
+    return 0;
+}
+
+/* A pool guest's request: one line on the channel, in the kernel command line's syntax
+ * ("cellos.argv=<b64url> cellos.env=<b64url> ..."), at most MAX_REQUEST bytes. */
+#define MAX_REQUEST (1 << 20)
+static char *read_request(void)
+{
+    char *buf = malloc(MAX_REQUEST + 1);
+    size_t len = 0;
+    if (!buf)
+        fail_spawn("request", "out of memory");
+    for (;;) {
+        ssize_t n = read(chan, buf + len, MAX_REQUEST - len);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (n <= 0)
+            fail_spawn("request", n < 0 ? strerror(errno) : "channel closed");
+        char *nl = memchr(buf + len, '\n', (size_t)n);
+        len += (size_t)n;
+        if (nl) {
+            *nl = '\0';
+            return buf;
+        }
+        if (len >= MAX_REQUEST)
+            fail_spawn("request", "longer than 1 MiB");
+    }
+}
+
 static void mount_fs(void)
 {
     /* Errors are ignored on purpose: a missing /proc shows up as a clear SPAWNERR later,
@@ -598,11 +637,14 @@ static int write_file(const char *path, const char *value)
     return n == (ssize_t)strlen(value) ? 0 : -1;
 }
 
-/* The workload's cgroup: memory + pids controllers, settings "file=value" from the host.
- * Returns NULL or the reason it cannot be set up (the workload must not run unlimited). */
-static const char *setup_cgroup(char **settings)
+/* The cgroup hierarchy and the (empty) cell cgroup; done once (a pool guest does it before
+ * it waits for its request).  Returns NULL or why it failed. */
+static const char *setup_cgroup_base(void)
 {
     static char why[256];
+    static int done = 0;
+    if (done)
+        return NULL;
     mkdir("/sys/fs/cgroup", 0755);
     if (mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
         return snprintf(why, sizeof why, "mount cgroup2: %s", strerror(errno)), why;
@@ -610,6 +652,18 @@ static const char *setup_cgroup(char **settings)
         return snprintf(why, sizeof why, "enable memory, pids: %s", strerror(errno)), why;
     if (mkdir(CELL_CG, 0755) < 0)
         return snprintf(why, sizeof why, "mkdir %s: %s", CELL_CG, strerror(errno)), why;
+    done = 1;
+    return NULL;
+}
+
+/* The workload's cgroup: memory + pids controllers, settings "file=value" from the host.
+ * Returns NULL or the reason it cannot be set up (the workload must not run unlimited). */
+static const char *setup_cgroup(char **settings)
+{
+    static char why[256];
+    const char *base = setup_cgroup_base();
+    if (base)
+        return base;
     for (char **s = settings; s && *s; s++) {
         char *eq = strchr(*s, '='), path[256];
         *eq = '\0';
@@ -930,8 +984,18 @@ int main(void)
         close(fd);
 
     const char *err = NULL;
+    char *request = cmdline;
+    if (cmdline_flag(cmdline, "cellos.pool=1")) {
+        /* A pool guest: everything that does not depend on the request is done now; the
+         * request arrives on the channel when a cell claims this guest. */
+        const char *why = setup_cgroup_base();
+        if (why)
+            fail_spawn("cgroup", why);
+        send_line("IDLE", NULL);
+        request = read_request();
+    }
     size_t argc = 0, nart = 0;
-    char *text = cmdline_param(cmdline, "cellos.argv", &err);
+    char *text = cmdline_param(request, "cellos.argv", &err);
     if (!text || err)
         fail_spawn("cellos.argv", err ? err : "missing");
     struct json j = {text, text + strlen(text), NULL};
@@ -941,7 +1005,7 @@ int main(void)
 
     static char *empty_env[] = {NULL};
     char **envp = empty_env;
-    if ((text = cmdline_param(cmdline, "cellos.env", &err)) != NULL || err) {
+    if ((text = cmdline_param(request, "cellos.env", &err)) != NULL || err) {
         if (err)
             fail_spawn("cellos.env", err);
         j = (struct json){text, text + strlen(text), NULL};
@@ -950,7 +1014,7 @@ int main(void)
     }
 
     char **arts = NULL;
-    if ((text = cmdline_param(cmdline, "cellos.artifacts", &err)) != NULL || err) {
+    if ((text = cmdline_param(request, "cellos.artifacts", &err)) != NULL || err) {
         if (err)
             fail_spawn("cellos.artifacts", err);
         j = (struct json){text, text + strlen(text), NULL};
@@ -961,13 +1025,13 @@ int main(void)
                 fail_spawn("cellos.artifacts", "paths must be absolute and < 1024 bytes");
     }
 
-    if ((text = cmdline_param(cmdline, "cellos.hostname", &err)) != NULL || err) {
+    if ((text = cmdline_param(request, "cellos.hostname", &err)) != NULL || err) {
         if (err)
             fail_spawn("cellos.hostname", err);
         if (sethostname(text, strlen(text)) < 0)
             fail_spawn("cellos.hostname", strerror(errno));
     }
-    if ((text = cmdline_param(cmdline, "cellos.workdir", &err)) != NULL || err) {
+    if ((text = cmdline_param(request, "cellos.workdir", &err)) != NULL || err) {
         if (err)
             fail_spawn("cellos.workdir", err);
         workdir = text;
@@ -977,7 +1041,7 @@ int main(void)
         fail_spawn("cellos.workdir", why);
 
     char **settings = NULL;
-    if ((text = cmdline_param(cmdline, "cellos.cgroup", &err)) != NULL || err) {
+    if ((text = cmdline_param(request, "cellos.cgroup", &err)) != NULL || err) {
         if (err)
             fail_spawn("cellos.cgroup", err);
         j = (struct json){text, text + strlen(text), NULL};
