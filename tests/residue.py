@@ -100,7 +100,7 @@ def _nft_tables() -> frozenset[str]:
 def _state(roots: tuple[str, ...]) -> frozenset[str]:
     found = set()
     for root in roots:
-        for sub in ("cells", "runsc", "net/slots"):
+        for sub in ("cells", "runsc", "net/slots", "microvm-pool", "microvm-pool/guests"):
             found |= {f"{root}/{sub}/{name}" for name in _listdir(os.path.join(root, sub))}
     return frozenset(found)
 

@@ -227,7 +227,11 @@ class MicrovmBackend(StoredBackend):
         guest: ClaimedGuest | None = None
         if self.pool_size > 0:
             guest, why = self._claim(spec, accel, digests)
-            pool = {"pool": "hit"} if guest else {"pool": "miss", "poolMiss": why}
+            pool = (
+                {"pool": "hit", "poolGuest": os.path.basename(guest.path)}
+                if guest
+                else {"pool": "miss", "poolMiss": why}
+            )
         # The record names the VMM and the directory it runs in (its cwd), so that a reaper
         # kills exactly this cell's VMM if the supervisor dies (a pool guest's runs in its
         # directory of the pool).

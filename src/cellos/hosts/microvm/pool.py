@@ -60,6 +60,8 @@ DEFAULT_MAX_AGE_SECONDS = 600.0
 #: Longest request line the guest accepts (guest/init.c MAX_REQUEST).
 MAX_REQUEST = 1 << 20
 LOCK_BYTES = 2048
+#: How long a claimed guest has to answer the host's ping (a loaded TCG host is slow).
+PING_TIMEOUT_SECONDS = 3.0
 SOCKET = "qemu.sock"
 
 
@@ -531,8 +533,9 @@ def _take(path: str, record: dict[str, Any]) -> ClaimedGuest | None:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.settimeout(2.0)
+        sock.settimeout(PING_TIMEOUT_SECONDS)
         _connect(sock, path)
+        _ping(sock)
         sock.settimeout(None)
     except OSError:
         sock.close()
@@ -541,6 +544,23 @@ def _take(path: str, record: dict[str, Any]) -> ClaimedGuest | None:
         os.close(lock_fd)
         return None
     return ClaimedGuest(path, vmm, start, sock, lock_fd, record)
+
+
+def _ping(sock: socket.socket) -> None:
+    """The guest itself must answer (an empty line: CELLOS:PONG); a VMM that is being killed
+    can still accept a connection. OSError when it does not answer in time."""
+    sock.sendall(b"\n")
+    seen = b""
+    deadline = time.monotonic() + PING_TIMEOUT_SECONDS
+    while b"CELLOS:PONG\n" not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no answer from the pool guest")
+        sock.settimeout(left)
+        data = sock.recv(4096)
+        if not data:
+            raise ConnectionResetError("the pool guest's channel closed")
+        seen = (seen + data)[-4096:]
 
 
 # -- starting, stopping, reaping -------------------------------------------------------------

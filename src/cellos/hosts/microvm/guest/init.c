@@ -6,6 +6,7 @@
  *
  *   CELLOS:READY                                  init is up, the workload is about to start
  *   CELLOS:IDLE                                   a pool guest waits for its request line
+ *   CELLOS:PONG                                   a pool guest's answer to an empty line
  *   CELLOS:OUT:<base64 chunk>                     workload stdout
  *   CELLOS:ERR:<base64 chunk>                     workload stderr
  *   CELLOS:SPAWNERR:<message>                     the workload could not be started
@@ -554,28 +555,35 @@ static int cmdline_flag(const char *cmdline, const char *token)
 }
 
 /* A pool guest's request: one line on the channel, in the kernel command line's syntax
- * ("cellos.argv=<b64url> cellos.env=<b64url> ..."), at most MAX_REQUEST bytes. */
+ * ("cellos.argv=<b64url> cellos.env=<b64url> ..."), at most MAX_REQUEST bytes.  An empty
+ * line before it is the host asking whether this guest is alive: answered with PONG. */
 #define MAX_REQUEST (1 << 20)
 static char *read_request(void)
 {
     char *buf = malloc(MAX_REQUEST + 1);
-    size_t len = 0;
+    size_t len = 0, scanned = 0;
     if (!buf)
         fail_spawn("request", "out of memory");
     for (;;) {
+        char *nl;
+        while ((nl = memchr(buf + scanned, '\n', len - scanned)) != NULL) {
+            if (nl != buf) {
+                *nl = '\0';
+                return buf;
+            }
+            send_line("PONG", NULL);
+            memmove(buf, buf + 1, --len);
+            scanned = 0;
+        }
+        scanned = len;
+        if (len >= MAX_REQUEST)
+            fail_spawn("request", "longer than 1 MiB");
         ssize_t n = read(chan, buf + len, MAX_REQUEST - len);
         if (n < 0 && (errno == EINTR || errno == EAGAIN))
             continue;
         if (n <= 0)
             fail_spawn("request", n < 0 ? strerror(errno) : "channel closed");
-        char *nl = memchr(buf + len, '\n', (size_t)n);
         len += (size_t)n;
-        if (nl) {
-            *nl = '\0';
-            return buf;
-        }
-        if (len >= MAX_REQUEST)
-            fail_spawn("request", "longer than 1 MiB");
     }
 }
 
