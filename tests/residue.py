@@ -132,6 +132,8 @@ def left_behind(
             item
             for item in set(getattr(after, f.name)) - set(getattr(before, f.name))
             if not any(path in item for path in foreign)
+            # A named netns is a mount too: host-wide like ``netns`` on a shared host.
+            and not (SHARED_HOST and f.name == "mounts" and item.startswith("/run/netns/"))
         }
         if new:
             found[f.name] = new

@@ -166,6 +166,9 @@ def _cmd_microvm_pool(args: argparse.Namespace) -> int:
             f"{settings.get('memoryMiB')} MiB x {settings.get('vcpus')} vCPU, "
             f"accel {settings.get('accel')}, {ready} idle, image {settings.get('image')}"
         )
+        if settings.get("error"):
+            print(f"error: the pool cannot boot guests: {settings['error']}", file=sys.stderr)
+            return 1
         return 0
     from cellos.hosts.microvm.backend import MicrovmBackend
 

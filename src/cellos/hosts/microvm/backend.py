@@ -120,10 +120,14 @@ class MicrovmBackend(StoredBackend):
 
     # -- image -------------------------------------------------------------------------------
 
-    def load_image(self, *, build: bool = True) -> tuple[Manifest, dict[str, str]]:
+    def load_image(
+        self, *, build: bool = True, verify_files: bool = True
+    ) -> tuple[Manifest, dict[str, str]]:
         """The image's manifest and its verified digests (refused before any boot on a
         mismatch). Without CELLOS_MICROVM_IMAGE the per-user cached image is used, built
-        first when missing (unless ``build`` is False: HostError then)."""
+        first when missing (unless ``build`` is False: HostError then). With
+        ``verify_files`` False the digests are the manifest's, not yet checked against the
+        files (a pool guest's were checked before it booted: see ``create``)."""
         if self.configured_image is None:
             found = ensure_image(build=build)
             if found is None:
@@ -138,6 +142,12 @@ class MicrovmBackend(StoredBackend):
         assert self.image_dir is not None
         try:
             manifest = load_manifest(self.image_dir / MANIFEST_NAME)
+            if not verify_files:
+                return manifest, {
+                    "kernel": manifest.kernel.sha256,
+                    "initrd": manifest.initrd.sha256,
+                    "vmm": manifest.vmm.sha256,
+                }
             return manifest, verify(manifest, self.image_dir, self._vmm_known)
         except ManifestMismatch as exc:
             if self.configured_image is not None:
@@ -218,20 +228,24 @@ class MicrovmBackend(StoredBackend):
                 "egress authority is not available on the qemu backend in this build (the "
                 "guest has no network device); use the cellos or gvisor backend",
             )
-        # Refused before boot: a tampered kernel, initrd or VMM never runs.
-        manifest, digests = self.load_image()
+        # Refused before boot: a tampered kernel, initrd or VMM never runs. A pool guest's
+        # files were verified by the pool's manager right before it booted them (its record
+        # holds those digests); they must be the manifest's, and the cell gets them. A cold
+        # boot verifies the files now.
+        pooling = self.pool_size > 0
+        manifest, digests = self.load_image(verify_files=not pooling)
         # Decided before anything exists (a probe, at most once per host boot and VMM).
         decision = self.decide_accel(manifest)
         accel = self._allowed(decision)
         pool: dict[str, str] = {}
         guest: ClaimedGuest | None = None
-        if self.pool_size > 0:
+        if pooling:
             guest, why = self._claim(spec, accel, digests)
-            pool = (
-                {"pool": "hit", "poolGuest": os.path.basename(guest.path)}
-                if guest
-                else {"pool": "miss", "poolMiss": why}
-            )
+            if guest is not None:
+                pool = {"pool": "hit", "poolGuest": os.path.basename(guest.path)}
+            else:
+                pool = {"pool": "miss", "poolMiss": why}
+                manifest, digests = self.load_image()
         # The record names the VMM and the directory it runs in (its cwd), so that a reaper
         # kills exactly this cell's VMM if the supervisor dies (a pool guest's runs in its
         # directory of the pool).

@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cellos.core.errors import HostError, InvalidSpec
+from cellos.core.errors import CellosError, HostError, InvalidSpec
 from cellos.core.log import get_logger
 from cellos.hosts.state import process_start, read_owner, rmtree
 
@@ -60,6 +60,8 @@ DEFAULT_MAX_AGE_SECONDS = 600.0
 #: Longest request line the guest accepts (guest/init.c MAX_REQUEST).
 MAX_REQUEST = 1 << 20
 LOCK_BYTES = 2048
+#: How long the manager waits before it tries again to boot after a refused boot.
+RETRY_SECONDS = 5.0
 #: How long a claimed guest has to answer the host's ping (a loaded TCG host is slow).
 PING_TIMEOUT_SECONDS = 3.0
 SOCKET = "qemu.sock"
@@ -183,6 +185,8 @@ class PoolManager:
         self.stopping = False
         self.settings: dict[str, Any] = {}
         self.replaced = 0
+        #: After a failed boot (e.g. a refused image), the next attempt waits until then.
+        self.retry_at = 0.0
 
     def open(self) -> None:
         """Take the pool's lock (HostError naming CELLOS_STATE_DIR when another manager runs)
@@ -326,9 +330,23 @@ class PoolManager:
         unclaimed = sum(
             1 for g in self.guests.values() if not os.path.exists(os.path.join(g.path, "claimed"))
         )
-        if not self.stopping:
-            for _ in range(self.size - unclaimed):
-                self._spawn()
+        if not self.stopping and time.monotonic() >= self.retry_at:
+            try:
+                for _ in range(self.size - unclaimed):
+                    self._spawn()
+                if self.settings.get("error"):
+                    self._publish({k: v for k, v in self.settings.items() if k != "error"})
+            except CellosError as exc:
+                # E.g. the image was changed after it was built: no guest boots from it; the
+                # guests already booted (verified before their boot) are still handed out.
+                log.error("pool guest not started: %s: %s", exc.path, exc.reason)
+                self._publish(
+                    {
+                        **{k: v for k, v in self.settings.items() if k not in ("pid", "start")},
+                        "error": f"{exc.path}: {exc.reason}",
+                    }
+                )
+                self.retry_at = time.monotonic() + RETRY_SECONDS
         booting: dict[int, _Guest] = {}
         for guest in self.guests.values():
             if not guest.ready:

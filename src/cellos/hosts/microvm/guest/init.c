@@ -866,6 +866,19 @@ static int run_workload(char **argv, char **envp)
     struct stream st[2] = {{out[0], "OUT"}, {err[0], "ERR"}};
     int status = 0, exited = 0;
     while (st[0].fd >= 0 || st[1].fd >= 0 || !exited) {
+        if (st[0].fd < 0 && st[1].fd < 0) {
+            /* Both streams are closed: wait for the workload itself (no polling delay). */
+            int ws;
+            pid_t w = waitpid(-1, &ws, 0);
+            if (w == pid) {
+                status = ws;
+                exited = 1;
+                kill(-1, SIGKILL);
+            } else if (w < 0 && errno != EINTR) {
+                break; /* no child left: cannot happen while the workload is unreaped */
+            }
+            continue;
+        }
         struct pollfd pf[2] = {{st[0].fd, POLLIN, 0}, {st[1].fd, POLLIN, 0}};
         /* Short timeout: waitpid below notices the workload's exit without SIGCHLD plumbing. */
         int r = poll(pf, 2, exited ? -1 : 50);
