@@ -350,3 +350,45 @@ def test_a_supervisor_killed_mid_cell_loses_its_guest_and_reap_removes_the_cell(
     result = cellos_cli(["reap"], p.env)
     assert result.code == 0 and "crash-1" in result.stdout, result
     assert not os.listdir(tmp_path / "state" / "cells")
+
+
+def test_an_image_changed_under_a_running_pool_is_refused_for_every_new_boot(
+    tmp_path: Path, image_dir: Path, supervisor_cli: Run, cellos_cli: Run
+) -> None:
+    import shutil
+
+    image = tmp_path / "image"
+    shutil.copytree(image_dir, image)
+    env = pool_env(tmp_path, image, size=1)
+    p = Pool(tmp_path, env, "--size", "1")
+    try:
+        [gid] = p.ready(1)
+        initrd = image / "initrd.cpio.gz"
+        data = bytearray(initrd.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        initrd.write_bytes(bytes(data))
+        # The idle guest was verified before its boot: it is still handed out.
+        env_ev = {**env, "CELL_OS_JSONL_EVENTS": str(tmp_path / "ev.jsonl")}
+        spec = write_doc(tmp_path / "c.yaml", doc("tamper-1", argv=["/bin/true"]))
+        result = supervisor_cli(str(spec), env_ev, timeout=120)
+        assert result.code == 0, result
+        resources = started_data(tmp_path / "ev.jsonl")["resources"]
+        assert resources["pool"] == "hit" and resources["poolGuest"] == gid
+        # No new guest boots from the changed image; the pool says why.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = cellos_cli(["microvm", "pool", "status"], env)
+            if status.code == 1 and "sha256 mismatch" in status.stderr:
+                break
+            time.sleep(0.2)
+        assert status.code == 1 and "initrd.cpio.gz" in status.stderr, status
+        assert p.idle() == []
+        # A cell now misses and is refused before its cold boot, naming the file.
+        spec = write_doc(tmp_path / "c.yaml", doc("tamper-2", argv=["/bin/true"]))
+        result = supervisor_cli(str(spec), env, timeout=120)
+        assert result.code != 0 and "initrd.cpio.gz" in result.stderr, result
+        assert "sha256 mismatch" in result.stderr and "Traceback" not in result.stderr
+    finally:
+        p.stop()
+    assert vmms_under(tmp_path) == []
+    assert not (tmp_path / "state" / "microvm-pool").exists()
