@@ -392,3 +392,25 @@ def test_an_image_changed_under_a_running_pool_is_refused_for_every_new_boot(
         p.stop()
     assert vmms_under(tmp_path) == []
     assert not (tmp_path / "state" / "microvm-pool").exists()
+
+
+def test_a_timeout_on_a_pool_guest_kills_it(
+    tmp_path: Path, pool: Callable[..., Pool], supervisor_cli: Run
+) -> None:
+    p = pool(size=1)
+    [gid] = p.ready(1)
+    vmm = p.pid_of(gid)
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc("slow-1", argv=["/bin/sleep", "60"], run={"timeoutSeconds": 2}),
+    )
+    env = {**p.env, "CELL_OS_JSONL_EVENTS": str(tmp_path / "ev.jsonl")}
+    started = time.monotonic()
+    result = supervisor_cli(str(spec), env, timeout=120)
+    assert result.code != 0 and time.monotonic() - started < 30, result
+    events = read_events(tmp_path / "ev.jsonl")
+    assert events[0]["data"]["resources"]["pool"] == "hit"
+    completed = next(e for e in events if e["type"].endswith("command.v1.completed"))
+    assert completed["data"]["forced"] is True and completed["data"]["reason"] == "timeout"
+    assert completed["data"]["exitCode"] is None
+    assert vmm not in vmms_under(tmp_path)

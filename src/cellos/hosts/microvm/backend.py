@@ -86,6 +86,8 @@ _LIVE: LiveCells[_LiveCell] = LiveCells()
 #: The Debian cloud kernel does not get through unpacking its initramfs with less (it hangs
 #: at 128 MiB): a smaller memoryMaxBytes still gives the guest this much.
 MIN_GUEST_MIB = 256
+#: Seconds between two attempts of one backend to start the pool (CELLOS_MICROVM_POOL).
+POOL_START_INTERVAL = 30.0
 
 
 class MicrovmBackend(StoredBackend):
@@ -115,6 +117,7 @@ class MicrovmBackend(StoredBackend):
         self.store = CellStore(state_root)
         #: CELLOS_MICROVM_POOL: cells take a warm guest of the pool (started when missing).
         self.pool_size = pool_size
+        self._pool_started = -POOL_START_INTERVAL
         self.accel_cache = AccelCache(self.store.root)
         self._vmm_known: dict[str, str] = {}
 
@@ -309,7 +312,14 @@ class MicrovmBackend(StoredBackend):
         guest, why = claim(
             self.store.root, self.shape_of(spec.limits), accel, str(self.image_dir), digests
         )
-        if guest is None and live_pool(self.store.root) is None:
+        # At most one start every POOL_START_INTERVAL (one that fails, e.g. TCG not allowed,
+        # says why in its log, not on every cell).
+        if (
+            guest is None
+            and time.monotonic() >= self._pool_started + POOL_START_INTERVAL
+            and live_pool(self.store.root) is None
+        ):
+            self._pool_started = time.monotonic()
             self._start_pool()
         return guest, why
 
