@@ -414,3 +414,67 @@ def test_a_timeout_on_a_pool_guest_kills_it(
     assert completed["data"]["forced"] is True and completed["data"]["reason"] == "timeout"
     assert completed["data"]["exitCode"] is None
     assert vmm not in vmms_under(tmp_path)
+
+
+def test_a_snapshot_pool_restores_guests_that_share_no_randomness_and_have_the_hosts_clock(
+    tmp_path: Path, pool: Callable[..., Pool], supervisor_cli: Run
+) -> None:
+    from cellos.hosts.microvm.manifest import sha256_file
+
+    p = pool("--snapshot", size=2)
+    p.ready(2)
+    snapshot = tmp_path / "state" / "microvm-pool" / "snapshot"
+    meta = json.loads((snapshot / "snapshot.json").read_text())
+    assert meta["sha256"] == sha256_file(snapshot / "snapshot.bin")
+    for gid in p.idle():
+        assert json.loads((p.guests / gid / "ready").read_text())["from"] == "snapshot"
+    seen: list[str] = []
+    for index in range(3):
+        events = tmp_path / f"ev{index}.jsonl"
+        spec = write_doc(
+            tmp_path / f"c{index}.yaml",
+            doc(
+                f"snap-{index}",
+                argv=[
+                    "/bin/sh",
+                    "-c",
+                    "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s",
+                ],
+            ),
+        )
+        result = supervisor_cli(
+            str(spec), {**p.env, "CELL_OS_JSONL_EVENTS": str(events)}, timeout=120
+        )
+        assert result.code == 0, result
+        resources = started_data(events)["resources"]
+        assert resources["pool"] == "hit" and resources["poolGuestFrom"] == "snapshot"
+        random_hex, guest_time = result.stdout.split()
+        assert len(random_hex) == 32
+        seen.append(random_hex)
+        # The snapshot's clock was replaced by the host's when the request arrived.
+        assert abs(int(guest_time) - time.time()) < 30, (guest_time, time.time())
+        if index < 2:
+            p.ready(1)
+    assert len(set(seen)) == 3, f"restored guests shared randomness: {seen}"
+
+
+def test_a_changed_snapshot_is_refused_before_restore(
+    tmp_path: Path, pool: Callable[..., Pool], cellos_cli: Run
+) -> None:
+    p = pool("--snapshot", size=1)
+    [gid] = p.ready(1)
+    snap = tmp_path / "state" / "microvm-pool" / "snapshot" / "snapshot.bin"
+    with snap.open("r+b") as fh:
+        fh.seek(snap.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    os.kill(p.pid_of(gid), signal.SIGKILL)  # the pool must restore another one
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = cellos_cli(["microvm", "pool", "status"], p.env)
+        if status.code == 1 and "snapshot.bin" in status.stderr:
+            break
+        time.sleep(0.2)
+    assert status.code == 1 and "sha256 mismatch" in status.stderr, status
+    assert p.idle() == []

@@ -189,6 +189,7 @@ def _cmd_microvm_pool(args: argparse.Namespace) -> int:
         shape,
         backend.pool_guest_command,
         max_age=args.max_age,
+        snapshot=args.snapshot,
     )
     stop = []
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -301,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--memory-mib", type=int, help="guest memory (default 256, the minimum)")
     p.add_argument("--vcpus", type=int, help="guest vCPUs (default 1)")
+    p.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="refill by restoring a snapshot of an idle guest (made at start, digest verified "
+        "before every restore) instead of booting each guest",
+    )
     p.set_defaults(func=_cmd_microvm_pool)
     register_worker_commands(sub)
     register_server_commands(sub)

@@ -245,7 +245,12 @@ class MicrovmBackend(StoredBackend):
         if pooling:
             guest, why = self._claim(spec, accel, digests)
             if guest is not None:
-                pool = {"pool": "hit", "poolGuest": os.path.basename(guest.path)}
+                pool = {
+                    "pool": "hit",
+                    "poolGuest": os.path.basename(guest.path),
+                    # "boot" or "snapshot": how the guest came to be idle.
+                    "poolGuestFrom": str(guest.record.get("from", "boot")),
+                }
             else:
                 pool = {"pool": "miss", "poolMiss": why}
                 manifest, digests = self.load_image()

@@ -37,6 +37,7 @@ import fcntl
 import json
 import os
 import select
+import shlex
 import signal
 import socket
 import subprocess
@@ -49,6 +50,7 @@ from typing import Any
 
 from cellos.core.errors import CellosError, HostError, InvalidSpec
 from cellos.core.log import get_logger
+from cellos.hosts.microvm.manifest import ManifestMismatch, sha256_file
 from cellos.hosts.state import process_start, read_owner, rmtree
 
 log = get_logger(__name__)
@@ -152,6 +154,9 @@ class _Guest:
     sock: socket.socket | None = None
     seen: bytes = b""
     ready: bool = False
+    #: "boot" (a cold boot to IDLE) or "snapshot" (restored from the pool's snapshot).
+    source: str = "boot"
+    next_ping: float = 0.0
 
 
 class PoolManager:
@@ -169,6 +174,7 @@ class PoolManager:
         *,
         max_age: float = DEFAULT_MAX_AGE_SECONDS,
         boot_timeout: float = BOOT_TIMEOUT_SECONDS,
+        snapshot: bool = False,
     ) -> None:
         if size < 1:
             raise InvalidSpec("CELLOS_MICROVM_POOL", f"pool size must be at least 1 (got {size})")
@@ -187,6 +193,9 @@ class PoolManager:
         self.replaced = 0
         #: After a failed boot (e.g. a refused image), the next attempt waits until then.
         self.retry_at = 0.0
+        #: Refill by restoring a snapshot of an idle guest instead of booting one.
+        self.snapshot = snapshot
+        self.snapshot_meta: dict[str, Any] = {}
 
     def open(self) -> None:
         """Take the pool's lock (HostError naming CELLOS_STATE_DIR when another manager runs)
@@ -233,39 +242,129 @@ class PoolManager:
             command, fields = self.boot(self.shape, path)
             if self.settings.get("digests") != fields.get("digests"):
                 self._publish(fields)
+            source = "boot"
+            if self.snapshot:
+                snap = self._snapshot_for(command, fields)
+                command = [*command, "-incoming", f"exec:/bin/cat {shlex.quote(snap)}"]
+                fields = {**fields, "snapshotSha256": self.snapshot_meta["sha256"]}
+                source = "snapshot"
             record = {
                 "guestId": gid,
                 "memoryMiB": self.shape.memory_mib,
                 "vcpus": self.shape.vcpus,
                 "created": time.time(),
+                "from": source,
                 **fields,
             }
             _write_json(os.path.join(path, "record.json"), record)  # before the VMM exists
-            proc = subprocess.Popen(
-                command,
-                cwd=path,
-                env={},
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=os.open(
-                    os.path.join(path, "vmm.log"),
-                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                    0o600,
-                ),
-                close_fds=True,
-                start_new_session=True,
-                preexec_fn=_die_with_manager(),
-            )
+            proc = self._start_vmm(command, path)
         except BaseException:
             rmtree(path)
             raise
         _write_json(
             os.path.join(path, "pid.json"), {"pid": proc.pid, "start": process_start(proc.pid)}
         )
-        self.guests[gid] = _Guest(gid, path, proc, time.monotonic(), time.time())
+        self.guests[gid] = _Guest(gid, path, proc, time.monotonic(), time.time(), source=source)
+
+    @staticmethod
+    def _start_vmm(command: list[str], path: str) -> subprocess.Popen[bytes]:
+        log_fd = os.open(
+            os.path.join(path, "vmm.log"),
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+            0o600,
+        )
+        try:
+            return subprocess.Popen(
+                command,
+                cwd=path,
+                env={},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_fd,
+                close_fds=True,
+                start_new_session=True,
+                preexec_fn=_die_with_manager(),
+            )
+        finally:
+            os.close(log_fd)
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    def _snapshot_for(self, command: list[str], fields: Mapping[str, Any]) -> str:
+        """The snapshot of an idle guest of this image, shape and accelerator (made when
+        missing or stale), its digest verified against its manifest before every restore."""
+        sdir = os.path.join(self.root, "snapshot")
+        meta = _read_json(os.path.join(sdir, "snapshot.json"))
+        wanted = {
+            "digests": fields.get("digests"),
+            "accel": fields.get("accel"),
+            "image": fields.get("image"),
+            "memoryMiB": self.shape.memory_mib,
+            "vcpus": self.shape.vcpus,
+        }
+        if meta is None or any(meta.get(k) != v for k, v in wanted.items()):
+            meta = self._make_snapshot(command, wanted)
+        path = os.path.join(sdir, "snapshot.bin")
+        actual = sha256_file(path)
+        if actual != meta.get("sha256"):
+            raise ManifestMismatch(
+                path,
+                str(meta.get("sha256")),
+                actual,
+                "; the pool's snapshot was changed after it was made and is not remade "
+                "automatically (restart the pool: cellos microvm pool stop, then start it)",
+            )
+        self.snapshot_meta = meta
+        return path
+
+    def _make_snapshot(self, command: list[str], wanted: Mapping[str, Any]) -> dict[str, Any]:
+        """Boot a guest to IDLE, pause it, migrate it to a file (QMP), kill it."""
+        build = os.path.join(self.root, "snapshot-build")
+        rmtree(build)
+        os.mkdir(build, 0o700)
+        started = time.monotonic()
+        proc = self._start_vmm([*command, "-qmp", "unix:qmp.sock,server=on,wait=off"], build)
+        try:
+            deadline = time.monotonic() + self.boot_timeout
+            _wait_line(build, b"CELLOS:IDLE", deadline, proc)
+            with _Qmp(os.path.join(build, "qmp.sock"), deadline) as qmp:
+                # Migrated while running (an idle guest converges at once): a guest paused
+                # first would be restored paused.
+                qmp.call("migrate", {"uri": "exec:/bin/cat > snapshot.tmp"})
+                while True:
+                    status = qmp.call("query-migrate").get("status")
+                    if status == "completed":
+                        break
+                    if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                        raise HostError("microvm pool snapshot", f"migration {status}")
+                    time.sleep(0.05)
+        except OSError as exc:
+            raise HostError("microvm pool snapshot", f"QMP: {exc}") from None
+        finally:
+            proc.kill()
+            proc.wait()
+        tmp = os.path.join(build, "snapshot.tmp")
+        meta = {
+            **wanted,
+            "sha256": sha256_file(tmp),
+            "sizeBytes": os.path.getsize(tmp),
+            "created": time.time(),
+            "madeInMs": round((time.monotonic() - started) * 1000),
+        }
+        os.rename(tmp, os.path.join(build, "snapshot.bin"))
+        for extra in ("qmp.sock", SOCKET, "vmm.log"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(build, extra))
+        _write_json(os.path.join(build, "snapshot.json"), meta)
+        sdir = os.path.join(self.root, "snapshot")
+        rmtree(sdir)
+        os.rename(build, sdir)
+        log.info("pool snapshot made in %d ms (%d bytes)", meta["madeInMs"], meta["sizeBytes"])
+        return meta
 
     def _watch_boot(self, guest: _Guest) -> None:
-        """Connect to a booting guest's channel and wait (without blocking) for IDLE."""
+        """Connect to a booting guest's channel and wait (without blocking) for IDLE (a
+        restored guest was idle when its snapshot was made: it must answer a ping)."""
         if guest.sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
@@ -275,6 +374,12 @@ class PoolManager:
                 return
             sock.setblocking(False)
             guest.sock = sock
+        if guest.source == "snapshot" and time.monotonic() >= guest.next_ping:
+            # Resent until answered: a byte that arrives while the migration is still
+            # loading the serial port's state may be lost.
+            with contextlib.suppress(OSError):
+                guest.sock.send(b"\n")
+            guest.next_ping = time.monotonic() + 0.5
 
     def _read_boot(self, guest: _Guest) -> None:
         assert guest.sock is not None
@@ -289,12 +394,15 @@ class PoolManager:
             guest.sock = None
             return
         guest.seen = (guest.seen + data)[-4096:]
-        if b"CELLOS:IDLE" in guest.seen:
+        if b"CELLOS:IDLE" in guest.seen or b"CELLOS:PONG" in guest.seen:
             guest.sock.close()
             guest.sock = None
             guest.ready = True
-            _touch(os.path.join(guest.path, "ready"))
-            log.info("pool guest %s ready in %.0f ms", guest.gid, self._age(guest) * 1000)
+            ready_ms = round(self._age(guest) * 1000)
+            _write_json(
+                os.path.join(guest.path, "ready"), {"readyMs": ready_ms, "from": guest.source}
+            )
+            log.info("pool guest %s ready in %d ms (%s)", guest.gid, ready_ms, guest.source)
 
     def _age(self, guest: _Guest) -> float:
         return time.monotonic() - guest.started
@@ -383,6 +491,75 @@ class PoolManager:
             rmtree(self.root)
             os.close(self.lock_fd)
             self.lock_fd = None
+
+
+def _wait_line(
+    directory: str, marker: bytes, deadline: float, proc: subprocess.Popen[bytes]
+) -> None:
+    """Connect to a guest's channel and read until ``marker`` (HostError at the deadline)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        while True:
+            try:
+                _connect(sock, directory)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise HostError("microvm pool snapshot", "the guest did not start") from None
+                time.sleep(0.02)
+        seen = b""
+        while marker not in seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HostError("microvm pool snapshot", "the guest did not become idle")
+            sock.settimeout(left)
+            data = sock.recv(65536)
+            if not data:
+                raise HostError("microvm pool snapshot", "the guest's channel closed")
+            seen = (seen + data)[-4096:]
+    finally:
+        sock.close()
+
+
+class _Qmp:
+    """A minimal QMP client (one command at a time) on QEMU's unix socket."""
+
+    def __init__(self, path: str, deadline: float) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(max(1.0, deadline - time.monotonic()))
+        self.sock.connect(path)
+        self.buf = b""
+        self._message()  # the greeting
+        self.call("qmp_capabilities")
+
+    def __enter__(self) -> _Qmp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def _message(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise HostError("microvm pool snapshot", "QMP connection closed")
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        value = json.loads(line)
+        return value if isinstance(value, dict) else {}
+
+    def call(self, command: str, arguments: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = dict(arguments)
+        self.sock.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            reply = self._message()
+            if "error" in reply:
+                raise HostError("microvm pool snapshot", f"QMP {command}: {reply['error']}")
+            if "return" in reply:
+                result = reply["return"]
+                return result if isinstance(result, dict) else {}
 
 
 def _die_with_manager() -> Callable[[], None]:

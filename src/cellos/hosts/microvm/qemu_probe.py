@@ -117,8 +117,16 @@ def request_line(
     workdir: str | None = None,
     cgroup: dict[str, str] | None = None,
 ) -> bytes:
-    """A pool guest's request: one line on its channel; InvalidSpec when it is too long."""
+    """A pool guest's request: one line on its channel; InvalidSpec when it is too long.
+
+    It also carries 32 fresh random bytes (``cellos.seed``: the guest mixes them into its
+    RNG and reseeds it) and the host's clock (``cellos.time``): guests restored from one
+    snapshot would otherwise share their RNG state and the snapshot's time."""
     params = request_params(argv, env, artifacts, hostname=hostname, workdir=workdir, cgroup=cgroup)
+    params += [
+        f"cellos.seed={base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip('=')}",
+        f"cellos.time={b64url_text(str(time.time_ns()))}",
+    ]
     line = (" ".join(params) + "\n").encode()
     if len(line) > MAX_REQUEST_LINE:
         raise InvalidSpec(

@@ -25,6 +25,11 @@
  *   cellos.hostname=<base64url hostname>                  optional (the cell id, <= 64 bytes)
  *   cellos.workdir=<base64url absolute path>              optional (default /workspace)
  *   cellos.cgroup=<base64url JSON object file -> value>   optional: memory.max, pids.max
+ * and on a pool guest's channel only:
+ *   cellos.seed=<base64url 16-512 random bytes>           mixed into the kernel RNG, which is
+ *                                                         then reseeded (RNDRESEEDCRNG)
+ *   cellos.time=<base64url decimal ns since the epoch>    sets the clock (a restored snapshot
+ *                                                         has the snapshot's)
  *
  * The workload runs in its own cgroup (v2, /sys/fs/cgroup/cell, memory and pids
  * controllers) with the limits of cellos.cgroup; its memory.events oom_kill and pids.events
@@ -43,6 +48,9 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/openat2.h>
+#include <linux/random.h>
+#include <sys/ioctl.h>
+#include <time.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -1046,6 +1054,41 @@ int main(void)
                 fail_spawn("cellos.artifacts", "paths must be absolute and < 1024 bytes");
     }
 
+    /* A pool guest (perhaps restored from a snapshot, which every restored guest shares):
+     * fresh randomness from the host, mixed in and the kernel's CRNG reseeded at once, and
+     * the host's clock (a restored guest's clock is the snapshot's). */
+    size_t seedlen = 0;
+    const char *seed_tok = NULL;
+    if (request != cmdline && (seed_tok = strstr(request, "cellos.seed=")) != NULL) {
+        const char *end = strchrnul(seed_tok, ' ');
+        char *seed = b64url_decode(seed_tok + 12, (size_t)(end - seed_tok - 12), &seedlen);
+        if (!seed || seedlen < 16 || seedlen > 512)
+            fail_spawn("cellos.seed", "must be 16 to 512 bytes of base64url");
+        struct {
+            struct rand_pool_info info;
+            unsigned char buf[512];
+        } entropy;
+        entropy.info.entropy_count = (int)(seedlen * 8);
+        entropy.info.buf_size = (int)seedlen;
+        memcpy(entropy.buf, seed, seedlen);
+        int rfd = open("/dev/urandom", O_RDWR | O_CLOEXEC);
+        if (rfd < 0 || ioctl(rfd, RNDADDENTROPY, &entropy) < 0 || ioctl(rfd, RNDRESEEDCRNG) < 0)
+            fail_spawn("cellos.seed", strerror(errno));
+        close(rfd);
+        memset(&entropy, 0, sizeof entropy);
+        memset(seed, 0, seedlen);
+        free(seed);
+    }
+    if ((text = cmdline_param(request, "cellos.time", &err)) != NULL || err) {
+        if (err)
+            fail_spawn("cellos.time", err);
+        char *endp;
+        unsigned long long ns = strtoull(text, &endp, 10);
+        struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000ULL),
+                              .tv_nsec = (long)(ns % 1000000000ULL)};
+        if (*endp || clock_settime(CLOCK_REALTIME, &ts) < 0)
+            fail_spawn("cellos.time", *endp ? "not a number of nanoseconds" : strerror(errno));
+    }
     if ((text = cmdline_param(request, "cellos.hostname", &err)) != NULL || err) {
         if (err)
             fail_spawn("cellos.hostname", err);
