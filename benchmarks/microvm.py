@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """MicroVM benchmark: a ``/bin/true`` cell on the ``qemu`` backend, cold and from the warm pool.
 
+Rows: bare QEMU boot, cold cell, pool-hit cell from a pool of booted guests and from a
+``--snapshot`` pool of restored guests, and the refill time of each pool (spawn to idle, the
+manifest and snapshot verification included).
+
 Each round runs, in a shuffled order, one cold cell (one ``Supervisor`` for every cell: boot,
 workload, power-off, teardown, events), one pool-hit cell (the same, with
 ``CELLOS_MICROVM_POOL``: a booted, idle guest of a ``cellos microvm pool`` manager receives
@@ -17,6 +21,7 @@ driver is reported as not measured where no binary exists. Needs root and qemu-s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import select
@@ -77,10 +82,10 @@ def bare_task(image: Path, accel: str, total: Series, ready: Series) -> Task:
     return task
 
 
-def start_pool(env: Mapping[str, str], size: int) -> subprocess.Popen[bytes]:
+def start_pool(env: Mapping[str, str], size: int, *args: str) -> subprocess.Popen[bytes]:
     """A ``cellos microvm pool`` manager of ``size`` guests (the state dir of ``env``)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "cellos.cli", "microvm", "pool", "--size", str(size)],
+        [sys.executable, "-m", "cellos.cli", "microvm", "pool", "--size", str(size), *args],
         env=dict(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -134,38 +139,74 @@ def benchmark(
         }
         cells = WarmCells("cold cell", env)
         pool_env = {**env, "CELLOS_STATE_DIR": str(tmp / "pool"), "CELLOS_MICROVM_POOL": "1"}
-        manager = start_pool(pool_env, pool_size)
-        pooled = WarmCells("pool-hit cell", pool_env)
+        snap_env = {**pool_env, "CELLOS_STATE_DIR": str(tmp / "snap")}
+        managers = [
+            (start_pool(pool_env, pool_size), pool_env),
+            (start_pool(snap_env, pool_size, "--snapshot"), snap_env),
+        ]
+        pooled = WarmCells("pool-hit cell (booted guest)", pool_env)
+        restored = WarmCells("pool-hit cell (restored guest)", snap_env)
         bare, ready = Series("bare qemu boot"), Series("  of which guest boot")
+        refill = {
+            "boot": Series("pool refill: boot to idle"),
+            "snapshot": Series("pool refill: snapshot restore to idle"),
+        }
+        seen: set[str] = set()
+
+        def note_refills(state: Path, record: bool) -> None:
+            """readyMs of every guest the managers made ready (verification included)."""
+            guests = state / "microvm-pool" / "guests"
+            for guest in guests.iterdir() if guests.is_dir() else []:
+                if guest.name in seen:
+                    continue
+                try:
+                    info = json.loads((guest / "ready").read_text())
+                except (OSError, ValueError):
+                    continue
+                seen.add(guest.name)
+                if record:
+                    refill[info["from"]].samples.append(int(info["readyMs"] * 1e6))
 
         def full(task: Task) -> Task:
             def run(index: int, record: bool) -> None:
-                if wait_ready(str(tmp / "pool"), pool_size, 300) < pool_size:
-                    raise BenchError("the pool did not refill within 300 s")
+                for state in (tmp / "pool", tmp / "snap"):
+                    if wait_ready(str(state), pool_size, 300) < pool_size:
+                        raise BenchError(f"the pool in {state} did not refill within 300 s")
+                    note_refills(state, record)
                 task(index, record)
 
             return run
 
-        def hit(index: int, record: bool) -> None:
-            pooled.run(cell_document(cell_id("pool", index)), record)
-            resources = pooled.last_outcome.events[0]["data"]["resources"]
-            if resources.get("pool") != "hit":
-                raise BenchError(f"a pool cell missed the pool: {resources.get('poolMiss')}")
+        def hit(cells: WarmCells, source: str) -> Task:
+            def run(index: int, record: bool) -> None:
+                cells.run(cell_document(cell_id("pool", source, index)), record)
+                resources = cells.last_outcome.events[0]["data"]["resources"]
+                if resources.get("pool") != "hit" or resources.get("poolGuestFrom") != source:
+                    raise BenchError(f"a pool cell missed the pool: {resources}")
+
+            return run
 
         try:
             tasks = [
                 full(cells.task(lambda i: cell_document(cell_id("vm", i)))),
-                full(hit),
+                full(hit(pooled, "boot")),
+                full(hit(restored, "snapshot")),
                 full(bare_task(image, accel, bare, ready)),
             ]
             harness.run_rounds(rounds, warmup, tasks, random.Random(seed))
+            snapshot_meta = json.loads(
+                (tmp / "snap" / "microvm-pool" / "snapshot" / "snapshot.json").read_text()
+            )
         finally:
             cells.close()
             pooled.close()
-            stop_pool(manager, pool_env)
-        left = harness.residue([tmp / "state", tmp / "pool"])
-        if (tmp / "pool" / "microvm-pool").exists():
-            left.append(str(tmp / "pool" / "microvm-pool"))
+            restored.close()
+            for manager, menv in managers:
+                stop_pool(manager, menv)
+        left = harness.residue([tmp / "state", tmp / "pool", tmp / "snap"])
+        for state in (tmp / "pool", tmp / "snap"):
+            if (state / "microvm-pool").exists():
+                left.append(str(state / "microvm-pool"))
         if left:
             raise BenchError(f"cells left residue in their state directory: {left[:5]}")
         load = os.getloadavg()
@@ -180,11 +221,26 @@ def benchmark(
         "driver": "qemu",
         "machine": default_machine(accel),
         "accel": accel,
-        "rows": harness.ratio_rows([bare, ready, cells.series, pooled.series], bare),
+        "rows": harness.ratio_rows(
+            [
+                bare,
+                ready,
+                cells.series,
+                pooled.series,
+                restored.series,
+                refill["boot"],
+                refill["snapshot"],
+            ],
+            bare,
+        ),
+        "snapshot": {
+            "sizeBytes": snapshot_meta["sizeBytes"],
+            "madeInMs": snapshot_meta["madeInMs"],
+        },
         "workload_and_poweroff_p50_ms": rest,
         "pool_size": pool_size,
         "pool_hit_target": {
-            "claim": "pool-hit /bin/true cell p50 <= 150 ms",
+            "claim": "pool-hit /bin/true cell (booted guest) p50 <= 150 ms",
             "p50_ms": hit_p50,
             "met": hit_p50 is not None and hit_p50 <= 150,
         },
@@ -203,6 +259,12 @@ def show(report: Mapping[str, Any]) -> None:
             f"{target['claim']}: {target['p50_ms']:.0f} ms "
             f"({'met' if target['met'] else 'NOT met'}; pool of {report['pool_size']})"
         )
+    snap = report["snapshot"]
+    print(
+        f"snapshot of an idle guest: {snap['sizeBytes'] / 1e6:.0f} MB, made in "
+        f"{snap['madeInMs']} ms (its sha256 is verified before every restore; refill rows "
+        "include the verification)"
+    )
     print("load average at the end: " + " ".join(f"{x:.2f}" for x in report["loadavg_at_end"]))
     if report["workload_and_poweroff_p50_ms"] is not None:
         print(f"bare boot after CELLOS:READY: {report['workload_and_poweroff_p50_ms']:.0f} ms p50")

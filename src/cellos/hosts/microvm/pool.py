@@ -235,6 +235,8 @@ class PoolManager:
             os.ftruncate(self.lock_fd, len(data))
 
     def _spawn(self) -> None:
+        # readyMs counts from here: the image (and snapshot) verification is part of a refill.
+        begun = time.monotonic()
         gid = f"g{uuid.uuid4().hex[:16]}"
         path = os.path.join(_guests(self.root), gid)
         os.mkdir(path, 0o700)
@@ -264,7 +266,7 @@ class PoolManager:
         _write_json(
             os.path.join(path, "pid.json"), {"pid": proc.pid, "start": process_start(proc.pid)}
         )
-        self.guests[gid] = _Guest(gid, path, proc, time.monotonic(), time.time(), source=source)
+        self.guests[gid] = _Guest(gid, path, proc, begun, time.time(), source=source)
 
     @staticmethod
     def _start_vmm(command: list[str], path: str) -> subprocess.Popen[bytes]:
@@ -472,8 +474,19 @@ class PoolManager:
             self.replaced += 1
 
     def run(self, should_stop: Callable[[], bool]) -> None:
-        while not should_stop():
+        while not should_stop() and self._lock_is_current():
             self.tick()
+
+    def _lock_is_current(self) -> bool:
+        """False when the pool's lock file was removed or replaced (the pool's directory was
+        deleted under the manager): it stops rather than run guests nobody can find."""
+        assert self.lock_fd is not None
+        try:
+            current = os.stat(os.path.join(self.root, "pool.lock"), follow_symlinks=False)
+        except FileNotFoundError:
+            log.error("%s was removed: stopping the pool", self.root)
+            return False
+        return current.st_ino == os.fstat(self.lock_fd).st_ino
 
     def close(self) -> None:
         """Kill every guest, wait for them, remove the pool's state and release its lock."""
@@ -488,7 +501,15 @@ class PoolManager:
             _remove_guest(guest.path)
         self.guests.clear()
         if self.lock_fd is not None:
-            rmtree(self.root)
+            try:
+                ours = (
+                    os.stat(os.path.join(self.root, "pool.lock"), follow_symlinks=False).st_ino
+                    == os.fstat(self.lock_fd).st_ino
+                )
+            except FileNotFoundError:
+                ours = False
+            if ours:  # never another manager's pool, started after ours was deleted
+                rmtree(self.root)
             os.close(self.lock_fd)
             self.lock_fd = None
 
