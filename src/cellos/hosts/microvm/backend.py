@@ -120,6 +120,7 @@ class MicrovmBackend(StoredBackend):
         self._pool_started = -POOL_START_INTERVAL
         self.accel_cache = AccelCache(self.store.root)
         self._vmm_known: dict[str, str] = {}
+        self._default_known: tuple[object, tuple[str, str, str]] | None = None
 
     # -- image -------------------------------------------------------------------------------
 
@@ -132,7 +133,7 @@ class MicrovmBackend(StoredBackend):
         ``verify_files`` False the digests are the manifest's, not yet checked against the
         files (a pool guest's were checked before it booted: see ``create``)."""
         if self.configured_image is None:
-            found = ensure_image(build=build)
+            found = self._default_image(build, reuse=not verify_files)
             if found is None:
                 raise HostError(
                     image_cache.cache_dir(),
@@ -169,6 +170,24 @@ class MicrovmBackend(StoredBackend):
             raise HostError(
                 exc.path, f"{exc.reason}; rebuild the cached image with: {image_cache.REFRESH_HINT}"
             ) from exc
+
+    def _default_image(self, build: bool, *, reuse: bool) -> tuple[str, str, str] | None:
+        """``ensure_image``; with ``reuse`` (a pool cell, whose guest's files the pool's
+        manager verified) the last answer while the VMM binary is the same file, unchanged
+        (its sha256 chooses the image: not hashed again on a pool hit)."""
+        vmm = image_cache.find_vmm(None)
+        try:
+            st = os.stat(vmm)
+            identity = (vmm, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            identity = None
+        known = self._default_known
+        if reuse and known is not None and identity is not None and known[0] == identity:
+            image_cache.check_image_dir(known[1][0])
+            return known[1]
+        found = ensure_image(build=build)
+        self._default_known = (identity, found) if found is not None else None
+        return found
 
     # -- acceleration ------------------------------------------------------------------------
 
