@@ -282,8 +282,14 @@ def test_a_dead_pool_manager_takes_its_guests_with_it_and_reap_removes_its_state
 
 
 def test_a_supervisor_starts_the_pool_on_demand(
-    tmp_path: Path, image_dir: Path, supervisor_cli: Run, cellos_cli: Run
+    tmp_path: Path,
+    image_dir: Path,
+    supervisor_cli: Run,
+    cellos_cli: Run,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from cellos.doctor import check_microvm_pool
+
     env = pool_env(tmp_path, image_dir, size=1, CELL_OS_JSONL_EVENTS=str(tmp_path / "ev.jsonl"))
     try:
         spec = write_doc(tmp_path / "c.yaml", doc("demand-1", argv=["/bin/true"]))
@@ -301,6 +307,9 @@ def test_a_supervisor_starts_the_pool_on_demand(
         assert started_data(tmp_path / "ev.jsonl")["resources"]["pool"] == "hit"
         status = cellos_cli(["microvm", "pool", "status"], env)
         assert status.code == 0 and "size 1" in status.stdout, status
+        monkeypatch.setenv("CELLOS_STATE_DIR", env["CELLOS_STATE_DIR"])
+        check = check_microvm_pool()
+        assert check.ok and "pool of 1 (256 MiB, 1 vCPU, tcg)" in check.detail, check
     finally:
         stop = cellos_cli(["microvm", "pool", "stop"], env)
     assert stop.code == 0 and "pool stopped" in stop.stdout, stop
