@@ -13,9 +13,15 @@ One pool per state root, in the cell-state store (``$CELLOS_STATE_DIR/microvm-po
                              vcpus, accel, image, digests, maxAgeSeconds)
     guests/<id>/record.json  written before the guest's VMM is started: shape, image, digests,
                              when it was started
-    guests/<id>/pid          the VMM (a child of the manager: it dies with it, PDEATHSIG)
+    guests/<id>/pid.json     the VMM (pid, start time; a child of the manager: it dies with
+                             it, PDEATHSIG)
     guests/<id>/qemu.sock    the guest's channel (QEMU listens)
-    guests/<id>/ready        created once the guest said CELLOS:IDLE
+    guests/<id>/ready        written once the guest said CELLOS:IDLE (or, restored from the
+                             snapshot, answered a ping): readyMs, from (boot | snapshot)
+    snapshot/                with ``--snapshot``: snapshot.bin (an idle guest migrated to a
+                             file) and snapshot.json (its sha256, and the image digests,
+                             accelerator and shape it was made from), verified before every
+                             restore
     guests/<id>/claim.lock   flock held by the supervisor whose cell uses the guest
     guests/<id>/claimed      created with O_EXCL by that supervisor (the atomic claim: one
                              winner, ever; a guest is never handed out twice)
