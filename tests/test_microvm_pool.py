@@ -487,3 +487,50 @@ def test_a_changed_snapshot_is_refused_before_restore(
         time.sleep(0.2)
     assert status.code == 1 and "sha256 mismatch" in status.stderr, status
     assert p.idle() == []
+
+
+def test_guests_that_never_become_idle_are_reported_and_not_respawned_in_a_loop(
+    tmp_path: Path, image_dir: Path, cellos_cli: Run
+) -> None:
+    import hashlib
+    import shutil
+
+    # A consistent manifest whose kernel QEMU cannot load: every guest dies at once.
+    image = tmp_path / "image"
+    shutil.copytree(image_dir, image)
+    (image / "vmlinuz").write_bytes(b"not a kernel\n" * 100)
+    manifest = json.loads((image / "manifest.json").read_text())
+    manifest["kernel"]["sha256"] = hashlib.sha256((image / "vmlinuz").read_bytes()).hexdigest()
+    (image / "manifest.json").write_text(json.dumps(manifest))
+    env = pool_env(tmp_path, image, size=2)
+    p = Pool(tmp_path, env, "--size", "2")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = cellos_cli(["microvm", "pool", "status"], env)
+            if status.code == 1 and "before the guest was idle" in status.stderr:
+                break
+            time.sleep(0.2)
+        assert status.code == 1 and "exited with status" in status.stderr, status
+        # It waits between attempts (RETRY_SECONDS) instead of spinning.
+        started = time.monotonic()
+        names: set[str] = set()
+        while time.monotonic() - started < 3:
+            names |= {g.name for g in p.guests.iterdir()} if p.guests.is_dir() else set()
+            time.sleep(0.02)
+        assert len(names) <= 2, f"{len(names)} guests started in 3 s"
+    finally:
+        p.stop()
+    assert vmms_under(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(["--size", "0"], "--size"), (["--vcpus", "0"], "--vcpus"), (["--max-age", "0"], "--max-age")],
+)
+def test_bad_pool_options_are_refused_naming_the_option(
+    tmp_path: Path, cellos_cli: Run, args: list[str], option: str
+) -> None:
+    result = cellos_cli(["microvm", "pool", *args], base_env(tmp_path))
+    assert result.code == 2 and option in result.stderr, result
+    assert "Traceback" not in result.stderr

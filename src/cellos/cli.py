@@ -173,6 +173,20 @@ def _cmd_microvm_pool(args: argparse.Namespace) -> int:
     from cellos.hosts.microvm.backend import MicrovmBackend
 
     size = args.size if args.size is not None else microvm_pool_size(env) or 1
+    for option, value, low, high in (
+        ("--size", size, 1, 64),
+        ("--vcpus", args.vcpus, 1, 32),
+        ("--memory-mib", args.memory_mib, 256, 1 << 20),
+    ):
+        if value is not None and not low <= value <= high:
+            print(f"error: {option}: must be from {low} to {high} (got {value})", file=sys.stderr)
+            return 2
+    if args.max_age <= 0:
+        print(
+            f"error: --max-age: must be a positive number of seconds (got {args.max_age:g})",
+            file=sys.stderr,
+        )
+        return 2
     backend = MicrovmBackend(
         image_dir=env.get("CELLOS_MICROVM_IMAGE") or None,
         state_root=state_root,

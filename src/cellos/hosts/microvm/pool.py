@@ -427,6 +427,14 @@ class PoolManager:
                 if not claimed:
                     log.warning("pool guest %s died unused; replacing it", gid)
                     self.replaced += 1
+                if not guest.ready and not claimed:
+                    # It never became idle (QEMU refused its command line, the guest
+                    # crashed): say why and wait before the next boot, never spin.
+                    why = _tail(os.path.join(guest.path, "vmm.log"))
+                    self._failed(
+                        f"{guest.path}: the VMM exited with status {guest.proc.returncode} "
+                        f"before the guest was idle{': ' + why if why else ''}"
+                    )
                 if guest.sock is not None:
                     guest.sock.close()
                 _remove_guest(guest.path)
@@ -455,14 +463,7 @@ class PoolManager:
             except CellosError as exc:
                 # E.g. the image was changed after it was built: no guest boots from it; the
                 # guests already booted (verified before their boot) are still handed out.
-                log.error("pool guest not started: %s: %s", exc.path, exc.reason)
-                self._publish(
-                    {
-                        **{k: v for k, v in self.settings.items() if k not in ("pid", "start")},
-                        "error": f"{exc.path}: {exc.reason}",
-                    }
-                )
-                self.retry_at = time.monotonic() + RETRY_SECONDS
+                self._failed(f"{exc.path}: {exc.reason}")
         booting: dict[int, _Guest] = {}
         for guest in self.guests.values():
             if not guest.ready:
@@ -472,6 +473,18 @@ class PoolManager:
         readable, _, _ = select.select(list(booting), [], [], wait)
         for fd in readable:
             self._read_boot(booting[fd])
+
+    def _failed(self, why: str) -> None:
+        """No guest could be made ready: published for ``pool status`` / doctor, and the next
+        boot waits RETRY_SECONDS."""
+        log.error("pool guest not started: %s", why)
+        self._publish(
+            {
+                **{k: v for k, v in self.settings.items() if k not in ("pid", "start")},
+                "error": why,
+            }
+        )
+        self.retry_at = time.monotonic() + RETRY_SECONDS
 
     def _retire(self, guest: _Guest) -> None:
         """Take an unclaimed guest out of the pool (the manager claims it itself), kill it."""
@@ -518,6 +531,17 @@ class PoolManager:
                 rmtree(self.root)
             os.close(self.lock_fd)
             self.lock_fd = None
+
+
+def _tail(path: str, limit: int = 300) -> str:
+    """The last line(s) of a log, printable and bounded."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - limit))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return " ".join(text.split())[-limit:]
 
 
 def _wait_line(
