@@ -391,6 +391,8 @@ class WarmCells:
 
         self.series = Series(name)
         self.events_per_cell = 0
+        #: The last cell's outcome (its events say e.g. whether a pool was hit).
+        self.last_outcome: Any = None
         try:
             self._supervisor: Any = build_supervisor(dict(env))
         except CellosError as exc:
@@ -412,6 +414,7 @@ class WarmCells:
         except CellosError as exc:
             raise BenchError(f"{self.series.name}: {exc.path}: {exc.reason}") from None
         outcome = outcomes[0]
+        self.last_outcome = outcome
         if outcome.exit_code != 0 or outcome.errors or outcome.lost_events:
             errors = "; ".join(f"{e.path}: {e.reason}" for e in outcome.errors)
             raise BenchError(

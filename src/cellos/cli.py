@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -141,6 +142,86 @@ def _cmd_microvm_build_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_microvm_pool(args: argparse.Namespace) -> int:
+    import signal
+
+    from cellos.hosts.microvm import pool
+    from cellos.hosts.registry import microvm_pool_size
+    from cellos.hosts.state import default_state_root
+
+    env = os.environ
+    state_root = env.get("CELLOS_STATE_DIR") or default_state_root()
+    if args.action == "stop":
+        stopped = pool.stop_pool(state_root)
+        print("pool stopped" if stopped else "no pool running")
+        return 0
+    if args.action == "status":
+        settings = pool.live_pool(state_root)
+        if settings is None:
+            print("no pool running")
+            return 1
+        ready = pool.wait_ready(state_root, 0, 0)
+        print(
+            f"pool: pid {settings.get('pid')}, size {settings.get('size')}, "
+            f"{settings.get('memoryMiB')} MiB x {settings.get('vcpus')} vCPU, "
+            f"accel {settings.get('accel')}, {ready} idle, image {settings.get('image')}"
+        )
+        if settings.get("error"):
+            print(f"error: the pool cannot boot guests: {settings['error']}", file=sys.stderr)
+            return 1
+        return 0
+    from cellos.hosts.microvm.backend import MicrovmBackend
+
+    size = args.size if args.size is not None else microvm_pool_size(env) or 1
+    for option, value, low, high in (
+        ("--size", size, 1, 64),
+        ("--vcpus", args.vcpus, 1, 32),
+        ("--memory-mib", args.memory_mib, 256, 1 << 20),
+    ):
+        if value is not None and not low <= value <= high:
+            print(f"error: {option}: must be from {low} to {high} (got {value})", file=sys.stderr)
+            return 2
+    if args.max_age <= 0:
+        print(
+            f"error: --max-age: must be a positive number of seconds (got {args.max_age:g})",
+            file=sys.stderr,
+        )
+        return 2
+    backend = MicrovmBackend(
+        image_dir=env.get("CELLOS_MICROVM_IMAGE") or None,
+        state_root=state_root,
+        allow_tcg=env.get("CELLOS_MICROVM_ALLOW_TCG", "").strip() in {"1", "true", "yes"},
+        accel=env.get("CELLOS_MICROVM_ACCEL") or None,
+    )
+    shape = pool.Shape(
+        memory_mib=max(MicrovmBackend.shape_of(None).memory_mib, args.memory_mib or 0),
+        vcpus=args.vcpus or 1,
+    )
+    manager = pool.PoolManager(
+        state_root,
+        size,
+        shape,
+        backend.pool_guest_command,
+        max_age=args.max_age,
+        snapshot=args.snapshot,
+    )
+    stop = []
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda n, _f: stop.append(n))
+    manager.open()
+    try:
+        print(
+            f"cellos: microVM pool of {size} ({shape.memory_mib} MiB, {shape.vcpus} vCPU) "
+            f"in {manager.root}; stop with: cellos microvm pool stop",
+            file=sys.stderr,
+            flush=True,
+        )
+        manager.run(lambda: bool(stop))
+    finally:
+        manager.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellos", description="CellOS execution-cell runner")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +299,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--vmm", help="VMM binary recorded in the manifest (default: qemu on PATH)")
     p.set_defaults(func=_cmd_microvm_build_image)
+    p = microvm.add_parser(
+        "pool",
+        help="keep warm, single-use microVM guests booted and idle (run: in the foreground "
+        "until SIGTERM/SIGINT; stop: stop the running pool; status)",
+    )
+    p.add_argument("action", nargs="?", choices=["run", "stop", "status"], default="run")
+    p.add_argument(
+        "--size", type=int, help="idle guests to keep (default: CELLOS_MICROVM_POOL, else 1)"
+    )
+    p.add_argument(
+        "--max-age",
+        type=float,
+        default=600.0,
+        help="seconds an idle guest may wait before it is replaced (default 600)",
+    )
+    p.add_argument("--memory-mib", type=int, help="guest memory (default 256, the minimum)")
+    p.add_argument("--vcpus", type=int, help="guest vCPUs (default 1)")
+    p.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="refill by restoring a snapshot of an idle guest (made at start, digest verified "
+        "before every restore) instead of booting each guest",
+    )
+    p.set_defaults(func=_cmd_microvm_pool)
     register_worker_commands(sub)
     register_server_commands(sub)
     register_mcp_commands(sub)

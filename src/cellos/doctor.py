@@ -225,6 +225,7 @@ def check_microvm(*, refresh_probe: bool = False) -> list[Check]:
         checks.append(Check("microvm:qemu", False, "qemu-system-x86_64 not installed"))
     else:
         checks.extend(_check_qemu(qemu, refresh_probe))
+    checks.append(check_microvm_pool())
     firecracker = find_firecracker()
     checks.append(
         Check(
@@ -234,6 +235,32 @@ def check_microvm(*, refresh_probe: bool = False) -> list[Check]:
         )
     )
     return checks
+
+
+def check_microvm_pool() -> Check:
+    """The warm pool of the state directory (``cellos microvm pool``), if one runs."""
+    from cellos.hosts.microvm.pool import live_pool, wait_ready
+    from cellos.hosts.state import default_state_root
+
+    root = os.environ.get("CELLOS_STATE_DIR") or default_state_root()
+    settings = live_pool(root)
+    if settings is None:
+        wanted = os.environ.get("CELLOS_MICROVM_POOL") or "unset"
+        return Check(
+            "microvm:pool",
+            True,
+            f"no pool running for {root} (CELLOS_MICROVM_POOL={wanted}; qemu cells boot cold "
+            "until one runs: cellos microvm pool)",
+        )
+    error = settings.get("error")
+    return Check(
+        "microvm:pool",
+        not error,
+        f"pool of {settings.get('size')} ({settings.get('memoryMiB')} MiB, "
+        f"{settings.get('vcpus')} vCPU, {settings.get('accel')}), "
+        f"{wait_ready(root, 0, 0)} idle, manager pid {settings.get('pid')}"
+        + (f"; cannot boot guests: {error}" if error else ""),
+    )
 
 
 def _describe(decision: AccelDecision) -> str:

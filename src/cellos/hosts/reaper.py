@@ -72,6 +72,10 @@ def reap(store: CellStore) -> list[ReapedCell]:
         result = _reap_one(store, cell_id, fd)
         if result is not None:
             reaped.append(result)
+    if os.path.isdir(os.path.join(store.root, "microvm-pool")):
+        from cellos.hosts.microvm.pool import reap_pool
+
+        reap_pool(store.root)  # only when its manager is dead
     if os.path.isdir(os.path.join(store.root, "net")):
         from cellos.network.scope import sweep_slots
 

@@ -59,6 +59,7 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
             state_root=env.get("CELLOS_STATE_DIR") or None,
             allow_tcg=env.get("CELLOS_MICROVM_ALLOW_TCG", "").strip() in {"1", "true", "yes"},
             accel=env.get("CELLOS_MICROVM_ACCEL") or None,
+            pool_size=microvm_pool_size(env),
         )
     if name in PLANNED:
         raise PolicyRefused(
@@ -67,6 +68,16 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
     raise PolicyRefused(
         "CELLOS_CELL_BACKEND", f"unknown backend {name!r} (expected one of: {', '.join(KNOWN)})"
     )
+
+
+def microvm_pool_size(env: Mapping[str, str]) -> int:
+    """``CELLOS_MICROVM_POOL``: how many warm guests (0 or unset: none)."""
+    raw = (env.get("CELLOS_MICROVM_POOL") or "0").strip()
+    if not raw.isdigit() or int(raw) > 64:
+        raise PolicyRefused(
+            "CELLOS_MICROVM_POOL", f"must be a number of guests from 0 to 64 (got {raw!r})"
+        )
+    return int(raw)
 
 
 def _network_pool(env: Mapping[str, str]) -> str | None:

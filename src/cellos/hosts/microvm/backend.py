@@ -22,8 +22,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import os
+import select
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +52,13 @@ from cellos.hosts.microvm.firecracker import mem_mib_for, vcpus_for
 from cellos.hosts.microvm.image import MANIFEST_NAME
 from cellos.hosts.microvm.image_cache import ensure_image
 from cellos.hosts.microvm.manifest import Manifest, ManifestMismatch, load_manifest, verify
-from cellos.hosts.microvm.qemu_probe import kernel_append, qemu_command
+from cellos.hosts.microvm.pool import ClaimedGuest, Shape, claim, live_pool, start_detached
+from cellos.hosts.microvm.qemu_probe import (
+    POOL_APPEND,
+    kernel_append,
+    qemu_command,
+    request_line,
+)
 from cellos.hosts.microvm.request import (
     cgroup_settings,
     check_working_directory,
@@ -68,6 +77,8 @@ class _LiveCell:
     manifest: Manifest
     accel: str
     artifacts: dict[str, bytes | None] = field(default_factory=dict)
+    #: The warm pool's guest this cell runs in (None: a cold boot).
+    guest: ClaimedGuest | None = None
 
     @property
     def cell_dir(self) -> str:
@@ -78,6 +89,8 @@ _LIVE: LiveCells[_LiveCell] = LiveCells()
 #: The Debian cloud kernel does not get through unpacking its initramfs with less (it hangs
 #: at 128 MiB): a smaller memoryMaxBytes still gives the guest this much.
 MIN_GUEST_MIB = 256
+#: Seconds between two attempts of one backend to start the pool (CELLOS_MICROVM_POOL).
+POOL_START_INTERVAL = 30.0
 
 
 class MicrovmBackend(StoredBackend):
@@ -90,6 +103,7 @@ class MicrovmBackend(StoredBackend):
         state_root: str | None = None,
         allow_tcg: bool = False,
         accel: str | None = None,
+        pool_size: int = 0,
     ) -> None:
         #: None: the per-user cached image (image_cache.py), resolved (built) at first create.
         self.configured_image = image_dir
@@ -104,17 +118,25 @@ class MicrovmBackend(StoredBackend):
         self.allow_tcg = allow_tcg
         self.forced_accel = accel
         self.store = CellStore(state_root)
+        #: CELLOS_MICROVM_POOL: cells take a warm guest of the pool (started when missing).
+        self.pool_size = pool_size
+        self._pool_started = -POOL_START_INTERVAL
         self.accel_cache = AccelCache(self.store.root)
         self._vmm_known: dict[str, str] = {}
+        self._default_known: tuple[object, tuple[str, str, str]] | None = None
 
     # -- image -------------------------------------------------------------------------------
 
-    def load_image(self, *, build: bool = True) -> tuple[Manifest, dict[str, str]]:
+    def load_image(
+        self, *, build: bool = True, verify_files: bool = True
+    ) -> tuple[Manifest, dict[str, str]]:
         """The image's manifest and its verified digests (refused before any boot on a
         mismatch). Without CELLOS_MICROVM_IMAGE the per-user cached image is used, built
-        first when missing (unless ``build`` is False: HostError then)."""
+        first when missing (unless ``build`` is False: HostError then). With
+        ``verify_files`` False the digests are the manifest's, not yet checked against the
+        files (a pool guest's were checked before it booted: see ``create``)."""
         if self.configured_image is None:
-            found = ensure_image(build=build)
+            found = self._default_image(build, reuse=not verify_files)
             if found is None:
                 raise HostError(
                     image_cache.cache_dir(),
@@ -127,6 +149,12 @@ class MicrovmBackend(StoredBackend):
         assert self.image_dir is not None
         try:
             manifest = load_manifest(self.image_dir / MANIFEST_NAME)
+            if not verify_files:
+                return manifest, {
+                    "kernel": manifest.kernel.sha256,
+                    "initrd": manifest.initrd.sha256,
+                    "vmm": manifest.vmm.sha256,
+                }
             return manifest, verify(manifest, self.image_dir, self._vmm_known)
         except ManifestMismatch as exc:
             if self.configured_image is not None:
@@ -145,6 +173,24 @@ class MicrovmBackend(StoredBackend):
             raise HostError(
                 exc.path, f"{exc.reason}; rebuild the cached image with: {image_cache.REFRESH_HINT}"
             ) from exc
+
+    def _default_image(self, build: bool, *, reuse: bool) -> tuple[str, str, str] | None:
+        """``ensure_image``; with ``reuse`` (a pool cell, whose guest's files the pool's
+        manager verified) the last answer while the VMM binary is the same file, unchanged
+        (its sha256 chooses the image: not hashed again on a pool hit)."""
+        vmm = image_cache.find_vmm(None)
+        try:
+            st = os.stat(vmm)
+            identity = (vmm, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            identity = None
+        known = self._default_known
+        if reuse and known is not None and identity is not None and known[0] == identity:
+            image_cache.check_image_dir(known[1][0])
+            return known[1]
+        found = ensure_image(build=build)
+        self._default_known = (identity, found) if found is not None else None
+        return found
 
     # -- acceleration ------------------------------------------------------------------------
 
@@ -207,20 +253,50 @@ class MicrovmBackend(StoredBackend):
                 "egress authority is not available on the qemu backend in this build (the "
                 "guest has no network device); use the cellos or gvisor backend",
             )
-        # Refused before boot: a tampered kernel, initrd or VMM never runs.
-        manifest, digests = self.load_image()
+        # Refused before boot: a tampered kernel, initrd or VMM never runs. A pool guest's
+        # files were verified by the pool's manager right before it booted them (its record
+        # holds those digests); they must be the manifest's, and the cell gets them. A cold
+        # boot verifies the files now.
+        pooling = self.pool_size > 0
+        manifest, digests = self.load_image(verify_files=not pooling)
         # Decided before anything exists (a probe, at most once per host boot and VMM).
         decision = self.decide_accel(manifest)
         accel = self._allowed(decision)
+        pool: dict[str, str] = {}
+        guest: ClaimedGuest | None = None
+        if pooling:
+            guest, why = self._claim(spec, accel, digests)
+            if guest is not None:
+                pool = {
+                    "pool": "hit",
+                    "poolGuest": os.path.basename(guest.path),
+                    # "boot" or "snapshot": how the guest came to be idle.
+                    "poolGuestFrom": str(guest.record.get("from", "boot")),
+                }
+            else:
+                pool = {"pool": "miss", "poolMiss": why}
+                manifest, digests = self.load_image()
         # The record names the VMM and the directory it runs in (its cwd), so that a reaper
-        # kills exactly this cell's VMM if the supervisor dies.
+        # kills exactly this cell's VMM if the supervisor dies (a pool guest's runs in its
+        # directory of the pool).
         record = {"vmm": manifest.vmm.path, "cellDir": self.store.cell_dir(spec.id)}
-        live = self.open_cell(
-            _LIVE,
-            spec,
-            record,
-            lambda cell: _LiveCell(spec=spec, state=cell, manifest=manifest, accel=accel),
-        )
+        if guest is not None:
+            record["vmmDir"] = guest.path
+        try:
+            live = self.open_cell(
+                _LIVE,
+                spec,
+                record,
+                lambda cell: _LiveCell(
+                    spec=spec, state=cell, manifest=manifest, accel=accel, guest=guest
+                ),
+            )
+            if guest is not None:
+                live.state.write_pid(guest.pid)
+        except BaseException:
+            if guest is not None:
+                guest.release()
+            raise
         return CellHandle(
             cell_id=spec.id,
             backend=self.name,
@@ -237,6 +313,7 @@ class MicrovmBackend(StoredBackend):
                 "image": str(self.image_dir),
                 "accel": accel,
                 "accelDecidedBy": decision.decided_by,
+                **pool,
             },
             digests={f"{name}Sha256": value for name, value in digests.items()},
         )
@@ -246,12 +323,218 @@ class MicrovmBackend(StoredBackend):
         never on the kernel command line; the guest init writes them to a tmpfs."""
         return None
 
+    # -- the warm pool ------------------------------------------------------------------------
+
+    @staticmethod
+    def shape_of(limits: object) -> Shape:
+        """The guest a cell's limits need (a pool guest of another shape does not fit)."""
+        from cellos.core.spec import Limits
+
+        lim = limits if isinstance(limits, Limits) else None
+        return Shape(
+            memory_mib=max(MIN_GUEST_MIB, mem_mib_for(lim.memory_max_bytes if lim else None)),
+            vcpus=vcpus_for(lim.cpu_max if lim else None),
+        )
+
+    def _claim(
+        self, spec: CellSpec, accel: str, digests: dict[str, str]
+    ) -> tuple[ClaimedGuest | None, str]:
+        """A warm guest for this cell, or None and why not (a cold boot then)."""
+        assert self.image_dir is not None
+        guest, why = claim(
+            self.store.root, self.shape_of(spec.limits), accel, str(self.image_dir), digests
+        )
+        # At most one start every POOL_START_INTERVAL (one that fails, e.g. TCG not allowed,
+        # says why in its log, not on every cell).
+        if (
+            guest is None
+            and time.monotonic() >= self._pool_started + POOL_START_INTERVAL
+            and live_pool(self.store.root) is None
+        ):
+            self._pool_started = time.monotonic()
+            self._start_pool()
+        return guest, why
+
+    def _start_pool(self) -> None:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "LANG": "C.UTF-8",
+        }
+        for name in ("HOME", "XDG_CACHE_HOME", "CELLOS_MICROVM_CACHE", "PYTHONPATH"):
+            if os.environ.get(name):
+                env[name] = os.environ[name]
+        if self.configured_image:
+            env["CELLOS_MICROVM_IMAGE"] = self.configured_image
+        if self.allow_tcg:
+            env["CELLOS_MICROVM_ALLOW_TCG"] = "1"
+        if self.forced_accel:
+            env["CELLOS_MICROVM_ACCEL"] = self.forced_accel
+        start_detached(self.store.root, self.pool_size, env)
+
+    def pool_guest_command(
+        self, shape: Shape, guest_dir: str
+    ) -> tuple[list[str], dict[str, object]]:
+        """A pool guest's VMM command (the manifest verified first, as for every boot) and
+        the fields its record carries (what a supervisor checks before using it)."""
+        manifest, digests = self.load_image()
+        accel = self.accel(manifest)
+        assert self.image_dir is not None
+        command = qemu_command(
+            manifest.vmm.path,
+            self.image_dir,
+            POOL_APPEND,
+            accel,
+            manifest.kernel.path,
+            manifest.initrd.path,
+            memory_mib=shape.memory_mib,
+            vcpus=shape.vcpus,
+            channel_socket="qemu.sock",  # relative to the guest's directory (its cwd)
+        )
+        fields: dict[str, object] = {
+            "accel": accel,
+            "image": str(self.image_dir),
+            "digests": digests,
+        }
+        return command, fields
+
+    def _run_on_guest(
+        self,
+        guest: ClaimedGuest,
+        workload: HostCommand,
+        line: bytes,
+        secret_files: Mapping[str, bytes] | None = None,
+    ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
+        """Send the request to a claimed pool guest and read its results until its exit code
+        (or the deadline / a stop, which kill the VMM). The guest is killed at the end.
+
+        Secrets follow on the same channel once the guest said ``CELLOS:READY``, as on a cold
+        boot's serial line (never in the request line)."""
+
+        def send_secrets() -> None:
+            if secret_files:
+                with contextlib.suppress(OSError):
+                    guest.sock.sendall(SecretSender.line_for(secret_files))
+
+        channel = GuestChannel(workload.output, on_ready=send_secrets if secret_files else None)
+        started = time.monotonic()
+        deadline = (
+            started + workload.deadline_seconds if workload.deadline_seconds is not None else None
+        )
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+        def wake() -> None:
+            with contextlib.suppress(OSError):
+                os.write(wake_w, b"x")
+
+        stop = workload.stop
+        if stop is not None:
+            stop.add_waker(wake)
+        stopped_by: str | None = None
+        eof = False
+        try:
+            try:
+                guest.sock.sendall(line)
+            except OSError as exc:
+                return WorkloadResult(
+                    exit_code=None,
+                    duration_ms=0,
+                    spawn_error=f"pool guest channel: {exc.strerror or exc}",
+                    reason="spawn_failed",
+                ), {}
+            while not channel.exited:
+                if stop is not None and stop.reason is not None:
+                    stopped_by = stop.reason
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    stopped_by = "timeout"
+                    break
+                readable, _, _ = select.select([guest.sock.fileno(), wake_r], [], [], left)
+                if guest.sock.fileno() in readable:
+                    try:
+                        data = guest.sock.recv(1 << 16)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        eof = True
+                        break
+                    channel.write("stdout", data)
+        finally:
+            if stop is not None:
+                stop.remove_waker(wake)
+            os.close(wake_r)
+            os.close(wake_w)
+            guest.kill()  # single use: nothing else ever runs in this guest
+        duration_ms = int((time.monotonic() - started) * 1000)
+        forced = stopped_by is not None
+        return self._result(
+            channel,
+            duration_ms,
+            forced,
+            stopped_by,
+            "the pool guest's channel closed" if eof else "no exit code",
+            truncated=False,
+        )
+
+    def _result(
+        self,
+        guest: GuestChannel,
+        duration_ms: int,
+        forced: bool,
+        reason: str | None,
+        vmm_status: str,
+        truncated: bool,
+    ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
+        try:
+            channel = guest.finish()
+        except HostError as exc:
+            return WorkloadResult(
+                exit_code=None,
+                duration_ms=duration_ms,
+                spawn_error=f"guest channel: {exc.reason}",
+                reason="spawn_failed",
+            ), {}
+        exit_code = None if forced else channel.get("exit_code")
+        result = WorkloadResult(
+            exit_code=exit_code,
+            duration_ms=duration_ms,
+            forced=forced,
+            reason=reason if forced else None,
+            spawn_error=channel.get("spawn_error")
+            or (
+                None
+                if forced or exit_code is not None
+                else f"the guest reported no exit code ({vmm_status})"
+            ),
+            stdout=channel["stdout"],
+            stderr=channel["stderr"],
+            stdout_bytes=channel["stdout_bytes"],
+            stderr_bytes=channel["stderr_bytes"],
+            truncated=truncated,
+        )
+        return explain(result, channel.get("limits")), dict(channel.get("artifacts", {}))
+
     def run(self, handle: CellHandle, request: WorkloadRequest) -> WorkloadResult:
         live = _LIVE.get(handle.cell_id)
         limits = live.spec.limits
         accel = live.accel
         guest_paths = {guest_artifact_path(live.spec, a.path) for a in live.spec.artifacts}
         artifacts = sorted(p for p in guest_paths if p is not None)
+        if live.guest is not None:
+            line = request_line(
+                list(request.argv),
+                dict(request.env),
+                artifacts,
+                hostname=guest_hostname(live.spec),
+                workdir=live.spec.working_directory,
+                cgroup=cgroup_settings(limits),
+                secrets=bool(request.secret_files),
+                secret_lease=request.secret_lease_seconds if request.secret_files else None,
+            )
+            result, live.artifacts = self._run_on_guest(
+                live.guest, HostCommand.for_workload(request), line, request.secret_files
+            )
+            return result
         result, live.artifacts = self._boot(
             live.manifest,
             HostCommand.for_workload(request),
@@ -335,34 +618,14 @@ class MicrovmBackend(StoredBackend):
                 sender.close()
         if raw.spawn_error:
             return raw, {}
-        try:
-            channel = guest.finish()
-        except HostError as exc:
-            return WorkloadResult(
-                exit_code=None,
-                duration_ms=raw.duration_ms,
-                spawn_error=f"guest channel: {exc.reason}",
-                reason="spawn_failed",
-            ), {}
-        exit_code = None if raw.forced else channel.get("exit_code")
-        result = WorkloadResult(
-            exit_code=exit_code,
-            duration_ms=raw.duration_ms,
-            forced=raw.forced,
-            reason=raw.reason if raw.forced else None,
-            spawn_error=channel.get("spawn_error")
-            or (
-                None
-                if raw.forced or exit_code is not None
-                else f"the guest reported no exit code (VMM status {raw.exit_code})"
-            ),
-            stdout=channel["stdout"],
-            stderr=channel["stderr"],
-            stdout_bytes=channel["stdout_bytes"],
-            stderr_bytes=channel["stderr_bytes"],
+        return self._result(
+            guest,
+            raw.duration_ms,
+            raw.forced,
+            raw.reason,
+            f"VMM status {raw.exit_code}",
             truncated=raw.truncated,
         )
-        return explain(result, channel.get("limits")), dict(channel.get("artifacts", {}))
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = _LIVE.get(handle.cell_id)
@@ -377,6 +640,8 @@ class MicrovmBackend(StoredBackend):
 
     def destroy(self, handle: CellHandle) -> TeardownReport:
         live = _LIVE.get(handle.cell_id)
+        if live.guest is not None:
+            live.guest.release()  # killed; the pool's manager removes it and boots another
         residue = self.store.release(live.state)
         peers = _LIVE.remove(handle.cell_id)
         return TeardownReport(
@@ -397,12 +662,15 @@ class SecretSender:
     slow guest never stalls the loop that drains the VMM's output; stdin is closed after."""
 
     def __init__(self, files: Mapping[str, bytes]) -> None:
-        self._line: bytes | None = (
-            b"CELLOS:SECRETS:" + base64.b64encode(secret_files.encode(files)) + b"\n"
-        )
+        self._line: bytes | None = self.line_for(files)
         self._stdin: IO[bytes] | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+
+    @staticmethod
+    def line_for(files: Mapping[str, bytes]) -> bytes:
+        """The one line that carries the secrets to the guest init."""
+        return b"CELLOS:SECRETS:" + base64.b64encode(secret_files.encode(files)) + b"\n"
 
     def take(self, stdin: IO[bytes]) -> None:
         self._stdin = stdin

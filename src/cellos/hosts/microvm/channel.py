@@ -40,6 +40,8 @@ class GuestChannel:
         self._skipping = False
         self._other: list[str] = []
         self._error: str | None = None
+        #: The guest sent its exit code (a pool guest's reader stops there).
+        self.exited = False
 
     def write(self, stream: str, data: bytes) -> None:
         if stream != "stdout":
@@ -74,6 +76,8 @@ class GuestChannel:
                 ready, self.on_ready = self.on_ready, None
                 ready()
             self._other.append(line.decode("utf-8", "replace"))
+            if line.startswith(b"CELLOS:EXIT:"):
+                self.exited = True
             return
         try:
             data = base64.b64decode(line[11:], validate=True)

@@ -49,7 +49,7 @@ def b64url_text(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
 
 
-def kernel_append(
+def request_params(
     argv: list[str],
     env: dict[str, str] | None,
     artifacts: list[str] | None,
@@ -59,8 +59,9 @@ def kernel_append(
     cgroup: dict[str, str] | None = None,
     secrets: bool = False,
     secret_lease: int | None = None,
-) -> str:
-    """The kernel command line carrying the request; InvalidSpec when it does not fit.
+) -> list[str]:
+    """The request as ``cellos.<name>=<base64url>`` parameters (the guest init's syntax on the
+    kernel command line and on a pool guest's channel).
 
     ``secrets`` only says that secrets follow on the channel (``cellos.secrets``), and
     ``secret_lease`` for how long the guest keeps them: a secret value is never put here.
@@ -71,7 +72,7 @@ def kernel_append(
     """
     if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
         raise InvalidSpec("argv", "must be a non-empty list of strings without NUL")
-    parts = [BASE_APPEND, f"cellos.argv={b64url_json(argv)}"]
+    parts = [f"cellos.argv={b64url_json(argv)}"]
     if env:
         parts.append(f"cellos.env={b64url_json(env)}")
     if artifacts:
@@ -88,12 +89,81 @@ def kernel_append(
         parts.append(f"cellos.secrets={b64url_text('1')}")
         if secret_lease is not None:
             parts.append(f"cellos.secretlease={b64url_text(str(secret_lease))}")
-    append = " ".join(parts)
+    return parts
+
+
+def kernel_append(
+    argv: list[str],
+    env: dict[str, str] | None,
+    artifacts: list[str] | None,
+    *,
+    hostname: str | None = None,
+    workdir: str | None = None,
+    cgroup: dict[str, str] | None = None,
+    secrets: bool = False,
+    secret_lease: int | None = None,
+) -> str:
+    """The kernel command line carrying the request; InvalidSpec when it does not fit."""
+    params = request_params(
+        argv,
+        env,
+        artifacts,
+        hostname=hostname,
+        workdir=workdir,
+        cgroup=cgroup,
+        secrets=secrets,
+        secret_lease=secret_lease,
+    )
+    append = " ".join([BASE_APPEND, *params])
     if len(append.encode()) > MAX_CMDLINE:
         raise InvalidSpec(
             "argv", f"request does not fit the kernel command line ({MAX_CMDLINE} bytes)"
         )
     return append
+
+
+#: Longest request line a pool guest accepts on its channel (guest/init.c MAX_REQUEST).
+MAX_REQUEST_LINE = 1 << 20
+#: A pool guest's kernel command line: no request, it arrives on the channel.
+POOL_APPEND = f"{BASE_APPEND} cellos.pool=1"
+
+
+def request_line(
+    argv: list[str],
+    env: dict[str, str] | None,
+    artifacts: list[str] | None,
+    *,
+    hostname: str | None = None,
+    workdir: str | None = None,
+    cgroup: dict[str, str] | None = None,
+    secrets: bool = False,
+    secret_lease: int | None = None,
+) -> bytes:
+    """A pool guest's request: one line on its channel; InvalidSpec when it is too long.
+
+    It also carries 32 fresh random bytes (``cellos.seed``: the guest mixes them into its
+    RNG and reseeds it) and the host's clock (``cellos.time``): guests restored from one
+    snapshot would otherwise share their RNG state and the snapshot's time."""
+    params = request_params(
+        argv,
+        env,
+        artifacts,
+        hostname=hostname,
+        workdir=workdir,
+        cgroup=cgroup,
+        secrets=secrets,
+        secret_lease=secret_lease,
+    )
+    params += [
+        f"cellos.seed={base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip('=')}",
+        f"cellos.time={b64url_text(str(time.time_ns()))}",
+    ]
+    line = (" ".join(params) + "\n").encode()
+    if len(line) > MAX_REQUEST_LINE:
+        raise InvalidSpec(
+            "argv", f"request does not fit a pool guest's channel ({MAX_REQUEST_LINE} bytes)"
+        )
+    return line
 
 
 def default_machine(accel: str) -> str:
@@ -112,12 +182,21 @@ def qemu_command(
     *,
     memory_mib: int = 256,
     vcpus: int = 1,
+    channel_socket: str | None = None,
 ) -> list[str]:
-    """The one QEMU command line of a CellOS guest (the backend, the probe and the benchmark)."""
+    """The one QEMU command line of a CellOS guest (the backend, the probe and the benchmark).
+    The serial port (the channel) is the VMM's stdio, or with ``channel_socket`` a Unix socket
+    QEMU listens on (a pool guest)."""
+    serial = ["-serial", "stdio"]
+    if channel_socket is not None:
+        serial = [
+            "-chardev", f"socket,id=cellos,path={channel_socket},server=on,wait=off",
+            "-serial", "chardev:cellos",
+        ]  # fmt: skip
     cmd = [
         vmm, "-M", machine or default_machine(accel), "-accel", accel, "-m", str(memory_mib),
         "-smp", str(vcpus), "-nodefaults", "-no-user-config", "-nographic",
-        "-serial", "stdio", "-no-reboot",
+        *serial, "-no-reboot",
         "-kernel", str(image_dir / kernel), "-initrd", str(image_dir / initrd), "-append", append,
     ]  # fmt: skip
     if accel == "kvm":

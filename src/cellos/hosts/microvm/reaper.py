@@ -19,7 +19,8 @@ def _is_vmm_of(pid: int, cell_dir: str) -> bool:
 
 
 def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:
-    pid, cell_dir = record.get("pid"), record.get("cellDir")
+    # A warm pool's guest runs in its directory of the pool, a cold boot in the cell's.
+    pid, cell_dir = record.get("pid"), record.get("vmmDir") or record.get("cellDir")
     if not (isinstance(pid, int) and pid > 1 and isinstance(cell_dir, str)):
         return [], []
     if not _is_vmm_of(pid, cell_dir):

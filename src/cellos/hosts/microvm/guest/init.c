@@ -5,6 +5,8 @@
  * (/dev/ttyS0).  Every line on the channel is "CELLOS:<KIND>[:<field>...]\n":
  *
  *   CELLOS:READY                                  init is up, the workload is about to start
+ *   CELLOS:IDLE                                   a pool guest waits for its request line
+ *   CELLOS:PONG                                   a pool guest's answer to an empty line
  *   CELLOS:OUT:<base64 chunk>                     workload stdout
  *   CELLOS:ERR:<base64 chunk>                     workload stderr
  *   CELLOS:SPAWNERR:<message>                     the workload could not be started
@@ -14,7 +16,9 @@
  *   CELLOS:UNAME:<uname -r>
  *   CELLOS:EXIT:<code>                            128+signal when killed, 127 spawn failure
  *
- * The request comes from the kernel command line (/proc/cmdline):
+ * The request comes from the kernel command line (/proc/cmdline), or, in a pool guest
+ * (cellos.pool=1 on the kernel command line), from one line on the channel in the same
+ * "name=value ..." syntax, read once the guest is idle (it sends CELLOS:IDLE first):
  *   cellos.argv=<base64url JSON array of strings>          required
  *   cellos.env=<base64url JSON object string -> string>   optional (default: empty env)
  *   cellos.artifacts=<base64url JSON array of abs paths>  optional
@@ -23,6 +27,11 @@
  *   cellos.cgroup=<base64url JSON object file -> value>   optional: memory.max, pids.max
  *   cellos.secrets=1                                      optional: secrets follow on the channel
  *   cellos.secretlease=<seconds>                          optional: remove them after this long
+ * and on a pool guest's channel only:
+ *   cellos.seed=<base64url 16-512 random bytes>           mixed into the kernel RNG, which is
+ *                                                         then reseeded (RNDRESEEDCRNG)
+ *   cellos.time=<base64url decimal ns since the epoch>    sets the clock (a restored snapshot
+ *                                                         has the snapshot's)
  *
  * Secrets (secretDelivery runtimeBroker / runtimeLeasedBroker) never travel on the command
  * line: with cellos.secrets=1, init waits after READY for one line from the host on the
@@ -48,6 +57,9 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/openat2.h>
+#include <linux/random.h>
+#include <sys/ioctl.h>
+#include <time.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -555,6 +567,49 @@ static char *cmdline_param(const char *cmdline, const char *name, const char **e
 
 static void fail_spawn(const char *what, const char *why) __attribute__((noreturn));
 
+/* Is the exact token present on the kernel command line? */
+static int cmdline_flag(const char *cmdline, const char *token)
+{
+    size_t tl = strlen(token);
+    for (const char *p = cmdline; (p = strstr(p, token)) != NULL; p += tl)
+        if ((p == cmdline || p[-1] == ' ') && (p[tl] == ' ' || p[tl] == '\n' || p[tl] == '\0'))
+            return 1;
+    return 0;
+}
+
+/* A pool guest's request: one line on the channel, in the kernel command line's syntax
+ * ("cellos.argv=<b64url> cellos.env=<b64url> ..."), at most MAX_REQUEST bytes.  An empty
+ * line before it is the host asking whether this guest is alive: answered with PONG. */
+#define MAX_REQUEST (1 << 20)
+static char *read_request(void)
+{
+    char *buf = malloc(MAX_REQUEST + 1);
+    size_t len = 0, scanned = 0;
+    if (!buf)
+        fail_spawn("request", "out of memory");
+    for (;;) {
+        char *nl;
+        while ((nl = memchr(buf + scanned, '\n', len - scanned)) != NULL) {
+            if (nl != buf) {
+                *nl = '\0';
+                return buf;
+            }
+            send_line("PONG", NULL);
+            memmove(buf, buf + 1, --len);
+            scanned = 0;
+        }
+        scanned = len;
+        if (len >= MAX_REQUEST)
+            fail_spawn("request", "longer than 1 MiB");
+        ssize_t n = read(chan, buf + len, MAX_REQUEST - len);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (n <= 0)
+            fail_spawn("request", n < 0 ? strerror(errno) : "channel closed");
+        len += (size_t)n;
+    }
+}
+
 static void mount_fs(void)
 {
     /* Errors are ignored on purpose: a missing /proc shows up as a clear SPAWNERR later,
@@ -613,11 +668,14 @@ static int write_file(const char *path, const char *value)
     return n == (ssize_t)strlen(value) ? 0 : -1;
 }
 
-/* The workload's cgroup: memory + pids controllers, settings "file=value" from the host.
- * Returns NULL or the reason it cannot be set up (the workload must not run unlimited). */
-static const char *setup_cgroup(char **settings)
+/* The cgroup hierarchy and the (empty) cell cgroup; done once (a pool guest does it before
+ * it waits for its request).  Returns NULL or why it failed. */
+static const char *setup_cgroup_base(void)
 {
     static char why[256];
+    static int done = 0;
+    if (done)
+        return NULL;
     mkdir("/sys/fs/cgroup", 0755);
     if (mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
         return snprintf(why, sizeof why, "mount cgroup2: %s", strerror(errno)), why;
@@ -625,6 +683,18 @@ static const char *setup_cgroup(char **settings)
         return snprintf(why, sizeof why, "enable memory, pids: %s", strerror(errno)), why;
     if (mkdir(CELL_CG, 0755) < 0)
         return snprintf(why, sizeof why, "mkdir %s: %s", CELL_CG, strerror(errno)), why;
+    done = 1;
+    return NULL;
+}
+
+/* The workload's cgroup: memory + pids controllers, settings "file=value" from the host.
+ * Returns NULL or the reason it cannot be set up (the workload must not run unlimited). */
+static const char *setup_cgroup(char **settings)
+{
+    static char why[256];
+    const char *base = setup_cgroup_base();
+    if (base)
+        return base;
     for (char **s = settings; s && *s; s++) {
         char *eq = strchr(*s, '='), path[256];
         *eq = '\0';
@@ -963,6 +1033,20 @@ static int run_workload(char **argv, char **envp)
             lease_end = 0;
             end_lease();
         }
+        if (st[0].fd < 0 && st[1].fd < 0 && !lease_end) {
+            /* Both streams are closed and no lease is left to end: wait for the workload
+             * itself (no polling delay). */
+            int ws;
+            pid_t w = waitpid(-1, &ws, 0);
+            if (w == pid) {
+                status = ws;
+                exited = 1;
+                kill(-1, SIGKILL);
+            } else if (w < 0 && errno != EINTR) {
+                break; /* no child left: cannot happen while the workload is unreaped */
+            }
+            continue;
+        }
         struct pollfd pf[2] = {{st[0].fd, POLLIN, 0}, {st[1].fd, POLLIN, 0}};
         /* Short timeout: waitpid below notices the workload's exit without SIGCHLD plumbing. */
         int r = poll(pf, 2, exited ? -1 : 50);
@@ -1089,8 +1173,21 @@ int main(void)
         close(fd);
 
     const char *err = NULL;
+    char *request = cmdline;
+    if (cmdline_flag(cmdline, "cellos.pool=1")) {
+        /* A pool guest: everything that does not depend on the request is done now; the
+         * request arrives on the channel when a cell claims this guest. */
+        const char *why = setup_cgroup_base();
+        if (why)
+            fail_spawn("cgroup", why);
+        send_line("IDLE", NULL);
+        request = read_request();
+        /* READY again, for the cell that claimed this guest: its host side starts reading
+         * here, and sends the secrets (if the request says some follow) once it sees it. */
+        send_line("READY", NULL);
+    }
     size_t argc = 0, nart = 0;
-    char *text = cmdline_param(cmdline, "cellos.argv", &err);
+    char *text = cmdline_param(request, "cellos.argv", &err);
     if (!text || err)
         fail_spawn("cellos.argv", err ? err : "missing");
     struct json j = {text, text + strlen(text), NULL};
@@ -1100,7 +1197,7 @@ int main(void)
 
     static char *empty_env[] = {NULL};
     char **envp = empty_env;
-    if ((text = cmdline_param(cmdline, "cellos.env", &err)) != NULL || err) {
+    if ((text = cmdline_param(request, "cellos.env", &err)) != NULL || err) {
         if (err)
             fail_spawn("cellos.env", err);
         j = (struct json){text, text + strlen(text), NULL};
@@ -1109,7 +1206,7 @@ int main(void)
     }
 
     char **arts = NULL;
-    if ((text = cmdline_param(cmdline, "cellos.artifacts", &err)) != NULL || err) {
+    if ((text = cmdline_param(request, "cellos.artifacts", &err)) != NULL || err) {
         if (err)
             fail_spawn("cellos.artifacts", err);
         j = (struct json){text, text + strlen(text), NULL};
@@ -1120,13 +1217,48 @@ int main(void)
                 fail_spawn("cellos.artifacts", "paths must be absolute and < 1024 bytes");
     }
 
-    if ((text = cmdline_param(cmdline, "cellos.hostname", &err)) != NULL || err) {
+    /* A pool guest (perhaps restored from a snapshot, which every restored guest shares):
+     * fresh randomness from the host, mixed in and the kernel's CRNG reseeded at once, and
+     * the host's clock (a restored guest's clock is the snapshot's). */
+    size_t seedlen = 0;
+    const char *seed_tok = NULL;
+    if (request != cmdline && (seed_tok = strstr(request, "cellos.seed=")) != NULL) {
+        const char *end = strchrnul(seed_tok, ' ');
+        char *seed = b64url_decode(seed_tok + 12, (size_t)(end - seed_tok - 12), &seedlen);
+        if (!seed || seedlen < 16 || seedlen > 512)
+            fail_spawn("cellos.seed", "must be 16 to 512 bytes of base64url");
+        struct {
+            struct rand_pool_info info;
+            unsigned char buf[512];
+        } entropy;
+        entropy.info.entropy_count = (int)(seedlen * 8);
+        entropy.info.buf_size = (int)seedlen;
+        memcpy(entropy.buf, seed, seedlen);
+        int rfd = open("/dev/urandom", O_RDWR | O_CLOEXEC);
+        if (rfd < 0 || ioctl(rfd, RNDADDENTROPY, &entropy) < 0 || ioctl(rfd, RNDRESEEDCRNG) < 0)
+            fail_spawn("cellos.seed", strerror(errno));
+        close(rfd);
+        memset(&entropy, 0, sizeof entropy);
+        memset(seed, 0, seedlen);
+        free(seed);
+    }
+    if ((text = cmdline_param(request, "cellos.time", &err)) != NULL || err) {
+        if (err)
+            fail_spawn("cellos.time", err);
+        char *endp;
+        unsigned long long ns = strtoull(text, &endp, 10);
+        struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000ULL),
+                              .tv_nsec = (long)(ns % 1000000000ULL)};
+        if (*endp || clock_settime(CLOCK_REALTIME, &ts) < 0)
+            fail_spawn("cellos.time", *endp ? "not a number of nanoseconds" : strerror(errno));
+    }
+    if ((text = cmdline_param(request, "cellos.hostname", &err)) != NULL || err) {
         if (err)
             fail_spawn("cellos.hostname", err);
         if (sethostname(text, strlen(text)) < 0)
             fail_spawn("cellos.hostname", strerror(errno));
     }
-    if ((text = cmdline_param(cmdline, "cellos.workdir", &err)) != NULL || err) {
+    if ((text = cmdline_param(request, "cellos.workdir", &err)) != NULL || err) {
         if (err)
             fail_spawn("cellos.workdir", err);
         workdir = text;
@@ -1136,21 +1268,21 @@ int main(void)
         fail_spawn("cellos.workdir", why);
 
     char **settings = NULL;
-    if ((text = cmdline_param(cmdline, "cellos.cgroup", &err)) != NULL || err) {
+    if ((text = cmdline_param(request, "cellos.cgroup", &err)) != NULL || err) {
         if (err)
             fail_spawn("cellos.cgroup", err);
         j = (struct json){text, text + strlen(text), NULL};
         if (!(settings = json_env_object(&j)))
             fail_spawn("cellos.cgroup", j.err);
     }
-    if ((text = cmdline_param(cmdline, "cellos.secretlease", &err)) != NULL || err) {
+    if ((text = cmdline_param(request, "cellos.secretlease", &err)) != NULL || err) {
         if (err)
             fail_spawn("cellos.secretlease", err);
         secret_lease = strtol(text, NULL, 10);
         if (secret_lease < 1)
             fail_spawn("cellos.secretlease", "must be a positive number of seconds");
     }
-    if ((text = cmdline_param(cmdline, "cellos.secrets", &err)) != NULL || err) {
+    if ((text = cmdline_param(request, "cellos.secrets", &err)) != NULL || err) {
         if (err)
             fail_spawn("cellos.secrets", err);
         if ((why = receive_secrets()) != NULL)
