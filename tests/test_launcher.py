@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -270,10 +271,10 @@ def test_the_launcher_is_built_once_per_source_into_a_private_cache(tmp_path: Pa
     first = launcher_path(cache_dir=str(cache))
     assert Path(first).parent == cache and Path(first).name.startswith("cellos-sandbox-")
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
-    mtime = Path(first).stat().st_mtime_ns
+    inode = Path(first).stat().st_ino
     launcher_mod._built.clear()
-    assert launcher_path(cache_dir=str(cache)) == first  # found, not rebuilt
-    assert Path(first).stat().st_mtime_ns == mtime
+    assert launcher_path(cache_dir=str(cache)) == first  # found, not rebuilt (same file)
+    assert Path(first).stat().st_ino == inode
     assert [p.name for p in cache.iterdir()] == [Path(first).name]  # no partial builds left
 
 
@@ -342,19 +343,26 @@ def test_a_rootfs_directory_is_the_cells_read_only_root(tmp_path: Path) -> None:
     assert not (root / "usr" / "x").exists()
 
 
-def test_a_changed_source_gets_a_new_binary_and_the_old_one_goes(
+def test_a_changed_source_gets_a_new_binary_and_only_stale_ones_go(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Two versions share the cache (an upgrade rolling through workers): building one must
+    not delete the other's binary, which its running supervisors still start cells from.
+    Only a build nobody used for STALE_SECONDS is pruned."""
     _needs_compiler()
     cache = tmp_path / "cache"
     old = launcher_path(cache_dir=str(cache))
+    stale = cache / "cellos-sandbox-0123456789abcdef"
+    shutil.copy(old, stale)
+    long_ago = time.time() - launcher_mod.STALE_SECONDS - 60
+    os.utime(stale, (long_ago, long_ago))
     changed = tmp_path / "cellos-sandbox.c"
     changed.write_text(Path(launcher_mod.SOURCE).read_text() + "\n/* changed */\n")
     monkeypatch.setattr(launcher_mod, "SOURCE", changed)
     launcher_mod._built.clear()
     new = launcher_path(cache_dir=str(cache))
     assert new != old
-    assert [p.name for p in cache.iterdir()] == [Path(new).name]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([Path(new).name, Path(old).name])
 
 
 def test_the_seccomp_program_is_cached_privately_and_checked(

@@ -67,6 +67,9 @@ def _build(cache_dir: str) -> str:
     # write, the file could be swapped between this check and every later exec.
     _private_dir(cache_dir)
     if _trusted_binary(target):
+        # Marks the build as in use: only builds nobody used for STALE_SECONDS are pruned.
+        with contextlib.suppress(OSError):
+            os.utime(target)
         return target
     # Only a build needs these (a one-shot supervisor start finds the cached binary).
     import shutil
@@ -104,13 +107,23 @@ def _build(cache_dir: str) -> str:
     return target
 
 
+#: A build of another source unused (not started from) for this long is pruned.
+STALE_SECONDS = 30 * 24 * 3600
+
+
 def _remove_older_builds(cache_dir: str, keep: str) -> None:
-    """Builds of earlier sources are dead weight (a supervisor still running one rebuilds its
-    own when it finds its binary gone, and running cells keep theirs open)."""
+    """Builds of other sources that nobody has used for :data:`STALE_SECONDS`. Not every
+    other build: two CellOS versions on one host (an upgrade rolling through workers) share
+    the cache, and removing the other version's binary made its next cell fail to start."""
+    import time
+
+    stale_before = time.time() - STALE_SECONDS
     for name in os.listdir(cache_dir):
         path = os.path.join(cache_dir, name)
-        if name.startswith("cellos-sandbox-") and path != keep:
-            with contextlib.suppress(FileNotFoundError):
+        if not name.startswith("cellos-sandbox-") or path == keep:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_mtime < stale_before:
                 os.unlink(path)
 
 
