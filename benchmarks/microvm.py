@@ -42,13 +42,13 @@ def bare_boot(image: Path, accel: str) -> tuple[int, int]:
     """(ns to CELLOS:READY, ns to QEMU exit) of one bare boot running /bin/true."""
     from cellos.hosts.microvm.image import MANIFEST_NAME
     from cellos.hosts.microvm.manifest import load_manifest
-    from cellos.hosts.microvm.qemu_probe import kernel_append, qemu_command
+    from cellos.hosts.microvm.qemu_probe import kernel_append, qemu_command, request_params
 
     manifest = load_manifest(image / MANIFEST_NAME)
     cmd = qemu_command(
         manifest.vmm.path,
         image,
-        kernel_append(["/bin/true"], {}, []),
+        kernel_append(request_params(["/bin/true"], {}, [])),
         accel,
         manifest.kernel.path,
         manifest.initrd.path,

@@ -58,6 +58,7 @@ from cellos.hosts.microvm.qemu_probe import (
     kernel_append,
     qemu_command,
     request_line,
+    request_params,
 )
 from cellos.hosts.microvm.request import (
     cgroup_settings,
@@ -522,14 +523,16 @@ class MicrovmBackend(StoredBackend):
         artifacts = sorted(p for p in guest_paths if p is not None)
         if live.guest is not None:
             line = request_line(
-                list(request.argv),
-                dict(request.env),
-                artifacts,
-                hostname=guest_hostname(live.spec),
-                workdir=live.spec.working_directory,
-                cgroup=cgroup_settings(limits),
-                secrets=bool(request.secret_files),
-                secret_lease=request.secret_lease_seconds if request.secret_files else None,
+                request_params(
+                    list(request.argv),
+                    dict(request.env),
+                    artifacts,
+                    hostname=guest_hostname(live.spec),
+                    workdir=live.spec.working_directory,
+                    cgroup=cgroup_settings(limits),
+                    secrets=bool(request.secret_files),
+                    secret_lease=request.secret_lease_seconds if request.secret_files else None,
+                )
             )
             result, live.artifacts = self._run_on_guest(
                 live.guest, HostCommand.for_workload(request), line, request.secret_files
@@ -572,14 +575,16 @@ class MicrovmBackend(StoredBackend):
         lim = limits if isinstance(limits, Limits) else None
         assert self.image_dir is not None  # load_image ran first
         append = kernel_append(
-            list(workload.argv),
-            dict(workload.env),
-            artifacts,
-            hostname=hostname,
-            workdir=workdir,
-            cgroup=cgroup_settings(lim),
-            secrets=bool(secret_files),
-            secret_lease=secret_lease if secret_files else None,
+            request_params(
+                list(workload.argv),
+                dict(workload.env),
+                artifacts,
+                hostname=hostname,
+                workdir=workdir,
+                cgroup=cgroup_settings(lim),
+                secrets=bool(secret_files),
+                secret_lease=secret_lease if secret_files else None,
+            )
         )
         sender = SecretSender(secret_files) if secret_files else None
         command = qemu_command(

@@ -92,28 +92,9 @@ def request_params(
     return parts
 
 
-def kernel_append(
-    argv: list[str],
-    env: dict[str, str] | None,
-    artifacts: list[str] | None,
-    *,
-    hostname: str | None = None,
-    workdir: str | None = None,
-    cgroup: dict[str, str] | None = None,
-    secrets: bool = False,
-    secret_lease: int | None = None,
-) -> str:
-    """The kernel command line carrying the request; InvalidSpec when it does not fit."""
-    params = request_params(
-        argv,
-        env,
-        artifacts,
-        hostname=hostname,
-        workdir=workdir,
-        cgroup=cgroup,
-        secrets=secrets,
-        secret_lease=secret_lease,
-    )
+def kernel_append(params: list[str]) -> str:
+    """The kernel command line carrying the request (:func:`request_params`); InvalidSpec
+    when it does not fit."""
     append = " ".join([BASE_APPEND, *params])
     if len(append.encode()) > MAX_CMDLINE:
         raise InvalidSpec(
@@ -128,33 +109,15 @@ MAX_REQUEST_LINE = 1 << 20
 POOL_APPEND = f"{BASE_APPEND} cellos.pool=1"
 
 
-def request_line(
-    argv: list[str],
-    env: dict[str, str] | None,
-    artifacts: list[str] | None,
-    *,
-    hostname: str | None = None,
-    workdir: str | None = None,
-    cgroup: dict[str, str] | None = None,
-    secrets: bool = False,
-    secret_lease: int | None = None,
-) -> bytes:
-    """A pool guest's request: one line on its channel; InvalidSpec when it is too long.
+def request_line(params: list[str]) -> bytes:
+    """A pool guest's request (:func:`request_params`): one line on its channel;
+    InvalidSpec when it is too long.
 
     It also carries 32 fresh random bytes (``cellos.seed``: the guest mixes them into its
     RNG and reseeds it) and the host's clock (``cellos.time``): guests restored from one
     snapshot would otherwise share their RNG state and the snapshot's time."""
-    params = request_params(
-        argv,
-        env,
-        artifacts,
-        hostname=hostname,
-        workdir=workdir,
-        cgroup=cgroup,
-        secrets=secrets,
-        secret_lease=secret_lease,
-    )
-    params += [
+    params = [
+        *params,
         f"cellos.seed={base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip('=')}",
         f"cellos.time={b64url_text(str(time.time_ns()))}",
     ]
@@ -280,7 +243,7 @@ def boot_once(
     base = Path(image_dir)
     manifest = load_manifest(base / MANIFEST_NAME)
     digests = verify(manifest, base)
-    append = kernel_append(argv, env, artifacts)
+    append = kernel_append(request_params(argv, env, artifacts))
     cmd = qemu_command(
         manifest.vmm.path, base, append, accel, manifest.kernel.path, manifest.initrd.path, machine
     )
