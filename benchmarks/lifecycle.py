@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec.structs
+
 import harness
 from harness import BenchError, Series, WarmCells, cell_document, cell_id, timed
 
@@ -82,7 +84,7 @@ class LauncherLaunch:
             os.write(write_fd, self._filter())
             os.close(write_fd)
             write_fd = -1
-            plan = dataclasses.replace(self.plan, seccomp_fd=read_fd)
+            plan = msgspec.structs.replace(self.plan, seccomp_fd=read_fd)
             self.last_command = self._argv(plan, self.argv, self.launcher)
             harness.run_checked(
                 self.last_command,

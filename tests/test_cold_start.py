@@ -44,6 +44,14 @@ NEVER_FOR_A_PLAIN_RUN = {
     "_hashlib",
     "hmac",
     "argparse",
+    # A clean run logs nothing: logging (with traceback, tokenize) loads on the first message.
+    "logging",
+    # Frozen dataclasses cost ~1 ms each to build at import (and pull in inspect): the values
+    # on the supervisor's path are msgspec Structs.
+    "dataclasses",
+    "inspect",
+    # msgspec would import it (and inspect, ast) only for types CellOS never uses.
+    "typing_extensions",
     "socket",
     "cellos.network",
     "cellos.server",

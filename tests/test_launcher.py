@@ -392,3 +392,25 @@ def test_the_seccomp_program_is_cached_privately_and_checked(
         assert seccomp_filter.workload_filter_bpf() == compiled, tamper
         assert cached.read_bytes() == compiled and stat.S_IMODE(cached.stat().st_mode) == 0o600
     seccomp_filter.workload_filter_bpf.cache_clear()
+
+
+def test_the_landlock_abi_is_cached_for_this_boot_and_checked(tmp_path: Path) -> None:
+    """A one-shot supervisor reads the kernel's Landlock ABI from the private cache (no
+    ctypes load); a cached answer others could have written is never used."""
+    from cellos.hosts.cellos import launcher
+
+    cache = tmp_path / "cache"
+    probed = launcher._probe_landlock_abi()
+    launcher.landlock_abi.cache_clear()
+    assert launcher.landlock_abi(str(cache)) == probed
+    (cached,) = cache.glob("landlock-*")
+    assert cached.read_text() == str(probed) and stat.S_IMODE(cached.stat().st_mode) == 0o600
+
+    cached.write_text("99")  # ours and private: trusted (the cache is the point)
+    launcher.landlock_abi.cache_clear()
+    assert launcher.landlock_abi(str(cache)) == 99
+    cached.chmod(0o622)  # writable by others: ignored, probed again and rewritten
+    launcher.landlock_abi.cache_clear()
+    assert launcher.landlock_abi(str(cache)) == probed
+    assert cached.read_text() == str(probed) and stat.S_IMODE(cached.stat().st_mode) == 0o600
+    launcher.landlock_abi.cache_clear()

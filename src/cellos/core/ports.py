@@ -7,8 +7,9 @@ Protocols, so every adapter can be swapped without touching the lifecycle.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
+
+import msgspec
 
 from cellos.core.stop import StopRequest
 
@@ -18,8 +19,7 @@ if TYPE_CHECKING:
 CloudEvent = dict[str, Any]
 
 
-@dataclass(frozen=True)
-class CellHandle:
+class CellHandle(msgspec.Struct, frozen=True):
     """Returned by ``create``: enough to run in, export from and destroy the cell."""
 
     cell_id: str
@@ -27,9 +27,9 @@ class CellHandle:
     #: Isolation features actually applied (evidence for ``lifecycle.v1.started``).
     isolation: tuple[str, ...] = ()
     #: Host resources created for the cell, by kind (e.g. ``{"cgroup": "/sys/fs/..."}``).
-    resources: Mapping[str, str] = field(default_factory=dict)
+    resources: Mapping[str, str] = msgspec.field(default_factory=dict)
     #: Digests of boot artifacts and the like (microVM backends stamp theirs here).
-    digests: Mapping[str, str] = field(default_factory=dict)
+    digests: Mapping[str, str] = msgspec.field(default_factory=dict)
 
     def evidence(self) -> dict[str, Any]:
         return {
@@ -41,8 +41,7 @@ class CellHandle:
         }
 
 
-@dataclass(frozen=True)
-class TeardownReport:
+class TeardownReport(msgspec.Struct, frozen=True):
     """What ``destroy`` found and removed."""
 
     cell_id: str
@@ -55,8 +54,7 @@ class TeardownReport:
     residue: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class ChainPosition:
+class ChainPosition(msgspec.Struct, frozen=True):
     """Where a run's event chain stands: its id and its last event's seq, digest and type.
 
     A backend keeps it in the cell's state record, so that the events a reaper emits for a
@@ -68,8 +66,7 @@ class ChainPosition:
     event_type: str
 
 
-@dataclass(frozen=True)
-class ReapedCell:
+class ReapedCell(msgspec.Struct, frozen=True):
     """A cell of a dead supervisor that a reaper found and removed."""
 
     cell_id: str
@@ -98,8 +95,7 @@ class OutputSink(Protocol):
     def write(self, stream: str, data: bytes) -> None: ...
 
 
-@dataclass(frozen=True)
-class WorkloadRequest:
+class WorkloadRequest(msgspec.Struct, frozen=True):
     """The workload to start inside a created cell."""
 
     argv: Sequence[str]
@@ -117,13 +113,20 @@ class WorkloadRequest:
     #: Secrets delivered as files (``runtimeBroker``, ``runtimeLeasedBroker``): key -> value,
     #: each written to ``/run/secrets/<key>`` inside the cell by a :class:`SecretFilesBackend`.
     #: Never in ``env``, never in an event; ``repr`` leaves the values out.
-    secret_files: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+    secret_files: Mapping[str, bytes] = msgspec.field(default_factory=dict)
     #: Seconds after the workload's start when the secret files are removed (None: never).
     secret_lease_seconds: int | None = None
 
+    def __repr__(self) -> str:
+        # Secret values never reach a log line or a traceback: only the keys are shown.
+        return (
+            f"WorkloadRequest(argv={list(self.argv)!r}, "
+            f"working_directory={self.working_directory!r}, "
+            f"secret_files={sorted(self.secret_files)!r})"
+        )
 
-@dataclass(frozen=True)
-class WorkloadResult:
+
+class WorkloadResult(msgspec.Struct, frozen=True):
     """How the workload ended."""
 
     exit_code: int | None
@@ -142,7 +145,7 @@ class WorkloadResult:
     stderr_bytes: int = 0
     truncated: bool = False
     #: Kernel counters of the cell's limits (e.g. ``oomKills``, ``pidsLimitHits``).
-    limits: Mapping[str, int] = field(default_factory=dict)
+    limits: Mapping[str, int] = msgspec.field(default_factory=dict)
     #: The workload's processes CellOS killed while running it (at the deadline, or left
     #: behind when the workload exited); teardown adds its own count.
     processes_killed: int = 0
@@ -185,8 +188,7 @@ class NetworkEvidenceBackend(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class InjectedSecret:
+class InjectedSecret(msgspec.Struct, frozen=True):
     """One ``authority.secretInjection`` entry with its resolved secret, for the cell's L7 proxy.
 
     The workload holds only ``placeholder``; the proxy replaces a header value that contains it
@@ -198,7 +200,11 @@ class InjectedSecret:
     header: str
     format: str
     placeholder: str
-    value: str = field(repr=False)
+    value: str
+
+    def __repr__(self) -> str:
+        # The value never reaches a log line or a traceback.
+        return f"InjectedSecret(secret_ref={self.secret_ref!r}, host={self.host!r})"
 
     def header_value(self) -> str:
         return self.format.replace("{value}", self.value, 1)
@@ -252,8 +258,7 @@ class SecretBroker(Protocol):
     def revoke(self, cell_id: str) -> None: ...
 
 
-@dataclass(frozen=True)
-class ExportReceipt:
+class ExportReceipt(msgspec.Struct, frozen=True):
     name: str
     destination: str
     size_bytes: int

@@ -8,7 +8,8 @@ pids limit refused) become ``command.v1.completed.limits``; a kill they explain 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+
+from msgspec.structs import replace
 
 from cellos.core.ports import WorkloadResult
 

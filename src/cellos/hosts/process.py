@@ -31,8 +31,9 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import IO, Protocol
+
+import msgspec
 
 from cellos.core.errors import HostError
 from cellos.core.ports import OutputSink, WorkloadRequest, WorkloadResult
@@ -124,8 +125,7 @@ class ProcessGroupControl:
         return self.remaining(pid)
 
 
-@dataclass(frozen=True)
-class HostCommand:
+class HostCommand(msgspec.Struct, frozen=True):
     """A process to start on the host and supervise until it ends or must be stopped."""
 
     argv: Sequence[str]
@@ -155,8 +155,7 @@ class HostCommand:
         )
 
 
-@dataclass(frozen=True)
-class SpawnOptions:
+class SpawnOptions(msgspec.Struct, frozen=True):
     cwd: str
     #: Runs in the child between fork and exec (e.g. joining a cgroup). Must be async-safe.
     preexec: Callable[[], None] | None = None
@@ -167,7 +166,7 @@ class SpawnOptions:
     die_with_parent: bool = False
     #: Extra descriptors the command needs (e.g. a seccomp program for the launcher).
     pass_fds: tuple[int, ...] = ()
-    control: ProcessControl = field(default_factory=ProcessGroupControl)
+    control: ProcessControl = msgspec.field(default_factory=ProcessGroupControl)
     #: Takes over the process's stdin pipe (it must close it; e.g. the microVM backend sends
     #: the guest its secrets on the serial line); None: stdin reads EOF at once.
     on_stdin: Callable[[IO[bytes]], None] | None = None

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+import msgspec
 
 
-@dataclass(frozen=True)
-class ProcStat:
+class ProcStat(msgspec.Struct, frozen=True):
     pid: int
     state: str
     ppid: int

@@ -25,8 +25,9 @@ import fcntl
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from cellos.core.errors import HostError
 from cellos.core.log import get_logger
@@ -107,15 +108,14 @@ def chain_of(owner: dict[str, Any]) -> ChainPosition | None:
         return None
 
 
-@dataclass
-class CellState:
+class CellState(msgspec.Struct):
     """A live cell's lock (held) and record, owned by this process."""
 
     cell_id: str
     cell_dir: str
     lock_fd: int
-    record: dict[str, Any] = field(default_factory=dict)
-    owner: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = msgspec.field(default_factory=dict)
+    owner: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def path(self, name: str) -> str:
         return os.path.join(self.cell_dir, name)

@@ -8,11 +8,12 @@ promptly (the terminal relay bounds its wait, see :mod:`cellos.output.relay`).
 
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
+from cellos.core.log import get_logger
 from cellos.core.ports import STREAMS, OutputSink
 from cellos.output.logfile import BoundedLog
 from cellos.output.redacting import StreamRedactor
@@ -20,7 +21,7 @@ from cellos.output.redacting import StreamRedactor
 if TYPE_CHECKING:
     from cellos.output.natslogs import LogPublisher, RunLogs
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Default bound of each stream's durable log.
 DEFAULT_LOG_MAX_BYTES = 64 << 20
@@ -28,8 +29,7 @@ DEFAULT_LOG_MAX_BYTES = 64 << 20
 PUBLISH_WAIT_SECONDS = 2.0
 
 
-@dataclass(frozen=True)
-class OutputSettings:
+class OutputSettings(msgspec.Struct, frozen=True):
     #: Directory of the durable logs (``<dir>/<cellId>/<runId>.<stream>.log``); None: none.
     log_dir: str | None = None
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES

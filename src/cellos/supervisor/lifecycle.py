@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from cellos.core import events as ev
 from cellos.core import isolation
@@ -65,8 +66,7 @@ DEFAULT_TTL_SECONDS = 3600
 EXIT_FORCED = 124
 
 
-@dataclass
-class RunOutcome:
+class RunOutcome(msgspec.Struct):
     """What one run produced; ``exit_code`` is the supervisor's process exit status."""
 
     cell_id: str
@@ -75,18 +75,18 @@ class RunOutcome:
     outcome: str
     terminal_state: str
     result: WorkloadResult | None = None
-    exports: list[ExportReceipt] = field(default_factory=list)
-    errors: list[CellosError] = field(default_factory=list)
+    exports: list[ExportReceipt] = msgspec.field(default_factory=list)
+    errors: list[CellosError] = msgspec.field(default_factory=list)
     teardown: TeardownReport | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = msgspec.field(default_factory=list)
     lost_events: int = 0
     #: Packets per decision (``allowed`` / ``dropped``) counted by the cell's egress rules.
-    flows: dict[str, int] = field(default_factory=dict)
+    flows: dict[str, int] = msgspec.field(default_factory=dict)
     #: The run reached the export step (failed exports count only then).
     exports_attempted: bool = False
     #: Per stream (``stdout``, ``stderr``): what ``command.v1.completed`` says of the output
     #: (``bytes``, ``sha256``, the log's path and truncation, NATS losses).
-    output: dict[str, dict[str, Any]] = field(default_factory=dict)
+    output: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
 
 class Supervisor:
@@ -321,7 +321,7 @@ class Supervisor:
             out.events = emitter.emitted
             if out.result is not None:
                 # The workload may print its own secret; nothing we relay may carry it.
-                out.result = replace(
+                out.result = msgspec.structs.replace(
                     out.result,
                     stdout=redactor.bytes(out.result.stdout),
                     stderr=redactor.bytes(out.result.stderr),
@@ -686,4 +686,4 @@ def _correlation(document: ExecutionCell) -> dict[str, Any] | None:
 
 
 def _with_reason(result: WorkloadResult, reason: str | None) -> WorkloadResult:
-    return replace(result, reason=reason)
+    return msgspec.structs.replace(result, reason=reason)

@@ -5,7 +5,7 @@ to the declared hosts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import msgspec
 
 from cellos.core.errors import SecretBrokerError
 from cellos.core.ports import InjectedSecret
@@ -13,16 +13,15 @@ from cellos.core.secrets_env import placeholder_env_name, secret_env_name
 from cellos.core.spec import CellSpec
 
 
-@dataclass
-class ResolvedSecrets:
+class ResolvedSecrets(msgspec.Struct):
     #: Variables for the workload: secret values, and placeholders of injected secrets.
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = msgspec.field(default_factory=dict)
     #: key -> value of the secrets delivered as files (empty with ``secretDelivery: env``).
-    files: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, bytes] = msgspec.field(default_factory=dict)
     #: What the cell's L7 proxy injects (empty without secretInjection).
-    injected: list[InjectedSecret] = field(default_factory=list)
+    injected: list[InjectedSecret] = msgspec.field(default_factory=list)
     #: Every resolved value (what output redaction must hide).
-    values: list[str] = field(default_factory=list)
+    values: list[str] = msgspec.field(default_factory=list)
 
 
 def new_placeholder() -> str:

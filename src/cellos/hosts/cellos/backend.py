@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, BinaryIO
+
+import msgspec
 
 from cellos.core import isolation as iso
 from cellos.core.errors import CellosError, HostError, PolicyRefused
@@ -59,8 +60,7 @@ if TYPE_CHECKING:
     from cellos.network.cell_egress import CellEgress
 
 
-@dataclass
-class _LiveCell:
+class _LiveCell(msgspec.Struct):
     state: CellState
     plan: SandboxPlan
     cgroup: cgroups.CellCgroup | None = None
@@ -68,7 +68,7 @@ class _LiveCell:
     egress: CellEgress | None = None
     #: Variables the workload gets on top of the declared ones (the CA bundle of a cell with
     #: secretInjection).
-    extra_env: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 #: A root supervisor's workloads run as nobody/nogroup: without capabilities uid 0 would still
@@ -175,7 +175,7 @@ class CellosBackend(StoredBackend):
             if planned is not None:
                 live.cgroup = planned
                 planned.create(limits, pids_overhead=LAUNCHER_PROCESSES)
-                live.plan = replace(live.plan, cgroup_procs=planned.procs_files())
+                live.plan = msgspec.structs.replace(live.plan, cgroup_procs=planned.procs_files())
         except OSError as exc:
             self._teardown(spec.id, live)
             raise HostError("cgroup", f"cannot create the cell's cgroup: {exc.strerror}") from None
@@ -185,7 +185,7 @@ class CellosBackend(StoredBackend):
             except CellosError:
                 self._teardown(spec.id, live)
                 raise
-        isolation = isolation_features(replace(live.plan, seccomp_fd=-1))
+        isolation = isolation_features(msgspec.structs.replace(live.plan, seccomp_fd=-1))
         resources: dict[str, str] = {"workspace": live.plan.workspace}
         if live.cgroup is not None:
             isolation.append(
@@ -216,7 +216,7 @@ class CellosBackend(StoredBackend):
             os.write(seccomp_write, workload_filter_bpf())
             os.close(seccomp_write)
             seccomp_write = -1
-            plan = replace(
+            plan = msgspec.structs.replace(
                 live.plan,
                 seccomp_fd=seccomp_read,
                 error_fd=error_write,
@@ -239,7 +239,7 @@ class CellosBackend(StoredBackend):
             # The launcher passes the declared environment on to the workload, and nothing
             # else; it dies with this supervisor (its --parent check and PDEATHSIG).
             if live.extra_env:
-                request = replace(request, env={**request.env, **live.extra_env})
+                request = msgspec.structs.replace(request, env={**request.env, **live.extra_env})
             command = HostCommand.for_workload(
                 request, argv=launcher_argv(plan, request.argv, self.launcher)
             )
@@ -258,7 +258,7 @@ class CellosBackend(StoredBackend):
     ) -> WorkloadResult:
         """Turn launcher failures into spawn errors and limit kills into reasons."""
         if setup_error:
-            return replace(
+            return msgspec.structs.replace(
                 result,
                 exit_code=None,
                 spawn_error="cannot start: " + setup_error.decode(errors="replace").strip(),
@@ -336,7 +336,7 @@ class CellosBackend(StoredBackend):
             injection_ca=ca,
             upstream_ca_file=self.injection_upstream_ca,
         )
-        live.plan = replace(
+        live.plan = msgspec.structs.replace(
             live.plan,
             netns_path=egress.netns_path,
             resolv_conf=egress.resolv_conf,

@@ -17,7 +17,8 @@ import os
 import signal
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+
+import msgspec
 
 from cellos.core.spec import Limits
 
@@ -25,15 +26,13 @@ CONTROLLERS = ("pids", "memory", "cpu")
 DEFAULT_PARENT = "cellos"
 
 
-@dataclass(frozen=True)
-class Hierarchy:
+class Hierarchy(msgspec.Struct, frozen=True):
     mount: str
     version: int
     controllers: frozenset[str]
 
 
-@dataclass(frozen=True)
-class CgroupLayout:
+class CgroupLayout(msgspec.Struct, frozen=True):
     """Which hierarchy serves each controller on this host."""
 
     by_controller: dict[str, Hierarchy]
@@ -121,12 +120,11 @@ def parent_relative(parent: str | None, layout: CgroupLayout) -> str:
     return parent.strip("/")
 
 
-@dataclass
-class CellCgroup:
+class CellCgroup(msgspec.Struct):
     """The leaves of one cell; ``leaves`` maps controller -> leaf directory."""
 
     leaves: dict[str, str]
-    versions: dict[str, int] = field(default_factory=dict)
+    versions: dict[str, int] = msgspec.field(default_factory=dict)
 
     @property
     def paths(self) -> list[str]:

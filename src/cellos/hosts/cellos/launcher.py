@@ -146,8 +146,30 @@ def launcher_path(configured: str | None = None, cache_dir: str | None = None) -
 
 
 @functools.cache
-def landlock_abi() -> int:
-    """The Landlock ABI version this kernel offers (0 when it has none or it is disabled)."""
+def landlock_abi(cache_dir: str | None = None) -> int:
+    """The Landlock ABI version this kernel offers (0 when it has none or it is disabled).
+
+    Asking costs a ctypes import (~4 ms of a one-shot supervisor's start) and the answer can
+    change only with a reboot (the kernel and its ``lsm=`` command line), so it is kept in
+    the cache directory under this boot's id and kernel release."""
+    from cellos.hosts.cellos.cache_files import read_trusted, write_atomically
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            boot = fh.read().strip()
+    except OSError:
+        return _probe_landlock_abi()
+    key = sha256(f"{boot}\0{os.uname().release}".encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir or default_cache_dir(), f"landlock-{key}")
+    cached = read_trusted(path, max_bytes=8)
+    if cached is not None and cached.isdigit():
+        return int(cached)
+    version = _probe_landlock_abi()
+    write_atomically(path, str(version).encode(), prune_prefix="landlock-")
+    return version
+
+
+def _probe_landlock_abi() -> int:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)

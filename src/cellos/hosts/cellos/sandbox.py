@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from cellos.core import isolation as iso
 from cellos.hosts.host_root import HOSTNAME_MAX, host_binds, host_symlinks
@@ -25,8 +26,7 @@ from cellos.hosts.host_root import HOSTNAME_MAX, host_binds, host_symlinks
 CA_BUNDLE_PATH = "/etc/cellos/ca-bundle.pem"
 
 
-@dataclass(frozen=True)
-class SandboxPlan:
+class SandboxPlan(msgspec.Struct, frozen=True):
     cell_id: str
     #: Host directory mounted read-write at ``working_directory``.
     workspace: str

@@ -14,8 +14,8 @@ import contextlib
 import errno
 import functools
 import os
-import stat
-import tempfile
+
+from cellos.hosts.cellos.cache_files import read_trusted, write_atomically
 
 DENIED_SYSCALLS: tuple[str, ...] = (
     "mount",
@@ -85,12 +85,13 @@ def workload_filter_bpf() -> bytes:
     beside the launcher in the user's private cache directory (same owner and mode checks)."""
     path = _cache_path()
     if path is not None:
-        cached = _read_trusted(path)
-        if cached:
+        cached = read_trusted(path)
+        # A BPF program is a whole number of 8-byte instructions.
+        if cached and len(cached) % 8 == 0:
             return cached
     program = _compile()
     if path is not None:
-        _write_atomically(path, program)
+        write_atomically(path, program, prune_prefix="seccomp-")
     return program
 
 
@@ -128,47 +129,9 @@ def _binding_identity() -> str | None:
     return None
 
 
-def _read_trusted(path: str) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        parent = os.stat(os.path.dirname(path))
-        # Ours (or root's), not writable by others, in a directory only its owner can write:
-        # a swapped program would weaken every later cell.
-        if (
-            not stat.S_ISREG(info.st_mode)
-            or info.st_uid not in (0, os.geteuid())
-            or info.st_mode & 0o022
-            or parent.st_uid != os.geteuid()
-            or parent.st_mode & 0o022
-        ):
-            return None
-        data = fh.read(1 << 16)
-    # A BPF program is a whole number of 8-byte instructions.
-    return data if data and len(data) % 8 == 0 else None
-
-
-def _write_atomically(path: str, program: bytes) -> None:
-    directory = os.path.dirname(path)
-    partial = f"{path}.{os.getpid()}.partial"
-    with contextlib.suppress(OSError):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(program)
-        os.replace(partial, path)
-        for name in os.listdir(directory):  # programs of older rules or bindings
-            if name.startswith("seccomp-") and name != os.path.basename(path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(directory, name))
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(partial)
-
-
 def _compile() -> bytes:
+    import tempfile  # only on a cache miss: ~5 ms of imports (shutil, random)
+
     import pyseccomp as seccomp
 
     flt = seccomp.SyscallFilter(defaction=seccomp.ALLOW)

@@ -37,8 +37,10 @@ import os
 import shutil
 import subprocess
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
+
+from msgspec.structs import replace
 
 from cellos.core import isolation as iso
 from cellos.core.errors import CellosError, HostError, PolicyRefused

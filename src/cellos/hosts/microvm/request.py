@@ -14,7 +14,8 @@ Pure functions used by the qemu backend's ``create``/``run``/``open_artifact``:
 from __future__ import annotations
 
 import posixpath
-from dataclasses import replace
+
+from msgspec.structs import replace
 
 from cellos.core.ports import WorkloadResult
 from cellos.core.spec import CellSpec, Limits
