@@ -16,7 +16,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,7 @@ def benchmark(config: Config) -> dict[str, Any]:
         raise harness.BenchError("curl is not installed")
     server, url = _server()
     try:
-        with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp_name:
+        with harness.scratch("export-bench-") as tmp_name:
             artifact = Path(tmp_name) / "artifact.bin"
             with artifact.open("wb") as out:
                 left = config.size

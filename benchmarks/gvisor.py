@@ -41,7 +41,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -273,7 +272,7 @@ def benchmark(config: Config) -> dict[str, Any]:
 
     started = time.perf_counter()
     rng = random.Random(config.seed)
-    with tempfile.TemporaryDirectory(prefix="cellos-bench-gvisor-") as tmp_name:
+    with harness.scratch("cellos-bench-gvisor-") as tmp_name:
         tmp = Path(tmp_name)
         state = tmp / "state"
         env = {

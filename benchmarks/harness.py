@@ -15,10 +15,12 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +47,18 @@ def ensure_cellos_importable() -> bool:
 
 
 # -- statistics ------------------------------------------------------------------------------
+
+
+def scratch(prefix: str) -> tempfile.TemporaryDirectory[str]:
+    """A temporary directory beside CellOS's default state root (``/run`` as root, the user's
+    runtime directory otherwise), so cells keep their state where a real deployment keeps it:
+    the same directory operations on ``/tmp`` can cost several times more (measured here: a
+    cell directory's removal 2.2 ms on ``/tmp`` vs 0.3 ms on ``/run``, same disk)."""
+    from cellos.hosts.state import default_state_root
+
+    parent = os.path.dirname(default_state_root())
+    usable = os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=parent if usable else None)
 
 
 def p50(samples: Sequence[float]) -> float:

@@ -26,7 +26,6 @@ import os
 import random
 import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -280,7 +279,7 @@ def benchmark(config: Config) -> dict[str, Any]:
     started = time.perf_counter()
     phases: dict[str, Any] = {}
     found: dict[str, Series] = {}
-    with tempfile.TemporaryDirectory(prefix="cellos-bench-") as tmp_name:
+    with harness.scratch("cellos-bench-") as tmp_name:
         run = Run(config, Path(tmp_name), src_added)
         if config.rounds:
             rows, unshare, true = run.warm()

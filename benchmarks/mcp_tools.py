@@ -21,7 +21,6 @@ import argparse
 import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from cellos.mcp.settings import read_settings
 
     direct, mcp = Series("direct"), Series("mcp/stdio")
-    with tempfile.TemporaryDirectory(prefix="cellos-bench-mcp-") as raw:
+    with harness.scratch("cellos-bench-mcp-") as raw:
         tmp = Path(raw)
         direct_env = _env(tmp, args.backend, "direct")
         server_env = _env(tmp, args.backend, "server")

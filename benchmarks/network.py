@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -189,7 +188,7 @@ def benchmark(
     load_before = os.getloadavg()
     phases: dict[str, Any] = {}
     series: dict[str, Series] = {}
-    with tempfile.TemporaryDirectory(prefix="cellos-bench-net-") as tmp_name:
+    with harness.scratch("cellos-bench-net-") as tmp_name:
         tmp = Path(tmp_name)
         state_dirs: list[Path] = []
         if rounds:

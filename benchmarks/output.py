@@ -22,7 +22,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -203,7 +202,7 @@ def true_cost(config: Config, tmp: Path) -> tuple[list[Series], dict[str, Any]]:
 
 def benchmark(config: Config) -> dict[str, Any]:
     harness.ensure_cellos_importable()
-    with tempfile.TemporaryDirectory(prefix="cellos-bench-out-") as tmp_name:
+    with harness.scratch("cellos-bench-out-") as tmp_name:
         tmp = Path(tmp_name)
         rows, rates = throughput(config, tmp)
         true_rows, added = true_cost(config, tmp) if config.true_rounds else ([], {})

@@ -24,7 +24,6 @@ import random
 import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ def _document(variant: str, index: int) -> dict[str, Any]:
 def benchmark(config: Config) -> dict[str, Any]:
     harness.ensure_cellos_importable()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="cellos-bench-secrets-") as tmp:
+    with harness.scratch("cellos-bench-secrets-") as tmp:
         base = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "CELLOS_CELL_BACKEND": "cellos",

@@ -392,8 +392,11 @@ def _supervise(
                     # is still guaranteed to be ours, so that no orphan keeps the pipes open.
                     exited = True
                     sel.unregister(pidfd)
-                    killed |= _workload_processes(control, proc.pid)
-                    control.kill(proc.pid)
+                    # Usually nothing is left: one look, no kill (each look reads /proc or
+                    # the cgroup, on every cell's hot path).
+                    if control.remaining(proc.pid):
+                        killed |= _workload_processes(control, proc.pid)
+                        control.kill(proc.pid)
                     kill_at = None
                     continue
                 # A busy pipe is drained a few reads at a time without a select in between.

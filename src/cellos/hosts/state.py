@@ -69,6 +69,18 @@ def process_start(pid: int) -> int | None:
         return None
 
 
+_own: tuple[int, int | None] | None = None
+
+
+def _own_start() -> int | None:
+    """This process's start time, read once (per pid: a forked child reads its own)."""
+    global _own
+    pid = os.getpid()
+    if _own is None or _own[0] != pid:
+        _own = (pid, process_start(pid))
+    return _own[1]
+
+
 class CellBusy(Exception):
     """Another live cell (in any process) holds this id."""
 
@@ -126,8 +138,12 @@ class CellState(msgspec.Struct):
         fd = os.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.record, fh)
+        try:
+            data = json.dumps(self.record).encode()
+            while data:
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
         os.replace(tmp, self.path("record.json"))
 
     def write_pid(self, pid: int) -> None:
@@ -203,8 +219,11 @@ class CellStore:
         Raises :class:`HostError` naming ``spec.id`` when a live cell holds the id, or
         ``CELLOS_STATE_DIR`` when the store cannot be written."""
         try:
-            os.makedirs(self.cells, mode=0o700, exist_ok=True)
-            fd = self._lock(cell_id)
+            try:
+                fd = self._lock(cell_id)
+            except FileNotFoundError:  # the first cell of this store (or it was removed)
+                os.makedirs(self.cells, mode=0o700, exist_ok=True)
+                fd = self._lock(cell_id)
         except CellBusy:
             raise HostError(
                 "spec.id", f"a live cell with id {cell_id!r} already exists (another process)"
@@ -215,7 +234,7 @@ class CellStore:
             ) from None
         cell_dir = self.cell_dir(cell_id)
         try:
-            owner = {"pid": os.getpid(), "start": process_start(os.getpid())}
+            owner = {"pid": os.getpid(), "start": _own_start()}
             _write_owner(fd, owner)
             stale = read_record(cell_dir)
             if stale is not None:

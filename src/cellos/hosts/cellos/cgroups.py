@@ -252,6 +252,16 @@ def remove_leaf(path: str, timeout: float = 5.0) -> int:
     deadline = time.monotonic() + timeout
     kill_file = os.path.join(path, "cgroup.kill")
     while True:
+        # The usual leaf is already empty: one rmdir, no read of its members.
+        try:
+            os.rmdir(path)
+            return killed
+        except FileNotFoundError:
+            return killed
+        except OSError as exc:
+            # EBUSY until the members are killed and fully gone.
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
         members = pids_in(path)
         if members and os.path.exists(kill_file):
             with contextlib.suppress(OSError):
@@ -260,15 +270,6 @@ def remove_leaf(path: str, timeout: float = 5.0) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         killed = max(killed, len(members))
-        try:
-            os.rmdir(path)
-            return killed
-        except FileNotFoundError:
-            return killed
-        except OSError as exc:
-            # EBUSY until the killed members are fully gone.
-            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                raise
         time.sleep(0.0005)
 
 
