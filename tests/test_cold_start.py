@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, base_env
 
 #: Runs ``cellos-supervisor FILE`` in-process, then writes the imported modules' names.
@@ -138,3 +140,38 @@ def test_dsse_signing_loads_dsse_but_not_securesystemslib(tmp_path: Path) -> Non
     )
     assert "cellos.core.dsse" in modules
     assert _roots(modules, {"securesystemslib"}) == set()
+
+
+FAST_EXIT = """
+import atexit, sys, threading, time
+from cellos.core.fast_exit import exit_now
+atexit.register(lambda: open(sys.argv[1] + ".atexit", "w").write("ran"))
+if sys.argv[2] == "thread":
+    def late() -> None:
+        time.sleep(0.2)
+        open(sys.argv[1] + ".thread", "w").write("done")
+    threading.Thread(target=late).start()
+sys.stdout.write("buffered, no newline")
+exit_now(3)
+"""
+
+
+@pytest.mark.parametrize("case", ["alone", "thread"])
+def test_the_fast_exit_loses_nothing(tmp_path: Path, case: str) -> None:
+    """``cellos-supervisor`` skips the interpreter's finalisation, but keeps its exit code,
+    flushes buffered output, runs atexit handlers, and lets a working thread finish."""
+    base = tmp_path / "mark"
+    proc = subprocess.run(
+        [sys.executable, "-c", FAST_EXIT, str(base), case],
+        env=base_env(tmp_path),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "buffered, no newline"
+    assert (tmp_path / "mark.atexit").read_text() == "ran"
+    if case == "thread":
+        assert (tmp_path / "mark.thread").read_text() == "done"

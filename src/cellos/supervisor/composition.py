@@ -15,9 +15,6 @@ from cellos.core.ports import EventSink
 from cellos.exports.select import make_exporter
 from cellos.hosts.registry import make_backend, make_reaper
 from cellos.output.settings import output_settings
-from cellos.sinks.dlq import DlqSink
-from cellos.sinks.jsonl import JsonlFileSink, JsonlStreamSink
-from cellos.sinks.noop import NoopSink
 from cellos.supervisor.lifecycle import DEFAULT_TTL_SECONDS, Supervisor
 
 PROFILES = ("portable", "hardened")
@@ -61,6 +58,7 @@ def jetstream_wanted(env: Mapping[str, str]) -> bool:
 
 
 def _sinks(env: Mapping[str, str]) -> list[EventSink]:
+    # Each sink module only when configured: one-shot supervisors pay for every import.
     sinks: list[EventSink] = []
     jetstream = jetstream_wanted(env)
     if jetstream:
@@ -74,15 +72,23 @@ def _sinks(env: Mapping[str, str]) -> list[EventSink]:
         )
     jsonl = env.get("CELL_OS_JSONL_EVENTS", "").strip()
     if jsonl:
+        from cellos.sinks.jsonl import JsonlFileSink
+
         sinks.append(JsonlFileSink(jsonl))
     elif not jetstream and not _flag(env, "CELL_OS_USE_NOOP_SINK"):
+        from cellos.sinks.jsonl import JsonlStreamSink
+
         # With no sink configured, events go to stderr rather than nowhere.
         sinks.append(JsonlStreamSink(sys.stderr))
     # Events JetStream cannot take are kept on disk: a DLQ is always there with JetStream.
     dlq = env.get("CELLOS_DLQ_DIR", "").strip() or (default_dlq_dir() if jetstream else "")
     if dlq:
+        from cellos.sinks.dlq import DlqSink
+
         sinks = [DlqSink(s, dlq, getattr(s, "name", "sink")) for s in sinks]
     if not sinks:
+        from cellos.sinks.noop import NoopSink
+
         sinks.append(NoopSink())
     return sinks
 
