@@ -624,3 +624,171 @@ def test_a_slash_30_pool_runs_one_egress_cell_and_refuses_a_second(
     assert holder.returncode == 0, (out, err)
     assert out == f"{test_host.ip}:8080 OK allowed port\n"
     assert os.listdir(tmp_path / "state" / "net" / "slots") == []
+
+
+# -- the qemu backend: a guest with a tap inside the cell's network namespace ----------------
+#
+# The guest has busybox only (no python): nc, nslookup and ssl_client (a real TLS
+# ClientHello with the SNI asked for). Each boot is a few seconds under TCG, so one boot checks
+# many things.
+
+NC_PROBE = """
+ls /sys/class/net | tr '\\n' ' '; echo
+probe() {
+    printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 "$2" "$3" > /tmp/out 2>&1
+    echo "$1 $(tail -n 1 /tmp/out | tr -d '\\r')"
+}
+"""
+
+
+def qemu_env(tmp_path: Path, image_dir: Path, **extra: str) -> dict[str, str]:
+    return base_env(
+        tmp_path,
+        CELLOS_CELL_BACKEND="qemu",
+        CELLOS_MICROVM_IMAGE=str(image_dir),
+        CELLOS_MICROVM_ALLOW_TCG="1",
+        CELL_OS_JSONL_EVENTS=str(tmp_path / "events.jsonl"),
+        **extra,
+    )
+
+
+def test_a_qemu_guest_reaches_its_allowed_port_only(
+    test_host: Any, tmp_path: Path, supervisor_cli: Run, image_dir: Path
+) -> None:
+    """The guest's one network device is a tap in the cell's namespace: the cell's own nft
+    table allows the declared destination and port, rejects every other port, address and
+    the host itself, and counts it all (flow-decision events, as for the other backends)."""
+    ip, other = test_host.ip, test_host.host_ip
+    script = NC_PROBE + (
+        f"probe allowed {ip} 8080; probe other-port {ip} 8081; probe host-side {other} 8080\n"
+        # The guest's side of the link (its gateway is the cell's namespace): nothing there.
+        "probe gateway 169.254.213.1 8080\n"
+    )
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "vm-egress",
+            argv=["/bin/sh", "-c", script],
+            authority={"egressRules": [{"cidr": f"{ip}/32", "port": 8080}]},
+        ),
+    )
+    result = supervisor_cli(str(spec), qemu_env(tmp_path, image_dir), timeout=180)
+    assert result.code == 0, result
+    devices, *probes = result.stdout.splitlines()
+    assert devices.split() == ["eth0", "lo"], result
+    seen = dict(line.split(" ", 1) for line in probes)
+    assert seen["allowed"] == "allowed port", result
+    # Blocked TCP is rejected visibly (RST), not left to time out.
+    for label in ("other-port", "host-side", "gateway"):
+        assert seen[label].endswith("Connection refused"), (label, result)
+    all_events = read_events(tmp_path / "events.jsonl")
+    started = all_events[0]["data"]
+    assert started["networkScope"] == {"egressRuleCount": 1, "enforced": True}
+    assert "network:egress-allowlist" in started["isolation"]
+    assert "qemu:network=tap-in-cell-netns" in started["isolation"]
+    assert "network:loopback-only" not in started["isolation"]
+    flows = [e["data"] for e in all_events if e["type"].endswith("network_flow_decision")]
+    allowed = [f for f in flows if f["decision"] == "allowed"]
+    assert allowed and allowed[0]["packets"] >= 1 and "tcp/8080" in allowed[0]["rule"]
+    assert any(f["rule"] == "deny tcp" and f["packets"] >= 1 for f in flows)
+    assert any(f["rule"] == "deny tcp to host" and f["packets"] >= 1 for f in flows)
+    summary = all_events[-1]["data"]
+    assert summary["networkFlows"]["allowed"] >= 1 and summary["networkFlows"]["dropped"] >= 1
+    assert not (tmp_path / "state" / "net" / "slots").exists() or not os.listdir(
+        tmp_path / "state" / "net" / "slots"
+    )
+
+
+def test_a_qemu_guest_resolves_through_the_cells_dns_proxy_and_its_sni_is_checked(
+    test_host: Any, tmp_path: Path, supervisor_cli: Run, image_dir: Path
+) -> None:
+    """DNS authority and the SNI check govern the guest as they govern a ``cellos`` cell:
+    the guest's resolver is the cell's DNS proxy, an allowed name is reachable only once it
+    was answered, a refused name gets no answer and its address stays closed, and a TLS
+    ClientHello naming another host on an allowed address is cut."""
+    test_host.dns_server({"allowed.test": test_host.ip, "refused.test": test_host.ip2})
+    test_host.greeter(443, "GOT")
+    ip, ip2 = test_host.ip, test_host.ip2
+    tls = (
+        "nc -w 3 {ip} 443 -e /bin/ssl_client -s 0 -n {name} > /tmp/tls 2>&1; "
+        "echo tls-{name} $(cat /tmp/tls)"
+    )
+    script = NC_PROBE + "\n".join(
+        [
+            f"probe before-resolve {ip} 8080",
+            "nslookup Allowed.Test > /tmp/ns 2>&1; "
+            "echo allowed $? $(grep '^Address' /tmp/ns | tail -n 1)",
+            f"probe after-resolve {ip} 8080",
+            "nslookup refused.test > /tmp/ns 2>&1; echo refused $? $(tail -n 1 /tmp/ns)",
+            f"probe refused-by-ip {ip2} 8080",
+            tls.format(ip=ip, name="allowed.test"),
+            tls.format(ip=ip, name="evil.test"),
+        ]
+    )
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "vm-dns",
+            argv=["/bin/sh", "-c", script],
+            authority={
+                "egressRules": [
+                    {"host": "allowed.test", "port": 8080, "protocol": "tcp"},
+                    {"host": "allowed.test", "port": 443, "protocol": "tcp"},
+                ],
+                "dnsAuthority": {
+                    "hostnameAllowlist": ["allowed.test"],
+                    "resolvers": [{"resolverId": "test", "address": f"{ip}:53"}],
+                },
+            },
+        ),
+    )
+    result = supervisor_cli(str(spec), qemu_env(tmp_path, image_dir), timeout=180)
+    assert result.code == 0, result
+    seen = dict(line.split(" ", 1) for line in result.stdout.splitlines()[1:])
+    assert seen["before-resolve"].endswith("Connection refused"), result
+    assert seen["allowed"] == f"0 Address: {ip}", result
+    assert seen["after-resolve"] == "allowed port", result
+    assert seen["refused"].startswith("1 ") and "REFUSED" in seen["refused"], result
+    assert seen["refused-by-ip"].endswith("Connection refused"), result
+    # The greeter's 3 bytes reached the allowed name's TLS client; the other was cut.
+    assert "have only 3" in seen["tls-allowed.test"], result
+    assert "have only 3" not in seen["tls-evil.test"], result
+    all_events = read_events(tmp_path / "events.jsonl")
+    permitted = [e["data"] for e in all_events if e["type"].endswith("dns_query_permitted")]
+    refused = [e["data"] for e in all_events if e["type"].endswith("dns_query_refused")]
+    assert any(
+        d["queryName"].lower() == "allowed.test" and ip in d["answers"] for d in permitted
+    ), permitted
+    assert any(d["queryName"] == "refused.test" for d in refused), refused
+    decisions = [e["data"] for e in all_events if e["type"].endswith("l7_egress_decision")]
+    assert {(d["serverName"], d["decision"], d["reasonCode"]) for d in decisions} == {
+        ("allowed.test", "allowed", "l7_sni_allowlist_match"),
+        ("evil.test", "denied", "l7_sni_allowlist_miss"),
+    }
+    assert all(d["destination"] == f"{ip}:443" for d in decisions)
+
+
+def test_qemu_refuses_an_ipv6_rule_at_create(tmp_path: Path, image_dir: Path) -> None:
+    """The guest's link is IPv4 only: an IPv6 rule is refused, naming the rule, before
+    anything exists (no slot, no namespace)."""
+    _ready()
+    from cellos.core.errors import PolicyRefused
+
+    before = network_residue()
+    backend = make_backend(
+        "qemu",
+        {
+            "CELLOS_STATE_DIR": str(tmp_path / "state"),
+            "CELLOS_MICROVM_IMAGE": str(image_dir),
+            "CELLOS_MICROVM_ALLOW_TCG": "1",
+        },
+    )
+    rules = [{"cidr": "192.0.2.0/24", "port": 80}, {"cidr": "2001:db8::/32", "port": 80}]
+    spec = validate_document(doc("vm-v6", authority={"egressRules": rules})).spec
+    with pytest.raises(PolicyRefused) as caught:
+        backend.create(spec)
+    assert caught.value.path == "spec.authority.egressRules[1].cidr"
+    assert "IPv6" in caught.value.reason and "qemu" in caught.value.reason
+    assert network_residue() == before
+    slots = tmp_path / "state" / "net" / "slots"
+    assert not slots.exists() or os.listdir(slots) == []
