@@ -719,7 +719,8 @@ def test_a_qemu_guest_resolves_through_the_cells_dns_proxy_and_its_sni_is_checke
             "nslookup Allowed.Test > /tmp/ns 2>&1; "
             "echo allowed $? $(grep '^Address' /tmp/ns | tail -n 1)",
             f"probe after-resolve {ip} 8080",
-            "nslookup refused.test > /tmp/ns 2>&1; echo refused $? $(grep -q REFUSED /tmp/ns && echo REFUSED)",
+            "nslookup refused.test > /tmp/ns 2>&1; "
+            "echo refused $? $(grep -q REFUSED /tmp/ns && echo REFUSED)",
             f"probe refused-by-ip {ip2} 8080",
             tls.format(ip=ip, name="allowed.test"),
             tls.format(ip=ip, name="evil.test"),
