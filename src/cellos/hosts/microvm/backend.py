@@ -15,6 +15,12 @@ Without ``CELLOS_MICROVM_IMAGE`` the per-user cached image is used, built on fir
 boot with ``-accel kvm`` succeeds; otherwise TCG, and only where the operator allows it
 (``CELLOS_MICROVM_ALLOW_TCG=1``). The probe's answer is cached per host boot, kernel, VMM and
 ``/dev/kvm`` (``accel.py``), so only the first cell pays for it.
+
+A cell with egress authority gets the same network scope as on the other backends
+(``CellEgress``) and its guest one virtio-net device on a tap inside the cell's namespace
+(``network/guest_link.py``), whose descriptor the VMM inherits; a cell without has no network
+device at all. Such a cell never takes a warm pool guest (booted without a device): it boots
+cold and says why (``poolMiss``).
 """
 
 from __future__ import annotations
