@@ -657,33 +657,53 @@ def test_a_qemu_guest_reaches_its_allowed_port_only(
 ) -> None:
     """The guest's one network device is a tap in the cell's namespace: the cell's own nft
     table allows the declared destination and port, rejects every other port, address and
-    the host itself, and counts it all (flow-decision events, as for the other backends)."""
-    ip, other = test_host.ip, test_host.host_ip
+    the host itself, and counts it all (flow-decision events, as for the other backends);
+    over IPv4 and IPv6 alike."""
+    for port, body, address in [
+        (8080, "allowed v6", test_host.ip6),
+        (8081, "other port v6", test_host.ip6),
+        (8080, "other address v6", test_host.ip6_2),
+    ]:
+        test_host.http_server(port, body, address=address)
+    listener, accepted = _listener6()  # on every IPv6 address of the host itself
+    host_port = listener.getsockname()[1]
+    ip, other, ip6 = test_host.ip, test_host.host_ip, test_host.ip6
     script = NC_PROBE + (
         f"probe allowed {ip} 8080; probe other-port {ip} 8081; probe host-side {other} 8080\n"
-        # The guest's side of the link (its gateway is the cell's namespace): nothing there.
-        "probe gateway 169.254.213.1 8080\n"
+        f"probe allowed6 {ip6} 8080; probe other-port6 {ip6} 8081\n"
+        f"probe other-address6 {test_host.ip6_2} 8080\n"
+        f"probe host-side6 {test_host.host_ip6} {host_port}\n"
+        # The guest's side of its link (the gateway is the cell's namespace): nothing there.
+        f"probe gateway 169.254.213.1 8080; probe gateway6 fd63:656c:6c6f:1::1 {host_port}\n"
     )
+    rules = [
+        {"cidr": f"{ip}/32", "port": 8080},
+        {"cidr": f"{ip6}/128", "port": 8080},
+        # Forwarding allows it anywhere: only the host's own table stops it at the host.
+        {"cidr": "::/0", "port": host_port},
+    ]
     spec = write_doc(
         tmp_path / "c.yaml",
-        doc(
-            "vm-egress",
-            argv=["/bin/sh", "-c", script],
-            authority={"egressRules": [{"cidr": f"{ip}/32", "port": 8080}]},
-        ),
+        doc("vm-egress", argv=["/bin/sh", "-c", script], authority={"egressRules": rules}),
     )
-    result = supervisor_cli(str(spec), qemu_env(tmp_path, image_dir), timeout=180)
+    try:
+        result = supervisor_cli(str(spec), qemu_env(tmp_path, image_dir), timeout=180)
+    finally:
+        listener.close()
     assert result.code == 0, result
     devices, *probes = result.stdout.splitlines()
     assert devices.split() == ["eth0", "lo"], result
     seen = dict(line.split(" ", 1) for line in probes)
     assert seen["allowed"] == "allowed port", result
+    assert seen["allowed6"] == "allowed v6", result
     # Blocked TCP is rejected visibly (RST), not left to time out.
-    for label in ("other-port", "host-side", "gateway"):
+    blocked = ["other-port", "host-side", "gateway"]
+    for label in [*blocked, *(f"{b}6" for b in blocked), "other-address6"]:
         assert seen[label].endswith("Connection refused"), (label, result)
+    assert accepted == [], "an IPv6 connection from the guest reached the host"
     all_events = read_events(tmp_path / "events.jsonl")
     started = all_events[0]["data"]
-    assert started["networkScope"] == {"egressRuleCount": 1, "enforced": True}
+    assert started["networkScope"] == {"egressRuleCount": 3, "enforced": True}
     assert "network:egress-allowlist" in started["isolation"]
     assert "qemu:network=tap-in-cell-netns" in started["isolation"]
     assert "network:loopback-only" not in started["isolation"]
@@ -767,29 +787,3 @@ def test_a_qemu_guest_resolves_through_the_cells_dns_proxy_and_its_sni_is_checke
         ("evil.test", "denied", "l7_sni_allowlist_miss"),
     }
     assert all(d["destination"] == f"{ip}:443" for d in decisions)
-
-
-def test_qemu_refuses_an_ipv6_rule_at_create(tmp_path: Path, image_dir: Path) -> None:
-    """The guest's link is IPv4 only: an IPv6 rule is refused, naming the rule, before
-    anything exists (no slot, no namespace)."""
-    _ready()
-    from cellos.core.errors import PolicyRefused
-
-    before = network_residue()
-    backend = make_backend(
-        "qemu",
-        {
-            "CELLOS_STATE_DIR": str(tmp_path / "state"),
-            "CELLOS_MICROVM_IMAGE": str(image_dir),
-            "CELLOS_MICROVM_ALLOW_TCG": "1",
-        },
-    )
-    rules = [{"cidr": "192.0.2.0/24", "port": 80}, {"cidr": "2001:db8::/32", "port": 80}]
-    spec = validate_document(doc("vm-v6", authority={"egressRules": rules})).spec
-    with pytest.raises(PolicyRefused) as caught:
-        backend.create(spec)
-    assert caught.value.path == "spec.authority.egressRules[1].cidr"
-    assert "IPv6" in caught.value.reason and "qemu" in caught.value.reason
-    assert network_residue() == before
-    slots = tmp_path / "state" / "net" / "slots"
-    assert not slots.exists() or os.listdir(slots) == []

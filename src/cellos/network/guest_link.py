@@ -29,7 +29,10 @@ DNS and L7 proxies) is :class:`cellos.network.cell_egress.CellEgress`, exactly a
   the guest.
 
 The table and the tap exist before the VMM starts: no frame of the guest ever passes
-unfiltered. The guest has an IPv4 link only (IPv6 rules are refused for it at create).
+unfiltered. A cell with an IPv6 rule (the scope then has an IPv6 link) gives its guest an
+IPv6 /126 of its own too (:data:`GUEST_IP6`), masqueraded the same way as the cell's IPv6
+address; a cell without one has no IPv6 on the tap at all (the namespace's default, set by
+the scope), as on the cell's own link.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ if TYPE_CHECKING:
 GATEWAY_IP = "169.254.213.1"
 GUEST_IP = "169.254.213.2"
 PREFIX = 30
+#: Its IPv6 link (cells with an IPv6 rule only): a unique-local /126 outside the scope's pool.
+GATEWAY_IP6 = "fd63:656c:6c6f:1::1"
+GUEST_IP6 = "fd63:656c:6c6f:1::2"
+PREFIX6 = 126
 #: The guest's MAC (alone on its tap: it needs no uniqueness beyond that).
 GUEST_MAC = "52:54:00:ce:11:05"
 TABLE = "cellos_guest"
@@ -68,15 +75,19 @@ class GuestLink:
     """The open tap of one guest (its descriptor is handed to the VMM) and what the guest
     configures on its side (``request`` travels in the guest's request)."""
 
-    def __init__(self, fd: int, name: str, nameserver: str | None) -> None:
+    def __init__(self, fd: int, name: str, nameserver: str | None, *, ipv6: bool) -> None:
         self.fd = fd
         self.name = name
         self.nameserver = nameserver
+        self.ipv6 = ipv6
         self.mac = GUEST_MAC
 
     def request(self) -> dict[str, str]:
         """The guest init's ``cellos.net`` object: its address, gateway and resolver."""
         found = {"address": f"{GUEST_IP}/{PREFIX}", "gateway": GATEWAY_IP}
+        if self.ipv6:
+            found["address6"] = f"{GUEST_IP6}/{PREFIX6}"
+            found["gateway6"] = GATEWAY_IP6
         if self.nameserver is not None:
             found["nameserver"] = self.nameserver
         return found
@@ -100,6 +111,7 @@ def open_link(egress: CellEgress) -> GuestLink:
     name = tap_name(net.slot)
     dns = egress.proxies is not None and egress.proxies.dns_active
     l7_ports = egress.proxies.l7_active_ports if egress.proxies is not None else []
+    ipv6 = net.cell_ip6 is not None
 
     def inside() -> int:
         rtnl.enter_netns(net.netns_path)
@@ -111,11 +123,15 @@ def open_link(egress: CellEgress) -> GuestLink:
             # both per namespace, so they change nothing outside the cell's.
             rtnl.write_sysctl("net.ipv4.ip_forward", "1")
             rtnl.write_sysctl(f"net.ipv4.conf.{name}.route_localnet", "1")
+            if ipv6:
+                rtnl.write_sysctl("net.ipv6.conf.all.forwarding", "1")
             with rtnl.Rtnl() as cell:
                 index = cell.link_index(name)
                 if index is None:
                     raise HostError("network", f"tap {name} vanished after creation")
                 cell.add_address(index, GATEWAY_IP, PREFIX, name)
+                if ipv6:
+                    cell.add_address(index, GATEWAY_IP6, PREFIX6, name)
                 cell.set_up(index, name)
         except BaseException:
             os.close(fd)
@@ -128,9 +144,10 @@ def open_link(egress: CellEgress) -> GuestLink:
         raise
     except OSError as exc:
         raise HostError("network", f"cannot create the guest's tap device: {exc}") from None
-    link = GuestLink(fd, name, GATEWAY_IP if dns else None)
+    link = GuestLink(fd, name, GATEWAY_IP if dns else None, ipv6=ipv6)
     try:
-        nft.run(table_commands(name, net.cell_if, dns=dns, l7_ports=l7_ports), netns=net.netns_path)
+        commands = table_commands(name, net.cell_if, dns=dns, l7_ports=l7_ports, ipv6=ipv6)
+        nft.run(commands, netns=net.netns_path)
     except BaseException:
         link.close()
         raise
@@ -138,7 +155,7 @@ def open_link(egress: CellEgress) -> GuestLink:
 
 
 def table_commands(
-    tap: str, cell_if: str, *, dns: bool, l7_ports: list[int]
+    tap: str, cell_if: str, *, dns: bool, l7_ports: list[int], ipv6: bool = False
 ) -> list[dict[str, Any]]:
     """The namespace's table for its guest (see the module docstring)."""
     t = TABLE
@@ -194,6 +211,23 @@ def table_commands(
     cmds += [
         scope.rule_command(t, "input", [from_guest, replies, {"accept": None}], "replies"),
         scope.rule_command(t, "input", [from_guest, dnat, {"accept": None}], "to the proxies"),
+    ]
+    if ipv6:
+        # Neighbour discovery with the gateway (what ARP is to IPv4), as on the cell's link.
+        nd = ["nd-neighbor-solicit", "nd-neighbor-advert"]
+        cmds.append(
+            scope.rule_command(
+                t,
+                "input",
+                [
+                    from_guest,
+                    nft.match(nft.payload("icmpv6", "type"), {"set": nd}),
+                    {"accept": None},
+                ],
+                "neighbour discovery",
+            )
+        )
+    cmds += [
         *scope.visible_denials(t, "input", from_guest, " to the namespace"),
         scope.rule_command(
             t,
@@ -204,16 +238,20 @@ def table_commands(
         scope.rule_command(t, "forward", [to_guest, replies, {"accept": None}], "replies in"),
         scope.rule_command(t, "forward", [to_guest, {"drop": None}], "unsolicited to the guest"),
         *scope.visible_denials(t, "forward", from_guest, " elsewhere"),
-        # iifname is unknown in postrouting: the guest's source address selects its packets.
-        scope.rule_command(
-            t,
-            "postrouting",
-            [
-                nft.match(nft.payload("ip", "saddr"), GUEST_IP),
-                nft.match(nft.meta("oifname"), cell_if),
-                {"masquerade": None},
-            ],
-            "as the cell's address",
-        ),
     ]
+    # iifname is unknown in postrouting: the guest's source address selects its packets.
+    sources = [("ip", GUEST_IP)] + ([("ip6", GUEST_IP6)] if ipv6 else [])
+    for family, source in sources:
+        cmds.append(
+            scope.rule_command(
+                t,
+                "postrouting",
+                [
+                    nft.match(nft.payload(family, "saddr"), source),
+                    nft.match(nft.meta("oifname"), cell_if),
+                    {"masquerade": None},
+                ],
+                "as the cell's address" if family == "ip" else "as the cell's IPv6 address",
+            )
+        )
     return cmds

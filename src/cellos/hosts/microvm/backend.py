@@ -269,8 +269,6 @@ class MicrovmBackend(StoredBackend):
     def create(self, spec: CellSpec) -> CellHandle:
         check_working_directory(spec)
         egress_wanted = bool(spec.authority.egress_rules)
-        if egress_wanted:
-            _refuse_unenforceable_rules(spec)
         # Refused before boot: a tampered kernel, initrd or VMM never runs. A pool guest's
         # files were verified by the pool's manager right before it booted them (its record
         # holds those digests); they must be the manifest's, and the cell gets them. A cold
@@ -728,18 +726,6 @@ class MicrovmBackend(StoredBackend):
 
     def _state_of(self, handle: CellHandle) -> CellState:
         return _LIVE.get(handle.cell_id).state
-
-
-def _refuse_unenforceable_rules(spec: CellSpec) -> None:
-    """The guest's link is IPv4 only in this build: an IPv6 rule would be a promise the
-    guest cannot use, so it is refused at create (before anything is claimed)."""
-    for index, rule in enumerate(spec.authority.egress_rules):
-        if rule.cidr is not None and ":" in rule.cidr:
-            raise PolicyRefused(
-                f"spec.authority.egressRules[{index}].cidr",
-                "IPv6 egress is not available on the qemu backend in this build (the guest's "
-                "link into the cell's network is IPv4 only); use the cellos or gvisor backend",
-            )
 
 
 class SecretSender:

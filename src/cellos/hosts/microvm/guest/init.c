@@ -29,6 +29,7 @@
  *   cellos.secretlease=<seconds>                          optional: remove them after this long
  *   cellos.net=<base64url JSON object>                    optional: the guest's network device
  *                                                         (address CIDR, gateway, optional
+ *                                                         address6 CIDR + gateway6, optional
  *                                                         nameserver); only a cell with egress
  *                                                         authority has one (see setup_network)
  * and on a pool guest's channel only:
@@ -724,6 +725,56 @@ static int set_in_addr(struct sockaddr *sa, const char *text)
     return inet_pton(AF_INET, text, &in->sin_addr) == 1 ? 0 : -1;
 }
 
+static int write_file(const char *path, const char *value);
+
+/* linux/ipv6.h's in6_ifreq (that header clashes with glibc's netinet/in.h). */
+struct cellos_in6_ifreq {
+    struct in6_addr addr;
+    uint32_t prefixlen;
+    int ifindex;
+};
+
+/* The IPv6 address and default route (a cell with an IPv6 rule): without duplicate address
+ * detection (the guest is alone on its link), so the address is usable at once. */
+static const char *setup_ipv6(const char *cidr, const char *gw, int ifindex)
+{
+    static char why[320];
+    char addr[INET6_ADDRSTRLEN];
+    const char *slash = strchr(cidr, '/');
+    int prefix = slash ? atoi(slash + 1) : -1;
+    if (!slash || (size_t)(slash - cidr) >= sizeof addr || prefix < 1 || prefix > 128)
+        return "address6 must be an IPv6 CIDR";
+    memcpy(addr, cidr, (size_t)(slash - cidr));
+    addr[slash - cidr] = '\0';
+    struct cellos_in6_ifreq req = {.prefixlen = (uint32_t)prefix, .ifindex = ifindex};
+    struct in6_rtmsg rt;
+    memset(&rt, 0, sizeof rt);
+    if (inet_pton(AF_INET6, addr, &req.addr) != 1 ||
+        inet_pton(AF_INET6, gw, &rt.rtmsg_gateway) != 1)
+        return "address6 / gateway6: not an IPv6 address";
+    if (write_file("/proc/sys/net/ipv6/conf/" NET_DEVICE "/accept_dad", "0") < 0) {
+        snprintf(why, sizeof why, "IPv6 on " NET_DEVICE ": %s", strerror(errno));
+        return why;
+    }
+    int s = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    const char *step = "address6";
+    if (s < 0 || ioctl(s, SIOCSIFADDR, &req) < 0)
+        goto fail;
+    step = "IPv6 default route";
+    rt.rtmsg_flags = RTF_UP | RTF_GATEWAY;
+    rt.rtmsg_metric = 1;
+    rt.rtmsg_ifindex = ifindex;
+    if (ioctl(s, SIOCADDRT, &rt) < 0)
+        goto fail;
+    close(s);
+    return NULL;
+fail:
+    snprintf(why, sizeof why, "%s: %s", step, strerror(errno));
+    if (s >= 0)
+        close(s);
+    return why;
+}
+
 /* Address, default route and resolver of the guest's one network device, with ioctls (no
  * ip/ifconfig in the image), done by init as root before the workload exists: the
  * unprivileged workload cannot change them.  What the guest may reach is decided outside
@@ -762,6 +813,7 @@ static const char *setup_network(char **settings)
         }
         usleep(10000);
     }
+    int ifindex = ifr.ifr_ifindex;
     const char *step = "address";
     if (set_in_addr(&ifr.ifr_addr, addr) < 0)
         goto bad;
@@ -795,6 +847,13 @@ static const char *setup_network(char **settings)
     if (ioctl(s, SIOCADDRT, &rt) < 0)
         goto fail;
     close(s);
+    const char *cidr6 = net_value(settings, "address6"), *gw6 = net_value(settings, "gateway6");
+    if (cidr6 || gw6) {
+        if (!cidr6 || !gw6)
+            return "address6 needs gateway6";
+        if ((err = setup_ipv6(cidr6, gw6, ifindex)) != NULL)
+            return err;
+    }
     if (ns) {
         /* The cell's DNS proxy (through the gateway): the only resolver the guest knows. */
         char line[128];
