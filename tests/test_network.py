@@ -1,5 +1,6 @@
-"""Network authority on the ``cellos`` and ``gvisor`` backends (the same document, the same
-network), against test hosts of our own in network namespaces (no traffic leaves the machine).
+"""Network authority on the ``cellos``, ``gvisor`` and ``qemu`` backends (the same document,
+the same network), against test hosts of our own in network namespaces (no traffic leaves the
+machine).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def network_residue() -> dict[str, list[str]]:
     return {"netns": netns, "links": links, "tables": names}
 
 
-#: The backends that enforce egress authority (qemu: not yet, it has no network device).
+#: The backends whose cells run python probes (a qemu guest has busybox only: its own tests
+#: are at the end of this file, a few boots checking many things each).
 EGRESS_BACKENDS = ["cellos", "gvisor"]
 
 
