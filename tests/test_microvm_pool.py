@@ -148,7 +148,7 @@ def test_a_pool_hit_runs_the_cell_with_its_request_sent_on_the_channel(
                 "/bin/sh",
                 "-c",
                 "echo out; echo err >&2; hostname; echo $ONLY; cat /proc/cmdline; "
-                "printf report > /workspace/r.txt; exit 7",
+                "ls /sys/class/net; printf report > /workspace/r.txt; exit 7",
             ],
             run={"env": {"ONLY": "declared"}},
             export={"artifacts": [{"name": "r.txt", "path": "/workspace/r.txt"}]},
@@ -160,6 +160,7 @@ def test_a_pool_hit_runs_the_cell_with_its_request_sent_on_the_channel(
     lines = result.stdout.splitlines()
     assert lines[:3] == ["out", "pooled-1", "declared"]
     assert "cellos.pool=1" in lines[3] and "cellos.argv" not in lines[3]
+    assert lines[4:] == ["lo"]  # a pool guest has no network device
     assert "err" in result.stderr
     assert (tmp_path / "x" / "pooled-1" / "r.txt").read_text() == "report"
     data = started_data(tmp_path / "ev.jsonl")
@@ -174,7 +175,7 @@ def test_a_pool_hit_runs_the_cell_with_its_request_sent_on_the_channel(
     assert not os.listdir(tmp_path / "state" / "cells")
 
 
-def test_limits_of_another_shape_boot_cold_and_say_miss(
+def test_limits_of_another_shape_or_egress_authority_boot_cold_and_say_miss(
     tmp_path: Path, pool: Callable[..., Pool], supervisor_cli: Run
 ) -> None:
     p = pool(size=1)
@@ -194,6 +195,27 @@ def test_limits_of_another_shape_boot_cold_and_say_miss(
     assert resources["pool"] == "miss"
     assert "512 MiB" in resources["poolMiss"] and "256 MiB" in resources["poolMiss"]
     assert p.idle() == idle  # the pool's guest was not touched
+    if os.geteuid() != 0:
+        return  # egress authority needs root (netns, veth, nft): test_network.py requires it
+    # A pool guest boots without a network device: a cell with egress authority boots cold,
+    # with its tap, and says why it did not take the idle guest.
+    spec = write_doc(
+        tmp_path / "n.yaml",
+        doc(
+            "cold-net",
+            argv=["/bin/ls", "/sys/class/net"],
+            authority={"egressRules": [{"cidr": "192.0.2.0/24", "port": 9}]},
+        ),
+    )
+    env = {**p.env, "CELL_OS_JSONL_EVENTS": str(tmp_path / "ev-net.jsonl")}
+    result = supervisor_cli(str(spec), env, timeout=120)
+    assert result.code == 0, result
+    assert result.stdout.split() == ["eth0", "lo"]
+    data = started_data(tmp_path / "ev-net.jsonl")
+    assert data["resources"]["pool"] == "miss"
+    assert data["resources"]["poolMiss"].startswith("egress authority: a pool guest boots")
+    assert data["networkScope"]["enforced"] is True
+    assert p.idle() == idle
 
 
 def test_a_pool_guest_killed_from_outside_is_replaced_and_never_handed_out(

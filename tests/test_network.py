@@ -1,5 +1,6 @@
-"""Network authority on the ``cellos`` and ``gvisor`` backends (the same document, the same
-network), against test hosts of our own in network namespaces (no traffic leaves the machine).
+"""Network authority on the ``cellos``, ``gvisor`` and ``qemu`` backends (the same document,
+the same network), against test hosts of our own in network namespaces (no traffic leaves the
+machine).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def network_residue() -> dict[str, list[str]]:
     return {"netns": netns, "links": links, "tables": names}
 
 
-#: The backends that enforce egress authority (qemu: not yet, it has no network device).
+#: The backends whose cells run python probes (a qemu guest has busybox only: its own tests
+#: are at the end of this file, a few boots checking many things each).
 EGRESS_BACKENDS = ["cellos", "gvisor"]
 
 
@@ -624,3 +626,166 @@ def test_a_slash_30_pool_runs_one_egress_cell_and_refuses_a_second(
     assert holder.returncode == 0, (out, err)
     assert out == f"{test_host.ip}:8080 OK allowed port\n"
     assert os.listdir(tmp_path / "state" / "net" / "slots") == []
+
+
+# -- the qemu backend: a guest with a tap inside the cell's network namespace ----------------
+#
+# The guest has busybox only (no python): nc, nslookup and ssl_client (a real TLS
+# ClientHello with the SNI asked for). Each boot is a few seconds under TCG, so one boot checks
+# many things.
+
+NC_PROBE = """
+ls /sys/class/net | tr '\\n' ' '; echo
+probe() {
+    printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 "$2" "$3" > /tmp/out 2>&1
+    echo "$1 $(tail -n 1 /tmp/out | tr -d '\\r')"
+}
+"""
+
+
+def qemu_env(tmp_path: Path, image_dir: Path, **extra: str) -> dict[str, str]:
+    return base_env(
+        tmp_path,
+        CELLOS_CELL_BACKEND="qemu",
+        CELLOS_MICROVM_IMAGE=str(image_dir),
+        CELLOS_MICROVM_ALLOW_TCG="1",
+        CELL_OS_JSONL_EVENTS=str(tmp_path / "events.jsonl"),
+        **extra,
+    )
+
+
+def test_a_qemu_guest_reaches_its_allowed_port_only(
+    test_host: Any, tmp_path: Path, supervisor_cli: Run, image_dir: Path
+) -> None:
+    """The guest's one network device is a tap in the cell's namespace: the cell's own nft
+    table allows the declared destination and port, rejects every other port, address and
+    the host itself, and counts it all (flow-decision events, as for the other backends);
+    over IPv4 and IPv6 alike."""
+    for port, body, address in [
+        (8080, "allowed v6", test_host.ip6),
+        (8081, "other port v6", test_host.ip6),
+        (8080, "other address v6", test_host.ip6_2),
+    ]:
+        test_host.http_server(port, body, address=address)
+    listener, accepted = _listener6()  # on every IPv6 address of the host itself
+    host_port = listener.getsockname()[1]
+    ip, other, ip6 = test_host.ip, test_host.host_ip, test_host.ip6
+    script = NC_PROBE + (
+        f"probe allowed {ip} 8080; probe other-port {ip} 8081; probe host-side {other} 8080\n"
+        f"probe allowed6 {ip6} 8080; probe other-port6 {ip6} 8081\n"
+        f"probe other-address6 {test_host.ip6_2} 8080\n"
+        f"probe host-side6 {test_host.host_ip6} {host_port}\n"
+        # The guest's side of its link (the gateway is the cell's namespace): nothing there.
+        f"probe gateway 169.254.213.1 8080; probe gateway6 fd63:656c:6c6f:1::1 {host_port}\n"
+    )
+    rules = [
+        {"cidr": f"{ip}/32", "port": 8080},
+        {"cidr": f"{ip6}/128", "port": 8080},
+        # Forwarding allows it anywhere: only the host's own table stops it at the host.
+        {"cidr": "::/0", "port": host_port},
+    ]
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc("vm-egress", argv=["/bin/sh", "-c", script], authority={"egressRules": rules}),
+    )
+    try:
+        result = supervisor_cli(str(spec), qemu_env(tmp_path, image_dir), timeout=180)
+    finally:
+        listener.close()
+    assert result.code == 0, result
+    devices, *probes = result.stdout.splitlines()
+    assert devices.split() == ["eth0", "lo"], result
+    seen = dict(line.split(" ", 1) for line in probes)
+    assert seen["allowed"] == "allowed port", result
+    assert seen["allowed6"] == "allowed v6", result
+    # Blocked TCP is rejected visibly (RST), not left to time out.
+    blocked = ["other-port", "host-side", "gateway"]
+    for label in [*blocked, *(f"{b}6" for b in blocked), "other-address6"]:
+        assert seen[label].endswith("Connection refused"), (label, result)
+    assert accepted == [], "an IPv6 connection from the guest reached the host"
+    all_events = read_events(tmp_path / "events.jsonl")
+    started = all_events[0]["data"]
+    assert started["networkScope"] == {"egressRuleCount": 3, "enforced": True}
+    assert "network:egress-allowlist" in started["isolation"]
+    assert "qemu:network=tap-in-cell-netns" in started["isolation"]
+    assert "network:loopback-only" not in started["isolation"]
+    flows = [e["data"] for e in all_events if e["type"].endswith("network_flow_decision")]
+    allowed = [f for f in flows if f["decision"] == "allowed"]
+    assert allowed and allowed[0]["packets"] >= 1 and "tcp/8080" in allowed[0]["rule"]
+    assert any(f["rule"] == "deny tcp" and f["packets"] >= 1 for f in flows)
+    assert any(f["rule"] == "deny tcp to host" and f["packets"] >= 1 for f in flows)
+    summary = all_events[-1]["data"]
+    assert summary["networkFlows"]["allowed"] >= 1 and summary["networkFlows"]["dropped"] >= 1
+    assert not (tmp_path / "state" / "net" / "slots").exists() or not os.listdir(
+        tmp_path / "state" / "net" / "slots"
+    )
+
+
+def test_a_qemu_guest_resolves_through_the_cells_dns_proxy_and_its_sni_is_checked(
+    test_host: Any, tmp_path: Path, supervisor_cli: Run, image_dir: Path
+) -> None:
+    """DNS authority and the SNI check govern the guest as they govern a ``cellos`` cell:
+    the guest's resolver is the cell's DNS proxy, an allowed name is reachable only once it
+    was answered, a refused name gets no answer and its address stays closed, and a TLS
+    ClientHello naming another host on an allowed address is cut."""
+    test_host.dns_server({"allowed.test": test_host.ip, "refused.test": test_host.ip2})
+    test_host.greeter(443, "GOT")
+    ip, ip2 = test_host.ip, test_host.ip2
+    tls = (
+        "nc -w 3 {ip} 443 -e /bin/ssl_client -s 0 -n {name} > /tmp/tls 2>&1; "
+        "echo tls-{name} $(cat /tmp/tls)"
+    )
+    script = NC_PROBE + "\n".join(
+        [
+            f"probe before-resolve {ip} 8080",
+            "nslookup Allowed.Test > /tmp/ns 2>&1; "
+            "echo allowed $? $(grep '^Address' /tmp/ns | tail -n 1)",
+            f"probe after-resolve {ip} 8080",
+            "nslookup refused.test > /tmp/ns 2>&1; "
+            "echo refused $? $(grep -q REFUSED /tmp/ns && echo REFUSED)",
+            f"probe refused-by-ip {ip2} 8080",
+            tls.format(ip=ip, name="allowed.test"),
+            tls.format(ip=ip, name="evil.test"),
+        ]
+    )
+    spec = write_doc(
+        tmp_path / "c.yaml",
+        doc(
+            "vm-dns",
+            argv=["/bin/sh", "-c", script],
+            authority={
+                "egressRules": [
+                    {"host": "allowed.test", "port": 8080, "protocol": "tcp"},
+                    {"host": "allowed.test", "port": 443, "protocol": "tcp"},
+                ],
+                "dnsAuthority": {
+                    "hostnameAllowlist": ["allowed.test"],
+                    "resolvers": [{"resolverId": "test", "address": f"{ip}:53"}],
+                },
+            },
+        ),
+    )
+    result = supervisor_cli(str(spec), qemu_env(tmp_path, image_dir), timeout=180)
+    assert result.code == 0, result
+    seen = dict(line.split(" ", 1) for line in result.stdout.splitlines()[1:])
+    assert seen["before-resolve"].endswith("Connection refused"), result
+    assert seen["allowed"] == f"0 Address: {ip}", result
+    assert seen["after-resolve"] == "allowed port", result
+    assert seen["refused"] == "1 REFUSED", result
+    assert seen["refused-by-ip"].endswith("Connection refused"), result
+    # The greeter's 3 bytes reached the allowed name's TLS client; the other was cut.
+    assert "have only 3" in seen["tls-allowed.test"], result
+    assert "have only 3" not in seen["tls-evil.test"], result
+    all_events = read_events(tmp_path / "events.jsonl")
+    permitted = [e["data"] for e in all_events if e["type"].endswith("dns_query_permitted")]
+    refused = [e["data"] for e in all_events if e["type"].endswith("dns_query_refused")]
+    assert any(
+        d["queryName"].lower() == "allowed.test" and ip in d["answers"] for d in permitted
+    ), permitted
+    assert any(d["queryName"] == "refused.test" for d in refused), refused
+    decisions = [e["data"] for e in all_events if e["type"].endswith("l7_egress_decision")]
+    assert {(d["serverName"], d["decision"], d["reasonCode"]) for d in decisions} == {
+        ("allowed.test", "allowed", "l7_sni_allowlist_match"),
+        ("evil.test", "denied", "l7_sni_allowlist_miss"),
+    }
+    assert all(d["destination"] == f"{ip}:443" for d in decisions)

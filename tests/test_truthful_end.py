@@ -531,12 +531,13 @@ def test_an_orphaned_slot_is_released_by_reap(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
-@pytest.mark.parametrize("backend", ["cellos", "gvisor"])
+@pytest.mark.parametrize("backend", ["cellos", "gvisor", "qemu"])
 def test_a_signalled_egress_cell_leaves_no_network_behind(
-    tmp_path: Path, backend: str, how: signal.Signals
+    tmp_path: Path, backend: str, how: signal.Signals, request: pytest.FixtureRequest
 ) -> None:
     """SIGTERM used to leave the cgroups, netns, veth, nft table and state record behind; after
-    a SIGKILL the reaper removes the network scope too (gvisor's as well as cellos')."""
+    a SIGKILL the reaper removes the network scope too (every backend's: a qemu guest's tap
+    is in the cell's namespace and goes with its VMM and that namespace)."""
     require_backend(backend)
     require_host(os.geteuid() == 0, "root (network authority)")
     require_host(shutil.which("nft") is not None or os.path.exists("/usr/sbin/nft"), "nft")
@@ -551,16 +552,26 @@ def test_a_signalled_egress_cell_leaves_no_network_behind(
         ),
     )
     events = tmp_path / "events.jsonl"
-    env = backend_env(tmp_path, backend)
+    image = request.getfixturevalue("image_dir") if backend == "qemu" else None
+    env = backend_env(tmp_path, backend, image)
+    links_before = {n for n in os.listdir("/sys/class/net") if n.startswith("cvh")}
     proc = start_supervisor(spec, env)
     wait_for(lambda: started(events), 30, "process_spawned")
     if backend == "cellos":
         wait_for(lambda: sleeping(marker), 30, "the workload")
     else:
-        wait_for(lambda: host_processes_under(tmp_path) != [], 30, "runsc")
+        wait_for(lambda: host_processes_under(tmp_path) != [], 30, "runsc or the VMM")
         time.sleep(1)
     netns = f"/run/netns/cellos-sig-net-{backend}"
     assert os.path.exists(netns)
+    if backend == "qemu":
+        # The guest's tap, inside the cell's namespace.
+        links = subprocess.run(
+            ["nsenter", f"--net={netns}", "--", "ip", "-o", "link", "show"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert ": cvt" in links, links
     proc.send_signal(how)
     proc.communicate(timeout=30)
     if how == signal.SIGTERM:
@@ -573,6 +584,8 @@ def test_a_signalled_egress_cell_leaves_no_network_behind(
         [shutil.which("nft") or "/usr/sbin/nft", "list", "tables"], capture_output=True, text=True
     )
     assert f"cellos_sig_net_{backend}" not in tables.stdout
+    if how == signal.SIGKILL:  # the reaper deletes the host's end of the link at once
+        assert {n for n in os.listdir("/sys/class/net") if n.startswith("cvh")} <= links_before
     state = tmp_path / "state"
     assert os.listdir(state / "cells") == [] and os.listdir(state / "net" / "slots") == []
     assert read_events(events)[-2]["data"]["terminalState"] == "forced"

@@ -30,6 +30,10 @@ NETWORK_FEATURES: Final = frozenset({NETWORK_LOOPBACK_ONLY, NETWORK_EGRESS_ALLOW
 #: runsc's ``--network=host`` inside the cell's netns: the sandbox's sockets are host sockets
 #: of that namespace (governed by the cell's nft table), not gVisor's own netstack.
 GVISOR_NETWORK_HOST_IN_CELL_NETNS: Final = "gvisor:network=host-in-cell-netns"
+#: How a qemu guest reaches the cell's network namespace (with egress authority only): its
+#: one network device is a tap inside that namespace, routed (NATed as the cell's address)
+#: through the cell's nft table; without egress authority the guest has no network device.
+MICROVM_NETWORK_TAP_IN_CELL_NETNS: Final = "qemu:network=tap-in-cell-netns"
 
 # Limits from ``run.limits`` that the backend enforces (``limit:<resource>``).
 LIMIT_MEMORY: Final = "limit:memory"

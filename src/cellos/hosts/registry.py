@@ -60,6 +60,7 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
             allow_tcg=env.get("CELLOS_MICROVM_ALLOW_TCG", "").strip() in {"1", "true", "yes"},
             accel=env.get("CELLOS_MICROVM_ACCEL") or None,
             pool_size=microvm_pool_size(env),
+            network_pool=_network_pool(env),
         )
     if name in PLANNED:
         raise PolicyRefused(

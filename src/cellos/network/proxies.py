@@ -243,6 +243,16 @@ class CellProxies:
         self._l7 = proxy
 
     @property
+    def dns_active(self) -> bool:
+        """Whether the cell's DNS proxy listens on :data:`DNS_LISTEN` in its namespace."""
+        return self._dns is not None
+
+    @property
+    def l7_active_ports(self) -> list[int]:
+        """The TCP ports the SNI/Host proxy (on :data:`L7_LISTEN`) checks; [] when none."""
+        return list(self.l7_ports) if self._l7 is not None else []
+
+    @property
     def injects(self) -> bool:
         """Whether the cell's L7 proxy runs with secret injection."""
         return self._l7 is not None and self._injections is not None

@@ -340,7 +340,7 @@ def _addr_match(address: str) -> dict[str, Any]:
     return nft.match(nft.payload("ip" if net.version == 4 else "ip6", "daddr"), right)
 
 
-def _rule(table: str, chain: str, expr: list[Any], comment: str) -> dict[str, Any]:
+def rule_command(table: str, chain: str, expr: list[Any], comment: str) -> dict[str, Any]:
     return {
         "add": {
             "rule": {
@@ -381,12 +381,12 @@ def pin(net: CellNetwork, name: str, addresses: list[str]) -> None:
     )
 
 
-def _visible_denials(
+def visible_denials(
     table: str, chain: str, from_cell: dict[str, Any], suffix: str
 ) -> list[dict[str, Any]]:
     """Blocked traffic fails visibly (TCP reset, ICMP admin-prohibited), and is counted."""
     return [
-        _rule(
+        rule_command(
             table,
             chain,
             [
@@ -397,7 +397,7 @@ def _visible_denials(
             ],
             f"deny tcp{suffix}",
         ),
-        _rule(
+        rule_command(
             table,
             chain,
             [
@@ -457,11 +457,15 @@ def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
     from_cell = nft.match(nft.meta("iifname"), net.host_if)
     to_cell = nft.match(nft.meta("oifname"), net.host_if)
     replies = nft.match({"ct": {"key": "state"}}, ["established", "related"], op="in")
-    cmds.append(_rule(t, "forward", [to_cell, replies, {"accept": None}], "replies to the cell"))
     cmds.append(
-        _rule(t, "forward", [to_cell, {"counter": None}, {"drop": None}], "unsolicited to the cell")
+        rule_command(t, "forward", [to_cell, replies, {"accept": None}], "replies to the cell")
     )
-    cmds.append(_rule(t, "forward", [from_cell, replies, {"accept": None}], "cell replies"))
+    cmds.append(
+        rule_command(
+            t, "forward", [to_cell, {"counter": None}, {"drop": None}], "unsolicited to the cell"
+        )
+    )
+    cmds.append(rule_command(t, "forward", [from_cell, replies, {"accept": None}], "cell replies"))
     for rule in net.rules:
         port = nft.match(nft.payload(rule.protocol, "dport"), rule.port)
         if rule.host is not None:
@@ -469,7 +473,7 @@ def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
             cmds.append(_set(t, rule.set_name, [a.removesuffix("/32") for a in rule.addresses]))
             in_set = nft.match(nft.payload("ip", "daddr"), f"@{rule.set_name}")
             cmds.append(
-                _rule(
+                rule_command(
                     t,
                     "forward",
                     [from_cell, in_set, port, {"counter": None}, {"accept": None}],
@@ -479,7 +483,7 @@ def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
             continue
         for address in rule.addresses:
             cmds.append(
-                _rule(
+                rule_command(
                     t,
                     "forward",
                     [from_cell, _addr_match(address), port, {"counter": None}, {"accept": None}],
@@ -491,7 +495,7 @@ def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
         in_dns_set = nft.match(nft.payload("ip", "daddr"), f"@{DNS_SET}")
         for protocol, dport in net.dns_ports:
             cmds.append(
-                _rule(
+                rule_command(
                     t,
                     "forward",
                     [
@@ -504,14 +508,14 @@ def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
                     f"allow dns-pinned {protocol}/{dport}",
                 )
             )
-    cmds += _visible_denials(t, "forward", from_cell, "")
-    cmds.append(_rule(t, "input", [from_cell, replies, {"accept": None}], "host replies"))
+    cmds += visible_denials(t, "forward", from_cell, "")
+    cmds.append(rule_command(t, "input", [from_cell, replies, {"accept": None}], "host replies"))
     if net.cell_ip6 is not None:
         # IPv6 needs neighbour discovery with the host's end (what ARP is to IPv4, which
         # nftables' inet family never sees); nothing else of ICMPv6 reaches the host.
         nd = ["nd-neighbor-solicit", "nd-neighbor-advert"]
         cmds.append(
-            _rule(
+            rule_command(
                 t,
                 "input",
                 [
@@ -522,11 +526,11 @@ def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
                 "neighbour discovery",
             )
         )
-    cmds += _visible_denials(t, "input", from_cell, " to host")
+    cmds += visible_denials(t, "input", from_cell, " to host")
     sources = [("ip", net.cell_ip)] + ([("ip6", net.cell_ip6)] if net.cell_ip6 else [])
     for family, source in sources:
         cmds.append(
-            _rule(
+            rule_command(
                 t,
                 "postrouting",
                 [

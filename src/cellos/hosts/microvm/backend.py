@@ -15,6 +15,12 @@ Without ``CELLOS_MICROVM_IMAGE`` the per-user cached image is used, built on fir
 boot with ``-accel kvm`` succeeds; otherwise TCG, and only where the operator allows it
 (``CELLOS_MICROVM_ALLOW_TCG=1``). The probe's answer is cached per host boot, kernel, VMM and
 ``/dev/kvm`` (``accel.py``), so only the first cell pays for it.
+
+A cell with egress authority gets the same network scope as on the other backends
+(``CellEgress``) and its guest one virtio-net device on a tap inside the cell's namespace
+(``network/guest_link.py``), whose descriptor the VMM inherits; a cell without has no network
+device at all. Such a cell never takes a warm pool guest (booted without a device): it boots
+cold and says why (``poolMiss``).
 """
 
 from __future__ import annotations
@@ -30,10 +36,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from cellos.core import isolation as iso
-from cellos.core.errors import ExportError, HostError, InvalidSpec, PolicyRefused
+from cellos.core.errors import CellosError, ExportError, HostError, InvalidSpec, PolicyRefused
 from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
 from cellos.core.spec import CellSpec
 from cellos.hosts import secret_files
@@ -70,6 +76,10 @@ from cellos.hosts.microvm.request import (
 from cellos.hosts.process import HostCommand, SpawnOptions, run_host_command
 from cellos.hosts.state import CellState, CellStore
 
+if TYPE_CHECKING:
+    from cellos.network.cell_egress import CellEgress
+    from cellos.network.guest_link import GuestLink
+
 
 @dataclass
 class _LiveCell:
@@ -80,6 +90,9 @@ class _LiveCell:
     artifacts: dict[str, bytes | None] = field(default_factory=dict)
     #: The warm pool's guest this cell runs in (None: a cold boot).
     guest: ClaimedGuest | None = None
+    #: The cell's network scope and the guest's tap in it (egress authority only).
+    egress: CellEgress | None = None
+    link: GuestLink | None = None
 
     @property
     def cell_dir(self) -> str:
@@ -92,6 +105,11 @@ _LIVE: LiveCells[_LiveCell] = LiveCells()
 MIN_GUEST_MIB = 256
 #: Seconds between two attempts of one backend to start the pool (CELLOS_MICROVM_POOL).
 POOL_START_INTERVAL = 30.0
+#: Why a cell with egress authority never takes a warm guest (``poolMiss``).
+POOL_MISS_NETWORK = (
+    "egress authority: a pool guest boots without a network device (its tap is created in "
+    "the cell's namespace, which exists only once the cell does), so the cell boots cold"
+)
 
 
 class MicrovmBackend(StoredBackend):
@@ -105,6 +123,7 @@ class MicrovmBackend(StoredBackend):
         allow_tcg: bool = False,
         accel: str | None = None,
         pool_size: int = 0,
+        network_pool: str | None = None,
     ) -> None:
         #: None: the per-user cached image (image_cache.py), resolved (built) at first create.
         self.configured_image = image_dir
@@ -121,6 +140,8 @@ class MicrovmBackend(StoredBackend):
         self.store = CellStore(state_root)
         #: CELLOS_MICROVM_POOL: cells take a warm guest of the pool (started when missing).
         self.pool_size = pool_size
+        #: CELLOS_NETWORK_POOL (None: the default), for cells with egress authority.
+        self.network_pool = network_pool
         self._pool_started = -POOL_START_INTERVAL
         self.accel_cache = AccelCache(self.store.root)
         self._vmm_known: dict[str, str] = {}
@@ -247,23 +268,21 @@ class MicrovmBackend(StoredBackend):
 
     def create(self, spec: CellSpec) -> CellHandle:
         check_working_directory(spec)
-        if spec.authority.egress_rules:
-            # Refused, never ignored: the guest has no network device in this build.
-            raise PolicyRefused(
-                "spec.authority.egressRules",
-                "egress authority is not available on the qemu backend in this build (the "
-                "guest has no network device); use the cellos or gvisor backend",
-            )
+        egress_wanted = bool(spec.authority.egress_rules)
         # Refused before boot: a tampered kernel, initrd or VMM never runs. A pool guest's
         # files were verified by the pool's manager right before it booted them (its record
         # holds those digests); they must be the manifest's, and the cell gets them. A cold
         # boot verifies the files now.
-        pooling = self.pool_size > 0
+        # A pool guest booted without a network device: a cell with egress authority boots
+        # cold (said in the started event), never in a guest that cannot carry its scope.
+        pooling = self.pool_size > 0 and not egress_wanted
         manifest, digests = self.load_image(verify_files=not pooling)
         # Decided before anything exists (a probe, at most once per host boot and VMM).
         decision = self.decide_accel(manifest)
         accel = self._allowed(decision)
         pool: dict[str, str] = {}
+        if self.pool_size > 0 and egress_wanted:
+            pool = {"pool": "miss", "poolMiss": POOL_MISS_NETWORK}
         guest: ClaimedGuest | None = None
         if pooling:
             guest, why = self._claim(spec, accel, digests)
@@ -298,6 +317,16 @@ class MicrovmBackend(StoredBackend):
             if guest is not None:
                 guest.release()
             raise
+        if egress_wanted:
+            try:
+                self._create_network(spec, live)
+            except CellosError:
+                residue = self._teardown(live)
+                if residue:
+                    raise HostError(
+                        "network", f"cannot set up the network; left behind: {residue}"
+                    ) from None
+                raise
         return CellHandle(
             cell_id=spec.id,
             backend=self.name,
@@ -306,8 +335,12 @@ class MicrovmBackend(StoredBackend):
                 iso.GUEST_KERNEL,
                 iso.MANIFEST_VERIFIED,
                 iso.WORKLOAD_UNPRIVILEGED_IN_GUEST,
-                # The guest has no network device: its loopback is all there is.
-                iso.NETWORK_LOOPBACK_ONLY,
+                *(
+                    (iso.NETWORK_EGRESS_ALLOWLIST, iso.MICROVM_NETWORK_TAP_IN_CELL_NETNS)
+                    if live.egress is not None
+                    # No egress authority: the guest has no network device at all.
+                    else (iso.NETWORK_LOOPBACK_ONLY,)
+                ),
             ),
             resources={
                 "cellDir": live.cell_dir,
@@ -318,6 +351,21 @@ class MicrovmBackend(StoredBackend):
             },
             digests={f"{name}Sha256": value for name, value in digests.items()},
         )
+
+    def _create_network(self, spec: CellSpec, live: _LiveCell) -> None:
+        """The cell's egress scope (the same as the cellos and gvisor backends', recorded
+        before it exists) and the guest's tap inside it (``network/guest_link.py``)."""
+        from cellos.network.cell_egress import CellEgress
+        from cellos.network.guest_link import open_link
+
+        live.egress = egress = CellEgress.plan(spec, self.store.root, self.network_pool)
+        egress.record_in(live.state)
+        egress.create(live.state.path("resolv.conf"))
+        live.link = open_link(egress)
+
+    def network_events(self, handle: CellHandle) -> list[tuple[str, dict[str, Any]]]:
+        egress = _LIVE.get(handle.cell_id).egress
+        return egress.events() if egress is not None else []
 
     def secret_files_refusal(self, spec: CellSpec) -> str | None:
         """Secrets travel on the guest channel (the serial line, after ``CELLOS:READY``),
@@ -550,6 +598,7 @@ class MicrovmBackend(StoredBackend):
             workdir=live.spec.working_directory,
             secret_files=request.secret_files,
             secret_lease=request.secret_lease_seconds,
+            link=live.link,
         )
         return result
 
@@ -567,9 +616,11 @@ class MicrovmBackend(StoredBackend):
         workdir: str | None = None,
         secret_files: Mapping[str, bytes] | None = None,
         secret_lease: int | None = None,
+        link: GuestLink | None = None,
     ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
         """Boot once; the result and the artifacts the guest sent (None: missing there).
-        ``workload`` is what the guest runs, with the deadline and stop of the VMM."""
+        ``workload`` is what the guest runs, with the deadline and stop of the VMM; with
+        ``link`` the VMM inherits the guest's tap and the guest configures its side."""
         from cellos.core.spec import Limits
 
         lim = limits if isinstance(limits, Limits) else None
@@ -584,6 +635,7 @@ class MicrovmBackend(StoredBackend):
                 cgroup=cgroup_settings(lim),
                 secrets=bool(secret_files),
                 secret_lease=secret_lease if secret_files else None,
+                net=link.request() if link is not None else None,
             )
         )
         sender = SecretSender(secret_files) if secret_files else None
@@ -596,6 +648,8 @@ class MicrovmBackend(StoredBackend):
             manifest.initrd.path,
             memory_mib=max(MIN_GUEST_MIB, mem_mib_for(lim.memory_max_bytes if lim else None)),
             vcpus=vcpus_for(lim.cpu_max if lim else None),
+            tap_fd=link.fd if link is not None else None,
+            mac=link.mac if link is not None else None,
         )
         # The guest channel is decoded as it arrives: the workload's output is live.
         guest = GuestChannel(workload.output, on_ready=sender.send if sender else None)
@@ -616,6 +670,7 @@ class MicrovmBackend(StoredBackend):
                     on_spawn=on_spawn,
                     die_with_parent=True,
                     on_stdin=sender.take if sender else None,
+                    pass_fds=(link.fd,) if link is not None else (),
                 ),
             )
         finally:
@@ -645,16 +700,29 @@ class MicrovmBackend(StoredBackend):
 
     def destroy(self, handle: CellHandle) -> TeardownReport:
         live = _LIVE.get(handle.cell_id)
-        if live.guest is not None:
-            live.guest.release()  # killed; the pool's manager removes it and boots another
-        residue = self.store.release(live.state)
-        peers = _LIVE.remove(handle.cell_id)
+        residue = self._teardown(live)
         return TeardownReport(
             cell_id=handle.cell_id,
             destroyed=not residue,
-            peers_tracked_after=peers,
+            peers_tracked_after=len(_LIVE),
             residue=tuple(residue),
         )
+
+    def _teardown(self, live: _LiveCell) -> list[str]:
+        """After the VMM is gone: the pool guest, the tap (our descriptor: the last one, so
+        the tap goes), the scope, the record."""
+        if live.guest is not None:
+            live.guest.release()  # killed; the pool's manager removes it and boots another
+        residue: list[str] = []
+        if live.link is not None:
+            live.link.close()
+            live.link = None
+        if live.egress is not None:
+            residue += live.egress.close()
+            live.egress = None
+        residue += self.store.release(live.state)
+        _LIVE.remove(live.spec.id)
+        return residue
 
     def _state_of(self, handle: CellHandle) -> CellState:
         return _LIVE.get(handle.cell_id).state

@@ -44,7 +44,25 @@ APPLETS = (
     "sh", "ash", "cat", "cp", "dd", "echo", "env", "false", "find", "grep", "head", "hostname",
     "id", "kill", "ls", "mkdir", "mv", "printf", "pwd", "readlink", "rm", "sed", "seq",
     "sha256sum", "sleep", "tail", "test", "touch", "tr", "true", "uname", "wc",
+    # For workloads of cells with egress authority (the guest then has a network device).
+    "nc", "nslookup", "ssl_client", "wget",
 )  # fmt: skip
+
+#: The guest kernel's virtio-net driver and its dependencies, in load order (the cloud
+#: kernel has them as modules). Copied into the initramfs as ``lib/modules/cellos-net/
+#: NN-<name>.ko``; the guest init loads them only for a cell with a network device.
+NET_MODULES = (
+    "kernel/drivers/virtio/virtio_ring.ko",  # before virtio (virtio_break_device)
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+    "kernel/drivers/virtio/virtio_pci.ko",  # q35 (TCG)
+    "kernel/drivers/virtio/virtio_mmio.ko",  # microvm (KVM)
+    "kernel/net/core/failover.ko",
+    "kernel/drivers/net/net_failover.ko",
+    "kernel/drivers/net/virtio_net.ko",
+)
+NET_MODULES_DIR = "lib/modules/cellos-net"
 
 #: Debian packages ensure_build_tools installs when missing.
 BUILD_PACKAGES = ("gcc", "libc6-dev", "linux-libc-dev", "dpkg")
@@ -177,10 +195,14 @@ def gzip_deterministic(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def _initrd(init: bytes, busybox: bytes) -> bytes:
+def _initrd(init: bytes, busybox: bytes, modules: list[tuple[str, bytes]]) -> bytes:
     entries: dict[str, tuple[int, bytes, tuple[int, int]]] = {}
-    for d in ("bin", "dev", "proc", "sys", "tmp", "workspace", "usr", "usr/bin"):
+    dirs = ("bin", "dev", "proc", "sys", "tmp", "workspace", "usr", "usr/bin", "lib",
+            "lib/modules", NET_MODULES_DIR)  # fmt: skip
+    for d in dirs:
         entries[d] = (_S_IFDIR | (0o1777 if d == "tmp" else 0o755), b"", (0, 0))
+    for order, (name, data) in enumerate(modules):
+        entries[f"{NET_MODULES_DIR}/{order:02d}-{name}"] = (_S_IFREG | 0o644, data, (0, 0))
     entries["init"] = (_S_IFREG | 0o755, init, (0, 0))
     entries["bin/busybox"] = (_S_IFREG | 0o755, busybox, (0, 0))
     for applet in APPLETS:
@@ -189,6 +211,20 @@ def _initrd(init: bytes, busybox: bytes) -> bytes:
     entries["dev/console"] = (_S_IFCHR | 0o600, b"", (5, 1))
     entries["dev/null"] = (_S_IFCHR | 0o666, b"", (1, 3))
     return gzip_deterministic(build_cpio(entries))
+
+
+def _net_modules(kroot: Path) -> list[tuple[str, bytes]]:
+    """:data:`NET_MODULES` of the unpacked kernel package, in load order."""
+    trees = sorted((kroot / "lib" / "modules").glob("*/kernel"))
+    if len(trees) != 1:
+        raise HostError(str(kroot), "expected exactly one lib/modules/<version> in the package")
+    found = []
+    for module in NET_MODULES:
+        path = trees[0].parent / module
+        if not path.is_file():
+            raise HostError(str(path), "the kernel package lacks this network driver module")
+        found.append((path.name, path.read_bytes()))
+    return found
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -244,7 +280,7 @@ def _build(out: Path, vmm_path: str) -> Manifest:
         build.mkdir()
         init = compile_init(build)
         _write(out / KERNEL_NAME, kernels[0].read_bytes())
-        _write(out / INITRD_NAME, _initrd(init, busybox.read_bytes()))
+        _write(out / INITRD_NAME, _initrd(init, busybox.read_bytes(), _net_modules(kroot)))
     manifest = Manifest(
         kernel=Artifact(KERNEL_NAME, sha256_file(out / KERNEL_NAME)),
         initrd=Artifact(INITRD_NAME, sha256_file(out / INITRD_NAME)),

@@ -59,6 +59,7 @@ def request_params(
     cgroup: dict[str, str] | None = None,
     secrets: bool = False,
     secret_lease: int | None = None,
+    net: dict[str, str] | None = None,
 ) -> list[str]:
     """The request as ``cellos.<name>=<base64url>`` parameters (the guest init's syntax on the
     kernel command line and on a pool guest's channel).
@@ -68,7 +69,9 @@ def request_params(
 
     ``hostname`` becomes the guest's hostname, ``workdir`` the workload's working directory
     (created in the guest when missing), ``cgroup`` the settings of the workload's cgroup in
-    the guest (``memory.max``, ``pids.max``).
+    the guest (``memory.max``, ``pids.max``), ``net`` the guest's network device
+    (``address`` CIDR, ``gateway``, ``mac``, optional ``nameserver``: a cell with egress
+    authority only; without it the guest has no network device at all).
     """
     if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
         raise InvalidSpec("argv", "must be a non-empty list of strings without NUL")
@@ -85,6 +88,8 @@ def request_params(
         parts.append(f"cellos.workdir={b64url_text(workdir)}")
     if cgroup:
         parts.append(f"cellos.cgroup={b64url_json(cgroup)}")
+    if net:
+        parts.append(f"cellos.net={b64url_json(net)}")
     if secrets:
         parts.append(f"cellos.secrets={b64url_text('1')}")
         if secret_lease is not None:
@@ -146,10 +151,14 @@ def qemu_command(
     memory_mib: int = 256,
     vcpus: int = 1,
     channel_socket: str | None = None,
+    tap_fd: int | None = None,
+    mac: str | None = None,
 ) -> list[str]:
     """The one QEMU command line of a CellOS guest (the backend, the probe and the benchmark).
     The serial port (the channel) is the VMM's stdio, or with ``channel_socket`` a Unix socket
-    QEMU listens on (a pool guest)."""
+    QEMU listens on (a pool guest). With ``tap_fd`` (an open tap the VMM inherits: see
+    ``network/guest_link.py``) the guest gets one virtio-net device on it; without, none
+    (``-nodefaults``: no network device at all)."""
     serial = ["-serial", "stdio"]
     if channel_socket is not None:
         serial = [
@@ -162,6 +171,15 @@ def qemu_command(
         *serial, "-no-reboot",
         "-kernel", str(image_dir / kernel), "-initrd", str(image_dir / initrd), "-append", append,
     ]  # fmt: skip
+    if tap_fd is not None:
+        # virtio-mmio on microvm, PCI on q35; no option ROM (the guest never boots from it).
+        on_pci = (machine or default_machine(accel)) != "microvm"
+        device = "virtio-net-pci" if on_pci else "virtio-net-device"
+        cmd += [
+            "-netdev", f"tap,id=n0,fd={tap_fd}",
+            "-device", f"{device},netdev=n0" + (f",mac={mac}" if mac else "")
+            + (",romfile=" if on_pci else ""),
+        ]  # fmt: skip
     if accel == "kvm":
         cmd[5:5] = ["-cpu", "host"]
     return cmd

@@ -1,5 +1,8 @@
 """The ``qemu`` backend's part of reaping a dead cell (see :mod:`cellos.hosts.reaper`): its
-VMM, if it outlived its supervisor (it normally dies with it: ``PR_SET_PDEATHSIG``)."""
+VMM, if it outlived its supervisor (it normally dies with it: ``PR_SET_PDEATHSIG``), then
+its network scope (as for the other backends: the record names it). The guest's tap needs
+nothing of its own: it is not persistent, so it goes with the VMM's descriptor (and lives
+in the cell's namespace, which goes too)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,18 @@ def _is_vmm_of(pid: int, cell_dir: str) -> bool:
 
 
 def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:
+    removed, residue = _reap_vmm(record)
+    if "network" in record:
+        # After the VMM: its descriptor of the tap no longer holds the namespace.
+        from cellos.network.cell_egress import reap_recorded
+
+        net_removed, net_residue = reap_recorded(record)
+        removed += net_removed
+        residue += net_residue
+    return removed, residue
+
+
+def _reap_vmm(record: dict[str, Any]) -> tuple[list[str], list[str]]:
     # A warm pool's guest runs in its directory of the pool, a cold boot in the cell's.
     pid, cell_dir = record.get("pid"), record.get("vmmDir") or record.get("cellDir")
     if not (isinstance(pid, int) and pid > 1 and isinstance(cell_dir, str)):
@@ -27,4 +42,21 @@ def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:
         return [], []
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGKILL)
+    _wait_gone(pid)
     return [f"vmm:{pid}"], []
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> None:
+    """SIGKILL is asynchronous: the VMM's descriptors (the tap's among them) are closed only
+    once it is gone."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                if fh.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    return  # a zombie has closed its files
+        except (OSError, IndexError):
+            return
+        time.sleep(0.01)

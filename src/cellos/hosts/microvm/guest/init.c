@@ -27,6 +27,11 @@
  *   cellos.cgroup=<base64url JSON object file -> value>   optional: memory.max, pids.max
  *   cellos.secrets=1                                      optional: secrets follow on the channel
  *   cellos.secretlease=<seconds>                          optional: remove them after this long
+ *   cellos.net=<base64url JSON object>                    optional: the guest's network device
+ *                                                         (address CIDR, gateway, optional
+ *                                                         address6 CIDR + gateway6, optional
+ *                                                         nameserver); only a cell with egress
+ *                                                         authority has one (see setup_network)
  * and on a pool guest's channel only:
  *   cellos.seed=<base64url 16-512 random bytes>           mixed into the kernel RNG, which is
  *                                                         then reseeded (RNDRESEEDCRNG)
@@ -56,7 +61,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <arpa/inet.h>
+#include <dirent.h>
 #include <linux/openat2.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <linux/random.h>
 #include <sys/ioctl.h>
 #include <time.h>
@@ -650,6 +661,225 @@ static void open_channel(void)
         cfsetspeed(&t, B115200);
         tcsetattr(chan, TCSANOW, &t);
     }
+}
+
+/* ------------------------------------------------------------------ network device */
+
+/* The virtio-net driver and what it needs, in load order (dependencies first: the image
+ * names them NN-<module>.ko).  The guest kernel has them as modules; they are loaded only
+ * for a cell with egress authority, so a cell without one has no network device at all
+ * (the VMM gives it none either). */
+#define NET_MODULES "/lib/modules/cellos-net"
+#define NET_DEVICE "eth0"
+#define NET_DEVICE_WAIT_MS 5000
+
+static int by_name(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static const char *load_net_modules(void)
+{
+    static char why[320];
+    DIR *d = opendir(NET_MODULES);
+    if (!d)
+        return "the image has no network driver modules (" NET_MODULES ")";
+    char *names[32];
+    size_t n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL && n < 32)
+        if (e->d_name[0] != '.')
+            names[n++] = strdup(e->d_name);
+    closedir(d);
+    qsort(names, n, sizeof *names, by_name);
+    const char *err = NULL;
+    for (size_t i = 0; i < n; i++) {
+        char path[512];
+        snprintf(path, sizeof path, NET_MODULES "/%s", names[i]);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (!err && (fd < 0 || (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST))) {
+            snprintf(why, sizeof why, "loading %s: %s", names[i], strerror(errno));
+            err = why;
+        }
+        if (fd >= 0)
+            close(fd);
+        free(names[i]);
+    }
+    return err;
+}
+
+static const char *net_value(char **settings, const char *key)
+{
+    size_t k = strlen(key);
+    for (char **p = settings; p && *p; p++)
+        if (strncmp(*p, key, k) == 0 && (*p)[k] == '=')
+            return *p + k + 1;
+    return NULL;
+}
+
+static int set_in_addr(struct sockaddr *sa, const char *text)
+{
+    struct sockaddr_in *in = (struct sockaddr_in *)sa;
+    memset(in, 0, sizeof *in);
+    in->sin_family = AF_INET;
+    return inet_pton(AF_INET, text, &in->sin_addr) == 1 ? 0 : -1;
+}
+
+static int write_file(const char *path, const char *value);
+
+/* linux/ipv6.h's in6_ifreq (that header clashes with glibc's netinet/in.h). */
+struct cellos_in6_ifreq {
+    struct in6_addr addr;
+    uint32_t prefixlen;
+    int ifindex;
+};
+
+/* The IPv6 address and default route (a cell with an IPv6 rule): without duplicate address
+ * detection (the guest is alone on its link), so the address is usable at once. */
+static const char *setup_ipv6(const char *cidr, const char *gw, int ifindex)
+{
+    static char why[320];
+    char addr[INET6_ADDRSTRLEN];
+    const char *slash = strchr(cidr, '/');
+    int prefix = slash ? atoi(slash + 1) : -1;
+    if (!slash || (size_t)(slash - cidr) >= sizeof addr || prefix < 1 || prefix > 128)
+        return "address6 must be an IPv6 CIDR";
+    memcpy(addr, cidr, (size_t)(slash - cidr));
+    addr[slash - cidr] = '\0';
+    struct cellos_in6_ifreq req = {.prefixlen = (uint32_t)prefix, .ifindex = ifindex};
+    struct in6_rtmsg rt;
+    memset(&rt, 0, sizeof rt);
+    if (inet_pton(AF_INET6, addr, &req.addr) != 1 ||
+        inet_pton(AF_INET6, gw, &rt.rtmsg_gateway) != 1)
+        return "address6 / gateway6: not an IPv6 address";
+    if (write_file("/proc/sys/net/ipv6/conf/" NET_DEVICE "/accept_dad", "0") < 0) {
+        snprintf(why, sizeof why, "IPv6 on " NET_DEVICE ": %s", strerror(errno));
+        return why;
+    }
+    int s = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    const char *step = "address6";
+    if (s < 0 || ioctl(s, SIOCSIFADDR, &req) < 0)
+        goto fail;
+    step = "IPv6 default route";
+    rt.rtmsg_flags = RTF_UP | RTF_GATEWAY;
+    rt.rtmsg_metric = 1;
+    rt.rtmsg_ifindex = ifindex;
+    if (ioctl(s, SIOCADDRT, &rt) < 0)
+        goto fail;
+    close(s);
+    return NULL;
+fail:
+    snprintf(why, sizeof why, "%s: %s", step, strerror(errno));
+    if (s >= 0)
+        close(s);
+    return why;
+}
+
+/* Address, default route and resolver of the guest's one network device, with ioctls (no
+ * ip/ifconfig in the image), done by init as root before the workload exists: the
+ * unprivileged workload cannot change them.  What the guest may reach is decided outside
+ * it, by the cell's nft table (the tap is inside the cell's network namespace).  Returns
+ * NULL or why it failed. */
+static const char *setup_network(char **settings)
+{
+    static char why[320];
+    const char *cidr = net_value(settings, "address"), *gw = net_value(settings, "gateway");
+    const char *ns = net_value(settings, "nameserver");
+    if (!cidr || !gw)
+        return "needs address and gateway";
+    char addr[INET_ADDRSTRLEN];
+    const char *slash = strchr(cidr, '/');
+    int prefix = slash ? atoi(slash + 1) : -1;
+    if (!slash || (size_t)(slash - cidr) >= sizeof addr || prefix < 1 || prefix > 32)
+        return "address must be an IPv4 CIDR";
+    memcpy(addr, cidr, (size_t)(slash - cidr));
+    addr[slash - cidr] = '\0';
+    const char *err = load_net_modules();
+    if (err)
+        return err;
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        return strerror(errno);
+    struct ifreq ifr;
+    /* The driver registers the device while its module loads; allow for a slow probe. */
+    for (long waited = 0;; waited += 10) {
+        memset(&ifr, 0, sizeof ifr);
+        strcpy(ifr.ifr_name, NET_DEVICE);
+        if (ioctl(s, SIOCGIFINDEX, &ifr) == 0)
+            break;
+        if (waited >= NET_DEVICE_WAIT_MS) {
+            close(s);
+            return "no network device " NET_DEVICE " appeared";
+        }
+        usleep(10000);
+    }
+    int ifindex = ifr.ifr_ifindex;
+    const char *step = "address";
+    if (set_in_addr(&ifr.ifr_addr, addr) < 0)
+        goto bad;
+    if (ioctl(s, SIOCSIFADDR, &ifr) < 0)
+        goto fail;
+    step = "netmask";
+    struct sockaddr_in *mask = (struct sockaddr_in *)&ifr.ifr_netmask;
+    memset(mask, 0, sizeof *mask);
+    mask->sin_family = AF_INET;
+    mask->sin_addr.s_addr = htonl(0xffffffffu << (32 - prefix));
+    if (ioctl(s, SIOCSIFNETMASK, &ifr) < 0)
+        goto fail;
+    step = "up";
+    for (int i = 0; i < 2; i++) { /* lo too: loopback works in a networked guest */
+        strcpy(ifr.ifr_name, i ? NET_DEVICE : "lo");
+        if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+            goto fail;
+        ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+        if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+            goto fail;
+    }
+    step = "default route";
+    struct rtentry rt;
+    memset(&rt, 0, sizeof rt);
+    set_in_addr(&rt.rt_dst, "0.0.0.0");
+    set_in_addr(&rt.rt_genmask, "0.0.0.0");
+    if (set_in_addr(&rt.rt_gateway, gw) < 0)
+        goto bad;
+    rt.rt_flags = RTF_UP | RTF_GATEWAY;
+    rt.rt_dev = (char *)NET_DEVICE;
+    if (ioctl(s, SIOCADDRT, &rt) < 0)
+        goto fail;
+    close(s);
+    const char *cidr6 = net_value(settings, "address6"), *gw6 = net_value(settings, "gateway6");
+    if (cidr6 || gw6) {
+        if (!cidr6 || !gw6)
+            return "address6 needs gateway6";
+        if ((err = setup_ipv6(cidr6, gw6, ifindex)) != NULL)
+            return err;
+    }
+    if (ns) {
+        /* The cell's DNS proxy (through the gateway): the only resolver the guest knows. */
+        char line[128];
+        struct in_addr check;
+        if (inet_pton(AF_INET, ns, &check) != 1)
+            return "nameserver must be an IPv4 address";
+        snprintf(line, sizeof line, "nameserver %s\noptions timeout:2 attempts:2\n", ns);
+        mkdir("/etc", 0755);
+        int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd < 0 || write(fd, line, strlen(line)) != (ssize_t)strlen(line)) {
+            snprintf(why, sizeof why, "/etc/resolv.conf: %s", strerror(errno));
+            if (fd >= 0)
+                close(fd);
+            return why;
+        }
+        close(fd);
+    }
+    return NULL;
+bad:
+    close(s);
+    snprintf(why, sizeof why, "%s: not an IPv4 address", step);
+    return why;
+fail:
+    snprintf(why, sizeof why, "%s: %s", step, strerror(errno));
+    close(s);
+    return why;
 }
 
 /* ------------------------------------------------------------------ cell cgroup, workdir */
@@ -1281,6 +1511,16 @@ int main(void)
         secret_lease = strtol(text, NULL, 10);
         if (secret_lease < 1)
             fail_spawn("cellos.secretlease", "must be a positive number of seconds");
+    }
+    if ((text = cmdline_param(request, "cellos.net", &err)) != NULL || err) {
+        if (err)
+            fail_spawn("cellos.net", err);
+        j = (struct json){text, text + strlen(text), NULL};
+        char **net = json_env_object(&j);
+        if (!net)
+            fail_spawn("cellos.net", j.err);
+        if ((why = setup_network(net)) != NULL)
+            fail_spawn("cellos.net", why);
     }
     if ((text = cmdline_param(request, "cellos.secrets", &err)) != NULL || err) {
         if (err)
