@@ -179,11 +179,7 @@ class MicrovmCellBackend(StoredBackend):
             manifest = load_manifest(self.image_dir / MANIFEST_NAME)
             self.check_manifest(manifest)
             if not verify_files:
-                return manifest, {
-                    "kernel": manifest.kernel.sha256,
-                    "initrd": manifest.initrd.sha256,
-                    "vmm": manifest.vmm.sha256,
-                }
+                return manifest, {role: art.sha256 for role, art in manifest.roles()}
             return manifest, verify(manifest, self.image_dir, self._vmm_known)
         except ManifestMismatch as exc:
             if self.configured_image is not None:
@@ -415,7 +411,13 @@ class MicrovmCellBackend(StoredBackend):
         manifest, digests = self.load_image()
         accel = self.accel(manifest)
         self.pool_manifest = (manifest, accel)
-        return {"accel": accel, "image": str(self.image_dir), "digests": digests}
+        return {
+            "accel": accel,
+            "image": str(self.image_dir),
+            "digests": digests,
+            # How a claimer reaches the guest's channel (pool._take).
+            "channel": self.pool_channel,
+        }
 
     def pool_start(
         self, shape: Shape, guest_dir: str, *, restore: str | None, snapshottable: bool
