@@ -467,3 +467,33 @@ def test_firecracker_backend_end_to_end_with_a_real_binary(
         run_cli("cellos.cli", ["microvm", "pool", "stop"], pool_env)
         pool.wait(timeout=30)
         log.close()
+
+
+def test_a_killed_supervisors_vmm_dies_and_its_cell_is_reaped(
+    tmp_path: Path, fake: Fake, cellos_cli: Run
+) -> None:
+    env = {**fake.env, "CELLOS_MICROVM_ACCEL": "kvm"}
+    spec = write_doc(tmp_path / "c.yaml", doc("fc-orphan", ["/bin/sleep", "30"]))
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "cellos.supervisor.cli", str(spec)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not any(c.get("guest") == "run" for c in fake.calls()):
+        assert time.monotonic() < deadline and supervisor.poll() is None
+        time.sleep(0.05)
+    record = json.loads((tmp_path / "state" / "cells" / "fc-orphan" / "record.json").read_text())
+    assert record["backend"] == "firecracker"
+    supervisor.kill()
+    supervisor.wait()
+    reaped = cellos_cli(["reap"], env)
+    assert reaped.code == 0, reaped
+    assert "fc-orphan" in reaped.stdout
+    assert not (tmp_path / "state" / "cells" / "fc-orphan").exists()
+    # The VMM died with its supervisor (PR_SET_PDEATHSIG) or was killed by the reaper (the
+    # fixture asserts that no fake VMM is left).
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in fake.pids()) and time.monotonic() < deadline:
+        time.sleep(0.05)

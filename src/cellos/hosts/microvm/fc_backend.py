@@ -165,8 +165,12 @@ class FirecrackerBackend(MicrovmCellBackend):
             cwd=work,
             env={},
             preexec_fn=die_with_parent(),
+            # Firecracker's own log goes to stdout unless told otherwise: that is the guest's
+            # serial port here, so it goes to the log file (warnings and worse).
+            extra_args=("--log-path", "vmm.log", "--level", "Warning"),
         )
-        driver = FirecrackerDriver(manifest.vmm.path)
+        # Firecracker answers on its API within milliseconds; the bound is for a loaded host.
+        driver = FirecrackerDriver(manifest.vmm.path, socket_timeout=10.0)
         try:
             if restore is not None:
                 driver.restore(

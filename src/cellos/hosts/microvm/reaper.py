@@ -1,5 +1,6 @@
-"""The ``qemu`` backend's part of reaping a dead cell (see :mod:`cellos.hosts.reaper`): its
-VMM, if it outlived its supervisor (it normally dies with it: ``PR_SET_PDEATHSIG``)."""
+"""The ``qemu`` and ``firecracker`` backends' part of reaping a dead cell (see
+:mod:`cellos.hosts.reaper`): its VMM, if it outlived its supervisor (it normally dies with it:
+``PR_SET_PDEATHSIG``)."""
 
 from __future__ import annotations
 
