@@ -552,28 +552,25 @@ class MicrovmCellBackend(StoredBackend):
         accel = live.accel
         guest_paths = {guest_artifact_path(live.spec, a.path) for a in live.spec.artifacts}
         artifacts = sorted(p for p in guest_paths if p is not None)
+        workload = HostCommand.for_workload(request)
         if live.guest is not None:
-            line = request_line(
-                request_params(
-                    list(request.argv),
-                    dict(request.env),
-                    artifacts,
-                    hostname=guest_hostname(live.spec),
-                    workdir=live.spec.working_directory,
-                    cgroup=cgroup_settings(limits),
-                    secrets=bool(request.secret_files),
-                    secret_lease=request.secret_lease_seconds if request.secret_files else None,
-                )
+            params, _shape = self.request_of(
+                workload,
+                artifacts,
+                limits,
+                guest_hostname(live.spec),
+                live.spec.working_directory,
+                request.secret_files,
+                request.secret_lease_seconds,
             )
             guest = live.guest
             result, live.artifacts = self._run_on_channel(
-                guest.sock, guest.kill, HostCommand.for_workload(request), line,
-                request.secret_files,
-            )  # fmt: skip
+                guest.sock, guest.kill, workload, request_line(params), request.secret_files
+            )
             return result
         result, live.artifacts = self._boot(
             live.manifest,
-            HostCommand.for_workload(request),
+            workload,
             artifacts,
             accel,
             live.cell_dir,
@@ -615,7 +612,8 @@ class MicrovmCellBackend(StoredBackend):
         secret_files: Mapping[str, bytes] | None,
         secret_lease: int | None,
     ) -> tuple[list[str], Shape]:
-        """A cold boot's request parameters (for its kernel command line) and guest shape."""
+        """A cell's request parameters (a cold boot's kernel command line, a pool guest's
+        request line) and the guest shape its limits need."""
         from cellos.core.spec import Limits
 
         lim = limits if isinstance(limits, Limits) else None
