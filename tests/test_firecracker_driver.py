@@ -269,6 +269,7 @@ def test_spec_validation_rejects_a_broken_body(spec: dict[str, Any], name: str) 
         "drive-id-empty",
         "cid-2",
         "action",
+        "vm-state",
         "jail-id",
     ],
 )
