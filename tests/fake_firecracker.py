@@ -9,7 +9,7 @@ configuration before ``InstanceStart``, ``PATCH /vm Paused`` before ``PUT /snaps
 ``PUT /snapshot/load`` only into a fresh process) and records every call, with its pid, as a
 JSON line in ``RECORD``. Its "guest" speaks the CellOS guest channel on stdin/stdout, where
 Firecracker's serial port is: it runs the request's argv on the host (the guest's
-``/workspace`` is a temporary directory), and never exits by itself (a Firecracker guest
+``/workspace`` is a temporary directory in its cwd), and never exits by itself (a Firecracker guest
 cannot power the VMM off; the backend kills it).
 
 The test writes an executable wrapper that calls :func:`main` with the record file.
@@ -115,7 +115,9 @@ class Guest:
                 else {},
             }
         )
-        with tempfile.TemporaryDirectory(prefix="fake-fc-ws-") as ws:
+        # In the VMM's directory (the cell's or pool guest's), which the backend removes even
+        # when this process is killed mid-workload.
+        with tempfile.TemporaryDirectory(prefix="fake-ws-", dir=os.getcwd()) as ws:
             proc = subprocess.run(
                 argv, cwd=ws, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True
             )
