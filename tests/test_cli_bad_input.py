@@ -533,9 +533,6 @@ BAD_SIGNING = [
     [
         pytest.param({"CELLOS_CELL_BACKEND": "nonsense"}, "CELLOS_CELL_BACKEND", id="backend"),
         pytest.param(
-            {"CELLOS_CELL_BACKEND": "firecracker"}, "CELLOS_CELL_BACKEND", id="planned-backend"
-        ),
-        pytest.param(
             {"CELLOS_DEPLOYMENT_PROFILE": "hardened", "CELLOS_CELL_BACKEND": "stub"},
             "CELLOS_CELL_BACKEND",
             id="hardened-refuses-stub",

@@ -47,7 +47,10 @@ from cellos.hosts.microvm.firecracker import (
     machine_config_for_limits,
     mem_mib_for,
     send_ctrl_alt_del,
+    snapshot_create,
+    snapshot_load,
     vcpus_for,
+    vm_state,
     vsock,
 )
 from tests.conftest import FIRECRACKER_API
@@ -153,6 +156,10 @@ CASES: dict[str, tuple[ApiRequest, str]] = {
     "vsock": (vsock(3, "/run/cell/vsock.sock"), "Vsock"),
     "instance-start": (instance_start(), "InstanceActionInfo"),
     "send-ctrl-alt-del": (send_ctrl_alt_del(), "InstanceActionInfo"),
+    "vm-pause": (vm_state("Paused"), "Vm"),
+    "vm-resume": (vm_state("Resumed"), "Vm"),
+    "snapshot-create": (snapshot_create("snap.vmstate", "snap.mem"), "SnapshotCreateParams"),
+    "snapshot-load": (snapshot_load("/s/snap.vmstate", "/s/snap.mem"), "SnapshotLoadParams"),
 }
 
 
@@ -251,6 +258,7 @@ def test_spec_validation_rejects_a_broken_body(spec: dict[str, Any], name: str) 
         lambda: drive("", "/r", is_root_device=True, is_read_only=True),
         lambda: vsock(2, "/v"),
         lambda: action("Reboot"),  # type: ignore[arg-type]
+        lambda: vm_state("Stopped"),  # type: ignore[arg-type]
         lambda: jailer_argv(JailerConfig(id="a/b", uid=1, gid=1), "/j", "/f", "/s"),
     ],
     ids=[
@@ -261,6 +269,7 @@ def test_spec_validation_rejects_a_broken_body(spec: dict[str, Any], name: str) 
         "drive-id-empty",
         "cid-2",
         "action",
+        "vm-state",
         "jail-id",
     ],
 )

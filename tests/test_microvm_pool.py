@@ -456,7 +456,7 @@ def test_a_snapshot_pool_restores_guests_that_share_no_randomness_and_have_the_h
     p.ready(2)
     snapshot = tmp_path / "state" / "microvm-pool" / "snapshot"
     meta = json.loads((snapshot / "snapshot.json").read_text())
-    assert meta["sha256"] == sha256_file(snapshot / "snapshot.bin")
+    assert meta["files"] == {"snapshot.bin": sha256_file(snapshot / "snapshot.bin")}
     for gid in p.idle():
         assert json.loads((p.guests / gid / "ready").read_text())["from"] == "snapshot"
     seen: list[str] = []

@@ -116,7 +116,22 @@ def _cmd_microvm_build_image(args: argparse.Namespace) -> int:
     from cellos.hosts.microvm.image_cache import ensure_image
     from cellos.hosts.microvm.manifest import load_manifest
 
-    vmm = args.vmm or shutil.which("qemu-system-x86_64")
+    if args.firecracker:
+        from cellos.hosts.microvm.firecracker import find_firecracker
+
+        vmm = args.vmm or find_firecracker()
+        if vmm is None:
+            print(
+                "error: --vmm: firecracker not found (set CELLOS_FIRECRACKER or put it on PATH)",
+                file=sys.stderr,
+            )
+            return 2
+        if args.dir is None:
+            # The cache holds the qemu backend's default image only.
+            print("error: --firecracker: an output directory is required", file=sys.stderr)
+            return 2
+    else:
+        vmm = args.vmm or shutil.which("qemu-system-x86_64")
     if vmm is None:
         print(
             "error: --vmm: qemu-system-x86_64 not found (apt-get install qemu-system-x86)",
@@ -131,13 +146,9 @@ def _cmd_microvm_build_image(args: argparse.Namespace) -> int:
         manifest = load_manifest(f"{directory}/manifest.json")
     else:
         directory = args.dir
-        manifest = build_image(directory, vmm=vmm)
+        manifest = build_image(directory, vmm=vmm, elf_kernel=args.firecracker)
     print(f"image: {directory}")
-    for name, item in (
-        ("kernel", manifest.kernel),
-        ("initrd", manifest.initrd),
-        ("vmm", manifest.vmm),
-    ):
+    for name, item in manifest.roles():
         print(f"  {name:<7} {item.sha256}  {item.path}")
     return 0
 
@@ -146,7 +157,7 @@ def _cmd_microvm_pool(args: argparse.Namespace) -> int:
     import signal
 
     from cellos.hosts.microvm import pool
-    from cellos.hosts.registry import microvm_pool_size
+    from cellos.hosts.registry import make_microvm_backend, microvm_pool_size
     from cellos.hosts.state import default_state_root
 
     env = os.environ
@@ -170,8 +181,6 @@ def _cmd_microvm_pool(args: argparse.Namespace) -> int:
             print(f"error: the pool cannot boot guests: {settings['error']}", file=sys.stderr)
             return 1
         return 0
-    from cellos.hosts.microvm.backend import MicrovmBackend
-
     size = args.size if args.size is not None else microvm_pool_size(env) or 1
     for option, value, low, high in (
         ("--size", size, 1, 64),
@@ -187,21 +196,21 @@ def _cmd_microvm_pool(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    backend = MicrovmBackend(
-        image_dir=env.get("CELLOS_MICROVM_IMAGE") or None,
-        state_root=state_root,
-        allow_tcg=env.get("CELLOS_MICROVM_ALLOW_TCG", "").strip() in {"1", "true", "yes"},
-        accel=env.get("CELLOS_MICROVM_ACCEL") or None,
+    # The guests are those of the microVM backend chosen for cells (qemu unless firecracker).
+    vmm_name = env.get("CELLOS_CELL_BACKEND", "").strip()
+    backend = make_microvm_backend(
+        vmm_name if vmm_name in ("qemu", "firecracker") else "qemu",
+        {**env, "CELLOS_MICROVM_POOL": "0", "CELLOS_STATE_DIR": state_root},
     )
     shape = pool.Shape(
-        memory_mib=max(MicrovmBackend.shape_of(None).memory_mib, args.memory_mib or 0),
+        memory_mib=max(type(backend).shape_of(None).memory_mib, args.memory_mib or 0),
         vcpus=args.vcpus or 1,
     )
     manager = pool.PoolManager(
         state_root,
         size,
         shape,
-        backend.pool_guest_command,
+        backend,
         max_age=args.max_age,
         snapshot=args.snapshot,
     )
@@ -298,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild the cached image even when present (e.g. one refused as corrupted)",
     )
     p.add_argument("--vmm", help="VMM binary recorded in the manifest (default: qemu on PATH)")
+    p.add_argument(
+        "--firecracker",
+        action="store_true",
+        help="an image for the firecracker backend: also the uncompressed ELF kernel (vmlinux) "
+        "Firecracker boots, and firecracker (CELLOS_FIRECRACKER or PATH) as the VMM",
+    )
     p.set_defaults(func=_cmd_microvm_build_image)
     p = microvm.add_parser(
         "pool",

@@ -217,8 +217,6 @@ def run_checks(*, refresh_microvm_probe: bool = False) -> list[Check]:
 def check_microvm(*, refresh_probe: bool = False) -> list[Check]:
     """Which microVM drivers can boot here, with which acceleration (the cached KVM probe,
     probed again with ``refresh_probe``), and the image the qemu backend would boot."""
-    from cellos.hosts.microvm.firecracker import find_firecracker
-
     checks: list[Check] = []
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
@@ -226,15 +224,31 @@ def check_microvm(*, refresh_probe: bool = False) -> list[Check]:
     else:
         checks.extend(_check_qemu(qemu, refresh_probe))
     checks.append(check_microvm_pool())
-    firecracker = find_firecracker()
-    checks.append(
-        Check(
-            "microvm:firecracker",
-            firecracker is not None,
-            f"{firecracker}" if firecracker else "firecracker binary not present",
-        )
-    )
+    checks.append(_check_firecracker(refresh_probe))
     return checks
+
+
+def _check_firecracker(refresh_probe: bool) -> Check:
+    """Whether ``CELLOS_CELL_BACKEND=firecracker`` would run here, and if not, why: the
+    binary, KVM, an image built for it, and whether KVM boots its guest (the backend's
+    cached probe). The refusal is the one a cell would get."""
+    from cellos.core.errors import CellosError
+    from cellos.hosts.registry import make_microvm_backend
+
+    env = {**os.environ, "CELLOS_MICROVM_POOL": "0"}
+    try:
+        backend = make_microvm_backend("firecracker", env)
+        manifest, _ = backend.load_image(build=False)
+        decision = backend.decide_accel(manifest, refresh=refresh_probe)
+        backend.accel(manifest)
+    except CellosError as exc:
+        return Check("microvm:firecracker", False, f"{exc.path}: {exc.reason}")
+    firecracker = getattr(backend, "firecracker", manifest.vmm.path)
+    return Check(
+        "microvm:firecracker",
+        True,
+        f"{firecracker}: boots {backend.image_dir} under KVM ({_describe(decision)})",
+    )
 
 
 def check_microvm_pool() -> Check:

@@ -50,6 +50,7 @@ WORKSPACE_PRIVATE: Final = "workspace:private"
 # Kernels other than the host's.
 GVISOR_RUNSC: Final = "gvisor:runsc"
 MICROVM_QEMU: Final = "microvm:qemu"
+MICROVM_FIRECRACKER: Final = "microvm:firecracker"
 GUEST_KERNEL: Final = "guest-kernel"
 MANIFEST_VERIFIED: Final = "manifest:verified"
 WORKLOAD_UNPRIVILEGED_IN_GUEST: Final = "workload:unprivileged-in-guest"

@@ -22,6 +22,7 @@ BACKEND_REAPERS = {
     "cellos": "cellos.hosts.cellos.reaper",
     "gvisor": "cellos.hosts.gvisor.reaper",
     "qemu": "cellos.hosts.microvm.reaper",
+    "firecracker": "cellos.hosts.microvm.reaper",
 }
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from cellos.core.errors import PolicyRefused
 from cellos.core.ports import CellBackend, ReapedCell
 
-KNOWN = ("cellos", "gvisor", "qemu", "stub")
-PLANNED = ("firecracker",)
+if TYPE_CHECKING:
+    from cellos.hosts.microvm.backend import MicrovmCellBackend
+
+KNOWN = ("cellos", "firecracker", "gvisor", "qemu", "stub")
 
 
 def make_reaper(env: Mapping[str, str]) -> Callable[[], list[ReapedCell]]:
@@ -51,23 +54,40 @@ def make_backend(name: str | None, env: Mapping[str, str]) -> CellBackend:
             platform=env.get("CELLOS_GVISOR_PLATFORM") or None,
             network_pool=_network_pool(env),
         )
-    if name == "qemu":
-        from cellos.hosts.microvm.backend import MicrovmBackend
-
-        return MicrovmBackend(
-            image_dir=env.get("CELLOS_MICROVM_IMAGE") or None,
-            state_root=env.get("CELLOS_STATE_DIR") or None,
-            allow_tcg=env.get("CELLOS_MICROVM_ALLOW_TCG", "").strip() in {"1", "true", "yes"},
-            accel=env.get("CELLOS_MICROVM_ACCEL") or None,
-            pool_size=microvm_pool_size(env),
-            network_pool=_network_pool(env),
-        )
-    if name in PLANNED:
-        raise PolicyRefused(
-            "CELLOS_CELL_BACKEND", f"backend {name!r} is not available in this build"
-        )
+    if name in ("qemu", "firecracker"):
+        return make_microvm_backend(name, env)
     raise PolicyRefused(
         "CELLOS_CELL_BACKEND", f"unknown backend {name!r} (expected one of: {', '.join(KNOWN)})"
+    )
+
+
+def make_microvm_backend(name: str, env: Mapping[str, str]) -> MicrovmCellBackend:
+    """The ``qemu`` or ``firecracker`` backend (they share the image, pool and accel
+    settings). Firecracker without its binary or a KVM device is refused here, before
+    anything runs."""
+    image_dir = env.get("CELLOS_MICROVM_IMAGE") or None
+    state_root = env.get("CELLOS_STATE_DIR") or None
+    accel = env.get("CELLOS_MICROVM_ACCEL") or None
+    pool_size = microvm_pool_size(env)
+    if name == "firecracker":
+        from cellos.hosts.microvm.fc_backend import FirecrackerBackend
+
+        return FirecrackerBackend(
+            image_dir=image_dir,
+            state_root=state_root,
+            accel=accel,
+            pool_size=pool_size,
+            firecracker=env.get("CELLOS_FIRECRACKER") or None,
+        )
+    from cellos.hosts.microvm.backend import MicrovmBackend
+
+    return MicrovmBackend(
+        image_dir=image_dir,
+        state_root=state_root,
+        allow_tcg=env.get("CELLOS_MICROVM_ALLOW_TCG", "").strip() in {"1", "true", "yes"},
+        accel=accel,
+        pool_size=pool_size,
+        network_pool=_network_pool(env),
     )
 
 

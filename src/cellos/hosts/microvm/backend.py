@@ -1,4 +1,9 @@
-"""The microVM backend: each cell boots its own guest kernel (QEMU driver).
+"""The microVM backends: each cell boots its own guest kernel.
+
+:class:`MicrovmCellBackend` is the VMM-agnostic cell runner (image and manifest, acceleration,
+warm pool claims, cell lifecycle and state record, the guest channel); a subclass per VMM
+says how a guest is launched: :class:`MicrovmBackend` (``qemu``, here) and
+:class:`~cellos.hosts.microvm.fc_backend.FirecrackerBackend` (``firecracker``).
 
 Before every boot the image's manifest is verified (kernel, initrd and VMM binary, sha256);
 a mismatch refuses the cell before anything starts, and the verified digests are stamped on
@@ -30,6 +35,9 @@ import contextlib
 import io
 import os
 import select
+import shlex
+import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -58,7 +66,16 @@ from cellos.hosts.microvm.firecracker import mem_mib_for, vcpus_for
 from cellos.hosts.microvm.image import MANIFEST_NAME
 from cellos.hosts.microvm.image_cache import ensure_image
 from cellos.hosts.microvm.manifest import Manifest, ManifestMismatch, load_manifest, verify
-from cellos.hosts.microvm.pool import ClaimedGuest, Shape, claim, live_pool, start_detached
+from cellos.hosts.microvm.pool import (
+    ClaimedGuest,
+    Qmp,
+    Shape,
+    claim,
+    live_pool,
+    log_tail,
+    start_detached,
+    start_vmm,
+)
 from cellos.hosts.microvm.qemu_probe import (
     POOL_APPEND,
     kernel_append,
@@ -112,8 +129,18 @@ POOL_MISS_NETWORK = (
 )
 
 
-class MicrovmBackend(StoredBackend):
-    name = "qemu"
+class MicrovmCellBackend(StoredBackend):
+    """A cell per guest, whatever the VMM; subclasses implement ``_boot`` (a cold boot),
+    ``pool_start``/``pool_snapshot`` (the warm pool) and may restrict acceleration."""
+
+    name = "microvm"
+    #: The isolation feature naming the VMM (``lifecycle.v1.started.isolation``).
+    vmm_feature = iso.MICROVM_QEMU
+    #: PoolVmm: how a pool guest's channel is reached (pool.py).
+    pool_channel = "listen"
+    snapshot_files: tuple[str, ...] = ()
+    #: Whether the VMM can give the guest a network device in the cell's netns (egress).
+    supports_egress = False
 
     def __init__(
         self,
@@ -146,6 +173,8 @@ class MicrovmBackend(StoredBackend):
         self.accel_cache = AccelCache(self.store.root)
         self._vmm_known: dict[str, str] = {}
         self._default_known: tuple[object, tuple[str, str, str]] | None = None
+        #: The manifest and accelerator of the pool guests ``pool_prepare`` verified last.
+        self.pool_manifest: tuple[Manifest, str] | None = None
 
     # -- image -------------------------------------------------------------------------------
 
@@ -171,12 +200,9 @@ class MicrovmBackend(StoredBackend):
         assert self.image_dir is not None
         try:
             manifest = load_manifest(self.image_dir / MANIFEST_NAME)
+            self.check_manifest(manifest)
             if not verify_files:
-                return manifest, {
-                    "kernel": manifest.kernel.sha256,
-                    "initrd": manifest.initrd.sha256,
-                    "vmm": manifest.vmm.sha256,
-                }
+                return manifest, {role: art.sha256 for role, art in manifest.roles()}
             return manifest, verify(manifest, self.image_dir, self._vmm_known)
         except ManifestMismatch as exc:
             if self.configured_image is not None:
@@ -195,6 +221,9 @@ class MicrovmBackend(StoredBackend):
             raise HostError(
                 exc.path, f"{exc.reason}; rebuild the cached image with: {image_cache.REFRESH_HINT}"
             ) from exc
+
+    def check_manifest(self, manifest: Manifest) -> None:
+        """Refuse an image this VMM cannot boot (before its files are even hashed)."""
 
     def _default_image(self, build: bool, *, reuse: bool) -> tuple[str, str, str] | None:
         """``ensure_image``; with ``reuse`` (a pool cell, whose guest's files the pool's
@@ -269,6 +298,13 @@ class MicrovmBackend(StoredBackend):
     def create(self, spec: CellSpec) -> CellHandle:
         check_working_directory(spec)
         egress_wanted = bool(spec.authority.egress_rules)
+        if egress_wanted and not self.supports_egress:
+            # Refused, never ignored: this VMM's guest gets no network device in this build.
+            raise PolicyRefused(
+                "spec.authority.egressRules",
+                f"egress authority is not available on the {self.name} backend in this build "
+                "(the guest has no network device); use the cellos, gvisor or qemu backend",
+            )
         # Refused before boot: a tampered kernel, initrd or VMM never runs. A pool guest's
         # files were verified by the pool's manager right before it booted them (its record
         # holds those digests); they must be the manifest's, and the cell gets them. A cold
@@ -331,7 +367,7 @@ class MicrovmBackend(StoredBackend):
             cell_id=spec.id,
             backend=self.name,
             isolation=(
-                iso.MICROVM_QEMU,
+                self.vmm_feature,
                 iso.GUEST_KERNEL,
                 iso.MANIFEST_VERIFIED,
                 iso.WORKLOAD_UNPRIVILEGED_IN_GUEST,
@@ -412,6 +448,11 @@ class MicrovmBackend(StoredBackend):
         for name in ("HOME", "XDG_CACHE_HOME", "CELLOS_MICROVM_CACHE", "PYTHONPATH"):
             if os.environ.get(name):
                 env[name] = os.environ[name]
+        for name in ("CELLOS_FIRECRACKER", "CELLOS_JAILER"):
+            if os.environ.get(name):
+                env[name] = os.environ[name]
+        # The pool's manager runs guests of this backend's VMM.
+        env["CELLOS_CELL_BACKEND"] = self.name
         if self.configured_image:
             env["CELLOS_MICROVM_IMAGE"] = self.configured_image
         if self.allow_tcg:
@@ -420,49 +461,51 @@ class MicrovmBackend(StoredBackend):
             env["CELLOS_MICROVM_ACCEL"] = self.forced_accel
         start_detached(self.store.root, self.pool_size, env)
 
-    def pool_guest_command(
-        self, shape: Shape, guest_dir: str
-    ) -> tuple[list[str], dict[str, object]]:
-        """A pool guest's VMM command (the manifest verified first, as for every boot) and
-        the fields its record carries (what a supervisor checks before using it)."""
+    def pool_prepare(self, shape: Shape) -> dict[str, object]:
+        """PoolVmm: the image verified (as before every boot) and the fields a pool guest's
+        record carries (what a supervisor checks before using it); the manifest is kept for
+        ``pool_start``."""
         manifest, digests = self.load_image()
         accel = self.accel(manifest)
-        assert self.image_dir is not None
-        command = qemu_command(
-            manifest.vmm.path,
-            self.image_dir,
-            POOL_APPEND,
-            accel,
-            manifest.kernel.path,
-            manifest.initrd.path,
-            memory_mib=shape.memory_mib,
-            vcpus=shape.vcpus,
-            channel_socket="qemu.sock",  # relative to the guest's directory (its cwd)
-        )
-        fields: dict[str, object] = {
+        self.pool_manifest = (manifest, accel)
+        return {
             "accel": accel,
             "image": str(self.image_dir),
             "digests": digests,
+            # How a claimer reaches the guest's channel (pool._take).
+            "channel": self.pool_channel,
         }
-        return command, fields
 
-    def _run_on_guest(
+    def pool_start(
+        self, shape: Shape, guest_dir: str, *, restore: str | None, snapshottable: bool
+    ) -> tuple[subprocess.Popen[bytes], socket.socket | None]:
+        raise NotImplementedError
+
+    def pool_snapshot(self, guest_dir: str, deadline: float) -> None:
+        raise NotImplementedError
+
+    def _run_on_channel(
         self,
-        guest: ClaimedGuest,
+        sock: socket.socket,
+        kill: Callable[[], None],
         workload: HostCommand,
-        line: bytes,
+        line: bytes | None,
         secret_files: Mapping[str, bytes] | None = None,
+        *,
+        log: str | None = None,
     ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
-        """Send the request to a claimed pool guest and read its results until its exit code
-        (or the deadline / a stop, which kill the VMM). The guest is killed at the end.
+        """Send the request (a pool guest's ``line``; None: it is on the kernel command line)
+        on a guest's channel and read its results until its exit code (or the deadline / a
+        stop). ``kill`` ends the VMM at the end: nothing else ever runs in that guest.
 
-        Secrets follow on the same channel once the guest said ``CELLOS:READY``, as on a cold
-        boot's serial line (never in the request line)."""
+        Secrets follow on the same channel once the guest said ``CELLOS:READY``, as on a
+        QEMU cold boot's serial line (never in the request). ``log``: the VMM's log, whose
+        tail explains a guest that reported no exit code."""
 
         def send_secrets() -> None:
             if secret_files:
                 with contextlib.suppress(OSError):
-                    guest.sock.sendall(SecretSender.line_for(secret_files))
+                    sock.sendall(SecretSender.line_for(secret_files))
 
         channel = GuestChannel(workload.output, on_ready=send_secrets if secret_files else None)
         started = time.monotonic()
@@ -482,7 +525,8 @@ class MicrovmBackend(StoredBackend):
         eof = False
         try:
             try:
-                guest.sock.sendall(line)
+                if line is not None:
+                    sock.sendall(line)
             except OSError as exc:
                 return WorkloadResult(
                     exit_code=None,
@@ -498,10 +542,10 @@ class MicrovmBackend(StoredBackend):
                 if left is not None and left <= 0:
                     stopped_by = "timeout"
                     break
-                readable, _, _ = select.select([guest.sock.fileno(), wake_r], [], [], left)
-                if guest.sock.fileno() in readable:
+                readable, _, _ = select.select([sock.fileno(), wake_r], [], [], left)
+                if sock.fileno() in readable:
                     try:
-                        data = guest.sock.recv(1 << 16)
+                        data = sock.recv(1 << 16)
                     except OSError:
                         data = b""
                     if not data:
@@ -513,17 +557,13 @@ class MicrovmBackend(StoredBackend):
                 stop.remove_waker(wake)
             os.close(wake_r)
             os.close(wake_w)
-            guest.kill()  # single use: nothing else ever runs in this guest
+            kill()  # single use: nothing else ever runs in this guest
         duration_ms = int((time.monotonic() - started) * 1000)
         forced = stopped_by is not None
-        return self._result(
-            channel,
-            duration_ms,
-            forced,
-            stopped_by,
-            "the pool guest's channel closed" if eof else "no exit code",
-            truncated=False,
-        )
+        status = "the guest's channel closed" if eof else "no exit code"
+        if log is not None and (tail := log_tail(log)):
+            status += f"; VMM log: {tail}"
+        return self._result(channel, duration_ms, forced, stopped_by, status, truncated=False)
 
     def _result(
         self,
@@ -569,26 +609,25 @@ class MicrovmBackend(StoredBackend):
         accel = live.accel
         guest_paths = {guest_artifact_path(live.spec, a.path) for a in live.spec.artifacts}
         artifacts = sorted(p for p in guest_paths if p is not None)
+        workload = HostCommand.for_workload(request)
         if live.guest is not None:
-            line = request_line(
-                request_params(
-                    list(request.argv),
-                    dict(request.env),
-                    artifacts,
-                    hostname=guest_hostname(live.spec),
-                    workdir=live.spec.working_directory,
-                    cgroup=cgroup_settings(limits),
-                    secrets=bool(request.secret_files),
-                    secret_lease=request.secret_lease_seconds if request.secret_files else None,
-                )
+            params, _shape = self.request_of(
+                workload,
+                artifacts,
+                limits,
+                guest_hostname(live.spec),
+                live.spec.working_directory,
+                request.secret_files,
+                request.secret_lease_seconds,
             )
-            result, live.artifacts = self._run_on_guest(
-                live.guest, HostCommand.for_workload(request), line, request.secret_files
+            guest = live.guest
+            result, live.artifacts = self._run_on_channel(
+                guest.sock, guest.kill, workload, request_line(params), request.secret_files
             )
             return result
         result, live.artifacts = self._boot(
             live.manifest,
-            HostCommand.for_workload(request),
+            workload,
             artifacts,
             accel,
             live.cell_dir,
@@ -620,72 +659,37 @@ class MicrovmBackend(StoredBackend):
     ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
         """Boot once; the result and the artifacts the guest sent (None: missing there).
         ``workload`` is what the guest runs, with the deadline and stop of the VMM; with
-        ``link`` the VMM inherits the guest's tap and the guest configures its side."""
+        ``link`` the VMM gives the guest a network device and the guest configures it."""
+        raise NotImplementedError
+
+    @staticmethod
+    def request_of(
+        workload: HostCommand,
+        artifacts: list[str],
+        limits: object,
+        hostname: str | None,
+        workdir: str | None,
+        secret_files: Mapping[str, bytes] | None,
+        secret_lease: int | None,
+        link: GuestLink | None = None,
+    ) -> tuple[list[str], Shape]:
+        """A cell's request parameters (a cold boot's kernel command line, a pool guest's
+        request line) and the guest shape its limits need."""
         from cellos.core.spec import Limits
 
         lim = limits if isinstance(limits, Limits) else None
-        assert self.image_dir is not None  # load_image ran first
-        append = kernel_append(
-            request_params(
-                list(workload.argv),
-                dict(workload.env),
-                artifacts,
-                hostname=hostname,
-                workdir=workdir,
-                cgroup=cgroup_settings(lim),
-                secrets=bool(secret_files),
-                secret_lease=secret_lease if secret_files else None,
-                net=link.request() if link is not None else None,
-            )
+        params = request_params(
+            list(workload.argv),
+            dict(workload.env),
+            artifacts,
+            hostname=hostname,
+            workdir=workdir,
+            cgroup=cgroup_settings(lim),
+            secrets=bool(secret_files),
+            secret_lease=secret_lease if secret_files else None,
+            net=link.request() if link is not None else None,
         )
-        sender = SecretSender(secret_files) if secret_files else None
-        command = qemu_command(
-            manifest.vmm.path,
-            self.image_dir,
-            append,
-            accel,
-            manifest.kernel.path,
-            manifest.initrd.path,
-            memory_mib=max(MIN_GUEST_MIB, mem_mib_for(lim.memory_max_bytes if lim else None)),
-            vcpus=vcpus_for(lim.cpu_max if lim else None),
-            tap_fd=link.fd if link is not None else None,
-            mac=link.mac if link is not None else None,
-        )
-        # The guest channel is decoded as it arrives: the workload's output is live.
-        guest = GuestChannel(workload.output, on_ready=sender.send if sender else None)
-        # The VMM needs no environment (the workload's travels on the command line).
-        vmm = HostCommand(
-            command,
-            {},
-            workload.deadline_seconds,
-            workload.graceful_shutdown_seconds,
-            workload.stop,
-            output=guest,
-        )
-        try:
-            raw = run_host_command(
-                vmm,
-                SpawnOptions(
-                    cwd=work,
-                    on_spawn=on_spawn,
-                    die_with_parent=True,
-                    on_stdin=sender.take if sender else None,
-                    pass_fds=(link.fd,) if link is not None else (),
-                ),
-            )
-        finally:
-            if sender is not None:
-                sender.close()
-        if raw.spawn_error:
-            return raw, {}
-        return self._result(
-            guest,
-            raw.duration_ms,
-            raw.forced,
-            raw.reason,
-            f"VMM status {raw.exit_code}",
-            truncated=raw.truncated,
-        )
+        return params, MicrovmCellBackend.shape_of(lim)
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = _LIVE.get(handle.cell_id)
@@ -726,6 +730,124 @@ class MicrovmBackend(StoredBackend):
 
     def _state_of(self, handle: CellHandle) -> CellState:
         return _LIVE.get(handle.cell_id).state
+
+
+class MicrovmBackend(MicrovmCellBackend):
+    """The ``qemu`` backend: the request on ``-append``, the serial port on the VMM's stdio
+    (a pool guest's on ``qemu.sock``), snapshots by migration to a file (QMP)."""
+
+    name = "qemu"
+    snapshot_files = ("snapshot.bin",)
+    #: A tap in the cell's netns (``-netdev tap,fd=``): see cellos.network.guest_link.
+    supports_egress = True
+
+    def _boot(
+        self,
+        manifest: Manifest,
+        workload: HostCommand,
+        artifacts: list[str],
+        accel: str,
+        work: str,
+        limits: object,
+        on_spawn: Callable[[int], None] | None = None,
+        *,
+        hostname: str | None = None,
+        workdir: str | None = None,
+        secret_files: Mapping[str, bytes] | None = None,
+        secret_lease: int | None = None,
+        link: GuestLink | None = None,
+    ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
+        assert self.image_dir is not None  # load_image ran first
+        params, shape = self.request_of(
+            workload, artifacts, limits, hostname, workdir, secret_files, secret_lease, link
+        )
+        append = kernel_append(params)
+        sender = SecretSender(secret_files) if secret_files else None
+        command = qemu_command(
+            manifest.vmm.path,
+            self.image_dir,
+            append,
+            accel,
+            manifest.kernel.path,
+            manifest.initrd.path,
+            memory_mib=shape.memory_mib,
+            vcpus=shape.vcpus,
+            tap_fd=link.fd if link is not None else None,
+            mac=link.mac if link is not None else None,
+        )
+        # The guest channel is decoded as it arrives: the workload's output is live.
+        guest = GuestChannel(workload.output, on_ready=sender.send if sender else None)
+        # The VMM needs no environment (the workload's travels on the command line).
+        vmm = HostCommand(
+            command,
+            {},
+            workload.deadline_seconds,
+            workload.graceful_shutdown_seconds,
+            workload.stop,
+            output=guest,
+        )
+        try:
+            raw = run_host_command(
+                vmm,
+                SpawnOptions(
+                    cwd=work,
+                    on_spawn=on_spawn,
+                    die_with_parent=True,
+                    on_stdin=sender.take if sender else None,
+                    pass_fds=(link.fd,) if link is not None else (),
+                ),
+            )
+        finally:
+            if sender is not None:
+                sender.close()
+        if raw.spawn_error:
+            return raw, {}
+        return self._result(
+            guest,
+            raw.duration_ms,
+            raw.forced,
+            raw.reason,
+            f"VMM status {raw.exit_code}",
+            truncated=raw.truncated,
+        )
+
+    def pool_start(
+        self, shape: Shape, guest_dir: str, *, restore: str | None, snapshottable: bool
+    ) -> tuple[subprocess.Popen[bytes], socket.socket | None]:
+        """PoolVmm: QEMU with its serial port on ``qemu.sock``; restored by an incoming
+        migration from the snapshot file, or with a QMP socket to make one."""
+        assert self.pool_manifest is not None and self.image_dir is not None
+        manifest, accel = self.pool_manifest
+        command = qemu_command(
+            manifest.vmm.path,
+            self.image_dir,
+            POOL_APPEND,
+            accel,
+            manifest.kernel.path,
+            manifest.initrd.path,
+            memory_mib=shape.memory_mib,
+            vcpus=shape.vcpus,
+            channel_socket="qemu.sock",  # relative to the guest's directory (its cwd)
+        )
+        if restore is not None:
+            snap = os.path.join(restore, self.snapshot_files[0])
+            command += ["-incoming", f"exec:/bin/cat {shlex.quote(snap)}"]
+        if snapshottable:
+            command += ["-qmp", "unix:qmp.sock,server=on,wait=off"]
+        return start_vmm(command, guest_dir), None
+
+    def pool_snapshot(self, guest_dir: str, deadline: float) -> None:
+        """Migrate the idle guest to ``snapshot.bin`` while it runs (an idle guest converges
+        at once): a guest paused first would be restored paused."""
+        with Qmp(os.path.join(guest_dir, "qmp.sock"), deadline) as qmp:
+            qmp.call("migrate", {"uri": f"exec:/bin/cat > {self.snapshot_files[0]}"})
+            while True:
+                status = qmp.call("query-migrate").get("status")
+                if status == "completed":
+                    return
+                if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                    raise HostError("microvm pool snapshot", f"migration {status}")
+                time.sleep(0.05)
 
 
 class SecretSender:

@@ -31,7 +31,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal, NamedTuple
@@ -39,6 +39,7 @@ from urllib.parse import quote
 
 from cellos.core.errors import HostError
 from cellos.core.spec import CpuMax, Limits
+from cellos.hosts.microvm.unixsock import connect_unix
 
 #: Environment variable naming the firecracker binary (takes precedence over ``PATH``).
 FIRECRACKER_ENV: Final = "CELLOS_FIRECRACKER"
@@ -157,6 +158,31 @@ def send_ctrl_alt_del() -> ApiRequest:
     return action("SendCtrlAltDel")
 
 
+def vm_state(state: Literal["Paused", "Resumed"]) -> ApiRequest:
+    """``PATCH /vm``: pause a running guest (before a snapshot) or resume it."""
+    if state not in ("Paused", "Resumed"):
+        raise HostError("state", f"must be Paused or Resumed, got {state!r}")
+    return ApiRequest("PATCH", "/vm", {"state": state})
+
+
+def snapshot_create(snapshot_path: str, mem_file_path: str) -> ApiRequest:
+    """``PUT /snapshot/create``: a full snapshot of a paused guest, its device state in
+    ``snapshot_path`` and its memory in ``mem_file_path``."""
+    body = {"snapshot_path": snapshot_path, "mem_file_path": mem_file_path, "snapshot_type": "Full"}
+    return ApiRequest("PUT", "/snapshot/create", body)
+
+
+def snapshot_load(snapshot_path: str, mem_file_path: str) -> ApiRequest:
+    """``PUT /snapshot/load`` into a fresh firecracker process, resumed at once. The memory
+    file is mapped privately: every guest restored from it shares the file, none writes it."""
+    body = {
+        "snapshot_path": snapshot_path,
+        "mem_backend": {"backend_type": "File", "backend_path": mem_file_path},
+        "resume_vm": True,
+    }
+    return ApiRequest("PUT", "/snapshot/load", body)
+
+
 def _check_device_id(field: str, value: str) -> None:
     if not _DEVICE_ID_RE.fullmatch(value):
         raise HostError(field, f"{value!r} must be 1-64 ASCII letters, digits or underscores")
@@ -213,7 +239,7 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout)
-            sock.connect(self.socket_path)
+            connect_unix(sock, self.socket_path)
         except OSError:
             sock.close()
             raise
@@ -359,6 +385,23 @@ class DriveSpec:
     is_read_only: bool = True
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How the VMM process is started (defaults: as :meth:`FirecrackerDriver.boot` always did).
+
+    ``serial``: a file descriptor (one end of a socket pair) that becomes the VMM's stdin and
+    stdout, i.e. the guest's serial port; ``cwd``: the VMM's working directory (relative API
+    socket and snapshot paths resolve there, and a reaper recognises the VMM by it);
+    ``preexec_fn``: e.g. ``PR_SET_PDEATHSIG`` so that the VMM dies with its owner."""
+
+    serial: int | None = None
+    stderr: int | None = None
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+    preexec_fn: Callable[[], None] | None = None
+    extra_args: tuple[str, ...] = ()
+
+
 class FirecrackerDriver:
     """Launches one Firecracker microVM and tears it down without residue.
 
@@ -404,17 +447,17 @@ class FirecrackerDriver:
         vsock_uds: str | None = None,
         jailer: JailerConfig | None = None,
         console_log: str | None = None,
+        launch: Launch | None = None,
     ) -> FirecrackerClient:
         """Start firecracker, configure the VM in spec order and start the instance.
 
         The order is machine-config, boot-source, drives, vsock, then ``InstanceStart``: all but
         the last are pre-boot only. With ``jailer`` set, ``api_socket`` and every guest path are
         paths inside the jail (see :class:`JailerConfig`). Guest console output and the VMM log
-        go to ``console_log`` (or are discarded). Returns the client for further calls; on any
-        failure the VMM is killed and its socket removed before the error propagates.
+        go to ``console_log`` (or are discarded), unless ``launch`` gives the serial port a
+        socket. Returns the client for further calls; on any failure the VMM is killed and its
+        socket removed before the error propagates.
         """
-        if self.process is not None:
-            raise HostError("firecracker", "this driver has already booted a VM")
         # Build every request first: a bad argument then fails before a process exists.
         requests = [machine_config(vcpus, mem_mib), boot_source(kernel, boot_args, initrd)]
         for d in drives:
@@ -430,8 +473,37 @@ class FirecrackerDriver:
             raise HostError("vsock", "vsock_cid and vsock_uds go together")
         if vsock_cid is not None and vsock_uds is not None:
             requests.append(vsock(vsock_cid, vsock_uds))
+        requests.append(instance_start())
+        return self._run(
+            requests, api_socket, jailer=jailer, console_log=console_log, launch=launch,
+            vsock_uds=vsock_uds,
+        )  # fmt: skip
 
+    def restore(
+        self, snapshot_path: str, mem_file_path: str, api_socket: str, *, launch: Launch
+    ) -> FirecrackerClient:
+        """Start a fresh firecracker and load a snapshot into it, resumed (``PUT
+        /snapshot/load``: nothing is configured before it, as the API requires)."""
+        return self._run([snapshot_load(snapshot_path, mem_file_path)], api_socket, launch=launch)
+
+    def _run(
+        self,
+        requests: list[ApiRequest],
+        api_socket: str,
+        *,
+        jailer: JailerConfig | None = None,
+        console_log: str | None = None,
+        launch: Launch | None = None,
+        vsock_uds: str | None = None,
+    ) -> FirecrackerClient:
+        """Start the VMM, wait for its API and send ``requests`` in order."""
+        if self.process is not None:
+            raise HostError("firecracker", "this driver has already booted a VM")
+        launch = launch or Launch()
         argv, host_socket, host_root = self._argv(api_socket, jailer)
+        argv += launch.extra_args
+        if launch.cwd is not None and not host_socket.is_absolute():
+            host_socket = Path(launch.cwd) / host_socket
         if host_socket.exists() or host_socket.is_symlink():
             # Firecracker refuses an existing socket path, and it may belong to a live VM:
             # never unlink what this driver did not create.
@@ -448,24 +520,28 @@ class FirecrackerDriver:
         # Guest console and VMM log share one file; an unread pipe could fill and stall the VMM.
         self._log = open(console_log, "ab") if console_log else None  # noqa: SIM115
         output: BinaryIO | int = self._log if self._log is not None else subprocess.DEVNULL
+        # The serial port is the VMM's stdin/stdout: a socket when the caller talks to the
+        # guest (the CellOS guest channel), else nothing (a tty would be switched to raw mode).
+        serial_in: BinaryIO | int = subprocess.DEVNULL if launch.serial is None else launch.serial
+        serial_out = output if launch.serial is None else launch.serial
         try:
             self.process = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,  # a tty on stdin would be switched to raw mode
-                stdout=output,
-                stderr=output,
+                stdin=serial_in,
+                stdout=serial_out,
+                stderr=output if launch.stderr is None else launch.stderr,
+                cwd=launch.cwd,
+                env=launch.env,
                 # Own session: a Ctrl-C aimed at CellOS must not reach the guest VMM directly;
                 # CellOS decides how the VM stops.
                 start_new_session=True,
+                preexec_fn=launch.preexec_fn,
             )
             client = FirecrackerClient(host_socket)
             self._wait_for_socket(host_socket)
             for req in requests:
                 client.send(req)
                 self.sent.append(req)
-            start = instance_start()
-            client.send(start)
-            self.sent.append(start)
         except BaseException:
             self.cleanup()
             raise
@@ -497,7 +573,7 @@ class FirecrackerDriver:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                     probe.settimeout(0.5)
                     try:
-                        probe.connect(os.fspath(path))
+                        connect_unix(probe, os.fspath(path))
                         return
                     except OSError:
                         pass

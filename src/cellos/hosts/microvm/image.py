@@ -10,7 +10,10 @@ Output (in ``out_dir``):
   gzip mtime 0): ``/init`` (``guest/init.c`` compiled ``gcc -static -Os``), ``/bin/busybox``
   from ``busybox-static`` plus applet symlinks, the mount-point directories and the
   ``/dev/console`` (5,1) and ``/dev/null`` (1,3) nodes the kernel wants before devtmpfs.
-* ``manifest.json`` - sha256 of kernel, initrd and the VMM binary (see ``manifest.py``).
+* ``vmlinux`` - with ``elf_kernel`` (an image for Firecracker, which boots only an ELF kernel on
+  x86_64): the uncompressed kernel taken out of ``vmlinuz`` (``vmlinux.py``).
+* ``manifest.json`` - sha256 of kernel, initrd and the VMM binary (and ``vmlinux``; see
+  ``manifest.py``).
 
 Two builds against the same apt state and toolchain are byte-identical. Every ``.deb`` is
 checked against the SHA256 recorded in apt's (signed) package index before it is unpacked.
@@ -37,6 +40,7 @@ BUSYBOX = "busybox-static"
 INIT_SOURCE = Path(__file__).with_name("guest") / "init.c"
 KERNEL_NAME = "vmlinuz"
 INITRD_NAME = "initrd.cpio.gz"
+VMLINUX_NAME = "vmlinux"
 MANIFEST_NAME = "manifest.json"
 
 #: busybox applets linked into /bin (enough for shell one-liners in workloads and tests).
@@ -241,8 +245,9 @@ def _write(path: Path, data: bytes) -> None:
         raise HostError(str(path), f"cannot write the image file: {exc.strerror}") from exc
 
 
-def build_image(out_dir: str, *, vmm: str) -> Manifest:
-    """Build ``vmlinuz``, ``initrd.cpio.gz`` and ``manifest.json`` into ``out_dir``.
+def build_image(out_dir: str, *, vmm: str, elf_kernel: bool = False) -> Manifest:
+    """Build ``vmlinuz``, ``initrd.cpio.gz`` and ``manifest.json`` into ``out_dir`` (and
+    ``vmlinux`` with ``elf_kernel``, for Firecracker).
 
     ``vmm`` is the VMM binary (a path or a name looked up on PATH); its absolute, resolved path
     and sha256 go into the manifest so the backend can verify it before every boot.
@@ -255,14 +260,14 @@ def build_image(out_dir: str, *, vmm: str) -> Manifest:
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        return _build(out, vmm_path)
+        return _build(out, vmm_path, elf_kernel)
     except OSError as exc:  # e.g. ENOSPC while unpacking the packages
         raise HostError(
             str(exc.filename or out), f"building the image failed: {exc.strerror}"
         ) from exc
 
 
-def _build(out: Path, vmm_path: str) -> Manifest:
+def _build(out: Path, vmm_path: str, elf_kernel: bool) -> Manifest:
     with tempfile.TemporaryDirectory(prefix="cellos-image-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)  # noqa: S103 - lets apt's unprivileged _apt user write the download
@@ -281,11 +286,21 @@ def _build(out: Path, vmm_path: str) -> Manifest:
         init = compile_init(build)
         _write(out / KERNEL_NAME, kernels[0].read_bytes())
         _write(out / INITRD_NAME, _initrd(init, busybox.read_bytes(), _net_modules(kroot)))
+    vmlinux = None
+    if elf_kernel:
+        from cellos.hosts.microvm.vmlinux import extract_vmlinux
+
+        _write(
+            out / VMLINUX_NAME,
+            extract_vmlinux((out / KERNEL_NAME).read_bytes(), str(out / KERNEL_NAME)),
+        )
+        vmlinux = Artifact(VMLINUX_NAME, sha256_file(out / VMLINUX_NAME))
     manifest = Manifest(
         kernel=Artifact(KERNEL_NAME, sha256_file(out / KERNEL_NAME)),
         initrd=Artifact(INITRD_NAME, sha256_file(out / INITRD_NAME)),
         vmm=Artifact(vmm_path, sha256_file(vmm_path)),
         source={"kernelPackage": kernel_src, "busyboxPackage": busybox_src},
+        vmlinux=vmlinux,
     )
     _write(out / MANIFEST_NAME, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
     return manifest

@@ -6,6 +6,7 @@
      "kernel": {"path": "vmlinuz", "sha256": "<hex>"},
      "initrd": {"path": "initrd.cpio.gz", "sha256": "<hex>"},
      "vmm": {"path": "/usr/bin/qemu-system-x86_64", "sha256": "<hex>"},
+     "vmlinux": {"path": "vmlinux", "sha256": "<hex>"},   (a Firecracker image only)
      "source": {"kernelPackage": "<name>=<version>", "busyboxPackage": "<name>=<version>"}}
 
 Kernel and initrd paths are relative to the image directory (no ``..``, no absolute path); the
@@ -55,15 +56,21 @@ class Manifest:
     vmm: Artifact
     source: dict[str, str] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
+    #: The kernel as an uncompressed ELF (Firecracker boots nothing else on x86_64); only in
+    #: images built for Firecracker (``cellos microvm build-image --firecracker``).
+    vmlinux: Artifact | None = None
+
+    def roles(self) -> list[tuple[str, Artifact]]:
+        """Every file the manifest pins, by role (what ``verify`` checks before a boot)."""
+        found = [("kernel", self.kernel), ("initrd", self.initrd), ("vmm", self.vmm)]
+        return found + ([("vmlinux", self.vmlinux)] if self.vmlinux is not None else [])
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "version": self.version,
-            "kernel": {"path": self.kernel.path, "sha256": self.kernel.sha256},
-            "initrd": {"path": self.initrd.path, "sha256": self.initrd.sha256},
-            "vmm": {"path": self.vmm.path, "sha256": self.vmm.sha256},
-            "source": dict(sorted(self.source.items())),
-        }
+        doc: dict[str, object] = {"version": self.version}
+        for role, art in self.roles():
+            doc[role] = {"path": art.path, "sha256": art.sha256}
+        doc["source"] = dict(sorted(self.source.items()))
+        return doc
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -131,6 +138,7 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
         initrd=_artifact(doc, "initrd", where, absolute=False),
         vmm=_artifact(doc, "vmm", where, absolute=True),
         source=dict(source),
+        vmlinux=_artifact(doc, "vmlinux", where, absolute=False) if "vmlinux" in doc else None,
     )
 
 
@@ -139,19 +147,16 @@ def verify(
     image_dir: str | os.PathLike[str],
     known: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Recompute kernel, initrd and VMM digests (``known``: ``{path: sha256}`` the caller has
-    just computed of the same file, e.g. the VMM digest that chose the cached image).
+    """Recompute kernel, initrd, VMM (and vmlinux) digests (``known``: ``{path: sha256}`` the
+    caller has just computed of the same file, e.g. the VMM digest that chose the cached image).
 
-    Returns ``{"kernel": hex, "initrd": hex, "vmm": hex}``; raises ManifestMismatch naming the
-    file whose digest differs (and HostError when one cannot be read).
+    Returns ``{"kernel": hex, "initrd": hex, "vmm": hex}`` (and ``"vmlinux"``); raises
+    ManifestMismatch naming the file whose digest differs (and HostError when one cannot be
+    read).
     """
     base = Path(image_dir)
     found: dict[str, str] = {}
-    for role, art in (
-        ("kernel", manifest.kernel),
-        ("initrd", manifest.initrd),
-        ("vmm", manifest.vmm),
-    ):
+    for role, art in manifest.roles():
         file = art.path if role == "vmm" else str(base / art.path)
         actual = (known or {}).get(file) or sha256_file(file)
         if actual != art.sha256:

@@ -1,7 +1,11 @@
 """A warm pool of booted, idle, single-use microVM guests (``cellos microvm pool``).
 
 A pool guest is booted with ``cellos.pool=1`` on its kernel command line and its serial port
-on a Unix-socket chardev (``qemu.sock`` in the guest's directory) instead of stdio: its init
+where the host can reach it after the boot: under QEMU a Unix-socket chardev (``qemu.sock`` in
+the guest's directory); under Firecracker, whose serial port is the VMM's stdin/stdout, one end
+of a socket pair that the manager keeps and hands (``SCM_RIGHTS``) to the supervisor that
+connects to ``channel.sock`` after claiming the guest. The VMM specifics (its command, its
+API, how a snapshot is made and restored) are the backend's :class:`PoolVmm`. Its init
 mounts everything, sets up the cgroup hierarchy, sends ``CELLOS:IDLE`` and then waits for the
 request as one line on that channel (the kernel command line's ``cellos.argv=... cellos.env=...``
 syntax, see ``guest/init.c``). Nothing of a cell is on its kernel command line.
@@ -16,12 +20,15 @@ One pool per state root, in the cell-state store (``$CELLOS_STATE_DIR/microvm-po
     guests/<id>/pid.json     the VMM (pid, start time; a child of the manager: it dies with
                              it, PDEATHSIG)
     guests/<id>/qemu.sock    the guest's channel (QEMU listens)
+    guests/<id>/channel.sock Firecracker: where the manager hands the channel to the claimer
+    guests/<id>/fc.sock      Firecracker's API socket
     guests/<id>/ready        written once the guest said CELLOS:IDLE (or, restored from the
                              snapshot, answered a ping): readyMs, from (boot | snapshot)
-    snapshot/                with ``--snapshot``: snapshot.bin (an idle guest migrated to a
-                             file) and snapshot.json (its sha256, and the image digests,
-                             accelerator and shape it was made from), verified before every
-                             restore
+    snapshot/                with ``--snapshot``: the snapshot's files (QEMU: snapshot.bin, an
+                             idle guest migrated to a file; Firecracker: snapshot.vmstate and
+                             snapshot.mem) and snapshot.json (their sha256, and the image
+                             digests, accelerator and shape it was made from), verified before
+                             every restore
     guests/<id>/claim.lock   flock held by the supervisor whose cell uses the guest
     guests/<id>/claimed      created with O_EXCL by that supervisor (the atomic claim: one
                              winner, ever; a guest is never handed out twice)
@@ -43,7 +50,6 @@ import fcntl
 import json
 import os
 import select
-import shlex
 import signal
 import socket
 import subprocess
@@ -52,11 +58,12 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from cellos.core.errors import CellosError, HostError, InvalidSpec
 from cellos.core.log import get_logger
 from cellos.hosts.microvm.manifest import ManifestMismatch, sha256_file
+from cellos.hosts.microvm.unixsock import bind_unix, connect_unix
 from cellos.hosts.state import process_start, read_owner, rmtree
 
 log = get_logger(__name__)
@@ -73,12 +80,43 @@ RETRY_SECONDS = 5.0
 #: How long a claimed guest has to answer the host's ping (a loaded TCG host is slow).
 PING_TIMEOUT_SECONDS = 3.0
 SOCKET = "qemu.sock"
+#: Where a manager hands a Firecracker guest's channel (its serial socket pair) to the claimer.
+HANDOFF = "channel.sock"
+#: ``channel`` of a VMM whose serial port is its stdin/stdout (the manager holds the host end).
+STDIO = "stdio"
 
 
 @dataclass(frozen=True)
 class Shape:
     memory_mib: int
     vcpus: int
+
+
+class PoolVmm(Protocol):
+    """What the manager needs of a VMM (the backend of ``qemu`` or ``firecracker``)."""
+
+    #: "listen": the VMM listens on the guest's ``qemu.sock``; ``STDIO``: the serial port is
+    #: the VMM's stdin/stdout, whose host end ``pool_start`` returns.
+    pool_channel: str
+    #: The files of a snapshot, in the snapshot directory.
+    snapshot_files: tuple[str, ...]
+
+    def pool_prepare(self, shape: Shape) -> dict[str, Any]:
+        """Verify the image's manifest (before every boot); the fields a guest's record carries
+        (accel, image, digests): what a supervisor checks before using it."""
+        ...
+
+    def pool_start(
+        self, shape: Shape, guest_dir: str, *, restore: str | None, snapshottable: bool
+    ) -> tuple[subprocess.Popen[bytes], socket.socket | None]:
+        """Start a pool guest's VMM in ``guest_dir`` (its cwd) with :func:`start_vmm`: booted,
+        or restored from the snapshot in the directory ``restore``; ``snapshottable``: it will
+        be snapshotted. Returns the VMM and the host end of its channel (``STDIO`` only)."""
+        ...
+
+    def pool_snapshot(self, guest_dir: str, deadline: float) -> None:
+        """Write the snapshot files of the idle guest running in ``guest_dir`` there."""
+        ...
 
 
 def pool_root(state_root: str) -> str:
@@ -163,20 +201,29 @@ class _Guest:
     #: "boot" (a cold boot to IDLE) or "snapshot" (restored from the pool's snapshot).
     source: str = "boot"
     next_ping: float = 0.0
+    #: ``STDIO`` channels: the host end of the serial socket pair, kept until a claimer
+    #: takes it from ``listener`` (``channel.sock``).
+    end: socket.socket | None = None
+    listener: socket.socket | None = None
+
+    def close_channel(self) -> None:
+        for sock in (self.sock, self.end, self.listener):
+            if sock is not None:
+                sock.close()
+        self.sock = self.end = self.listener = None
 
 
 class PoolManager:
     """Keeps ``size`` single-use guests of one shape booted and idle (``cellos microvm pool``).
 
-    ``boot`` returns the VMM command of one pool guest (the manifest verified first) and the
-    record fields that go with it (accel, image, digests)."""
+    ``vmm`` verifies the image and starts (or restores) one pool guest (:class:`PoolVmm`)."""
 
     def __init__(
         self,
         state_root: str,
         size: int,
         shape: Shape,
-        boot: Callable[[Shape, str], tuple[list[str], dict[str, Any]]],
+        vmm: PoolVmm,
         *,
         max_age: float = DEFAULT_MAX_AGE_SECONDS,
         boot_timeout: float = BOOT_TIMEOUT_SECONDS,
@@ -189,7 +236,7 @@ class PoolManager:
         self.root = pool_root(state_root)
         self.size = size
         self.shape = shape
-        self.boot = boot
+        self.vmm = vmm
         self.max_age = max_age
         self.boot_timeout = boot_timeout
         self.guests: dict[str, _Guest] = {}
@@ -247,14 +294,13 @@ class PoolManager:
         path = os.path.join(_guests(self.root), gid)
         os.mkdir(path, 0o700)
         try:
-            command, fields = self.boot(self.shape, path)
+            fields = self.vmm.pool_prepare(self.shape)
             if self.settings.get("digests") != fields.get("digests"):
                 self._publish(fields)
-            source = "boot"
+            source, restore = "boot", None
             if self.snapshot:
-                snap = self._snapshot_for(command, fields)
-                command = [*command, "-incoming", f"exec:/bin/cat {shlex.quote(snap)}"]
-                fields = {**fields, "snapshotSha256": self.snapshot_meta["sha256"]}
+                restore = self._snapshot_for(fields)
+                fields = {**fields, "snapshot": self.snapshot_meta["files"]}
                 source = "snapshot"
             record = {
                 "guestId": gid,
@@ -265,42 +311,21 @@ class PoolManager:
                 **fields,
             }
             _write_json(os.path.join(path, "record.json"), record)  # before the VMM exists
-            proc = self._start_vmm(command, path)
+            proc, end = self.vmm.pool_start(self.shape, path, restore=restore, snapshottable=False)
         except BaseException:
             rmtree(path)
             raise
         _write_json(
             os.path.join(path, "pid.json"), {"pid": proc.pid, "start": process_start(proc.pid)}
         )
-        self.guests[gid] = _Guest(gid, path, proc, begun, time.time(), source=source)
-
-    @staticmethod
-    def _start_vmm(command: list[str], path: str) -> subprocess.Popen[bytes]:
-        log_fd = os.open(
-            os.path.join(path, "vmm.log"),
-            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-            0o600,
-        )
-        try:
-            return subprocess.Popen(
-                command,
-                cwd=path,
-                env={},
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log_fd,
-                close_fds=True,
-                start_new_session=True,
-                preexec_fn=_die_with_manager(),
-            )
-        finally:
-            os.close(log_fd)
+        self.guests[gid] = _Guest(gid, path, proc, begun, time.time(), source=source, end=end)
 
     # -- snapshots -----------------------------------------------------------------------------
 
-    def _snapshot_for(self, command: list[str], fields: Mapping[str, Any]) -> str:
-        """The snapshot of an idle guest of this image, shape and accelerator (made when
-        missing or stale), its digest verified against its manifest before every restore."""
+    def _snapshot_for(self, fields: Mapping[str, Any]) -> str:
+        """The directory of the snapshot of an idle guest of this image, shape and
+        accelerator (made when missing or stale), its files' digests verified against its
+        manifest before every restore."""
         sdir = os.path.join(self.root, "snapshot")
         meta = _read_json(os.path.join(sdir, "snapshot.json"))
         wanted = {
@@ -311,57 +336,52 @@ class PoolManager:
             "vcpus": self.shape.vcpus,
         }
         if meta is None or any(meta.get(k) != v for k, v in wanted.items()):
-            meta = self._make_snapshot(command, wanted)
-        path = os.path.join(sdir, "snapshot.bin")
-        actual = sha256_file(path)
-        if actual != meta.get("sha256"):
-            raise ManifestMismatch(
-                path,
-                str(meta.get("sha256")),
-                actual,
-                "; the pool's snapshot was changed after it was made and is not remade "
-                "automatically (restart the pool: cellos microvm pool stop, then start it)",
-            )
+            meta = self._make_snapshot(wanted)
+        recorded = meta.get("files")
+        files: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+        for name in self.vmm.snapshot_files:
+            path = os.path.join(sdir, name)
+            actual = sha256_file(path)
+            if actual != files.get(name):
+                raise ManifestMismatch(
+                    path,
+                    str(files.get(name)),
+                    actual,
+                    "; the pool's snapshot was changed after it was made and is not remade "
+                    "automatically (restart the pool: cellos microvm pool stop, then start it)",
+                )
         self.snapshot_meta = meta
-        return path
+        return sdir
 
-    def _make_snapshot(self, command: list[str], wanted: Mapping[str, Any]) -> dict[str, Any]:
-        """Boot a guest to IDLE, pause it, migrate it to a file (QMP), kill it."""
+    def _make_snapshot(self, wanted: Mapping[str, Any]) -> dict[str, Any]:
+        """Boot a guest to IDLE, have the VMM write its snapshot, kill it."""
         build = os.path.join(self.root, "snapshot-build")
         rmtree(build)
         os.mkdir(build, 0o700)
         started = time.monotonic()
-        proc = self._start_vmm([*command, "-qmp", "unix:qmp.sock,server=on,wait=off"], build)
+        proc, end = self.vmm.pool_start(self.shape, build, restore=None, snapshottable=True)
         try:
             deadline = time.monotonic() + self.boot_timeout
-            _wait_line(build, b"CELLOS:IDLE", deadline, proc)
-            with _Qmp(os.path.join(build, "qmp.sock"), deadline) as qmp:
-                # Migrated while running (an idle guest converges at once): a guest paused
-                # first would be restored paused.
-                qmp.call("migrate", {"uri": "exec:/bin/cat > snapshot.tmp"})
-                while True:
-                    status = qmp.call("query-migrate").get("status")
-                    if status == "completed":
-                        break
-                    if status in ("failed", "cancelled") or time.monotonic() > deadline:
-                        raise HostError("microvm pool snapshot", f"migration {status}")
-                    time.sleep(0.05)
+            _wait_line(build, end, b"CELLOS:IDLE", deadline, proc)
+            self.vmm.pool_snapshot(build, deadline)
         except OSError as exc:
-            raise HostError("microvm pool snapshot", f"QMP: {exc}") from None
+            raise HostError("microvm pool snapshot", f"{exc}") from None
         finally:
             proc.kill()
             proc.wait()
-        tmp = os.path.join(build, "snapshot.tmp")
+            if end is not None:
+                end.close()
         meta = {
             **wanted,
-            "sha256": sha256_file(tmp),
-            "sizeBytes": os.path.getsize(tmp),
+            "files": {n: sha256_file(os.path.join(build, n)) for n in self.vmm.snapshot_files},
+            "sizeBytes": sum(
+                os.path.getsize(os.path.join(build, n)) for n in self.vmm.snapshot_files
+            ),
             "created": time.time(),
             "madeInMs": round((time.monotonic() - started) * 1000),
         }
-        os.rename(tmp, os.path.join(build, "snapshot.bin"))
-        for extra in ("qmp.sock", SOCKET, "vmm.log"):
-            with contextlib.suppress(FileNotFoundError):
+        for extra in os.listdir(build):  # sockets, the VMM's log: only the snapshot stays
+            if extra not in self.vmm.snapshot_files:
                 os.unlink(os.path.join(build, extra))
         _write_json(os.path.join(build, "snapshot.json"), meta)
         sdir = os.path.join(self.root, "snapshot")
@@ -373,6 +393,9 @@ class PoolManager:
     def _watch_boot(self, guest: _Guest) -> None:
         """Connect to a booting guest's channel and wait (without blocking) for IDLE (a
         restored guest was idle when its snapshot was made: it must answer a ping)."""
+        if guest.sock is None and guest.end is not None:
+            guest.sock, guest.end = guest.end, None
+            guest.sock.setblocking(False)
         if guest.sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
@@ -403,14 +426,37 @@ class PoolManager:
             return
         guest.seen = (guest.seen + data)[-4096:]
         if b"CELLOS:IDLE" in guest.seen or b"CELLOS:PONG" in guest.seen:
-            guest.sock.close()
-            guest.sock = None
+            if self.vmm.pool_channel == STDIO:
+                # Kept for the claimer, who takes it from channel.sock (_hand_over).
+                guest.end, guest.sock = guest.sock, None
+                guest.end.setblocking(True)
+                guest.listener = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+                )
+                bind_unix(guest.listener, os.path.join(guest.path, HANDOFF))
+                guest.listener.listen(1)
+            else:
+                guest.sock.close()
+                guest.sock = None
             guest.ready = True
             ready_ms = round(self._age(guest) * 1000)
             _write_json(
                 os.path.join(guest.path, "ready"), {"readyMs": ready_ms, "from": guest.source}
             )
             log.info("pool guest %s ready in %d ms (%s)", guest.gid, ready_ms, guest.source)
+
+    @staticmethod
+    def _hand_over(guest: _Guest) -> None:
+        """Give the claimer (connected to channel.sock) the guest's channel, and let go of
+        it: from now on only the claimer talks to that guest."""
+        assert guest.listener is not None and guest.end is not None
+        try:
+            conn, _ = guest.listener.accept()
+        except OSError:
+            return
+        with conn, contextlib.suppress(OSError):
+            socket.send_fds(conn, [b"C"], [guest.end.fileno()])
+        guest.close_channel()
 
     def _age(self, guest: _Guest) -> float:
         return time.monotonic() - guest.started
@@ -430,13 +476,12 @@ class PoolManager:
                 if not guest.ready and not claimed:
                     # It never became idle (QEMU refused its command line, the guest
                     # crashed): say why and wait before the next boot, never spin.
-                    why = _tail(os.path.join(guest.path, "vmm.log"))
+                    why = log_tail(os.path.join(guest.path, "vmm.log"))
                     self._failed(
                         f"{guest.path}: the VMM exited with status {guest.proc.returncode} "
                         f"before the guest was idle{': ' + why if why else ''}"
                     )
-                if guest.sock is not None:
-                    guest.sock.close()
+                guest.close_channel()
                 _remove_guest(guest.path)
                 del self.guests[gid]
                 continue
@@ -465,14 +510,20 @@ class PoolManager:
                 # guests already booted (verified before their boot) are still handed out.
                 self._failed(f"{exc.path}: {exc.reason}")
         booting: dict[int, _Guest] = {}
+        handing: dict[int, _Guest] = {}
         for guest in self.guests.values():
             if not guest.ready:
                 self._watch_boot(guest)
                 if guest.sock is not None:
                     booting[guest.sock.fileno()] = guest
-        readable, _, _ = select.select(list(booting), [], [], wait)
+            elif guest.listener is not None:
+                handing[guest.listener.fileno()] = guest
+        readable, _, _ = select.select([*booting, *handing], [], [], wait)
         for fd in readable:
-            self._read_boot(booting[fd])
+            if fd in booting:
+                self._read_boot(booting[fd])
+            else:
+                self._hand_over(handing[fd])
 
     def _failed(self, why: str) -> None:
         """No guest could be made ready: published for ``pool status`` / doctor, and the next
@@ -515,8 +566,7 @@ class PoolManager:
         for guest in self.guests.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 guest.proc.wait(timeout=10)
-            if guest.sock is not None:
-                guest.sock.close()
+            guest.close_channel()
             _remove_guest(guest.path)
         self.guests.clear()
         if self.lock_fd is not None:
@@ -533,7 +583,7 @@ class PoolManager:
             self.lock_fd = None
 
 
-def _tail(path: str, limit: int = 300) -> str:
+def log_tail(path: str, limit: int = 300) -> str:
     """The last line(s) of a log, printable and bounded."""
     try:
         with open(path, "rb") as fh:
@@ -545,12 +595,17 @@ def _tail(path: str, limit: int = 300) -> str:
 
 
 def _wait_line(
-    directory: str, marker: bytes, deadline: float, proc: subprocess.Popen[bytes]
+    directory: str,
+    end: socket.socket | None,
+    marker: bytes,
+    deadline: float,
+    proc: subprocess.Popen[bytes],
 ) -> None:
-    """Connect to a guest's channel and read until ``marker`` (HostError at the deadline)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    """Read a guest's channel (``end``, or QEMU's socket in ``directory``) until ``marker``
+    (HostError at the deadline). ``end`` is left open (its owner closes it)."""
+    sock = end or socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        while True:
+        while end is None:
             try:
                 _connect(sock, directory)
                 break
@@ -569,10 +624,39 @@ def _wait_line(
                 raise HostError("microvm pool snapshot", "the guest's channel closed")
             seen = (seen + data)[-4096:]
     finally:
-        sock.close()
+        if end is None:
+            sock.close()
 
 
-class _Qmp:
+def start_vmm(
+    command: list[str], path: str, *, serial: socket.socket | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a pool guest's VMM in its directory: no environment, its stderr in ``vmm.log``,
+    killed when the manager dies; ``serial`` becomes its stdin/stdout (Firecracker's serial
+    port), else they are /dev/null."""
+    log_fd = os.open(
+        os.path.join(path, "vmm.log"),
+        os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+        0o600,
+    )
+    stdio: int = subprocess.DEVNULL if serial is None else serial.fileno()
+    try:
+        return subprocess.Popen(
+            command,
+            cwd=path,
+            env={},
+            stdin=stdio,
+            stdout=stdio,
+            stderr=log_fd,
+            close_fds=True,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
+    finally:
+        os.close(log_fd)
+
+
+class Qmp:
     """A minimal QMP client (one command at a time) on QEMU's unix socket."""
 
     def __init__(self, path: str, deadline: float) -> None:
@@ -583,7 +667,7 @@ class _Qmp:
         self._message()  # the greeting
         self.call("qmp_capabilities")
 
-    def __enter__(self) -> _Qmp:
+    def __enter__(self) -> Qmp:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -613,7 +697,7 @@ class _Qmp:
                 return result if isinstance(result, dict) else {}
 
 
-def _die_with_manager() -> Callable[[], None]:
+def die_with_parent() -> Callable[[], None]:
     import ctypes
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -628,17 +712,8 @@ def _die_with_manager() -> Callable[[], None]:
 
 
 def _connect(sock: socket.socket, guest_dir: str) -> None:
-    """Connect to a guest's channel. Unix socket paths are limited to 108 bytes and the
-    guest's directory may be longer: then through ``/proc/self/fd`` of the directory."""
-    path = os.path.join(guest_dir, SOCKET)
-    if len(path) < 100:
-        sock.connect(path)
-        return
-    fd = os.open(guest_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        sock.connect(f"/proc/self/fd/{fd}/{SOCKET}")
-    finally:
-        os.close(fd)
+    """Connect to the socket QEMU listens on for a guest's channel."""
+    connect_unix(sock, os.path.join(guest_dir, SOCKET))
 
 
 def _claim_file(guest_dir: str, content: Mapping[str, Any]) -> bool:
@@ -780,7 +855,10 @@ def _take(path: str, record: dict[str, Any]) -> ClaimedGuest | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(PING_TIMEOUT_SECONDS)
-        _connect(sock, path)
+        if record.get("channel") == STDIO:
+            sock = _handed_over(sock, path)
+        else:
+            _connect(sock, path)
         _ping(sock)
         sock.settimeout(None)
     except OSError:
@@ -790,6 +868,19 @@ def _take(path: str, record: dict[str, Any]) -> ClaimedGuest | None:
         os.close(lock_fd)
         return None
     return ClaimedGuest(path, vmm, start, sock, lock_fd, record)
+
+
+def _handed_over(sock: socket.socket, path: str) -> socket.socket:
+    """The guest's channel, handed over by the manager on ``channel.sock`` (``sock`` is
+    closed). OSError when the manager does not hand it over in time."""
+    with sock:
+        connect_unix(sock, os.path.join(path, HANDOFF))
+        _msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+    if not fds:
+        raise ConnectionResetError("the pool manager handed over no channel")
+    channel = socket.socket(fileno=fds[0])
+    channel.settimeout(PING_TIMEOUT_SECONDS)
+    return channel
 
 
 def _ping(sock: socket.socket) -> None:

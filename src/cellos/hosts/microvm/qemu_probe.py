@@ -97,10 +97,10 @@ def request_params(
     return parts
 
 
-def kernel_append(params: list[str]) -> str:
-    """The kernel command line carrying the request (:func:`request_params`); InvalidSpec
-    when it does not fit."""
-    append = " ".join([BASE_APPEND, *params])
+def kernel_append(params: list[str], base: str = BASE_APPEND) -> str:
+    """The kernel command line carrying the request (:func:`request_params`) after the VMM's
+    ``base`` arguments; InvalidSpec when it does not fit."""
+    append = " ".join([base, *params])
     if len(append.encode()) > MAX_CMDLINE:
         raise InvalidSpec(
             "argv", f"request does not fit the kernel command line ({MAX_CMDLINE} bytes)"

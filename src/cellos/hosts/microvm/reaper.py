@@ -1,8 +1,8 @@
-"""The ``qemu`` backend's part of reaping a dead cell (see :mod:`cellos.hosts.reaper`): its
-VMM, if it outlived its supervisor (it normally dies with it: ``PR_SET_PDEATHSIG``), then
-its network scope (as for the other backends: the record names it). The guest's tap needs
-nothing of its own: it is not persistent, so it goes with the VMM's descriptor (and lives
-in the cell's namespace, which goes too)."""
+"""The ``qemu`` and ``firecracker`` backends' part of reaping a dead cell (see
+:mod:`cellos.hosts.reaper`): its VMM, if it outlived its supervisor (it normally dies with it:
+``PR_SET_PDEATHSIG``), then its network scope (as for the other backends: the record names
+it). A qemu guest's tap needs nothing of its own: it is not persistent, so it goes with the
+VMM's descriptor (and lives in the cell's namespace, which goes too)."""
 
 from __future__ import annotations
 
