@@ -60,6 +60,10 @@ NEVER_FOR_A_PLAIN_RUN = {
     "cellos.sinks.jetstream",
     "cellos.core.signing",
     "cellos.core.dsse",
+    # Only an invalid document needs its errors translated; only a configured sink is loaded.
+    "cellos.core.doc_errors",
+    "cellos.sinks.jsonl",
+    "cellos.sinks.dlq",
     "securesystemslib",
 }
 

@@ -17,7 +17,6 @@ from typing import IO, Any
 import msgspec
 
 from cellos.core.canonical import strict_loads
-from cellos.core.doc_errors import json_path, problems
 from cellos.core.errors import InvalidSpec
 from cellos.core.spec import ExecutionCell
 
@@ -137,10 +136,14 @@ def _check_text(data: Any, loc: tuple[int | str, ...] = ()) -> None:
     surrogate) parses, but cannot be encoded, hashed into a digest or written to a log."""
     if isinstance(data, str):
         if not _is_text(data):
+            from cellos.core.doc_errors import json_path
+
             raise InvalidSpec(json_path(loc), "contains a lone surrogate (not valid Unicode)")
     elif isinstance(data, dict):
         for key, value in data.items():
             if isinstance(key, str) and not _is_text(key):
+                from cellos.core.doc_errors import json_path
+
                 raise InvalidSpec(json_path(loc), "has a key with a lone surrogate")
             _check_text(value, (*loc, str(key)))
     elif isinstance(data, list):
@@ -164,6 +167,9 @@ def validate_document(data: Any) -> ExecutionCell:
     try:
         return msgspec.convert(data, ExecutionCell)
     except msgspec.ValidationError as exc:
+        # Only an invalid document needs the error translation (and its regex compiles).
+        from cellos.core.doc_errors import problems
+
         found = problems(data, ExecutionCell) or [("<document>", str(exc))]
         first, *rest = found
         raise InvalidSpec(first[0], first[1], more=rest) from None

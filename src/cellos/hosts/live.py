@@ -11,12 +11,26 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
-from cellos.core.errors import HostError
+from cellos.core.errors import CellosError, HostError
 from cellos.core.ports import CellHandle, ChainPosition, ReapedCell
 from cellos.core.spec import CellSpec, to_document
 from cellos.hosts.state import CellState, CellStore
 
 T = TypeVar("T")
+
+
+def create_network_or_undo(create: Callable[[], None], undo: Callable[[], list[str]]) -> None:
+    """Create a cell's network scope; when that is refused or fails, undo the cell created so
+    far (the refusal stands, unless something could not be removed: then that is the error)."""
+    try:
+        create()
+    except CellosError:
+        residue = undo()
+        if residue:
+            raise HostError(
+                "network", f"cannot set up the network; left behind: {residue}"
+            ) from None
+        raise
 
 
 class LiveCells(Generic[T]):

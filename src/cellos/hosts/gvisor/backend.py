@@ -43,14 +43,14 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from msgspec.structs import replace
 
 from cellos.core import isolation as iso
-from cellos.core.errors import CellosError, HostError, PolicyRefused
+from cellos.core.errors import HostError, PolicyRefused
 from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
 from cellos.core.spec import CellSpec
 from cellos.hosts.artifacts import open_in_workspace
 from cellos.hosts.gvisor import evidence
 from cellos.hosts.gvisor.bundle import BundleConfig, build_config, host_binds, host_symlinks
 from cellos.hosts.limit_reasons import with_limit_reason
-from cellos.hosts.live import LiveCells, StoredBackend
+from cellos.hosts.live import LiveCells, StoredBackend, create_network_or_undo
 from cellos.hosts.process import (
     ENV_PROGRAM,
     HostCommand,
@@ -235,15 +235,9 @@ class GvisorBackend(StoredBackend):
         }
         live = self.open_cell(_LIVE, spec, record, make)
         if egress_wanted:
-            try:
-                self._create_network(spec, live)
-            except CellosError:
-                residue = self._teardown(live)
-                if residue:
-                    raise HostError(
-                        "network", f"cannot set up the network; left behind: {residue}"
-                    ) from None
-                raise
+            create_network_or_undo(
+                lambda: self._create_network(spec, live), lambda: self._teardown(live)
+            )
         isolation = [
             iso.GVISOR_RUNSC,
             iso.NS_PID,

@@ -46,12 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
+import msgspec
+
 from cellos.core import isolation as iso
-from cellos.core.errors import CellosError, ExportError, HostError, InvalidSpec, PolicyRefused
+from cellos.core.errors import ExportError, HostError, InvalidSpec, PolicyRefused
 from cellos.core.ports import CellHandle, TeardownReport, WorkloadRequest, WorkloadResult
-from cellos.core.spec import CellSpec
+from cellos.core.spec import CellSpec, Limits
 from cellos.hosts import secret_files
-from cellos.hosts.live import LiveCells, StoredBackend
+from cellos.hosts.live import LiveCells, StoredBackend, create_network_or_undo
 from cellos.hosts.microvm import image_cache
 from cellos.hosts.microvm.accel import (
     KVM_DEVICE,
@@ -127,6 +129,42 @@ POOL_MISS_NETWORK = (
     "egress authority: a pool guest boots without a network device (its tap is created in "
     "the cell's namespace, which exists only once the cell does), so the cell boots cold"
 )
+
+
+class GuestRequest(msgspec.Struct, frozen=True):
+    """What one guest is asked to do (a cold boot's kernel command line or a pool guest's
+    request line) and the guest shape its limits need. ``workload`` is what the guest runs,
+    with the deadline and stop of the VMM; with ``link`` the guest gets a network device (a
+    tap in the cell's netns) and configures its side."""
+
+    workload: HostCommand
+    artifacts: list[str] = msgspec.field(default_factory=list)
+    limits: Limits | None = None
+    hostname: str | None = None
+    workdir: str | None = None
+    secret_files: Mapping[str, bytes] = msgspec.field(default_factory=dict)
+    secret_lease: int | None = None
+    link: GuestLink | None = None
+
+    def __repr__(self) -> str:
+        # Secret values never reach a log line or a traceback.
+        return f"GuestRequest(argv={list(self.workload.argv)!r})"
+
+    def params(self) -> list[str]:
+        return request_params(
+            list(self.workload.argv),
+            dict(self.workload.env),
+            self.artifacts,
+            hostname=self.hostname,
+            workdir=self.workdir,
+            cgroup=cgroup_settings(self.limits),
+            secrets=bool(self.secret_files),
+            secret_lease=self.secret_lease if self.secret_files else None,
+            net=self.link.request() if self.link is not None else None,
+        )
+
+    def shape(self) -> Shape:
+        return MicrovmCellBackend.shape_of(self.limits)
 
 
 class MicrovmCellBackend(StoredBackend):
@@ -291,7 +329,7 @@ class MicrovmCellBackend(StoredBackend):
     ) -> WorkloadResult:
         """Boot a guest that runs ``/bin/true`` (a probe: can this host boot the image?)."""
         probe = HostCommand(["/bin/true"], {}, timeout, grace)
-        return self._boot(manifest, probe, [], accel, work, None)[0]
+        return self._boot(manifest, GuestRequest(probe), accel, work)[0]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -354,15 +392,9 @@ class MicrovmCellBackend(StoredBackend):
                 guest.release()
             raise
         if egress_wanted:
-            try:
-                self._create_network(spec, live)
-            except CellosError:
-                residue = self._teardown(live)
-                if residue:
-                    raise HostError(
-                        "network", f"cannot set up the network; left behind: {residue}"
-                    ) from None
-                raise
+            create_network_or_undo(
+                lambda: self._create_network(spec, live), lambda: self._teardown(live)
+            )
         return CellHandle(
             cell_id=spec.id,
             backend=self.name,
@@ -413,8 +445,6 @@ class MicrovmCellBackend(StoredBackend):
     @staticmethod
     def shape_of(limits: object) -> Shape:
         """The guest a cell's limits need (a pool guest of another shape does not fit)."""
-        from cellos.core.spec import Limits
-
         lim = limits if isinstance(limits, Limits) else None
         return Shape(
             memory_mib=max(MIN_GUEST_MIB, mem_mib_for(lim.memory_max_bytes if lim else None)),
@@ -609,87 +639,42 @@ class MicrovmCellBackend(StoredBackend):
         accel = live.accel
         guest_paths = {guest_artifact_path(live.spec, a.path) for a in live.spec.artifacts}
         artifacts = sorted(p for p in guest_paths if p is not None)
-        workload = HostCommand.for_workload(request)
-        if live.guest is not None:
-            params, _shape = self.request_of(
-                workload,
-                artifacts,
-                limits,
-                guest_hostname(live.spec),
-                live.spec.working_directory,
-                request.secret_files,
-                request.secret_lease_seconds,
-            )
-            guest = live.guest
-            result, live.artifacts = self._run_on_channel(
-                guest.sock, guest.kill, workload, request_line(params), request.secret_files
-            )
-            return result
-        result, live.artifacts = self._boot(
-            live.manifest,
-            workload,
+        guest_request = GuestRequest(
+            HostCommand.for_workload(request),
             artifacts,
-            accel,
-            live.cell_dir,
             limits,
-            on_spawn=live.state.write_pid,
             hostname=guest_hostname(live.spec),
             workdir=live.spec.working_directory,
             secret_files=request.secret_files,
             secret_lease=request.secret_lease_seconds,
             link=live.link,
         )
+        if live.guest is not None:
+            guest = live.guest
+            result, live.artifacts = self._run_on_channel(
+                guest.sock,
+                guest.kill,
+                guest_request.workload,
+                request_line(guest_request.params()),
+                request.secret_files,
+            )
+            return result
+        result, live.artifacts = self._boot(
+            live.manifest, guest_request, accel, live.cell_dir, on_spawn=live.state.write_pid
+        )
         return result
 
     def _boot(
         self,
         manifest: Manifest,
-        workload: HostCommand,
-        artifacts: list[str],
+        request: GuestRequest,
         accel: str,
         work: str,
-        limits: object,
         on_spawn: Callable[[int], None] | None = None,
-        *,
-        hostname: str | None = None,
-        workdir: str | None = None,
-        secret_files: Mapping[str, bytes] | None = None,
-        secret_lease: int | None = None,
-        link: GuestLink | None = None,
     ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
-        """Boot once; the result and the artifacts the guest sent (None: missing there).
-        ``workload`` is what the guest runs, with the deadline and stop of the VMM; with
-        ``link`` the VMM gives the guest a network device and the guest configures it."""
+        """Boot once for ``request``; the result and the artifacts the guest sent (None:
+        missing there)."""
         raise NotImplementedError
-
-    @staticmethod
-    def request_of(
-        workload: HostCommand,
-        artifacts: list[str],
-        limits: object,
-        hostname: str | None,
-        workdir: str | None,
-        secret_files: Mapping[str, bytes] | None,
-        secret_lease: int | None,
-        link: GuestLink | None = None,
-    ) -> tuple[list[str], Shape]:
-        """A cell's request parameters (a cold boot's kernel command line, a pool guest's
-        request line) and the guest shape its limits need."""
-        from cellos.core.spec import Limits
-
-        lim = limits if isinstance(limits, Limits) else None
-        params = request_params(
-            list(workload.argv),
-            dict(workload.env),
-            artifacts,
-            hostname=hostname,
-            workdir=workdir,
-            cgroup=cgroup_settings(lim),
-            secrets=bool(secret_files),
-            secret_lease=secret_lease if secret_files else None,
-            net=link.request() if link is not None else None,
-        )
-        return params, MicrovmCellBackend.shape_of(lim)
 
     def open_artifact(self, handle: CellHandle, path: str) -> BinaryIO:
         live = _LIVE.get(handle.cell_id)
@@ -744,23 +729,14 @@ class MicrovmBackend(MicrovmCellBackend):
     def _boot(
         self,
         manifest: Manifest,
-        workload: HostCommand,
-        artifacts: list[str],
+        request: GuestRequest,
         accel: str,
         work: str,
-        limits: object,
         on_spawn: Callable[[int], None] | None = None,
-        *,
-        hostname: str | None = None,
-        workdir: str | None = None,
-        secret_files: Mapping[str, bytes] | None = None,
-        secret_lease: int | None = None,
-        link: GuestLink | None = None,
     ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
         assert self.image_dir is not None  # load_image ran first
-        params, shape = self.request_of(
-            workload, artifacts, limits, hostname, workdir, secret_files, secret_lease, link
-        )
+        workload, secret_files, link = request.workload, request.secret_files, request.link
+        params, shape = request.params(), request.shape()
         append = kernel_append(params)
         sender = SecretSender(secret_files) if secret_files else None
         command = qemu_command(

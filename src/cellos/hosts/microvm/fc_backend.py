@@ -39,7 +39,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,7 +47,7 @@ from cellos.core import isolation as iso
 from cellos.core.errors import CellosError, HostError, PolicyRefused
 from cellos.core.ports import WorkloadResult
 from cellos.hosts.microvm.accel import KVM_DEVICE, kvm_identity
-from cellos.hosts.microvm.backend import MicrovmCellBackend
+from cellos.hosts.microvm.backend import GuestRequest, MicrovmCellBackend
 from cellos.hosts.microvm.firecracker import (
     FIRECRACKER_ENV,
     FirecrackerClient,
@@ -60,10 +60,9 @@ from cellos.hosts.microvm.image import MANIFEST_NAME
 from cellos.hosts.microvm.manifest import Manifest
 from cellos.hosts.microvm.pool import STDIO, Shape, die_with_parent, log_tail
 from cellos.hosts.microvm.qemu_probe import kernel_append
-from cellos.hosts.process import HostCommand
 
 if TYPE_CHECKING:
-    from cellos.network.guest_link import GuestLink
+    pass
 
 #: Kernel arguments of every Firecracker guest: the serial console, a reset (``reboot=k``,
 #: which ends Firecracker) rather than a hang on panic, no PCI probing (there is none).
@@ -200,23 +199,14 @@ class FirecrackerBackend(MicrovmCellBackend):
     def _boot(
         self,
         manifest: Manifest,
-        workload: HostCommand,
-        artifacts: list[str],
+        request: GuestRequest,
         accel: str,
         work: str,
-        limits: object,
         on_spawn: Callable[[int], None] | None = None,
-        *,
-        hostname: str | None = None,
-        workdir: str | None = None,
-        secret_files: Mapping[str, bytes] | None = None,
-        secret_lease: int | None = None,
-        link: GuestLink | None = None,
     ) -> tuple[WorkloadResult, dict[str, bytes | None]]:
-        assert link is None  # egress is refused at create (supports_egress is False)
-        params, shape = self.request_of(
-            workload, artifacts, limits, hostname, workdir, secret_files, secret_lease
-        )
+        assert request.link is None  # egress is refused at create (supports_egress is False)
+        workload, secret_files = request.workload, request.secret_files
+        params, shape = request.params(), request.shape()
         append = kernel_append(params, FC_APPEND)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         started = time.monotonic()
