@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, base_env
+from tests.conftest import REPO, base_env, require_host
 
 #: Runs ``cellos-supervisor FILE`` in-process, then writes the imported modules' names.
 WRAPPER = """
@@ -74,7 +74,9 @@ def _imported(tmp_path: Path, document: str, name: str, **env: str) -> set[str]:
     out = tmp_path / "modules.json"
     proc = subprocess.run(
         [sys.executable, "-c", WRAPPER, str(spec), str(out)],
-        env=base_env(tmp_path, CELLOS_CELL_BACKEND="stub", CELL_OS_USE_NOOP_SINK="1", **env),
+        env=base_env(
+            tmp_path, **{"CELLOS_CELL_BACKEND": "stub", "CELL_OS_USE_NOOP_SINK": "1", **env}
+        ),
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -179,3 +181,36 @@ def test_the_fast_exit_loses_nothing(tmp_path: Path, case: str) -> None:
     assert (tmp_path / "mark.atexit").read_text() == "ran"
     if case == "thread":
         assert (tmp_path / "mark.thread").read_text() == "done"
+
+
+def test_an_egress_cell_loads_no_certificate_code(tmp_path: Path) -> None:
+    """A cell with egress and DNS authority runs its proxies, but only a ``secretInjection``
+    cell needs its own CA: cryptography's x509 (~90 ms) is not loaded for the others."""
+    import os
+    import shutil
+
+    require_host(os.geteuid() == 0, "root (netns, veth, nftables)")
+    require_host(shutil.which("nft") is not None, "nftables (nft)")
+    authority = {
+        "egressRules": [{"cidr": "192.0.2.0/24", "port": 443}],
+        "dnsAuthority": {
+            "hostnameAllowlist": ["example.test"],
+            "resolvers": [{"resolverId": "r", "address": "127.0.0.1:53"}],
+        },
+    }
+    document = json.dumps(
+        {
+            "apiVersion": "cellos.io/v1",
+            "kind": "ExecutionCell",
+            "spec": {"id": "cold-net", "authority": authority, "run": {"argv": ["/bin/true"]}},
+        }
+    )
+    modules = _imported(
+        tmp_path,
+        document,
+        "cell.json",
+        CELLOS_CELL_BACKEND="cellos",
+        CELLOS_STATE_DIR=str(tmp_path / "state"),
+    )
+    assert "cellos.network.proxies" in modules  # the proxies really ran
+    assert _roots(modules, {"cryptography", "cellos.network.cell_ca"}) == set()

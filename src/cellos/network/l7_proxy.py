@@ -28,11 +28,10 @@ import struct
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cellos.core.log import get_logger
 from cellos.network.allowlist import HostnameAllowlist
-from cellos.network.cell_ca import CellCA
 from cellos.network.http_relay import pump, relay_requests, stream_io
 from cellos.network.injection import REASON_UPSTREAM_UNVERIFIED, ConnectionReport, Injections
 from cellos.network.sni import (
@@ -45,6 +44,10 @@ from cellos.network.sni import (
     parse_http_host,
 )
 from cellos.network.tls_server import TlsServerStream
+
+if TYPE_CHECKING:
+    # Only secretInjection cells have a CA (cryptography's x509: ~90 ms of imports).
+    from cellos.network.cell_ca import CellCA
 
 __all__ = [
     "REASON_HTTP_HOST_MATCH",

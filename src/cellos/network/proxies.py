@@ -14,18 +14,21 @@ import socket
 import ssl
 import threading
 from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cellos.core import events as ev
 from cellos.core.errors import CellosError, HostError, PolicyRefused
 from cellos.core.ports import InjectedSecret
 from cellos.core.spec import DnsAuthority
 from cellos.network import nft, scope
-from cellos.network.cell_ca import CellCA
 from cellos.network.dns_proxy import DnsProxy
 from cellos.network.injection import Injections
 from cellos.network.l7_proxy import InjectionSetup, L7Proxy
 from cellos.network.netns_sockets import bound_socket, in_netns, unbound_socket
+
+if TYPE_CHECKING:
+    # Only secretInjection cells have a CA (cryptography's x509: ~90 ms of imports).
+    from cellos.network.cell_ca import CellCA
 
 T = TypeVar("T")
 DNS_LISTEN = ("127.0.0.1", 53)
