@@ -214,3 +214,19 @@ def test_an_egress_cell_loads_no_certificate_code(tmp_path: Path) -> None:
     )
     assert "cellos.network.proxies" in modules  # the proxies really ran
     assert _roots(modules, {"cryptography", "cellos.network.cell_ca"}) == set()
+
+
+def test_a_host_that_ran_egress_cells_does_not_load_the_network_stack_at_start(
+    tmp_path: Path,
+) -> None:
+    """The start-up reaper releases a dead cell's address slot with plain ``os`` calls: a
+    plain cell on a host with network slots does not load nftables (ctypes) or ipaddress."""
+    state = tmp_path / "state"
+    slots = state / "net" / "slots"
+    slots.mkdir(parents=True)
+    (state / "cells").mkdir()
+    (slots / "7").symlink_to("gone-cell")  # claimed by a supervisor that died before recording
+    modules = _imported(tmp_path, DOCUMENT, "cell.json", CELLOS_STATE_DIR=str(state))
+    assert "cellos.hosts.reaper" in modules  # the reaper really ran
+    assert _roots(modules, {"cellos.network.scope", "cellos.network.nft", "ctypes"}) == set()
+    assert not (slots / "7").is_symlink()  # and released the slot

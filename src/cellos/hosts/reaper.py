@@ -78,7 +78,7 @@ def reap(store: CellStore) -> list[ReapedCell]:
 
         reap_pool(store.root)  # only when its manager is dead
     if os.path.isdir(os.path.join(store.root, "net")):
-        from cellos.network.scope import sweep_slots
+        from cellos.network.slots import sweep_slots
 
         sweep_slots(store)
     return reaped

@@ -34,7 +34,6 @@ from cellos.core.spec import EgressRule
 from cellos.network import nft
 
 if TYPE_CHECKING:
-    from cellos.hosts.state import CellStore
     from cellos.network.rtnl import Rtnl
 
 DEFAULT_POOL = "10.213.0.0/16"
@@ -222,37 +221,6 @@ def claim_slot(state_root: str, cell_id: str, pool: ipaddress.IPv4Network) -> tu
         f"pool exhausted: all {capacity} /30 link(s) of {pool} are in use by running cells "
         "with egress authority (a pool /n holds 2^(30-n); use a larger pool or retry later)",
     )
-
-
-def sweep_slots(store: CellStore) -> list[str]:
-    """Release slots whose cell is gone (its supervisor died between claiming the slot and
-    recording it); a slot is only touched under its cell's lock. Returns the released paths."""
-    slots = os.path.join(store.root, "net", "slots")
-    try:
-        names = os.listdir(slots)
-    except FileNotFoundError:
-        return []
-    released = []
-    for name in names:
-        path = os.path.join(slots, name)
-        try:
-            owner = os.readlink(path)
-        except OSError:
-            continue
-        if os.path.lexists(store.cell_dir(owner)):
-            continue  # a live cell's, or a dead cell's that the reaper removes with its record
-        fd = store.claim_dead(owner, create=True)
-        if fd is None:
-            continue
-        try:
-            if not os.path.lexists(store.cell_dir(owner)) and os.readlink(path) == owner:
-                os.unlink(path)
-                released.append(path)
-        except OSError:
-            pass
-        finally:
-            store.drop_dead(owner, fd)
-    return released
 
 
 def resolve_rules(rules: list[EgressRule], *, pin_by_dns: bool = False) -> list[AllowRule]:
