@@ -414,3 +414,24 @@ def test_the_landlock_abi_is_cached_for_this_boot_and_checked(tmp_path: Path) ->
     assert launcher.landlock_abi(str(cache)) == probed
     assert cached.read_text() == str(probed) and stat.S_IMODE(cached.stat().st_mode) == 0o600
     launcher.landlock_abi.cache_clear()
+
+
+def test_doctor_says_whether_cgroup_joins_wait_for_rcu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cgroup:favordynmods`` follows the cgroup2 mount's options (this host's, then made up)."""
+    from cellos.doctor import check_cgroups
+    from cellos.hosts.cellos import cgroups
+
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    on_host = any(
+        f.split()[2] == "cgroup2" and "favordynmods" in f.split()[3].split(",") for f in mounts
+    )
+    (check,) = [c for c in check_cgroups() if c.feature == "cgroup:favordynmods"]
+    assert check.ok is on_host
+
+    made_up = [("/sys/fs/cgroup/pids", "cgroup", "rw,pids"), ("/u", "cgroup2", "rw")]
+    monkeypatch.setattr(cgroups, "_mounts", lambda: made_up)
+    (check,) = [c for c in check_cgroups() if c.feature == "cgroup:favordynmods"]
+    assert not check.ok and "mount -o remount,favordynmods /u" in check.detail
+    made_up[1] = ("/u", "cgroup2", "rw,nsdelegate,favordynmods")
+    (check,) = [c for c in check_cgroups() if c.feature == "cgroup:favordynmods"]
+    assert check.ok and "/u" in check.detail
