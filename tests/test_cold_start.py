@@ -157,12 +157,14 @@ if sys.argv[2] == "thread":
         time.sleep(0.2)
         open(sys.argv[1] + ".thread", "w").write("done")
     threading.Thread(target=late).start()
+if sys.argv[2] == "daemon":  # a daemon thread never holds the exit (nor did it before)
+    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
 sys.stdout.write("buffered, no newline")
 exit_now(3)
 """
 
 
-@pytest.mark.parametrize("case", ["alone", "thread"])
+@pytest.mark.parametrize("case", ["alone", "thread", "daemon"])
 def test_the_fast_exit_loses_nothing(tmp_path: Path, case: str) -> None:
     """``cellos-supervisor`` skips the interpreter's finalisation, but keeps its exit code,
     flushes buffered output, runs atexit handlers, and lets a working thread finish."""
@@ -173,7 +175,7 @@ def test_the_fast_exit_loses_nothing(tmp_path: Path, case: str) -> None:
         capture_output=True,
         text=True,
         cwd=REPO,
-        timeout=30,
+        timeout=20,
         check=False,
     )
     assert proc.returncode == 3, proc.stderr
