@@ -20,7 +20,6 @@ optional field. Errors from ``__post_init__`` that belong to one field start wit
 (see :func:`rule_error`); :mod:`cellos.core.doc_errors` turns them into JSON paths.
 """
 
-
 import re
 from typing import Annotated, Any, Literal, NoReturn
 
