@@ -373,7 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     harness.add_round_options(parser, rounds=40, warmup=5)
     parser.add_argument(
-        "--cold-rounds", type=harness.nonnegative, default=10, help="measured cold rounds"
+        "--cold-rounds",
+        type=harness.nonnegative,
+        default=30,
+        help="measured cold rounds (default 30)",
     )
     parser.add_argument(
         "--cold-warmup", type=harness.nonnegative, default=2, help="unrecorded cold rounds"

@@ -346,8 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--cold-rounds",
         type=harness.nonnegative,
-        default=12,
-        help="measured cold rounds (default 12; 0 skips the cold phase)",
+        default=30,
+        help="measured cold rounds (default 30: a cold cell varies by +-15 ms between "
+        "runs; 0 skips the cold phase)",
     )
     parser.add_argument(
         "--cold-warmup",

@@ -593,3 +593,26 @@ def test_a_pool_hit_gets_its_secret_files_on_the_channel_never_in_the_request(
     assert secret not in result.stdout and "TOK=" not in result.stdout
     assert started_data(tmp_path / "ev.jsonl")["resources"]["pool"] == "hit"
     assert secret not in (tmp_path / "ev.jsonl").read_text()
+
+
+def test_reaping_a_pool_whose_manager_removes_its_guests_meanwhile_is_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cellos microvm pool stop` reaps right after the manager's lock goes, while a stopping
+    manager may still be removing its guests: their directory vanishing under the reaper was a
+    FileNotFoundError traceback (seen once in CI). Simulated: the guests' directory is gone
+    by the time the reaper lists it."""
+    from cellos.hosts.microvm import pool
+
+    root = Path(pool.pool_root(str(tmp_path)))
+    Path(pool._guests(str(root))).mkdir(parents=True)  # there when checked, gone when listed
+    real_listdir = os.listdir
+
+    def vanishing(path: str) -> list[str]:
+        if path == pool._guests(str(root)):
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(pool.os, "listdir", vanishing)
+    assert pool.reap_pool(str(tmp_path)) == []
+    assert not root.exists()

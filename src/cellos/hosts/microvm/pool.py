@@ -958,7 +958,13 @@ def reap_pool(state_root: str) -> list[str]:
         return []  # a live manager
     removed = []
     try:
-        for gid in sorted(os.listdir(_guests(root)) if os.path.isdir(_guests(root)) else []):
+        try:
+            gids = sorted(os.listdir(_guests(root)))
+        except FileNotFoundError:
+            # None, or a manager that is stopping removed them itself just now (`pool stop`
+            # reaps right after the manager's lock goes): nothing left to do for the guests.
+            gids = []
+        for gid in gids:
             _remove_guest(os.path.join(_guests(root), gid))
             removed.append(f"pool-guest:{gid}")
         rmtree(root)
