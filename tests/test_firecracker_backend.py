@@ -110,25 +110,6 @@ def test_without_a_usable_kvm_the_backend_is_refused(
 # ------------------------------------------------------------------------ vmlinux extraction
 
 
-def _lz4_literals(data: bytes) -> bytes:
-    """One LZ4 block holding ``data`` as literals, then a run (a back-reference overlapping
-    its own output), then the last literals: the decoder's three paths."""
-    out = bytearray()
-    n = len(data)
-    out.append((15 << 4) | 15)  # literals >= 15, match length >= 19
-    rest = n - 15
-    while rest >= 255:
-        out.append(255)
-        rest -= 255
-    out.append(rest)
-    out += data
-    out += struct.pack("<H", 1)  # offset 1: repeat the last byte
-    out.append(100 - 19)  # match length 100
-    out.append(0x10)  # last sequence: 1 literal
-    out += b"!"
-    return bytes(out)
-
-
 def _bzimage(payload: bytes) -> bytes:
     setup = bytearray(1024)  # setup_sects = 1: the payload's code starts at 2*512
     setup[0x1F1] = 1
@@ -139,13 +120,22 @@ def _bzimage(payload: bytes) -> bytes:
 
 
 def test_vmlinux_is_extracted_from_lz4_and_gzip_bzimages() -> None:
-    kernel = b"\x7fELF" + bytes(range(256)) * 3
-    expected = kernel + kernel[-1:] * 100 + b"!"
-    block = _lz4_literals(kernel)
-    lz4 = struct.pack("<I", 0x184C2102) + struct.pack("<I", len(block)) + block
-    lz4 += struct.pack("<I", len(expected))  # the build's trailing size word
-    assert extract_vmlinux(_bzimage(lz4), "vmlinuz") == expected
+    """The kernel build's LZ4 "legacy" frame (``lz4 -l``: 8 MiB blocks, then the size) and
+    gzip; anything else is refused by name, a broken block as malformed."""
+    import lz4.block
+
+    kernel = b"\x7fELF" + bytes(range(256)) * 40_000  # ~10 MiB: more than one block
+    framed = struct.pack("<I", 0x184C2102)
+    for i in range(0, len(kernel), 8 << 20):
+        packed = lz4.block.compress(kernel[i : i + (8 << 20)], store_size=False)
+        framed += struct.pack("<I", len(packed)) + packed
+    framed += struct.pack("<I", len(kernel))  # the build's trailing size word
+    assert extract_vmlinux(_bzimage(framed), "vmlinuz") == kernel
     assert extract_vmlinux(_bzimage(gzip.compress(kernel)), "vmlinuz") == kernel
+    bad_block = b"\x00\xff\xff" + b"\0" * 16  # a back-reference before the output's start
+    broken = framed[:4] + struct.pack("<I", len(bad_block)) + bad_block
+    with pytest.raises(HostError, match="malformed LZ4"):
+        extract_vmlinux(_bzimage(broken), "vmlinuz")
     with pytest.raises(HostError, match="unsupported method"):
         extract_vmlinux(_bzimage(b"\x28\xb5\x2f\xfd" + b"\0" * 32), "vmlinuz")
     with pytest.raises(HostError, match="not a bzImage"):

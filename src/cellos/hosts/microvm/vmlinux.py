@@ -4,9 +4,10 @@ Firecracker boots only an uncompressed ELF kernel on x86_64 (it has no bzImage l
 Debian ships the cloud kernel as a bzImage only. The bzImage's setup header says where its
 compressed payload is (``payload_offset``/``payload_length``, boot protocol 2.08+); the payload
 is the whole ELF ``vmlinux``, compressed with the kernel's ``CONFIG_KERNEL_*`` method.
-Debian's cloud kernel uses LZ4 (the kernel's "legacy" LZ4 frame), which the standard library
-cannot read: it is decoded here (about 11 s for the 53 MB kernel, once per image build). gzip,
-xz and lzma payloads use the standard library; any other method is refused by name.
+Debian's cloud kernel uses LZ4 (the kernel's "legacy" LZ4 frame: raw blocks, which the
+``lz4`` package's block API decodes; 0.1 s for the 53 MB kernel, where a pure-Python decoder
+took 11.6 s). gzip, xz and lzma payloads use the standard library; any other method is
+refused by name.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from cellos.core.errors import HostError
 
 _ELF = b"\x7fELF"
 _LZ4_LEGACY = 0x184C2102
+#: A legacy frame's blocks hold at most this much (lz4's LEGACY_BLOCKSIZE).
+_LZ4_BLOCK = 8 << 20
 #: The setup header's fields (Documentation/arch/x86/boot.rst).
 _SETUP_SECTS, _HEADER, _VERSION, _PAYLOAD = 0x1F1, 0x202, 0x206, 0x248
 
@@ -51,8 +54,11 @@ def extract_vmlinux(bzimage: bytes, where: str) -> bytes:
 
 
 def _lz4_legacy(payload: bytes, where: str) -> bytes:
-    """The kernel's LZ4 legacy frame: the magic, then blocks of ``<u32 size><LZ4 block>``;
-    the kernel build appends the uncompressed size, read here as a block that does not fit."""
+    """The kernel's LZ4 legacy frame: the magic, then blocks of ``<u32 size><LZ4 block>``
+    (each at most 8 MiB uncompressed); the kernel build appends the uncompressed size, read
+    here as a block that does not fit."""
+    import lz4.block
+
     out = bytearray()
     pos = 4
     while pos + 4 <= len(payload):
@@ -63,49 +69,8 @@ def _lz4_legacy(payload: bytes, where: str) -> bytes:
         if pos + size > len(payload):
             break  # the trailing uncompressed-size word
         try:
-            _lz4_block(payload, pos, pos + size, out)
-        except IndexError:
+            out += lz4.block.decompress(payload[pos : pos + size], uncompressed_size=_LZ4_BLOCK)
+        except lz4.block.LZ4BlockError:
             raise HostError(where, "malformed LZ4 kernel payload") from None
         pos += size
     return bytes(out)
-
-
-def _lz4_block(src: bytes, i: int, end: int, out: bytearray) -> None:
-    """Decode one LZ4 block (sequences of literals then a back-reference) onto ``out``."""
-    while i < end:
-        token = src[i]
-        i += 1
-        literals = token >> 4
-        if literals == 15:
-            while True:
-                extra = src[i]
-                i += 1
-                literals += extra
-                if extra != 255:
-                    break
-        out += src[i : i + literals]
-        i += literals
-        if i >= end:
-            return  # the last sequence has literals only
-        back = src[i] | (src[i + 1] << 8)
-        i += 2
-        length = token & 15
-        if length == 15:
-            while True:
-                extra = src[i]
-                i += 1
-                length += extra
-                if extra != 255:
-                    break
-        length += 4
-        if back == 0 or back > len(out):
-            raise IndexError("LZ4 back-reference outside the output")
-        begin = len(out) - back
-        if back >= length:
-            out += out[begin : begin + length]
-            continue
-        # An overlapping copy repeats the last ``back`` bytes (a run).
-        while length > 0:
-            piece = out[begin : begin + min(length, back)]
-            out += piece
-            length -= len(piece)
