@@ -63,7 +63,6 @@ class TestHost:
             host.add_address(index, self.host_ip6, 64, self.host_if)
 
         def inside() -> None:
-            rtnl.enter_netns(f"/run/netns/{self.name}")
             with rtnl.Rtnl() as ns:
                 index = ns.link_index(self.peer_if)
                 assert index is not None
@@ -71,7 +70,7 @@ class TestHost:
                 ns.add_address(index, self.ip6_2, 64, self.peer_if)
                 ns.add_default_route(self.host_ip6, index)
 
-        rtnl.in_thread(inside)
+        rtnl.in_netns(f"/run/netns/{self.name}", inside)
 
     def run(self, argv: list[str]) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(

@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cellos.network.allowlist import normalize_name
+
 #: Where the host's trusted CAs are, when OpenSSL's defaults name no file.
 HOST_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")
 #: Longer than any cell may live (30 days), so no cell outlives its CA.
@@ -48,7 +50,7 @@ class CellCA:
     def __init__(self, cell_id: str, hosts: list[str]) -> None:
         if not hosts:
             raise ValueError("a cell CA needs at least one host")
-        self.hosts = sorted({h.lower().rstrip(".") for h in hosts})
+        self.hosts = sorted({normalize_name(h) for h in hosts})
         self._key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         name = x509.Name(
@@ -107,7 +109,7 @@ class CellCA:
 
     def server_context(self, host: str) -> ssl.SSLContext:
         """A TLS server context presenting a leaf for ``host`` (one of :attr:`hosts`)."""
-        host = host.lower().rstrip(".")
+        host = normalize_name(host)
         if host not in self.hosts:
             raise ValueError(f"{host!r} is not a host of this cell CA")
         with self._lock:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from cellos.core.errors import HostError, PolicyRefused
 from cellos.core.events import NETWORK_FLOW_DECISION
-from cellos.core.spec import CellSpec
+from cellos.core.spec import L7_PORTS, CellSpec
 from cellos.hosts.state import CellState
 from cellos.network import scope
 
@@ -95,7 +95,7 @@ class CellEgress:
         )
         l7_ports = sorted(
             {r.port for r in self.spec.authority.egress_rules if r.protocol == "tcp"}
-            & set(scope.L7_PORTS)
+            & set(L7_PORTS)
         )
         if dns is None and not (names and l7_ports):
             return  # nothing to proxy: no event loop, no asyncio import
@@ -139,7 +139,7 @@ def _refuse_unchecked_ipv6(spec: CellSpec) -> None:
             rule.cidr is not None
             and ":" in rule.cidr
             and rule.protocol == "tcp"
-            and rule.port in scope.L7_PORTS
+            and rule.port in L7_PORTS
         ):
             raise PolicyRefused(
                 f"spec.authority.egressRules[{index}].cidr",

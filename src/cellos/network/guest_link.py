@@ -114,7 +114,6 @@ def open_link(egress: CellEgress) -> GuestLink:
     ipv6 = net.cell_ip6 is not None
 
     def inside() -> int:
-        rtnl.enter_netns(net.netns_path)
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         try:
             ifr = struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI)
@@ -139,7 +138,7 @@ def open_link(egress: CellEgress) -> GuestLink:
         return fd
 
     try:
-        fd = rtnl.in_thread(inside)
+        fd = rtnl.in_netns(net.netns_path, inside)
     except HostError:
         raise
     except OSError as exc:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
+from cellos.network.allowlist import normalize_name
 from cellos.network.injection import (
     REASON_ADDRESS_MISMATCH,
     REASON_INJECTED,
@@ -22,7 +23,6 @@ from cellos.network.injection import (
     REASON_WRONG_HOST,
     ConnectionReport,
     Injections,
-    normal_host,
 )
 
 __all__ = ["pump", "relay_requests", "stream_io"]
@@ -117,7 +117,6 @@ class _Head:
     host: str | None
     body: str  # "none" | "length" | "chunked" | "raw"
     length: int = 0
-    lines_out: list[bytes] = field(default_factory=list)
 
 
 def _parse_head(head: bytes) -> _Head | None:
@@ -170,7 +169,7 @@ def _host_of(value: bytes) -> str | None:
     name, sep, port = text.rpartition(":")
     if sep and port.isdigit():
         text = name
-    return normal_host(text) or None
+    return normalize_name(text) or None
 
 
 @dataclass
@@ -196,7 +195,7 @@ def _refuse_found(req: _Request, refs: set[str], host: str | None) -> None:
 def _rewrite(req: _Request, head: _Head) -> bytes:
     """The request head with placeholders substituted where an entry allows it."""
     host = head.host
-    if req.server_name is not None and host != normal_host(req.server_name):
+    if req.server_name is not None and host != normalize_name(req.server_name):
         host_for_injection = None  # the request names another host than the TLS session
     else:
         host_for_injection = host

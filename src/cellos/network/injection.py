@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from cellos.core.ports import InjectedSecret
+from cellos.network.allowlist import normalize_name
 
 __all__ = [
     "REASON_ADDRESS_MISMATCH",
@@ -29,7 +30,6 @@ __all__ = [
     "REASON_WRONG_HOST",
     "ConnectionReport",
     "Injections",
-    "normal_host",
 ]
 
 # reasonCode values of the l7_secret_injection event (docs/events.md); keep exactly.
@@ -40,16 +40,12 @@ REASON_UPSTREAM_UNVERIFIED: Final = "l7_secret_upstream_unverified"
 REASON_ADDRESS_MISMATCH: Final = "l7_secret_destination_not_host"
 
 
-def normal_host(host: str) -> str:
-    return host.lower().rstrip(".")
-
-
 class Injections:
     """A cell's injection table: the hosts are known when the cell is created (the proxy
     terminates TLS for them), the secrets arrive with :meth:`arm` before the workload runs."""
 
     def __init__(self, hosts: Iterable[str]) -> None:
-        self.hosts = frozenset(normal_host(h) for h in hosts)
+        self.hosts = frozenset(normalize_name(h) for h in hosts)
         self._secrets: tuple[InjectedSecret, ...] = ()
         self._placeholders: dict[bytes, str] = {}
         self._addresses: dict[str, set[str]] = {}
@@ -58,7 +54,7 @@ class Injections:
         """Addresses ``host`` resolved to for the cell (its DNS proxy's answers, or what the
         supervisor resolved for a host rule): plain HTTP gets a secret only on a connection to
         one of them, since nothing else proves which server is at the other end."""
-        key = normal_host(host)
+        key = normalize_name(host)
         if key in self.hosts:
             self._addresses.setdefault(key, set()).update(addresses)
 
@@ -74,7 +70,7 @@ class Injections:
 
     def terminates(self, host: str | None) -> bool:
         """Whether the proxy terminates TLS for ``host`` (an injection host)."""
-        return host is not None and normal_host(host) in self.hosts
+        return host is not None and normalize_name(host) in self.hosts
 
     @property
     def active(self) -> bool:

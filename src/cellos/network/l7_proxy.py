@@ -441,7 +441,7 @@ class L7Proxy:
             outbound: Coroutine[Any, Any, None]
             if http_injection is None:
                 upstream_writer.write(peeked)
-                outbound = _pump(client_reader, upstream_writer)
+                outbound = pump(*stream_io(client_reader, upstream_writer, _READ_SIZE))
             else:
                 injections, report = http_injection
                 client_read, _, _ = stream_io(client_reader, client_writer)
@@ -458,7 +458,7 @@ class L7Proxy:
                     ),
                     upstream_eof,
                 )
-            await _splice(outbound, _pump(upstream_reader, client_writer))
+            await _splice(outbound, pump(*stream_io(upstream_reader, client_writer, _READ_SIZE)))
         finally:
             await _close_writer(upstream_writer)
         return True
@@ -561,14 +561,6 @@ async def _splice(outbound: Coroutine[Any, Any, None], inbound: Coroutine[Any, A
 async def _then(first: Awaitable[None], after: Callable[[], Awaitable[None]]) -> None:
     await first
     await after()
-
-
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    while data := await source.read(_READ_SIZE):
-        sink.write(data)
-        await sink.drain()
-    if sink.can_write_eof():
-        sink.write_eof()
 
 
 async def _close_writer(writer: asyncio.StreamWriter) -> None:

@@ -133,13 +133,9 @@ def _in_netns_context(netns: str) -> Context | None:
     library = _load()
     if library is None:
         return None
-    from cellos.network.rtnl import enter_netns, in_thread
+    from cellos.network.rtnl import in_netns
 
-    def make() -> Context:
-        enter_netns(netns)
-        return Context(library)
-
-    return in_thread(make)
+    return in_netns(netns, lambda: Context(library))
 
 
 def _failure(stderr: str, code: int) -> HostError:

@@ -24,7 +24,8 @@ from cellos.network import nft, scope
 from cellos.network.dns_proxy import DnsProxy
 from cellos.network.injection import Injections
 from cellos.network.l7_proxy import InjectionSetup, L7Proxy
-from cellos.network.netns_sockets import bound_socket, in_netns, unbound_socket
+from cellos.network.netns_sockets import bound_socket, unbound_socket
+from cellos.network.rtnl import in_netns
 
 if TYPE_CHECKING:
     # Only secretInjection cells have a CA (cryptography's x509: ~90 ms of imports).
@@ -35,7 +36,6 @@ DNS_LISTEN = ("127.0.0.1", 53)
 L7_LISTEN = ("127.0.0.1", 15001)
 #: Firewall mark of the L7 proxy's own upstream connections (not redirected again).
 L7_MARK = 0x1
-L7_PORTS = scope.L7_PORTS
 
 
 class ProxyLoop:

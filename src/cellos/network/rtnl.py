@@ -274,33 +274,31 @@ def _prepare_run_dir() -> None:
         _run_dir_done = True
 
 
-def in_thread(work: Callable[[], T], name: str = "cellos-netns") -> T:
-    """Run ``work`` in a fresh thread and return its result (or raise its error): a thread
-    that changes its network namespace ends with it, so nothing else ever runs there."""
+def in_netns(path: str, work: Callable[[], T]) -> T:
+    """Run ``work`` in a fresh thread that has joined the network namespace at ``path``, and
+    return its result (or raise its error). ``setns`` moves only the calling thread, and the
+    thread ends with the namespace it entered, so nothing else ever runs there; what ``work``
+    makes there (sockets, a tap, a netlink or nftables context) stays in that namespace."""
     result: list[T] = []
     error: list[BaseException] = []
 
-    def run() -> None:
+    def enter_and_work() -> None:
         try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _check(_libc.setns(fd, CLONE_NEWNET), f"setns({path})")
+            finally:
+                os.close(fd)
             result.append(work())
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             error.append(exc)
 
-    thread = threading.Thread(target=run, name=name)
+    thread = threading.Thread(target=enter_and_work, name="cellos-netns")
     thread.start()
     thread.join()
     if error:
         raise error[0]
     return result[0]
-
-
-def enter_netns(path: str) -> None:
-    """Move the calling thread into the network namespace at ``path``."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _check(_libc.setns(fd, CLONE_NEWNET), f"setns({path})")
-    finally:
-        os.close(fd)
 
 
 def create_netns_here(name: str) -> str:

@@ -40,8 +40,6 @@ DEFAULT_POOL = "10.213.0.0/16"
 #: IPv6 link addresses (unique local, RFC 4193): slot ``n`` is its ``n``-th /126 (host ``::1``,
 #: cell ``::2`` of it), used only by cells with an IPv6 egress rule.
 POOL6 = "fd63:656c:6c6f::/64"
-#: TCP ports checked at L7 (SNI / Host) when the cell has names to check.
-L7_PORTS = (80, 443)
 FAMILY = "inet"
 
 
@@ -563,15 +561,15 @@ def create(net: CellNetwork) -> None:
 def _ipv6_sysctl(interface: str, ipv6: bool) -> None:
     """IPv6 of ``interface`` (or ``default``: links created later) in the calling thread's
     namespace: off, or on without router solicitations."""
-    conf = f"/proc/sys/net/ipv6/conf/{interface}/"
+    from cellos.network.rtnl import write_sysctl
+
+    conf = f"net.ipv6.conf.{interface}."
     try:
         if not ipv6:
-            with open(conf + "disable_ipv6", "w", encoding="ascii") as fh:
-                fh.write("1")
+            write_sysctl(conf + "disable_ipv6", "1")
             return
         for name, value in (("disable_ipv6", "0"), ("router_solicitations", "0")):
-            with open(conf + name, "w", encoding="ascii") as fh:
-                fh.write(value)
+            write_sysctl(conf + name, value)
     except FileNotFoundError:
         if ipv6:
             raise HostError(

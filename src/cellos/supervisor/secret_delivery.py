@@ -37,6 +37,9 @@ def deliver(spec: CellSpec, resolved: dict[str, str]) -> ResolvedSecrets:
     """``resolved``: secret key -> value, for every key of ``authority.secretRefs``."""
     out = ResolvedSecrets(values=list(resolved.values()))
     placeholders: dict[str, str] = {}
+    if spec.authority.secret_injection:
+        # Only injection cells pay for it (every one-shot supervisor imports this module).
+        from cellos.network.allowlist import normalize_name
     for index, entry in enumerate(spec.authority.secret_injection):
         value = resolved[entry.secret_ref]
         if not _header_safe(value):
@@ -46,11 +49,13 @@ def deliver(spec: CellSpec, resolved: dict[str, str]) -> ResolvedSecrets:
                 f"{entry.secret_ref!r}: the secret cannot be put into a header (it holds "
                 "characters other than printable ASCII, space and tab)",
             )
-        placeholder = placeholders.setdefault(entry.secret_ref, new_placeholder())
+        if entry.secret_ref not in placeholders:  # one placeholder per secret, made once
+            placeholders[entry.secret_ref] = new_placeholder()
+        placeholder = placeholders[entry.secret_ref]
         out.injected.append(
             InjectedSecret(
                 secret_ref=entry.secret_ref,
-                host=entry.host.lower().rstrip("."),
+                host=normalize_name(entry.host),
                 header=entry.header,
                 format=entry.format,
                 placeholder=placeholder,
