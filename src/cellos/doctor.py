@@ -253,7 +253,7 @@ def _check_firecracker(refresh_probe: bool) -> Check:
         backend = make_microvm_backend("firecracker", env)
         manifest, _ = backend.load_image(build=False)
         decision = backend.decide_accel(manifest, refresh=refresh_probe)
-        backend.accel(manifest)
+        backend.allowed_accel(decision)  # the refusal a cell would get
     except CellosError as exc:
         return Check("microvm:firecracker", False, f"{exc.path}: {exc.reason}")
     firecracker = getattr(backend, "firecracker", manifest.vmm.path)

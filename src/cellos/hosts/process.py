@@ -201,7 +201,7 @@ def _wait_all_gone(control: ProcessControl, pid: int, timeout: float = 5.0) -> N
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(then: Callable[[], None] | None) -> Callable[[], None]:
+def die_with_parent(then: Callable[[], None] | None = None) -> Callable[[], None]:
     """A preexec step: SIGKILL when the parent dies, and exit now if it already has (the
     death signal cannot fire for a parent that died before it was set)."""
     import ctypes  # only for the backends that need it (runsc, the VMM)
@@ -228,7 +228,7 @@ def run_host_command(command: HostCommand, options: SpawnOptions) -> WorkloadRes
     """Run ``command`` to completion, deadline or stop; never raises for its failures."""
     started = time.monotonic()
     argv = list(command.argv)
-    preexec = _die_with_parent(options.preexec) if options.die_with_parent else options.preexec
+    preexec = die_with_parent(options.preexec) if options.die_with_parent else options.preexec
     try:
         proc = subprocess.Popen(
             argv,

@@ -46,3 +46,13 @@ def is_running(pid: int) -> bool:
             return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return False
+
+
+def runs_in(pid: int, directory: str) -> bool:
+    """Whether ``pid`` runs with ``directory`` as its working directory: how a recorded VMM pid
+    (which may have been reused since) is told to be the one started there."""
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    return cwd in (directory, f"{directory} (deleted)")

@@ -3,9 +3,9 @@
 The rule for liveness is the store's (:mod:`cellos.hosts.state`): a cell is reaped only while
 the reaper holds its lock, which a living supervisor never gives up. The record names what the
 cell had; the backend that made it removes its own parts (``reap_resources`` of its reaper
-module: the launcher and cgroups, runsc's container, the VMM); the directory and the lock go
-last. The dead run's chain position (kept in the lock) is returned, so that the reaper's events
-continue that run's own chain.
+module: the launcher and cgroups, runsc's container, the VMM), then the network scope that any
+backend may have recorded; the directory and the lock go last. The dead run's chain position
+(kept in the lock) is returned, so that the reaper's events continue that run's own chain.
 """
 
 from __future__ import annotations
@@ -33,7 +33,17 @@ def reap_record(record: dict[str, Any]) -> tuple[list[str], list[str]]:
     if module is None:
         return [], [f"record: unknown backend {backend!r}"]
     removed, residue = importlib.import_module(module).reap_resources(record)
-    return list(removed), list(residue)
+    removed, residue = list(removed), list(residue)
+    if "network" in record:
+        # The same scope on every backend, removed after the backend's own part: once the
+        # launcher, runsc or the VMM is gone, nothing holds the namespace (a qemu guest's tap
+        # goes with the VMM's descriptor).
+        from cellos.network.cell_egress import reap_recorded
+
+        net_removed, net_residue = reap_recorded(record)
+        removed += net_removed
+        residue += net_residue
+    return removed, residue
 
 
 def _reap_one(store: CellStore, cell_id: str, fd: int) -> ReapedCell | None:

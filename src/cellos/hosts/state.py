@@ -81,6 +81,15 @@ def _own_start() -> int | None:
     return _own[1]
 
 
+def lock_now(fd: int) -> bool:
+    """Take ``fd``'s exclusive lock if nobody holds it (the caller keeps or closes ``fd``)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 class CellBusy(Exception):
     """Another live cell (in any process) holds this id."""
 
@@ -266,9 +275,7 @@ class CellStore:
         give_up = time.monotonic() + ACQUIRE_PATIENCE_SECONDS
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not lock_now(fd):
                 owner = read_owner(fd)
                 os.close(fd)
                 # A living owner: a duplicate. Anyone else (a reaper, which never writes the
@@ -318,12 +325,7 @@ class CellStore:
             fd = os.open(path, flags, 0o600)
         except FileNotFoundError:
             return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        if not self._is_current(path, fd):
+        if not lock_now(fd) or not self._is_current(path, fd):
             os.close(fd)
             return None
         return fd

@@ -36,10 +36,6 @@ def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:
         # Normally the cell died with its supervisor already (the launcher's PDEATHSIG).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    if "network" in record:
-        from cellos.network.cell_egress import reap_recorded
-
-        removed, residue = reap_recorded(record)
     paths = record.get("cgroups")
     for path in paths if isinstance(paths, list) else []:
         if isinstance(path, str) and os.path.isdir(path):

@@ -46,12 +46,6 @@ def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:
         # The host tmpfs of a cell's secret files (runtimeBroker): emptied and unmounted.
         residue += unmount_host_tmpfs(secrets)
     removed = [] if residue else [f"runsc:{container}"]
-    if "network" in record:
-        from cellos.network.cell_egress import reap_recorded
-
-        net_removed, net_residue = reap_recorded(record)
-        removed += net_removed
-        residue += net_residue
     # The sandbox's cgroups are named after the container (``/cellos/<id>`` in every
     # hierarchy): what runsc and CellOS made there goes too.
     try:

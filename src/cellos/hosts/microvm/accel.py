@@ -135,10 +135,6 @@ class AccelCache:
                 )
         return None
 
-    def current(self) -> list[dict[str, Any]]:
-        """Every cached decision (for ``cellos doctor``)."""
-        return self._entries()
-
     def _store(self, key: dict[str, str], decision: AccelDecision) -> None:
         kept = [
             e

@@ -294,9 +294,11 @@ class MicrovmCellBackend(StoredBackend):
         return self.accel_cache.decide(key, lambda: self._probe_kvm(manifest), refresh=refresh)
 
     def accel(self, manifest: Manifest) -> str:
-        return self._allowed(self.decide_accel(manifest))
+        return self.allowed_accel(self.decide_accel(manifest))
 
-    def _allowed(self, decision: AccelDecision) -> str:
+    def allowed_accel(self, decision: AccelDecision) -> str:
+        """The accelerator a cell gets from ``decision``: KVM, or TCG when allowed (else the
+        PolicyRefused a cell would get)."""
         if decision.accel == "kvm":
             return "kvm"
         why = decision.detail if decision.decided_by == "no-kvm" else "KVM cannot boot the guest"
@@ -353,7 +355,7 @@ class MicrovmCellBackend(StoredBackend):
         manifest, digests = self.load_image(verify_files=not pooling)
         # Decided before anything exists (a probe, at most once per host boot and VMM).
         decision = self.decide_accel(manifest)
-        accel = self._allowed(decision)
+        accel = self.allowed_accel(decision)
         pool: dict[str, str] = {}
         if self.pool_size > 0 and egress_wanted:
             pool = {"pool": "miss", "poolMiss": POOL_MISS_NETWORK}

@@ -41,7 +41,6 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cellos.core import isolation as iso
 from cellos.core.errors import CellosError, HostError, PolicyRefused
@@ -58,11 +57,9 @@ from cellos.hosts.microvm.firecracker import (
 )
 from cellos.hosts.microvm.image import MANIFEST_NAME
 from cellos.hosts.microvm.manifest import Manifest
-from cellos.hosts.microvm.pool import STDIO, Shape, die_with_parent, log_tail
+from cellos.hosts.microvm.pool import STDIO, Shape, log_tail
 from cellos.hosts.microvm.qemu_probe import kernel_append
-
-if TYPE_CHECKING:
-    pass
+from cellos.hosts.process import die_with_parent
 
 #: Kernel arguments of every Firecracker guest: the serial console, a reset (``reboot=k``,
 #: which ends Firecracker) rather than a hang on panic, no PCI probing (there is none).

@@ -38,7 +38,7 @@ from pathlib import Path
 from cellos.core.errors import HostError
 from cellos.hosts.microvm import image, manifest
 from cellos.hosts.microvm.manifest import sha256_file
-from cellos.hosts.state import default_cache_root
+from cellos.hosts.state import default_cache_root, lock_now
 
 CACHE_ENV = "CELLOS_MICROVM_CACHE"
 REFRESH_HINT = "cellos microvm build-image --refresh"
@@ -124,9 +124,7 @@ def _build_lock(cache: str, key: str, progress: Progress) -> Iterator[None]:
     path = os.path.join(cache, f".{key}.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not lock_now(fd):
             progress(f"waiting for another process building the microVM image {key}")
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield

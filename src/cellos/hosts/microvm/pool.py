@@ -64,7 +64,9 @@ from cellos.core.errors import CellosError, HostError, InvalidSpec
 from cellos.core.log import get_logger
 from cellos.hosts.microvm.manifest import ManifestMismatch, sha256_file
 from cellos.hosts.microvm.unixsock import bind_unix, connect_unix
-from cellos.hosts.state import process_start, read_owner, rmtree
+from cellos.hosts.process import die_with_parent
+from cellos.hosts.procfs import runs_in
+from cellos.hosts.state import lock_now, process_start, read_owner, rmtree
 
 log = get_logger(__name__)
 
@@ -72,8 +74,6 @@ POOL_DIR = "microvm-pool"
 #: A guest that has not said CELLOS:IDLE by then is killed and replaced.
 BOOT_TIMEOUT_SECONDS = 120.0
 DEFAULT_MAX_AGE_SECONDS = 600.0
-#: Longest request line the guest accepts (guest/init.c MAX_REQUEST).
-MAX_REQUEST = 1 << 20
 LOCK_BYTES = 2048
 #: How long the manager waits before it tries again to boot after a refused boot.
 RETRY_SECONDS = 5.0
@@ -144,10 +144,6 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _touch(path: str) -> None:
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-
-
 def _alive(pid: object, start: object) -> bool:
     return isinstance(pid, int) and pid > 1 and start is not None and process_start(pid) == start
 
@@ -159,9 +155,7 @@ def _lock_free(path: str) -> int | None:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not lock_now(fd):
         os.close(fd)
         return None
     return fd
@@ -256,9 +250,7 @@ class PoolManager:
         os.makedirs(_guests(self.root), mode=0o700, exist_ok=True)
         path = os.path.join(self.root, "pool.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not lock_now(fd):
             owner = read_owner(fd)
             os.close(fd)
             raise HostError(
@@ -697,20 +689,6 @@ class Qmp:
                 return result if isinstance(result, dict) else {}
 
 
-def die_with_parent() -> Callable[[], None]:
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
-
-
 def _connect(sock: socket.socket, guest_dir: str) -> None:
     """Connect to the socket QEMU listens on for a guest's channel."""
     connect_unix(sock, os.path.join(guest_dir, SOCKET))
@@ -735,18 +713,10 @@ def _claim_file(guest_dir: str, content: Mapping[str, Any]) -> bool:
 
 def _remove_guest(path: str) -> None:
     pid = _read_json(os.path.join(path, "pid.json")) or {}
-    if _alive(pid.get("pid"), pid.get("start")) and _runs_in(pid["pid"], path):
+    if _alive(pid.get("pid"), pid.get("start")) and runs_in(pid["pid"], path):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid["pid"], signal.SIGKILL)
     rmtree(path)
-
-
-def _runs_in(pid: int, path: str) -> bool:
-    try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return False
-    return cwd in (path, f"{path} (deleted)")
 
 
 # -- a supervisor's side ---------------------------------------------------------------------
@@ -835,9 +805,7 @@ def _take(path: str, record: dict[str, Any]) -> ClaimedGuest | None:
         )
     except OSError:
         return None
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not lock_now(lock_fd):
         os.close(lock_fd)
         return None
     if not _claim_file(path, {"pid": os.getpid(), "start": process_start(os.getpid())}):
@@ -849,7 +817,7 @@ def _take(path: str, record: dict[str, Any]) -> ClaimedGuest | None:
     if not (isinstance(vmm, int) and isinstance(start, int) and _alive(vmm, start)):
         os.close(lock_fd)
         return None
-    if not _runs_in(vmm, path):
+    if not runs_in(vmm, path):
         os.close(lock_fd)
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

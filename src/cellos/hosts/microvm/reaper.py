@@ -1,8 +1,8 @@
 """The ``qemu`` and ``firecracker`` backends' part of reaping a dead cell (see
 :mod:`cellos.hosts.reaper`): its VMM, if it outlived its supervisor (it normally dies with it:
-``PR_SET_PDEATHSIG``), then its network scope (as for the other backends: the record names
-it). A qemu guest's tap needs nothing of its own: it is not persistent, so it goes with the
-VMM's descriptor (and lives in the cell's namespace, which goes too)."""
+``PR_SET_PDEATHSIG``). The network scope is the shared reaper's; a qemu guest's tap needs
+nothing of its own: it is not persistent, so it goes with the VMM's descriptor (and lives in
+the cell's namespace, which goes too)."""
 
 from __future__ import annotations
 
@@ -11,26 +11,11 @@ import os
 import signal
 from typing import Any
 
-
-def _is_vmm_of(pid: int, cell_dir: str) -> bool:
-    """A recorded pid may have been reused since the crash: the VMM runs in the cell's dir."""
-    try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return False
-    return cwd in (cell_dir, f"{cell_dir} (deleted)")
+from cellos.hosts.procfs import runs_in
 
 
 def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:
-    removed, residue = _reap_vmm(record)
-    if "network" in record:
-        # After the VMM: its descriptor of the tap no longer holds the namespace.
-        from cellos.network.cell_egress import reap_recorded
-
-        net_removed, net_residue = reap_recorded(record)
-        removed += net_removed
-        residue += net_residue
-    return removed, residue
+    return _reap_vmm(record)
 
 
 def _reap_vmm(record: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -38,7 +23,7 @@ def _reap_vmm(record: dict[str, Any]) -> tuple[list[str], list[str]]:
     pid, cell_dir = record.get("pid"), record.get("vmmDir") or record.get("cellDir")
     if not (isinstance(pid, int) and pid > 1 and isinstance(cell_dir, str)):
         return [], []
-    if not _is_vmm_of(pid, cell_dir):
+    if not runs_in(pid, cell_dir):  # the pid may have been reused since the crash
         return [], []
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGKILL)
