@@ -49,6 +49,35 @@ def ensure_cellos_importable() -> bool:
 # -- statistics ------------------------------------------------------------------------------
 
 
+#: The cold phases' reference: the same interpreter started for nothing.
+PYTHON_PASS = "python -c pass"
+
+
+def cli_command() -> list[str]:
+    """The ``cellos-supervisor`` entry point next to the interpreter, else ``-m``."""
+    script = Path(sys.executable).with_name("cellos-supervisor")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "cellos.supervisor.cli"]
+
+
+def child_env(home: Path, src_added: bool) -> dict[str, str]:
+    """The environment of a benchmark's child processes: nothing inherited but PATH, events
+    to the noop sink, and the same cellos as this process (PYTHONPATH kept, ``src/`` added
+    when :func:`ensure_cellos_importable` had to)."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "CELL_OS_USE_NOOP_SINK": "1",
+    }
+    path = [str(REPO / "src")] if src_added else []
+    path += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(path)
+    return env
+
+
 def scratch(prefix: str) -> tempfile.TemporaryDirectory[str]:
     """A temporary directory beside CellOS's default state root (``/run`` as root, the user's
     runtime directory otherwise), so cells keep their state where a real deployment keeps it:

@@ -40,7 +40,7 @@ from harness import BenchError, Series, WarmCells, cell_document, cell_id, timed
 BACKENDS = ("stub", "cellos")
 UNSHARE_ARGV = harness.UNSHARE_ARGV
 UNSHARE = "unshare"
-PYTHON_PASS = "python -c pass"
+PYTHON_PASS = harness.PYTHON_PASS
 #: (subject, reference, target): p50(subject) / p50(reference) <= target.
 TARGETS = (
     ("cellos/warm", UNSHARE, 2.5),
@@ -99,14 +99,6 @@ class LauncherLaunch:
                 os.close(write_fd)
 
 
-def cli_command() -> list[str]:
-    """The ``cellos-supervisor`` entry point next to the interpreter, else ``-m``."""
-    script = Path(sys.executable).with_name("cellos-supervisor")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-m", "cellos.supervisor.cli"]
-
-
 @dataclass
 class Config:
     rounds: int
@@ -125,17 +117,7 @@ class Run:
         self.config, self.tmp = config, tmp
         self.rng = random.Random(config.seed)
         self.state_dirs: list[Path] = []
-        self.child_env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(tmp),
-            "LANG": "C.UTF-8",
-            "CELL_OS_USE_NOOP_SINK": "1",
-        }
-        # Children import the same cellos as this process: keep PYTHONPATH, add src/ if needed.
-        path = [str(harness.REPO / "src")] if src_added else []
-        path += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if path:
-            self.child_env["PYTHONPATH"] = os.pathsep.join(path)
+        self.child_env = harness.child_env(tmp, src_added)
         self.signing_seed = secrets.token_bytes(32)
         self.jsonl: dict[str, Path] = {}
         self.events_per_cell: dict[str, int] = {}
@@ -214,7 +196,7 @@ class Run:
     def cold(self) -> tuple[list[Series], Series, Series]:
         """The cold phase: (rows, python -c pass, /bin/true)."""
         true, python = Series("/bin/true"), Series(PYTHON_PASS)
-        command = cli_command()
+        command = harness.cli_command()
         spec_dir = self.tmp / "specs"
         spec_dir.mkdir()
         pass_argv = [sys.executable, "-c", "pass"]
@@ -310,7 +292,7 @@ def benchmark(config: Config) -> dict[str, Any]:
             UNSHARE: " ".join(UNSHARE_ARGV),
             "bare cellos-sandbox launch": run.launcher_command,
             PYTHON_PASS: f"{sys.executable} -c pass",
-            "cold command": " ".join([*cli_command(), "SPEC"]),
+            "cold command": " ".join([*harness.cli_command(), "SPEC"]),
         },
         "phases": phases,
         "acceptance": accept,

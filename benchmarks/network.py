@@ -69,15 +69,7 @@ BACKENDS = ("cellos", "gvisor", "qemu")
 SHARED_VARIANTS = ("no-network", "egress", "egress+dns")
 #: At most this much added per cell by egress authority, at p50, warm and cold (issue 14).
 TARGET_ADDED_MS = 15.0
-PYTHON_PASS = "python -c pass"
-
-
-def cli_command() -> list[str]:
-    """The ``cellos-supervisor`` entry point next to the interpreter, else ``-m``."""
-    script = Path(sys.executable).with_name("cellos-supervisor")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-m", "cellos.supervisor.cli"]
+PYTHON_PASS = harness.PYTHON_PASS
 
 
 def variants(backend: str) -> dict[str, dict[str, Any]]:
@@ -95,10 +87,7 @@ def unavailable(backend: str) -> str | None:
 
 def base_env(tmp: Path, state: Path, src_added: bool, backend: str = "cellos") -> dict[str, str]:
     env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp),
-        "LANG": "C.UTF-8",
-        "CELL_OS_USE_NOOP_SINK": "1",
+        **harness.child_env(tmp, src_added),
         "CELLOS_CELL_BACKEND": backend,
         "CELLOS_STATE_DIR": str(state),
         "CELLOS_LOG_DIR": str(tmp / "logs"),
@@ -112,10 +101,6 @@ def base_env(tmp: Path, state: Path, src_added: bool, backend: str = "cellos") -
     if backend == "qemu":
         # Measured where it runs: under TCG on a host whose KVM cannot boot the guest.
         env["CELLOS_MICROVM_ALLOW_TCG"] = "1"
-    path = [str(harness.REPO / "src")] if src_added else []
-    path += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if path:
-        env["PYTHONPATH"] = os.pathsep.join(path)
     return env
 
 
@@ -168,7 +153,7 @@ def cold_phase(
     tmp: Path, backend: str, rounds: int, warmup: int, rng: random.Random, src_added: bool
 ) -> tuple[list[Series], Series | None, list[Path]]:
     """A process per cell for each variant; with ``python -c pass`` on ``cellos``."""
-    command = cli_command()
+    command = harness.cli_command()
     specs = tmp / f"specs-{backend}"
     specs.mkdir()
     tasks: list[harness.Task] = []
@@ -295,7 +280,7 @@ def benchmark(
             "loadavg_after": os.getloadavg(),
         },
         "unshare": " ".join(harness.UNSHARE_ARGV),
-        "cold_command": " ".join([*cli_command(), "SPEC"]),
+        "cold_command": " ".join([*harness.cli_command(), "SPEC"]),
         "phases": phases,
         "not_measured": skipped,
         "acceptance": acceptance,
