@@ -48,7 +48,11 @@ async def console_stream(request: web.Request, query: Query) -> web.StreamRespon
     # Listen before the snapshot: a change between the two is queued, not lost.
     feed.listeners.add(queue)
     try:
-        snapshot_seq = feed.index.last_seq
+        # The records come from the projection and the evidence from the index, each fed by
+        # its own consumer: the snapshot is as new as the older of the two. Labelled with the
+        # newer one, a change the other had not folded yet (e.g. ADMITTED -> RUNNING) was
+        # skipped below as already sent, and the row stayed stale until the next change.
+        snapshot_seq = min(feed.index.last_seq, hub.projection.last_seq)
         items = [feed.record(cid) for cid in sorted(hub.projection.cells)]
         snapshot = {"items": [i for i in items if i is not None], "lastSeq": snapshot_seq}
         await stream.send("cellos.cells", snapshot, snapshot_seq)
