@@ -54,6 +54,10 @@ NEVER_FOR_A_PLAIN_RUN = {
     "inspect",
     # msgspec would import it (and inspect, ast) only for types CellOS never uses.
     "typing_extensions",
+    # uuid (through msgspec) imports it for platform.system() alone: nine regexes compiled.
+    "platform",
+    # Only a value that is not plain JSON needs a deep copy (canonical.copy_and_canonical).
+    "copy",
     "socket",
     "cellos.network",
     "cellos.server",
@@ -106,6 +110,89 @@ def test_plain_run_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
     modules = _imported(tmp_path, DOCUMENT, "cell.json")
     assert "cellos.supervisor.lifecycle" in modules  # the wrapper really ran a cell
     assert _roots(modules, NEVER_FOR_A_PLAIN_RUN) == set()
+
+
+def test_stand_ins_used_while_msgspec_loads_do_not_leak() -> None:
+    """``import cellos`` stands in for typing_extensions and platform while msgspec loads;
+    afterwards both import for real, and uuid still knows it runs on Linux."""
+    code = (
+        "import sys, cellos, uuid\n"
+        "assert 'platform' not in sys.modules and 'typing_extensions' not in sys.modules\n"
+        "import platform, typing_extensions\n"
+        "assert platform.machine() and platform.python_version()\n"
+        "assert typing_extensions.TypedDict\n"
+        "assert uuid._LINUX and uuid.uuid4().version == 4\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_patterns_of_absent_fields_are_not_compiled() -> None:
+    """The host, CIDR, resolver and header patterns (~3 ms to compile, most of it IPv6) are
+    compiled by the first document that has such a field, not at import. ``re`` keeps every
+    pattern it compiled in its cache, msgspec's ``Meta(pattern=...)`` included."""
+    code = (
+        "import re\n"
+        "from cellos.core import spec\n"
+        "from cellos.core.loading import validate_document\n"
+        "kind = spec.DeferredPattern\n"
+        "deferred = [v.pattern for v in vars(spec).values() if isinstance(v, kind)]\n"
+        "def compiled():\n"
+        "    return sorted(deferred.index(k[1]) for k in re._cache if k[1] in deferred)\n"
+        "doc = {'apiVersion': 'cellos.io/v1', 'kind': 'ExecutionCell', 'spec': {'id': 'a',\n"
+        "       'run': {'argv': ['/bin/true']}}}\n"
+        "validate_document(doc)\n"
+        "print(len(deferred), compiled())\n"
+        "doc['spec']['authority'] = {'egressRules': [{'cidr': '10.0.0.0/8', 'port': 443}]}\n"
+        "validate_document(doc)\n"
+        "print(compiled() == [deferred.index(spec.CIDR_PATTERN)])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert proc.stdout.split("\n")[:2] == ["6 []", "True"], proc.stderr
+
+
+#: Runs the ``cellos-supervisor`` entry point, counting the garbage collections that start
+#: after it is entered and before the CLI module has finished importing; reports at the fast
+#: exit.
+GC_WRAPPER = """
+import gc, os, sys
+early = []
+def count(phase, info):
+    cli = sys.modules.get("cellos.supervisor.cli")
+    if phase == "start" and not hasattr(cli, "run_spec"):
+        early.append(info["generation"])
+real_exit = os._exit
+def report(code):
+    print(len(early), gc.isenabled(), gc.get_freeze_count() > 5000, code, flush=True)
+    real_exit(code)
+os._exit = report
+sys.argv = ["cellos-supervisor", sys.argv[1]]
+from cellos_entry import supervisor
+gc.collect()  # nothing pending from this wrapper's own start
+gc.callbacks.append(count)
+supervisor()
+"""
+
+
+def test_supervisor_imports_without_garbage_collections(tmp_path: Path) -> None:
+    """The command's imports (~13,000 long-lived objects) run with the collector paused and
+    are frozen afterwards; collection is enabled again for the run itself."""
+    spec = tmp_path / "cell.json"
+    spec.write_text(DOCUMENT, encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-c", GC_WRAPPER, str(spec)],
+        env=base_env(tmp_path, CELLOS_CELL_BACKEND="stub", CELL_OS_USE_NOOP_SINK="1"),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.stdout.split() == ["0", "True", "True", "0"], (proc.stdout, proc.stderr)
 
 
 def test_yaml_is_loaded_for_a_yaml_document_only(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ arrives at the same bytes and therefore the same digest.
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any
 
@@ -86,6 +85,8 @@ def copy_and_canonical(obj: Any) -> tuple[Any, bytes]:
     plain, ok = _plain_or_not(obj)
     if ok:
         return plain, _plain_bytes(plain)
+    import copy  # the rare non-plain value only: a plain run never imports it
+
     copied = copy.deepcopy(obj)
     return copied, _jcs(copied)
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from cellos.core.spec import PATTERN_REASONS
+from cellos.core.spec import PATTERN_REASONS, pattern_reason
 
 Loc = tuple[int | str, ...]
 Problem = tuple[Loc, str]
@@ -25,7 +25,7 @@ Problem = tuple[Loc, str]
 _AT = re.compile(r"^(?P<msg>.*) - at `(?:key` in `)?(?P<path>\$[^`]*)`$", re.S)
 _REGEX = re.compile(r"""^Expected `str` matching regex (?P<pattern>'.*'|".*")$""", re.S)
 #: msgspec quotes the pattern with ``repr``.
-_REASONS = {repr(pattern): reason for pattern, reason in PATTERN_REASONS.items()}
+_PATTERNS = {repr(pattern): pattern for pattern in PATTERN_REASONS}
 _RULE = re.compile(r"^@(?P<field>[A-Za-z0-9_\[\].]+): (?P<reason>.*)$", re.S)
 _FIELD_PART = re.compile(r"([A-Za-z0-9_]+)|\[(\d+)\]")
 _SEGMENT = re.compile(r"\.([A-Za-z0-9_]+)|\[(\d+)\]")
@@ -100,6 +100,12 @@ def _leaf(data: Any, tp: Any, loc: Loc) -> list[Problem]:
         msgspec.convert(data, tp)
     except msgspec.ValidationError as exc:
         return [_translate(str(exc), data, tp, loc)]
+    # A pattern the schema states but msgspec does not check (spec.DeferredPattern): the
+    # struct's __post_init__ would report only the first, and only once its parts are fine.
+    for meta in _unwrap(tp)[1]:
+        pattern = (getattr(meta, "extra_json_schema", None) or {}).get("pattern")
+        if pattern is not None and isinstance(data, str) and not re.search(pattern, data):
+            return [(loc, pattern_reason(pattern, data))]
     return []
 
 
@@ -121,13 +127,8 @@ def _translate(message: str, data: Any, tp: Any, loc: Loc) -> Problem:
         where = (*where, *parts)
         return (*loc, *where), reason
     regex = _REGEX.match(reason)
-    if regex and regex["pattern"] in _REASONS:
-        value = data if not where else None
-        shown = repr(value)[:80] if isinstance(value, str) else "the value"
-        # Only a leading ``{value}`` stands for the offending value (a reason may quote the
-        # literal text ``{value}``, e.g. the secretInjection format's marker).
-        template = _REASONS[regex["pattern"]]
-        reason = shown + template[7:] if template.startswith("{value}") else template
+    if regex and regex["pattern"] in _PATTERNS:
+        reason = pattern_reason(_PATTERNS[regex["pattern"]], data if not where else None)
     elif reason.startswith("Invalid enum value"):
         allowed = _literals(tp)
         if allowed:

@@ -5,7 +5,8 @@ can state is written on the field (``Meta``: pattern, lengths, ranges; ``extra_j
 ``uniqueItems``, ``oneOf``, ``prefixItems``), and ``msgspec.json.schema`` prints the same text the
 validator checks. The few rules a schema cannot state (docs/document.md, "What the schema cannot
 say") are checked in ``__post_init__``; the ``extra_json_schema`` keywords msgspec does not
-enforce itself are checked there too, next to their declaration.
+enforce itself are checked there too, next to their declaration (``uniqueItems``, and the
+patterns of rarely present fields, compiled on first use: :class:`DeferredPattern`).
 
 Why msgspec rather than pydantic: pydantic builds its validators when the module is imported
 (about 100 ms, paid by every ``cellos-supervisor`` process); msgspec builds them lazily, in C.
@@ -113,8 +114,6 @@ PATTERN_REASONS: dict[str, str] = {
 
 CELL_ID_RE = re.compile(CELL_ID_PATTERN)
 _SAFE_FILE_NAME_RE = re.compile(FILE_NAME_PATTERN)
-_HOST_RE = re.compile(HOST_PATTERN)
-_WILDCARD_HOST_RE = re.compile(WILDCARD_HOST_PATTERN)
 
 MAX_FILE_NAME_BYTES = 255
 MAX_HOST_LENGTH = 253
@@ -125,6 +124,51 @@ def rule_error(field: str, reason: str) -> NoReturn:
     raise ValueError(f"@{field}: {reason}")
 
 
+def pattern_reason(pattern: str, value: object) -> str:
+    """Why ``value`` does not match ``pattern``. A reason that starts with ``{value}`` names the
+    value (quoted, at most 80 characters); elsewhere ``{value}`` is literal text (the
+    secretInjection format's marker)."""
+    template = PATTERN_REASONS[pattern]
+    if not template.startswith("{value}"):
+        return template
+    return (repr(value)[:80] if isinstance(value, str) else "the value") + template[7:]
+
+
+class DeferredPattern:
+    """A ``pattern`` that the schema states (``extra_json_schema``) and that is compiled on first
+    use, checked by the struct's ``__post_init__`` (and by :mod:`cellos.core.doc_errors` for
+    each value, so that an invalid document still gets every problem at once).
+
+    For the patterns of fields that most cells do not have (hosts, CIDRs, resolvers, injected
+    headers): ``Meta(pattern=...)`` compiles when this module is imported, ~3 ms of every
+    one-shot supervisor's start for these, mostly the IPv6 alternatives.
+    """
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self._regex: re.Pattern[str] | None = None
+
+    def meta(self, **constraints: Any) -> Meta:
+        return Meta(extra_json_schema={"pattern": self.pattern}, **constraints)
+
+    def matches(self, value: str) -> bool:
+        if self._regex is None:
+            self._regex = re.compile(self.pattern)
+        return self._regex.search(value) is not None
+
+    def check(self, field: str, value: str | None) -> None:
+        if value is not None and not self.matches(value):
+            rule_error(field, pattern_reason(self.pattern, value))
+
+
+_HOSTNAME = DeferredPattern(HOST_PATTERN)
+_WILDCARD_HOSTNAME = DeferredPattern(WILDCARD_HOST_PATTERN)
+_CIDR = DeferredPattern(CIDR_PATTERN)
+_RESOLVER_ADDRESS = DeferredPattern(RESOLVER_ADDRESS_PATTERN)
+_HEADER_NAME = DeferredPattern(HEADER_NAME_PATTERN)
+_INJECTION_FORMAT = DeferredPattern(INJECTION_FORMAT_PATTERN)
+
+
 def check_cell_id(value: str) -> str:
     """The id becomes a directory name, a cgroup name and a NATS subject token."""
     if len(value) > 128 or not CELL_ID_RE.search(value):
@@ -133,11 +177,9 @@ def check_cell_id(value: str) -> str:
 
 
 def check_hostname(value: str, *, allow_wildcard: bool) -> str:
-    regex, pattern = (
-        (_WILDCARD_HOST_RE, WILDCARD_HOST_PATTERN) if allow_wildcard else (_HOST_RE, HOST_PATTERN)
-    )
-    if len(value) > MAX_HOST_LENGTH or not regex.search(value):
-        raise ValueError(PATTERN_REASONS[pattern].replace("{value}", repr(value)))
+    pattern = _WILDCARD_HOSTNAME if allow_wildcard else _HOSTNAME
+    if len(value) > MAX_HOST_LENGTH or not pattern.matches(value):
+        raise ValueError(pattern_reason(pattern.pattern, value))
     return value
 
 
@@ -157,10 +199,11 @@ Token = Annotated[str, Meta(pattern=TOKEN_PATTERN)]
 SecretKey = Annotated[str, Meta(pattern=SECRET_KEY_PATTERN)]
 EnvName = Annotated[str, Meta(pattern=ENV_NAME_PATTERN)]
 NoNul = Annotated[str, Meta(pattern=NO_NUL_PATTERN)]
-Host = Annotated[str, Meta(pattern=HOST_PATTERN, max_length=MAX_HOST_LENGTH)]
-WildcardHost = Annotated[str, Meta(pattern=WILDCARD_HOST_PATTERN, max_length=MAX_HOST_LENGTH)]
-Cidr = Annotated[str, Meta(pattern=CIDR_PATTERN)]
-ResolverAddress = Annotated[str, Meta(pattern=RESOLVER_ADDRESS_PATTERN)]
+Host = Annotated[str, _HOSTNAME.meta(max_length=MAX_HOST_LENGTH)]
+WildcardHost = Annotated[str, _WILDCARD_HOSTNAME.meta(max_length=MAX_HOST_LENGTH)]
+
+Cidr = Annotated[str, _CIDR.meta()]
+ResolverAddress = Annotated[str, _RESOLVER_ADDRESS.meta()]
 WorkingDirectory = Annotated[str, Meta(pattern=WORKING_DIRECTORY_PATTERN)]
 FileName = Annotated[str, Meta(pattern=FILE_NAME_PATTERN, max_length=MAX_FILE_NAME_BYTES)]
 PositiveSeconds = Annotated[int, Meta(ge=1, le=MAX_SECONDS)]
@@ -215,6 +258,8 @@ class EgressRule(_Doc, frozen=True, kw_only=True):
     protocol: Literal["tcp", "udp"] = "tcp"
 
     def __post_init__(self) -> None:
+        _HOSTNAME.check("host", self.host)
+        _CIDR.check("cidr", self.cidr)
         if (self.host is None) == (self.cidr is None):
             raise ValueError("exactly one of 'host' or 'cidr' is required")
         if self.cidr is not None:
@@ -232,10 +277,17 @@ class Resolver(_Doc, frozen=True, kw_only=True):
     protocol: Literal["do53-udp", "do53-tcp"] = "do53-udp"
     address: ResolverAddress
 
+    def __post_init__(self) -> None:
+        _RESOLVER_ADDRESS.check("address", self.address)
+
 
 class DnsAuthority(_Doc, frozen=True, kw_only=True):
     hostname_allowlist: list[WildcardHost] = []
     resolvers: list[Resolver] = []
+
+    def __post_init__(self) -> None:
+        for index, host in enumerate(self.hostname_allowlist):
+            _WILDCARD_HOSTNAME.check(f"hostnameAllowlist[{index}]", host)
 
 
 #: Headers that frame or route a request: a secret placed there would change what the request
@@ -253,8 +305,13 @@ class SecretInjection(_Doc, frozen=True, kw_only=True):
 
     secret_ref: SecretKey
     host: Host
-    header: Annotated[str, Meta(pattern=HEADER_NAME_PATTERN, max_length=128)]
-    format: Annotated[str, Meta(pattern=INJECTION_FORMAT_PATTERN, max_length=1024)] = "{value}"
+    header: Annotated[str, _HEADER_NAME.meta(max_length=128)]
+    format: Annotated[str, _INJECTION_FORMAT.meta(max_length=1024)] = "{value}"
+
+    def __post_init__(self) -> None:
+        _HOSTNAME.check("host", self.host)
+        _HEADER_NAME.check("header", self.header)
+        _INJECTION_FORMAT.check("format", self.format)
 
 
 def _host_key(host: str) -> str:

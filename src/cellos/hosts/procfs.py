@@ -15,17 +15,28 @@ class ProcStat(msgspec.Struct, frozen=True):
     pgrp: int
 
 
+def _read_stat(pid: int | str) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` after ``comm``, or None when the process is gone.
+
+    ``os.open``/``os.read`` rather than ``open()``: this runs for every process on the host
+    after every stub workload, and the buffered file object costs more than the read."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        # comm may contain spaces and parentheses: split after the last ')'.
+        return os.read(fd, 4096).rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    finally:
+        os.close(fd)
+
+
 def iter_procs() -> Iterator[ProcStat]:
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                # comm may contain spaces and parentheses: split after the last ')'.
-                fields = fh.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        yield ProcStat(int(entry), fields[0].decode(), int(fields[1]), int(fields[2]))
+        if entry.isdigit() and (fields := _read_stat(entry)) is not None:
+            yield ProcStat(int(entry), fields[0].decode(), int(fields[1]), int(fields[2]))
 
 
 def pid_namespace(pid: int) -> str | None:
@@ -41,11 +52,8 @@ def live_in_namespace(ns: str) -> list[int]:
 
 
 def is_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+    fields = _read_stat(pid)
+    return fields is not None and fields[0] != b"Z"
 
 
 def runs_in(pid: int, directory: str) -> bool:

@@ -166,13 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_spec(parsed.spec)
 
 
-def entry() -> None:
-    """The ``cellos-supervisor`` command: :func:`main`, then a fast exit (one process per cell,
-    so the interpreter's finalisation is latency every cell pays)."""
+if __name__ == "__main__":
     from cellos.core.fast_exit import exit_now
 
     exit_now(main())
-
-
-if __name__ == "__main__":
-    entry()
