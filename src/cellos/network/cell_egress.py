@@ -86,7 +86,7 @@ class CellEgress:
         scope.create(self.net)
         dns = self.spec.authority.dns_authority
         if dns is not None:
-            with open(resolv_conf_path, "w", encoding="ascii") as fh:
+            with open(resolv_conf_path, "w", encoding="utf-8") as fh:
                 fh.write("nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
             self.resolv_conf = resolv_conf_path
         # Ports 80/443 are checked at L7 against the names the cell may reach.

@@ -359,5 +359,5 @@ def remove_netns(name: str) -> bool:
 
 def write_sysctl(name: str, value: str) -> None:
     """Write ``/proc/sys/<name>`` (in the calling thread's network namespace for net.*)."""
-    with open("/proc/sys/" + name.replace(".", "/"), "w", encoding="ascii") as fh:
-        fh.write(value)
+    with open("/proc/sys/" + name.replace(".", "/"), "wb") as fh:
+        fh.write(value.encode())

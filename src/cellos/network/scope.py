@@ -591,10 +591,10 @@ def _enable_forwarding(*, ipv6: bool = False) -> None:
     for path in paths:
         if path in _forwarding_checked:
             continue
-        with open(path, encoding="ascii") as fh:
-            if fh.read().strip() != "1":
-                with open(path, "w", encoding="ascii") as out:
-                    out.write("1")
+        with open(path, "rb") as fh:
+            if fh.read().strip() != b"1":
+                with open(path, "wb") as out:
+                    out.write(b"1")
         _forwarding_checked.add(path)
 
 

@@ -75,11 +75,7 @@ def detect() -> CgroupLayout:
     hierarchies: list[Hierarchy] = []
     for mount, fstype, options in _mounts():
         if fstype == "cgroup2":
-            try:
-                with open(os.path.join(mount, "cgroup.controllers"), encoding="ascii") as fh:
-                    ctrls = frozenset(fh.read().split())
-            except OSError:
-                ctrls = frozenset()
+            ctrls = frozenset(_read(os.path.join(mount, "cgroup.controllers")).split())
             hierarchies.append(Hierarchy(mount, 2, ctrls))
         else:
             hierarchies.append(
@@ -103,10 +99,12 @@ def _write(path: str, value: str) -> None:
 
 
 def _read(path: str) -> str:
+    """The file's text, "" when it cannot be read. Bytes decoded as UTF-8 (kernel files are
+    ASCII): an "ascii" text file would load a codec module on every supervisor's start."""
     try:
-        with open(path, encoding="ascii") as fh:
-            return fh.read()
-    except OSError:
+        with open(path, "rb") as fh:
+            return fh.read().decode()
+    except (OSError, UnicodeDecodeError):
         return ""
 
 

@@ -155,8 +155,8 @@ def landlock_abi(cache_dir: str | None = None) -> int:
     from cellos.hosts.cellos.cache_files import read_trusted, write_atomically
 
     try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
-            boot = fh.read().strip()
+        with open("/proc/sys/kernel/random/boot_id", "rb") as fh:
+            boot = fh.read().strip().decode()  # bytes: no codec module to load
     except OSError:
         return _probe_landlock_abi()
     key = sha256(f"{boot}\0{os.uname().release}".encode()).hexdigest()[:16]
