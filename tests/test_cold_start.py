@@ -54,8 +54,12 @@ NEVER_FOR_A_PLAIN_RUN = {
     "inspect",
     # msgspec would import it (and inspect, ast) only for types CellOS never uses.
     "typing_extensions",
-    # uuid (through msgspec) imports it for platform.system() alone: nine regexes compiled.
+    # msgspec's import, for what a run does not use (cellos.core.msgspec_import): uuid's
+    # platform.system() call, datetime.py's pure-Python types, the schema generator's helpers.
     "platform",
+    "datetime",
+    "textwrap",
+    "msgspec.inspect",
     # Only a value that is not plain JSON needs a deep copy (canonical.copy_and_canonical).
     "copy",
     "socket",
@@ -112,20 +116,41 @@ def test_plain_run_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
     assert _roots(modules, NEVER_FOR_A_PLAIN_RUN) == set()
 
 
+#: Checks, after ``import cellos``, that the stand-ins used while msgspec loaded are gone and
+#: that the real modules work with msgspec.
+STAND_INS_CHECK = '''
+import sys, cellos, uuid, msgspec
+names = ("platform", "typing_extensions", "datetime", "textwrap", "msgspec.inspect")
+assert not [n for n in names if n in sys.modules], [n for n in names if n in sys.modules]
+import platform, typing_extensions, datetime, textwrap
+assert platform.machine() and platform.python_version()
+assert typing_extensions.TypedDict and textwrap.dedent(" a") == "a"
+assert uuid._LINUX and uuid.uuid4().version == 4
+when = msgspec.json.decode(b'"2020-01-02T03:04:05Z"', type=datetime.datetime)
+assert type(when) is datetime.datetime and when.tzinfo is datetime.timezone.utc
+assert msgspec.json.encode(datetime.date(2020, 1, 2)) == b'"2020-01-02"'
+class S(msgspec.Struct):
+    """A doc
+       string."""
+    when: datetime.datetime
+assert msgspec.json.schema(S)["$defs"]["S"]["description"] == "A doc\\nstring."
+info = msgspec.inspect.type_info(S)
+assert isinstance(info.fields[0].type, msgspec.inspect.DateTimeType)
+assert sys.modules["msgspec.inspect"].type_info is msgspec.inspect.type_info
+print("ok")
+'''
+
+
 def test_stand_ins_used_while_msgspec_loads_do_not_leak() -> None:
-    """``import cellos`` stands in for typing_extensions and platform while msgspec loads;
-    afterwards both import for real, and uuid still knows it runs on Linux."""
-    code = (
-        "import sys, cellos, uuid\n"
-        "assert 'platform' not in sys.modules and 'typing_extensions' not in sys.modules\n"
-        "import platform, typing_extensions\n"
-        "assert platform.machine() and platform.python_version()\n"
-        "assert typing_extensions.TypedDict\n"
-        "assert uuid._LINUX and uuid.uuid4().version == 4\n"
-        "print('ok')\n"
-    )
+    """``import cellos`` stands in for typing_extensions, platform, datetime, textwrap and
+    msgspec.inspect while msgspec loads; afterwards each imports for real, msgspec handles the
+    real datetime types, and inspection and the schema work."""
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60
+        [sys.executable, "-c", STAND_INS_CHECK],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
     assert proc.stdout.strip() == "ok", proc.stderr
 
