@@ -152,16 +152,18 @@ class DeferredPattern:
         the IPv6 alternatives (~1 ms)."""
         self.pattern = pattern
         self.sources = tuple(_whole(body) for body in alternatives) or (pattern,)
-        self._regexes: list[re.Pattern[str]] = []
+        # One slot per source: threads that compile the same source at once only repeat work.
+        self._regexes: list[re.Pattern[str] | None] = [None] * len(self.sources)
 
     def meta(self, **constraints: Any) -> Meta:
         return Meta(extra_json_schema={"pattern": self.pattern}, **constraints)
 
     def matches(self, value: str) -> bool:
         for index, source in enumerate(self.sources):
-            if index == len(self._regexes):
-                self._regexes.append(re.compile(source))
-            if self._regexes[index].search(value) is not None:
+            regex = self._regexes[index]
+            if regex is None:
+                regex = self._regexes[index] = re.compile(source)
+            if regex.search(value) is not None:
                 return True
         return False
 
@@ -210,7 +212,6 @@ EnvName = Annotated[str, Meta(pattern=ENV_NAME_PATTERN)]
 NoNul = Annotated[str, Meta(pattern=NO_NUL_PATTERN)]
 Host = Annotated[str, _HOSTNAME.meta(max_length=MAX_HOST_LENGTH)]
 WildcardHost = Annotated[str, _WILDCARD_HOSTNAME.meta(max_length=MAX_HOST_LENGTH)]
-
 Cidr = Annotated[str, _CIDR.meta()]
 ResolverAddress = Annotated[str, _RESOLVER_ADDRESS.meta()]
 WorkingDirectory = Annotated[str, Meta(pattern=WORKING_DIRECTORY_PATTERN)]
