@@ -171,37 +171,31 @@ def run(commands: list[Json], netns: str | None = None) -> None:
         raise _failure(proc.stderr, proc.returncode)
 
 
-def list_table(family: str, table: str) -> list[Json]:
-    """The table's objects as JSON (with counters); [] when it does not exist."""
+def _listing(family: str, table: str) -> str | None:
+    """``list table`` as JSON text (with counters); None when the table does not exist."""
     ctx = _host_context()
     if ctx is not None:
         rc, out, _err = ctx.command(f"list table {family} {table}")
-        if rc != 0:
-            return []
-    else:
-        proc = subprocess.run(
-            [nft_binary(), "-j", "list", "table", family, table],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        if proc.returncode != 0:
-            return []
-        out = proc.stdout
-    items: list[Json] = json.loads(out).get("nftables", [])
+        return out if rc == 0 else None
+    proc = subprocess.run(
+        [nft_binary(), "-j", "list", "table", family, table],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def list_table(family: str, table: str) -> list[Json]:
+    """The table's objects as JSON (with counters); [] when it does not exist."""
+    out = _listing(family, table)
+    items: list[Json] = [] if out is None else json.loads(out).get("nftables", [])
     return items
 
 
 def table_exists(family: str, table: str) -> bool:
-    ctx = _host_context()
-    if ctx is not None:
-        rc, _out, _err = ctx.command(f"list table {family} {table}")
-        return rc == 0
-    proc = subprocess.run(
-        [nft_binary(), "list", "table", family, table], capture_output=True, timeout=30, check=False
-    )
-    return proc.returncode == 0
+    return _listing(family, table) is not None
 
 
 def delete_table(family: str, table: str) -> bool:
