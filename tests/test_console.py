@@ -233,6 +233,59 @@ def test_submit_watch_live_and_see_the_evidence(world: World, serve: Serve, brow
     shot(d, "cell")
 
 
+#: Holds the response of the next POST in the page until the row of cell ``arguments[0]`` shows
+#: COMPLETED (at most 60 s), so that the page reads it after the live stream's updates.
+HOLD_SUBMIT_RESPONSE = """
+const cellId = arguments[0];
+window.__realFetch = window.__realFetch || window.fetch;
+window.fetch = async (path, options) => {
+  const response = await window.__realFetch(path, options);
+  if (options && options.method === "POST") {
+    const done = () => {
+      const row = document.querySelector(`tr[data-cell-id='${cellId}']`);
+      return row && row.dataset.state === "COMPLETED";
+    };
+    for (let i = 0; i < 1200 && !done(); i++) await new Promise((r) => setTimeout(r, 50));
+  }
+  return response;
+};
+"""
+
+
+def test_a_late_submit_response_does_not_undo_the_stream(
+    world: World, serve: Serve, browser: Any
+) -> None:
+    """The response to a submission says what the cell was when the server took it
+    (PENDING). When the page reads it after the live stream has shown newer states, the row
+    keeps them: before this was mended the row went back to PENDING (or ADMITTED) for good,
+    and the live test above saw ['ADMITTED', 'COMPLETED'] about once in ten runs under load."""
+    d = browser
+    d.get(serve.url + "/#/submit")
+    d.execute_script(HOLD_SUBMIT_RESPONSE, "console-late-1")
+    try:
+        area = d.find_element("id", "document")
+        area.clear()
+        area.send_keys(json.dumps(doc("console-late-1")))
+        d.find_element("css selector", "#submit-form button").click()
+        # "Queued" is written as the page reads the response, i.e. after the row completed.
+        wait_for(d, lambda d: "Queued" in d.find_element("id", "submit-result").text, 90)
+        states: list[str | None] = []
+
+        def completed(d: Any) -> bool:
+            states.append(row_state(d, "console-late-1"))
+            return states[-1] == "COMPLETED"
+
+        from selenium.common.exceptions import TimeoutException
+
+        try:
+            # Settled at once when mended; a few seconds of slack for a slow stream.
+            wait_for(d, completed, 10)
+        except TimeoutException:
+            pytest.fail(f"the row went back and stayed there: {states[-3:]}")
+    finally:
+        d.execute_script("if (window.__realFetch) window.fetch = window.__realFetch;")
+
+
 def test_a_tampered_run_shows_the_broken_chain_at_its_seq(
     world: World, serve: Serve, browser: Any
 ) -> None:

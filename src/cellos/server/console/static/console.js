@@ -355,7 +355,10 @@ async function submit(event) {
     const link = el("a", null, body.id);
     link.href = "#/cell/" + encodeURIComponent(body.id);
     result.replaceChildren("Queued: ", link, " (" + body.state + ")");
-    if (body.id) upsert(Object.assign({ evidence: null }, body));
+    // The response says what the cell was when the server took the request; the live stream
+    // may have delivered newer states (ADMITTED, RUNNING, even COMPLETED) before this line
+    // runs. A row the stream already made is left to the stream, or it would go back.
+    if (body.id && !cells.has(body.id)) upsert(Object.assign({ evidence: null }, body));
     return;
   }
   result.textContent = body.detail || ("HTTP " + response.status);
