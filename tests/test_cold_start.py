@@ -80,21 +80,34 @@ def _imported(tmp_path: Path, document: str, name: str, **env: str) -> set[str]:
     spec = tmp_path / name
     spec.write_text(document, encoding="utf-8")
     out = tmp_path / "modules.json"
-    proc = subprocess.run(
-        [sys.executable, "-c", WRAPPER, str(spec), str(out)],
+    proc = _python(
+        WRAPPER,
+        str(spec),
+        str(out),
         env=base_env(
             tmp_path, **{"CELLOS_CELL_BACKEND": "stub", "CELL_OS_USE_NOOP_SINK": "1", **env}
         ),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=False,
-        timeout=60,
     )
     assert proc.returncode == 0, proc
     result = json.loads(out.read_text())
     assert result["code"] == 0, (result["code"], proc.stderr)
     return set(result["modules"])
+
+
+def _python(
+    code: str, *argv: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -c code argv...`` in the repository (``env`` None: this process's), output
+    captured as text."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _roots(modules: set[str], forbidden: set[str]) -> set[str]:
@@ -145,40 +158,36 @@ def test_stand_ins_used_while_msgspec_loads_do_not_leak() -> None:
     """``import cellos`` stands in for typing_extensions, platform, datetime, textwrap and
     msgspec.inspect while msgspec loads; afterwards each imports for real, msgspec handles the
     real datetime types, and inspection and the schema work."""
-    proc = subprocess.run(
-        [sys.executable, "-c", STAND_INS_CHECK],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    proc = _python(STAND_INS_CHECK)
     assert proc.stdout.strip() == "ok", proc.stderr
+
+
+#: Validates a plain document, then one with an IPv4 CIDR rule; after each prints which
+#: DeferredPattern's sources ``re`` has compiled (its cache holds every pattern compiled,
+#: msgspec's ``Meta(pattern=...)`` included).
+PATTERNS_CHECK = """
+import re
+from cellos.core import spec
+from cellos.core.loading import validate_document
+kind = spec.DeferredPattern
+owner = {s: n for n, v in vars(spec).items() if isinstance(v, kind) for s in v.sources}
+def compiled():
+    return sorted(owner[k[1]] for k in re._cache if k[1] in owner)
+doc = {"apiVersion": "cellos.io/v1", "kind": "ExecutionCell",
+       "spec": {"id": "a", "run": {"argv": ["/bin/true"]}}}
+validate_document(doc)
+print(len(set(owner.values())), compiled())
+doc["spec"]["authority"] = {"egressRules": [{"cidr": "10.0.0.0/8", "port": 443}]}
+validate_document(doc)
+print(compiled())
+"""
 
 
 def test_patterns_of_absent_fields_are_not_compiled() -> None:
     """The host, CIDR, resolver and header patterns (~3 ms to compile, most of it IPv6) are
     compiled by the first document that has such a field, not at import; an IPv4 CIDR does not
-    compile the IPv6 alternative. ``re`` keeps every pattern it compiled in its cache,
-    msgspec's ``Meta(pattern=...)`` included."""
-    code = (
-        "import re\n"
-        "from cellos.core import spec\n"
-        "from cellos.core.loading import validate_document\n"
-        "kind = spec.DeferredPattern\n"
-        "owner = {s: n for n, v in vars(spec).items() if isinstance(v, kind) for s in v.sources}\n"
-        "def compiled():\n"
-        "    return sorted(owner[k[1]] for k in re._cache if k[1] in owner)\n"
-        "doc = {'apiVersion': 'cellos.io/v1', 'kind': 'ExecutionCell', 'spec': {'id': 'a',\n"
-        "       'run': {'argv': ['/bin/true']}}}\n"
-        "validate_document(doc)\n"
-        "print(len(set(owner.values())), compiled())\n"
-        "doc['spec']['authority'] = {'egressRules': [{'cidr': '10.0.0.0/8', 'port': 443}]}\n"
-        "validate_document(doc)\n"
-        "print(compiled())\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60
-    )
+    compile the IPv6 alternative."""
+    proc = _python(PATTERNS_CHECK)
     assert proc.stdout.split("\n")[:2] == ["6 []", "['_CIDR']"], (proc.stdout, proc.stderr)
 
 
@@ -210,13 +219,10 @@ def test_supervisor_imports_without_garbage_collections(tmp_path: Path) -> None:
     are frozen afterwards; collection is enabled again for the run itself."""
     spec = tmp_path / "cell.json"
     spec.write_text(DOCUMENT, encoding="utf-8")
-    proc = subprocess.run(
-        [sys.executable, "-c", GC_WRAPPER, str(spec)],
+    proc = _python(
+        GC_WRAPPER,
+        str(spec),
         env=base_env(tmp_path, CELLOS_CELL_BACKEND="stub", CELL_OS_USE_NOOP_SINK="1"),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
     )
     assert proc.stdout.split() == ["0", "True", "True", "0"], (proc.stdout, proc.stderr)
 
@@ -282,15 +288,7 @@ def test_the_fast_exit_loses_nothing(tmp_path: Path, case: str) -> None:
     """``cellos-supervisor`` skips the interpreter's finalisation, but keeps its exit code,
     flushes buffered output, runs atexit handlers, and lets a working thread finish."""
     base = tmp_path / "mark"
-    proc = subprocess.run(
-        [sys.executable, "-c", FAST_EXIT, str(base), case],
-        env=base_env(tmp_path),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=20,
-        check=False,
-    )
+    proc = _python(FAST_EXIT, str(base), case, env=base_env(tmp_path), timeout=20)
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == "buffered, no newline"
     assert (tmp_path / "mark.atexit").read_text() == "ran"
