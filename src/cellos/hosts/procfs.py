@@ -15,11 +15,12 @@ class ProcStat(msgspec.Struct, frozen=True):
     pgrp: int
 
 
-def _read_stat(pid: int | str) -> list[bytes] | None:
+def stat_fields(pid: int | str) -> list[bytes] | None:
     """The fields of ``/proc/<pid>/stat`` after ``comm``, or None when the process is gone.
 
-    ``os.open``/``os.read`` rather than ``open()``: this runs for every process on the host
-    after every stub workload, and the buffered file object costs more than the read."""
+    ``fields[0]`` is the state, ``fields[19]`` the start time. ``os.open``/``os.read`` rather
+    than ``open()``: this runs for every process on the host after every stub workload, and the
+    buffered file object costs more than the read."""
     try:
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -35,7 +36,7 @@ def _read_stat(pid: int | str) -> list[bytes] | None:
 
 def iter_procs() -> Iterator[ProcStat]:
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _read_stat(entry)) is not None:
+        if entry.isdigit() and (fields := stat_fields(entry)) is not None:
             yield ProcStat(int(entry), fields[0].decode(), int(fields[1]), int(fields[2]))
 
 
@@ -52,7 +53,7 @@ def live_in_namespace(ns: str) -> list[int]:
 
 
 def is_running(pid: int) -> bool:
-    fields = _read_stat(pid)
+    fields = stat_fields(pid)
     return fields is not None and fields[0] != b"Z"
 
 

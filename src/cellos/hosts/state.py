@@ -32,6 +32,7 @@ import msgspec
 from cellos.core.errors import HostError
 from cellos.core.log import get_logger
 from cellos.core.ports import ChainPosition
+from cellos.hosts.procfs import stat_fields
 
 log = get_logger(__name__)
 
@@ -62,10 +63,10 @@ def default_cache_root() -> str:
 
 def process_start(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (tells a reused pid apart)."""
+    fields = stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return int(fh.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+        return int(fields[19]) if fields is not None else None
+    except (IndexError, ValueError):
         return None
 
 

@@ -11,7 +11,7 @@ import os
 import signal
 from typing import Any
 
-from cellos.hosts.procfs import runs_in
+from cellos.hosts.procfs import is_running, runs_in
 
 
 def reap_resources(record: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -38,10 +38,6 @@ def _wait_gone(pid: int, timeout: float = 5.0) -> None:
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                if fh.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    return  # a zombie has closed its files
-        except (OSError, IndexError):
-            return
+        if not is_running(pid):
+            return  # gone, or a zombie: either way its files are closed
         time.sleep(0.01)
