@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -325,6 +326,62 @@ def test_an_ipv6_rule_on_a_port_checked_at_l7_is_refused_not_ignored(
     assert network_residue() == before
     slots = tmp_path / "state" / "net" / "slots"
     assert not slots.exists() or os.listdir(slots) == []
+
+
+HELD_PROBE = """
+import ctypes, os, socket, sys
+# Join the namespace whose descriptor the parent passed (and held across the teardown).
+if ctypes.CDLL(None, use_errno=True).setns(int(sys.argv[1]), 0x40000000) != 0:
+    sys.exit("setns: " + os.strerror(ctypes.get_errno()))
+try:
+    socket.create_connection((sys.argv[2], 8080), 2).close()
+    print("OK")
+except OSError as e:
+    print("ERR", e.__class__.__name__)
+"""
+
+
+def test_a_namespace_still_held_after_teardown_carries_nothing(
+    test_host: Any, tmp_path: Path
+) -> None:
+    """The cell's table goes at teardown; the kernel frees the veth pair only once nothing
+    holds the namespace. Something that still holds it (here: this test, through a
+    descriptor taken while the cell ran) must not get the link without the table: the host's
+    end is down before the table goes. Without that, the connection below went through,
+    unfiltered."""
+    backend = backend_of("cellos", tmp_path)
+    spec = validate_document(
+        doc(
+            "net-held",
+            authority={"egressRules": [{"cidr": f"{test_host.ip}/32", "port": 8080}]},
+        )
+    ).spec
+    handle = backend.create(spec)
+    netns = "/run/netns/cellos-net-held"
+    try:
+        held = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        backend.destroy(handle)
+        raise
+    destroyed = False
+    try:
+        probe = [sys.executable, "-c", HELD_PROBE, str(held), test_host.ip]
+        before = subprocess.run(probe, pass_fds=(held,), capture_output=True, text=True)
+        assert before.stdout.strip() == "OK", before  # the rule works while the cell lives
+        (slot,) = os.listdir(tmp_path / "state" / "net" / "slots")
+        host_if = f"cvh{slot}"
+        destroyed = True
+        backend.destroy(handle)
+        assert not os.path.exists(netns)
+        assert "cellos_net_held" not in network_residue()["tables"]
+        after = subprocess.run(probe, pass_fds=(held,), capture_output=True, text=True)
+        assert after.stdout.strip().startswith("ERR"), after
+        flags = int(Path(f"/sys/class/net/{host_if}/flags").read_text(), 16)
+        assert not flags & 0x1, "the host's end of a held namespace's link is still up"
+    finally:
+        os.close(held)
+        if not destroyed:
+            backend.destroy(handle)
 
 
 def test_a_supervisor_leaves_no_link_behind_when_it_exits(

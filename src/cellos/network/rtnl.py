@@ -106,10 +106,11 @@ def _name(value: str) -> bytes:
     return value.encode() + b"\0"
 
 
-def _ifinfo(index: int = 0, up: bool = False) -> bytes:
+def _ifinfo(index: int = 0, up: bool = False, down: bool = False) -> bytes:
     flags = IFF_UP if up else 0
+    change = IFF_UP if up or down else 0
     # family, pad, type, index, flags, change
-    return struct.pack("BxHiII", _socket.AF_UNSPEC, 0, index, flags, flags)
+    return struct.pack("BxHiII", _socket.AF_UNSPEC, 0, index, flags, change)
 
 
 class Rtnl:
@@ -198,11 +199,8 @@ class Rtnl:
     def set_up(self, index: int, what: str) -> None:
         self.request(RTM_NEWLINK, NLM_F_ACK, _ifinfo(index, up=True), f"set {what} up")
 
-    def move_link(self, index: int, netns_fd: int, what: str) -> None:
-        """Move a link into the namespace of ``netns_fd`` (the kernel waits only for an
-        expedited RCU grace period, so this is fast where deleting a link is not)."""
-        body = _ifinfo(index) + _attr(IFLA_NET_NS_FD, struct.pack("I", netns_fd))
-        self.request(RTM_NEWLINK, NLM_F_ACK, body, f"move link {what}")
+    def set_down(self, index: int, what: str) -> None:
+        self.request(RTM_NEWLINK, NLM_F_ACK, _ifinfo(index, down=True), f"set {what} down")
 
     def delete_link(self, index: int, what: str) -> None:
         self.request(RTM_DELLINK, NLM_F_ACK, _ifinfo(index), f"delete link {what}")

@@ -599,26 +599,21 @@ def _enable_forwarding(*, ipv6: bool = False) -> None:
 
 
 def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
-    """Remove the table and the namespace named in a record, release the slot; return what
-    could not be removed.
+    """Take the host's end of the link down, remove the table and the namespace named in a
+    record, release the slot; return what could not be removed.
 
     The veth pair lives and dies with the cell's namespace: unbinding the namespace (nothing
     else holds it once the cell's processes and sockets are gone) lets the kernel free it and
     both ends of the link, tens of milliseconds later, in its own worker; deleting the link
-    here would block this thread for that long (an RCU barrier). A slot whose link still
-    exists is never claimed again until it is gone (:func:`claim_slot`). ``delete_link``
-    (the reaper) deletes the host's end explicitly first, in case anything still holds the
-    namespace of a dead cell.
+    here would block this thread for that long (an RCU barrier). The host's end goes down
+    before the table goes, so that whatever might still hold the namespace, nothing crosses
+    the link unfiltered meanwhile. A slot whose link still exists is never claimed again
+    until it is gone (:func:`claim_slot`). ``delete_link`` (the reaper) deletes the host's
+    end explicitly first, in case anything still holds the namespace of a dead cell.
     """
     from cellos.network import rtnl
 
     residue: list[str] = []
-    table = record.get("table")
-    if isinstance(table, str):
-        try:
-            nft.delete_table(FAMILY, table)
-        except HostError:
-            residue.append(f"nft:{table}")
     host_if = record.get("host_if")
     found = None
     if isinstance(host_if, str):
@@ -628,13 +623,21 @@ def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
             if delete_link and found is not None:
                 host.delete_link(found, host_if)
                 found = None
+            elif found is not None and found == record.get("host_index"):
+                # Only the link this process made (by index), never a later cell's of that name.
+                host.set_down(found, host_if)
         except OSError:
             residue.append(f"veth:{host_if}")
+    table = record.get("table")
+    if isinstance(table, str):
+        try:
+            nft.delete_table(FAMILY, table)
+        except HostError:
+            residue.append(f"nft:{table}")
     name = record.get("netns")
     if isinstance(name, str):
         try:
             removed = rtnl.remove_netns(name)
-            # Only the link this process made (by index), never a later cell's of that name.
             ours = found is not None and found == record.get("host_index")
             if removed and isinstance(host_if, str) and found is not None and ours:
                 _freeing.add(host_if, found)
