@@ -23,6 +23,7 @@ Rules of the cell's table (family ``inet``, in the host's namespace):
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import re
@@ -625,7 +626,12 @@ def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
                 found = None
             elif found is not None and found == record.get("host_index"):
                 # Only the link this process made (by index), never a later cell's of that name.
-                host.set_down(found, host_if)
+                try:
+                    host.set_down(found, host_if)
+                except OSError as exc:
+                    if exc.errno != errno.ENODEV:
+                        raise
+                    found = None  # gone meanwhile: nothing to take down or wait for
         except OSError:
             residue.append(f"veth:{host_if}")
     table = record.get("table")
