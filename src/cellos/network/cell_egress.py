@@ -3,12 +3,10 @@
 The scope (netns, veth, nft table: :mod:`cellos.network.scope`), the DNS proxy and the L7
 check (:mod:`cellos.network.proxies`) and the cell's ``resolv.conf`` are the same whatever
 runs inside the namespace (the ``cellos`` launcher, or runsc with its host network inside it),
-so the same document means the same network on each backend. Use::
-
-    egress = CellEgress.plan(spec, store_root, pool)   # claims the address slot
-    live.egress = egress                               # from here on teardown closes it
-    egress.record_in(state)                            # the reaper can find all of it
-    egress.create(state.path("resolv.conf"))
+so the same document means the same network on each backend. Every backend opens it the
+same way, :meth:`CellEgress.open`: plan (claims the address slot), hand it to the caller's
+live cell (from then on its teardown closes it), record it (the reaper can find all of it),
+create it.
 
 Imported only for cells with egress authority; the proxies (asyncio, dnslib: ~25 ms of
 imports) only for cells that need one (a DNS authority, or names to check on 80/443).
@@ -17,7 +15,7 @@ imports) only for cells that need one (a DNS authority, or names to check on 80/
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cellos.core.errors import HostError, PolicyRefused
 from cellos.core.events import NETWORK_FLOW_DECISION
@@ -31,6 +29,13 @@ if TYPE_CHECKING:
 
 #: The key of the cell's state record that names its scope.
 RECORD_KEY = "network"
+
+
+class EgressHolder(Protocol):
+    """A backend's live cell, as far as its egress goes."""
+
+    state: CellState
+    egress: CellEgress | None
 
 
 class CellEgress:
@@ -56,6 +61,29 @@ class CellEgress:
         if dns is not None:
             net.dns_ports = sorted({(r.protocol, r.port) for r in spec.authority.egress_rules})
         return cls(spec, net)
+
+    @classmethod
+    def open(
+        cls,
+        spec: CellSpec,
+        live: EgressHolder,
+        state_root: str,
+        pool: str | None,
+        *,
+        injection_ca: CellCA | None = None,
+        upstream_ca_file: str | None = None,
+    ) -> CellEgress:
+        """Plan; hand to ``live`` (its teardown closes whatever exists if a later step
+        fails); record in its state; create (see :meth:`create`)."""
+        egress = cls.plan(spec, state_root, pool)
+        live.egress = egress
+        egress.record_in(live.state)
+        egress.create(
+            live.state.path("resolv.conf"),
+            injection_ca=injection_ca,
+            upstream_ca_file=upstream_ca_file,
+        )
+        return egress
 
     @property
     def netns_path(self) -> str:

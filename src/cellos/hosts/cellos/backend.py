@@ -328,11 +328,12 @@ class CellosBackend(StoredBackend):
         # egress authority, and every one-shot CLI run of one, never needs.
         from cellos.network.cell_egress import CellEgress
 
-        live.egress = egress = CellEgress.plan(spec, self.state_root, self.network_pool)
-        egress.record_in(live.state)
         ca, ca_bundle = self._injection_ca(spec, live)
-        egress.create(
-            live.state.path("resolv.conf"),
+        egress = CellEgress.open(
+            spec,
+            live,
+            self.state_root,
+            self.network_pool,
             injection_ca=ca,
             upstream_ca_file=self.injection_upstream_ca,
         )

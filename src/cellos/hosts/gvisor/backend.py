@@ -277,9 +277,7 @@ class GvisorBackend(StoredBackend):
         """The cell's egress scope, recorded before it exists; runsc runs inside its netns."""
         from cellos.network.cell_egress import CellEgress
 
-        live.egress = egress = CellEgress.plan(spec, self.store.root, self.network_pool)
-        egress.record_in(live.state)
-        egress.create(live.state.path("resolv.conf"))
+        CellEgress.open(spec, live, self.store.root, self.network_pool)
 
     def network_events(self, handle: CellHandle) -> list[tuple[str, dict[str, Any]]]:
         egress = self._live(handle).egress

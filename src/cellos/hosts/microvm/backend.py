@@ -428,9 +428,7 @@ class MicrovmCellBackend(StoredBackend):
         from cellos.network.cell_egress import CellEgress
         from cellos.network.guest_link import open_link
 
-        live.egress = egress = CellEgress.plan(spec, self.store.root, self.network_pool)
-        egress.record_in(live.state)
-        egress.create(live.state.path("resolv.conf"))
+        egress = CellEgress.open(spec, live, self.store.root, self.network_pool)
         live.link = open_link(egress)
 
     def network_events(self, handle: CellHandle) -> list[tuple[str, dict[str, Any]]]:
