@@ -486,3 +486,29 @@ async def test_a_large_body_passes_through_terminated_tls_intact(tmp_path: Path)
         (seen,) = setup.recorder.requests
         assert seen.endswith(body)
         assert f"Authorization: Bearer {SECRET}".encode() in seen
+
+
+@pytest.mark.parametrize(
+    ("host", "seen"),
+    [
+        (b"Registry.Example:443", "registry.example"),
+        (b"registry.example.", "registry.example"),
+        (b"[0:0::1]:443", "::1"),
+        (b"[::1]junk", None),
+        (b"registry.example:http", None),
+        (b"user@registry.example", None),
+        (b"reg istry.example", None),
+    ],
+)
+def test_the_relay_reads_a_host_header_as_the_l7_check_does(host: bytes, seen: str | None) -> None:
+    """The host a relayed request names (which decides whether a secret may be injected
+    into it, and what the events report) is parsed by the L7 check's own parser: a Host the
+    check would call malformed names no host here either."""
+    from cellos.network.http_relay import _parse_head
+    from cellos.network.sni import parse_http_host
+
+    request = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+    head = _parse_head(request)
+    assert head is not None
+    assert head.host == seen
+    assert parse_http_host(request).host == seen  # what the L7 check saw

@@ -24,6 +24,7 @@ from cellos.network.injection import (
     ConnectionReport,
     Injections,
 )
+from cellos.network.sni import host_of_authority
 
 __all__ = ["pump", "relay_requests", "stream_io"]
 
@@ -135,7 +136,7 @@ def _parse_head(head: bytes) -> _Head | None:
     for name, value in headers:
         by_name.setdefault(name.lower(), []).append(value.strip())
     hosts = by_name.get(b"host", [])
-    host = _host_of(hosts[0]) if len(hosts) == 1 else None
+    host = host_of_authority(hosts[0]) if len(hosts) == 1 else None
     connection = b",".join(by_name.get(b"connection", [])).lower()
     if parts[0].upper() == b"CONNECT" or b"upgrade" in connection:
         return _Head(request_line, headers, host, "raw")
@@ -156,20 +157,6 @@ def _parse_head(head: bytes) -> _Head | None:
             return None
         return _Head(request_line, headers, host, "length", int(value))
     return _Head(request_line, headers, host, "none")
-
-
-def _host_of(value: bytes) -> str | None:
-    try:
-        text = value.decode("ascii").strip().lower()
-    except UnicodeDecodeError:
-        return None
-    if text.startswith("["):
-        end = text.find("]")
-        return text[1:end] if end > 0 else None
-    name, sep, port = text.rpartition(":")
-    if sep and port.isdigit():
-        text = name
-    return normalize_name(text) or None
 
 
 @dataclass

@@ -419,6 +419,15 @@ def _finish_http(target_host: str | None, host_header: bytes | None) -> HostResu
     return HostResult(HostStatus.HOST, host)
 
 
+def host_of_authority(authority: bytes) -> str | None:
+    """The normalized host of ``host[:port]`` or ``[v6]:port`` (a Host header's value, a
+    request target's authority); None when it is malformed."""
+    try:
+        return _parse_authority(authority)
+    except _Malformed:
+        return None
+
+
 def _parse_authority(authority: bytes) -> str:
     """``host[:port]`` or ``[v6]:port`` -> normalized host. Userinfo is not accepted."""
     try:
