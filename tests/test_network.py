@@ -384,6 +384,41 @@ def test_a_namespace_still_held_after_teardown_carries_nothing(
             backend.destroy(handle)
 
 
+def test_a_failed_scope_whose_undo_leaves_something_says_what(
+    tmp_path: Path, backend_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When creating the scope fails and undoing the cell cannot remove everything, the
+    error names what was left behind (the refusal alone would hide it), on every backend.
+    Both faults are injected (a real undo failure cannot be provoked reliably): the scope's
+    creation raises after its slot is claimed and recorded, and closing it reports a stuck
+    table on top of really removing what exists."""
+    _ready()
+    from cellos.core.errors import HostError
+    from cellos.network import cell_egress, scope
+
+    def failing_create(net: scope.CellNetwork) -> None:
+        raise HostError("network", "injected: the veth cannot be created")
+
+    real_close = cell_egress.CellEgress.close
+
+    def close_leaving_residue(self: cell_egress.CellEgress) -> list[str]:
+        return [*real_close(self), "nft:stuck"]
+
+    monkeypatch.setattr(scope, "create", failing_create)
+    monkeypatch.setattr(cell_egress.CellEgress, "close", close_leaving_residue)
+    before = network_residue()
+    backend = backend_of(backend_name, tmp_path)
+    spec = validate_document(
+        doc("net-undo", authority={"egressRules": [{"cidr": "192.0.2.0/24", "port": 443}]})
+    ).spec
+    with pytest.raises(HostError) as caught:
+        backend.create(spec)
+    assert caught.value.path == "network"
+    assert "left behind" in caught.value.reason and "nft:stuck" in caught.value.reason
+    assert network_residue() == before
+    assert os.listdir(tmp_path / "state" / "net" / "slots") == []
+
+
 def test_a_supervisor_leaves_no_link_behind_when_it_exits(
     tmp_path: Path, supervisor_cli: Run, backend_name: str
 ) -> None:

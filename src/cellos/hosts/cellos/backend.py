@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import msgspec
 
 from cellos.core import isolation as iso
-from cellos.core.errors import CellosError, HostError, PolicyRefused
+from cellos.core.errors import HostError, PolicyRefused
 from cellos.core.ports import (
     CellHandle,
     InjectedSecret,
@@ -50,7 +50,7 @@ from cellos.hosts.host_root import (
     refuse_reserved_working_directory,
 )
 from cellos.hosts.limit_reasons import with_limit_reason
-from cellos.hosts.live import LiveCells, StoredBackend
+from cellos.hosts.live import LiveCells, StoredBackend, create_network_or_undo
 from cellos.hosts.process import HostCommand, SpawnOptions, run_host_command
 from cellos.hosts.secret_files import SECRETS_DIRECTORY, sealed_memfd
 from cellos.hosts.state import CellState, CellStore
@@ -180,11 +180,10 @@ class CellosBackend(StoredBackend):
             self._teardown(spec.id, live)
             raise HostError("cgroup", f"cannot create the cell's cgroup: {exc.strerror}") from None
         if spec.authority.egress_rules:
-            try:
-                self._create_network(spec, live)
-            except CellosError:
-                self._teardown(spec.id, live)
-                raise
+            create_network_or_undo(
+                lambda: self._create_network(spec, live),
+                lambda: self._teardown(spec.id, live)[1],
+            )
         isolation = isolation_features(msgspec.structs.replace(live.plan, seccomp_fd=-1))
         resources: dict[str, str] = {"workspace": live.plan.workspace}
         if live.cgroup is not None:
