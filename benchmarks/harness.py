@@ -287,6 +287,12 @@ def acceptance_line(acc: Mapping[str, Any]) -> str:
     )
 
 
+def added_acceptance_line(claim: str, added_ms: float | None, met: bool) -> str:
+    """One line for a claim on milliseconds added per cell (None: not measured)."""
+    value = "n/a" if added_ms is None else f"{added_ms:+.2f} ms"
+    return f"acceptance: {claim}: {value}: {'MET' if met else 'NOT MET'}"
+
+
 # -- output ----------------------------------------------------------------------------------
 
 

@@ -141,10 +141,7 @@ def show(report: dict[str, Any]) -> None:
     for line in harness.ratio_table(report["rows"], "direct"):
         print(line)
     acc = report["acceptance"]
-    print(
-        f"acceptance: {acc['claim']}: added {acc['added_p50_ms']:.2f} ms: "
-        + ("MET" if acc["met"] else "NOT MET")
-    )
+    print(harness.added_acceptance_line(acc["claim"], acc["added_p50_ms"], acc["met"]))
 
 
 def main() -> int:

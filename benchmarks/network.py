@@ -305,9 +305,7 @@ def show(report: Mapping[str, Any]) -> None:
         print(f"\n{backend}: not measured: {why}")
     print()
     for acc in report["acceptance"].values():
-        verdict = "MET" if acc["met"] else "NOT MET"
-        value = "n/a" if acc["added_ms"] is None else f"{acc['added_ms']:.2f} ms"
-        print(f"acceptance: {acc['claim']}: {value}: {verdict}")
+        print(harness.added_acceptance_line(acc["claim"], acc["added_ms"], acc["met"]))
     cfg, host = report["config"], report["host"]
     load = " ".join(f"{x:.2f}" for x in host["loadavg_before"])
     load_after = " ".join(f"{x:.2f}" for x in host["loadavg_after"])

@@ -246,8 +246,7 @@ def show(report: dict[str, Any]) -> None:
                   f"p90 {harness.fmt_ms(row['p90_ms'])} ms")  # fmt: skip
     for acc in report["acceptance"]:
         if "added_ms_p50" in acc:
-            verdict = "MET" if acc["met"] else "NOT MET"
-            print(f"acceptance: {acc['claim']}: {acc['added_ms_p50']:+.3f} ms: {verdict}")
+            print(harness.added_acceptance_line(acc["claim"], acc["added_ms_p50"], acc["met"]))
         else:
             print(harness.acceptance_line(acc))
 

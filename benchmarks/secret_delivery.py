@@ -133,8 +133,7 @@ def show(report: Mapping[str, Any]) -> None:
         f"rounds, seed {cfg['seed']}; {report['elapsed_seconds']:.1f} s"
     )
     for acc in report["acceptance"]:
-        verdict = "MET" if acc["met"] else "NOT MET"
-        print(f"acceptance: {acc['claim']}: {acc['added_ms_p50']:+.3f} ms: {verdict}")
+        print(harness.added_acceptance_line(acc["claim"], acc["added_ms_p50"], acc["met"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -122,3 +122,10 @@ def test_benchmark_scripts_import_and_parse_help(script: str) -> None:
     with pytest.raises(SystemExit) as exited:
         module.main(["--help"])
     assert exited.value.code == 0
+
+
+def test_an_added_milliseconds_claim_reads_the_same_in_every_benchmark() -> None:
+    line = harness.added_acceptance_line
+    assert line("adds <= 15 ms", 4.42, True) == "acceptance: adds <= 15 ms: +4.42 ms: MET"
+    assert line("adds <= 2 ms", -0.5, True) == "acceptance: adds <= 2 ms: -0.50 ms: MET"
+    assert line("adds <= 15 ms", None, False) == "acceptance: adds <= 15 ms: n/a: NOT MET"
