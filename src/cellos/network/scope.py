@@ -616,22 +616,23 @@ def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
 
     residue: list[str] = []
     host_if = record.get("host_if")
-    found = None
+    # The index of the host's end while it exists and is the one this process made (a name
+    # can be a later cell's once ours is gone; an index is not reused).
+    ours = None
     if isinstance(host_if, str):
         try:
             host = host_rtnl()
             found = host.link_index(host_if)
             if delete_link and found is not None:
                 host.delete_link(found, host_if)
-                found = None
             elif found is not None and found == record.get("host_index"):
-                # Only the link this process made (by index), never a later cell's of that name.
+                ours = found
                 try:
                     host.set_down(found, host_if)
                 except OSError as exc:
                     if exc.errno != errno.ENODEV:
                         raise
-                    found = None  # gone meanwhile: nothing to take down or wait for
+                    ours = None  # gone meanwhile: nothing to take down or wait for
         except OSError:
             residue.append(f"veth:{host_if}")
     table = record.get("table")
@@ -644,9 +645,8 @@ def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
     if isinstance(name, str):
         try:
             removed = rtnl.remove_netns(name)
-            ours = found is not None and found == record.get("host_index")
-            if removed and isinstance(host_if, str) and found is not None and ours:
-                _freeing.add(host_if, found)
+            if removed and isinstance(host_if, str) and ours is not None:
+                _freeing.add(host_if, ours)
         except OSError:
             residue.append(f"netns:{name}")
     slot_file = record.get("slot_file")
