@@ -27,6 +27,9 @@ command -v runsc >/dev/null 2>&1 || want_pkgs+=(runsc)
 command -v node >/dev/null 2>&1 || want_pkgs+=(nodejs)
 # Egress authority (cells with egressRules) needs nftables.
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want_pkgs+=(nftables)
+# Its teardown deletes the cell's link through iproute2's ip (a thread of the supervisor
+# without it: correct, but the kernel's wait is then the cell's).
+[ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || [ -x /usr/bin/ip ] || [ -x /bin/ip ] || want_pkgs+=(iproute2)
 # The microVM backend boots guests with QEMU; its image is built with gcc (static guest init).
 command -v qemu-system-x86_64 >/dev/null 2>&1 || want_pkgs+=(qemu-system-x86)
 # The console's browser tests drive Debian's headless Chromium through its chromedriver.

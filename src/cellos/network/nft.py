@@ -79,16 +79,55 @@ def _load() -> _Library | None:
         return _library
 
 
+#: The netlink family of nf_tables (``linux/netlink.h``).
+NETLINK_NETFILTER = 12
+_AF_NETLINK = 16
+_creating = threading.Lock()
+
+
+def _netfilter_sockets() -> set[int]:
+    """This process's descriptors that are netfilter netlink sockets."""
+    import _socket  # the C module: ``socket`` costs ~2 ms to import
+    import stat
+
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = _socket.socket(fileno=fd)
+        except OSError:
+            continue  # the listing's own descriptor, closed since
+        try:
+            if sock.family == _AF_NETLINK and sock.proto == NETLINK_NETFILTER:
+                found.add(fd)
+        finally:
+            sock.detach()
+    return found
+
+
 class Context:
     """One libnftables context: one netlink socket, in the namespace of the creating thread.
-    Commands on one context are serialised (the library is not thread-safe per context)."""
+    Commands on one context are serialised (the library is not thread-safe per context).
+
+    The library does not expose its socket; :attr:`socket_fd` is the netfilter socket that
+    creating the context added (creations are serialised, and nothing else in this process
+    opens one). It is made close-on-exec (libmnl opens it inheritable), and a
+    short-lived helper can hold it on (:mod:`cellos.network.link_release`)."""
 
     def __init__(self, library: _Library) -> None:
         self._lib = library.lib
-        ctx = self._lib.nft_ctx_new(0)
+        with _creating:
+            before = _netfilter_sockets()
+            ctx = self._lib.nft_ctx_new(0)
+            opened = _netfilter_sockets() - before if ctx else set()
         if not ctx:
             raise HostError("nftables", "libnftables could not create a context")
         self._ctx: int | None = ctx
+        self.socket_fd = opened.pop() if len(opened) == 1 else None
+        if self.socket_fd is not None:
+            os.set_inheritable(self.socket_fd, False)
         self._lib.nft_ctx_output_set_flags(ctx, _OUTPUT_JSON)
         if library.input_flags is not None:
             library.input_flags(ctx, _INPUT_JSON)
@@ -127,6 +166,13 @@ def _host_context() -> Context | None:
         if _host is None:
             _host = Context(library)
         return _host
+
+
+def host_socket() -> int | None:
+    """The descriptor of this process's nftables socket in the host's namespace, if it has
+    one open (None: no context yet, or no libnftables)."""
+    with _host_lock:
+        return _host.socket_fd if _host is not None else None
 
 
 def _in_netns_context(netns: str) -> Context | None:

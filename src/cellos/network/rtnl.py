@@ -106,9 +106,9 @@ def _name(value: str) -> bytes:
     return value.encode() + b"\0"
 
 
-def _ifinfo(index: int = 0, up: bool = False, down: bool = False) -> bytes:
+def _ifinfo(index: int = 0, up: bool = False) -> bytes:
     flags = IFF_UP if up else 0
-    change = IFF_UP if up or down else 0
+    change = IFF_UP if up else 0
     # family, pad, type, index, flags, change
     return struct.pack("BxHiII", _socket.AF_UNSPEC, 0, index, flags, change)
 
@@ -199,9 +199,6 @@ class Rtnl:
     def set_up(self, index: int, what: str) -> None:
         self.request(RTM_NEWLINK, NLM_F_ACK, _ifinfo(index, up=True), f"set {what} up")
 
-    def set_down(self, index: int, what: str) -> None:
-        self.request(RTM_NEWLINK, NLM_F_ACK, _ifinfo(index, down=True), f"set {what} down")
-
     def delete_link(self, index: int, what: str) -> None:
         self.request(RTM_DELLINK, NLM_F_ACK, _ifinfo(index), f"delete link {what}")
 
@@ -277,26 +274,41 @@ def in_netns(path: str, work: Callable[[], T]) -> T:
     return its result (or raise its error). ``setns`` moves only the calling thread, and the
     thread ends with the namespace it entered, so nothing else ever runs there; what ``work``
     makes there (sockets, a tap, a netlink or nftables context) stays in that namespace."""
+
+    def enter_and_work() -> T:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _check(_libc.setns(fd, CLONE_NEWNET), f"setns({path})")
+        finally:
+            os.close(fd)
+        return work()
+
+    return started(enter_and_work)()
+
+
+def started(work: Callable[[], T]) -> Callable[[], T]:
+    """Start ``work`` in a thread now; the function returned waits for it and returns its
+    result (or raises its error) in the caller's thread. The thread is in the namespace the
+    calling thread is in when this is called."""
     result: list[T] = []
     error: list[BaseException] = []
 
-    def enter_and_work() -> None:
+    def run() -> None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _check(_libc.setns(fd, CLONE_NEWNET), f"setns({path})")
-            finally:
-                os.close(fd)
             result.append(work())
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             error.append(exc)
 
-    thread = threading.Thread(target=enter_and_work, name="cellos-netns")
+    thread = threading.Thread(target=run, name="cellos-network")
     thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
+
+    def join() -> T:
+        thread.join()
+        if error:
+            raise error[0]
+        return result[0]
+
+    return join
 
 
 def create_netns_here(name: str) -> str:

@@ -23,7 +23,6 @@ Rules of the cell's table (family ``inet``, in the host's namespace):
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import os
 import re
@@ -513,41 +512,30 @@ def table_commands(net: CellNetwork) -> list[dict[str, Any]]:
 
 def create(net: CellNetwork) -> None:
     """Build the namespace, the veth pair, addresses, routes and the table, in this process
-    (rtnetlink and libnftables; no process is spawned). The table is in place before the
-    host's end of the link comes up: no packet of the cell ever passes unfiltered."""
-    from cellos.network import rtnl
+    (rtnetlink and libnftables). The table is in place before the host's end of the link
+    comes up: no packet of the cell ever passes unfiltered."""
+    from cellos.network import link_release, rtnl
 
     try:
         host = host_rtnl()
-
         ipv6 = net.cell_ip6 is not None
-        host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        # The table is written from another thread, in the host's namespace, while this one
+        # builds the cell's (libnftables runs without the GIL; its rules name the links,
+        # which need not exist yet): ~2 ms of the cell's start.
+        table = rtnl.started(lambda: nft.run(table_commands(net)))
         try:
-            with rtnl.new_netns(net.netns), rtnl.Rtnl() as cell:
-                # IPv6 on the cell's link only for a cell with an IPv6 rule (then without
-                # router solicitations: its route is static); otherwise not even the
-                # kernel's link-local address.
-                _ipv6_sysctl("default", ipv6)
-                cell.add_veth(net.cell_if, net.host_if, host_ns)
-                lo = cell.link_index("lo")
-                if lo is not None:
-                    cell.set_up(lo, "lo")
-                index = cell.link_index(net.cell_if)
-                if index is None:
-                    raise HostError("network", f"veth {net.cell_if} vanished after creation")
-                cell.add_address(index, net.cell_ip, 30, net.cell_if)
-                cell.add_default_route(net.host_ip, index)
-                if net.cell_ip6 is not None and net.host_ip6 is not None:
-                    cell.add_address(index, net.cell_ip6, 126, net.cell_if)
-                    cell.add_default_route(net.host_ip6, index)
-        finally:
-            os.close(host_ns)
-        _enable_forwarding(ipv6=ipv6)
-        nft.run(table_commands(net))
+            _build_link(net, ipv6)
+            _enable_forwarding(ipv6=ipv6)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                table()  # done either way before the caller's undo looks for it
+            raise
+        table()
         index = host.link_index(net.host_if)
         if index is None:
             raise HostError("network", f"veth {net.host_if} vanished after creation")
         net.host_index = index
+        link_release.prepare(net.host_if, index)
         _ipv6_sysctl(net.host_if, ipv6)
         host.add_address(index, net.host_ip, 30, net.host_if)
         if net.host_ip6 is not None:
@@ -557,6 +545,34 @@ def create(net: CellNetwork) -> None:
         raise
     except OSError as exc:
         raise HostError("network", f"cannot create the cell's network scope: {exc}") from None
+
+
+def _build_link(net: CellNetwork, ipv6: bool) -> None:
+    """The cell's namespace and the veth pair, the cell's end configured (the host's end is
+    left down)."""
+    from cellos.network import rtnl
+
+    host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with rtnl.new_netns(net.netns), rtnl.Rtnl() as cell:
+            # IPv6 on the cell's link only for a cell with an IPv6 rule (then without
+            # router solicitations: its route is static); otherwise not even the
+            # kernel's link-local address.
+            _ipv6_sysctl("default", ipv6)
+            cell.add_veth(net.cell_if, net.host_if, host_ns)
+            lo = cell.link_index("lo")
+            if lo is not None:
+                cell.set_up(lo, "lo")
+            index = cell.link_index(net.cell_if)
+            if index is None:
+                raise HostError("network", f"veth {net.cell_if} vanished after creation")
+            cell.add_address(index, net.cell_ip, 30, net.cell_if)
+            cell.add_default_route(net.host_ip, index)
+            if net.cell_ip6 is not None and net.host_ip6 is not None:
+                cell.add_address(index, net.cell_ip6, 126, net.cell_if)
+                cell.add_default_route(net.host_ip6, index)
+    finally:
+        os.close(host_ns)
 
 
 def _ipv6_sysctl(interface: str, ipv6: bool) -> None:
@@ -600,25 +616,22 @@ def _enable_forwarding(*, ipv6: bool = False) -> None:
 
 
 def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
-    """Take the host's end of the link down, remove the table and the namespace named in a
-    record, release the slot; return what could not be removed.
+    """Delete the veth pair, the table and the namespace named in a record, release the
+    slot; return what could not be removed.
 
-    The veth pair lives and dies with the cell's namespace: unbinding the namespace (nothing
-    else holds it once the cell's processes and sockets are gone) lets the kernel free it and
-    both ends of the link, tens of milliseconds later, in its own worker; deleting the link
-    here would block this thread for that long (an RCU barrier). The host's end goes down
-    before the table goes, so that whatever might still hold the namespace, nothing crosses
-    the link unfiltered meanwhile. A slot whose link still exists is never claimed again
-    until it is gone (:func:`claim_slot`). ``delete_link`` (the reaper) deletes the host's
-    end explicitly first, in case anything still holds the namespace of a dead cell.
+    The link goes first: once it is gone nothing crosses from the namespace, whatever might
+    still hold it, so the table can go next. It is deleted by a short-lived helper
+    (:mod:`cellos.network.link_release`), and this returns once the host no longer shows it:
+    the kernel's wait for its final free (an RCU barrier, tens of ms) is not the cell's. The
+    namespace, unbound and with nothing left in it but loopback, is freed by the kernel later.
+    A name can be a later cell's once ours is gone, so only the link this process made (its
+    recorded index) is deleted; ``delete_link`` (the reaper, whose cell is dead) deletes
+    whatever link has the recorded name, in this thread.
     """
-    from cellos.network import rtnl
+    from cellos.network import link_release, rtnl
 
     residue: list[str] = []
     host_if = record.get("host_if")
-    # The index of the host's end while it exists and is the one this process made (a name
-    # can be a later cell's once ours is gone; an index is not reused).
-    ours = None
     if isinstance(host_if, str):
         try:
             host = host_rtnl()
@@ -626,13 +639,7 @@ def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
             if delete_link and found is not None:
                 host.delete_link(found, host_if)
             elif found is not None and found == record.get("host_index"):
-                ours = found
-                try:
-                    host.set_down(found, host_if)
-                except OSError as exc:
-                    if exc.errno != errno.ENODEV:
-                        raise
-                    ours = None  # gone meanwhile: nothing to take down or wait for
+                link_release.release(host, host_if, found)
         except OSError:
             residue.append(f"veth:{host_if}")
     table = record.get("table")
@@ -644,9 +651,7 @@ def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
     name = record.get("netns")
     if isinstance(name, str):
         try:
-            removed = rtnl.remove_netns(name)
-            if removed and isinstance(host_if, str) and ours is not None:
-                _freeing.add(host_if, ours)
+            rtnl.remove_netns(name)
         except OSError:
             residue.append(f"netns:{name}")
     slot_file = record.get("slot_file")
@@ -654,68 +659,6 @@ def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(slot_file)
     return residue
-
-
-class _Freeing:
-    """Host ends of veth pairs whose namespace this process unbound: the kernel frees them
-    asynchronously. :meth:`settle` waits until they are gone (deleting any that outlives
-    the bound explicitly); it runs at process exit, so no link outlives the process that
-    made it, and is what a caller checking for residue right after ``destroy`` waits on.
-    Links are known by name and index: a name may be reused once its link is gone, an
-    index is not."""
-
-    def __init__(self) -> None:
-        self._links: set[tuple[str, int]] = set()
-        self._lock = threading.Lock()
-        self._registered = False
-
-    def add(self, host_if: str, index: int) -> None:
-        with self._lock:
-            if len(self._links) >= 64:
-                self._links = {link for link in self._links if _present(*link)}
-            self._links.add((host_if, index))
-            if not self._registered:
-                import atexit
-
-                atexit.register(self.settle)
-                self._registered = True
-
-    def settle(self, timeout: float = 5.0) -> list[str]:
-        """Wait until every link handed to the kernel is gone; return those that had to be
-        deleted explicitly (they outlived ``timeout``: something still held the namespace)."""
-        import time
-
-        with self._lock:
-            pending = set(self._links)
-        deadline = time.monotonic() + timeout
-        delay = 0.001
-        while True:
-            pending = {link for link in pending if _present(*link)}
-            if not pending or time.monotonic() >= deadline:
-                break
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
-        forced = []
-        for name, index in sorted(pending):
-            with contextlib.suppress(OSError):
-                host_rtnl().delete_link(index, name)
-                forced.append(name)
-        with self._lock:
-            self._links = {link for link in self._links if _present(*link)}
-        return forced
-
-
-def _present(name: str, index: int) -> bool:
-    return host_rtnl().link_index(name) == index
-
-
-_freeing = _Freeing()
-
-
-def settle(timeout: float = 5.0) -> list[str]:
-    """Wait for the kernel to free the links of every scope this process removed (see
-    :class:`_Freeing`); the names deleted explicitly because they outlived ``timeout``."""
-    return _freeing.settle(timeout)
 
 
 def flow_decisions(net: CellNetwork) -> list[dict[str, Any]]:

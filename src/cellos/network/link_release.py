@@ -1,0 +1,146 @@
+"""Deleting a cell's veth pair without waiting for the kernel's RCU barrier.
+
+A link deletion (``RTM_DELLINK``) takes the pair off the host's view within about a
+millisecond, but the request returns only after the kernel has waited in ``rcu_barrier``
+(``netdev_run_todo``): 25-30 ms here. Leaving the pair to its namespace's destruction instead
+costs as much, later: the kernel frees it in a worker, and a one-shot supervisor had to wait
+for that at exit so that no link outlives it.
+
+So the request is issued by a short-lived ``ip`` (iproute2), started with the scope and idle
+until the teardown, and the caller waits only until the host no longer shows the link. The
+same process also holds this process's nftables socket (:func:`cellos.network.nft.host_socket`):
+closing a netfilter socket shortly after a table was deleted waits for the kernel's deferred
+destruction of that table (one more grace period, ``nf_tables_trans_destroy_flush_work``), and
+the last holder of the socket pays it: the helper, not a one-shot supervisor's exit. The helper
+gets nothing else: no environment, ``/dev/null`` for its output, no other descriptor.
+
+Without iproute2 a thread of this process issues the request (the process's exit then waits
+for the kernel with it).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from cellos.network import nft
+
+if TYPE_CHECKING:
+    from cellos.network.rtnl import Rtnl
+
+#: Where iproute2's ``ip`` is looked for (never ``PATH``: root runs it).
+IP_BINARIES = ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip")
+
+
+def ip_binary() -> str | None:
+    return next((path for path in IP_BINARIES if os.access(path, os.X_OK)), None)
+
+
+class _Helper:
+    """``ip -force -batch -``, idle on a pipe until it is told which link to delete: its
+    start (~2 ms: exec, dynamic linking) is off the teardown's path when it is made with the
+    scope (:func:`prepare`). Given nothing but the nftables socket it holds on."""
+
+    def __init__(self, ip: str) -> None:
+        held = nft.host_socket()
+        self.done = threading.Event()
+        self._proc = subprocess.Popen(
+            [ip, "-force", "-batch", "-"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={},
+            close_fds=True,
+            pass_fds=() if held is None else (held,),
+            bufsize=0,
+        )
+        # Reaped here so that a long-lived supervisor keeps no zombie; a one-shot one exits
+        # first and leaves the helper, still in the kernel's wait, to init.
+        threading.Thread(target=self._reap, name="cellos-link-release", daemon=True).start()
+
+    def _reap(self) -> None:
+        self._proc.wait()
+        self.done.set()
+
+    def delete(self, name: str) -> None:
+        stdin = self._proc.stdin
+        assert stdin is not None
+        try:
+            stdin.write(f"link del dev {name}\n".encode())
+        except OSError:
+            pass  # it is gone: the caller sees the link still there and asks itself
+        finally:
+            stdin.close()
+
+
+_prepared: dict[tuple[str, int], _Helper] = {}
+_prepared_lock = threading.Lock()
+
+
+def prepare(name: str, index: int) -> None:
+    """Start the helper that will delete this link (nothing without iproute2)."""
+    ip = ip_binary()
+    if ip is None:
+        return
+    helper = _Helper(ip)
+    with _prepared_lock:
+        _prepared[(name, index)] = helper
+
+
+def release(host: Rtnl, name: str, index: int, *, timeout: float = 5.0) -> None:
+    """Delete the veth pair whose host end is ``name`` (interface ``index``, a link this
+    process made and still holds the slot of, so the name cannot be another's) and return
+    once the host no longer shows it. Raises ``OSError`` when it is still there after
+    ``timeout``."""
+    done = _issue(name, index)
+    deadline = time.monotonic() + timeout
+    delay = 0.0002
+    while host.link_index(name) == index:
+        if done.is_set():
+            # The issuer gave up (``ip`` failed): ask once more here, and wait for it.
+            try:
+                host.delete_link(index, name)
+            except OSError as exc:
+                if exc.errno != errno.ENODEV:
+                    raise
+            return
+        if time.monotonic() >= deadline:
+            raise OSError(errno.ETIMEDOUT, f"link {name} still present after {timeout:g} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
+
+
+def _issue(name: str, index: int) -> threading.Event:
+    """Start the deletion; the event is set once its issuer has finished."""
+    with _prepared_lock:
+        helper = _prepared.pop((name, index), None)
+    if helper is None:
+        ip = ip_binary()
+        if ip is None:
+            done = threading.Event()
+            threading.Thread(
+                target=_delete_here,
+                args=(name, index, done),
+                name="cellos-link-release",
+                daemon=True,
+            ).start()
+            return done
+        helper = _Helper(ip)
+    helper.delete(name)
+    return helper.done
+
+
+def _delete_here(name: str, index: int, done: threading.Event) -> None:
+    from cellos.network.rtnl import Rtnl
+
+    try:
+        with Rtnl() as own:  # its own socket: the request blocks this thread, not the host's
+            own.delete_link(index, name)
+    except OSError:
+        pass  # the caller sees the link still there, and asks again
+    finally:
+        done.set()

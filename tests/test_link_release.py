@@ -1,0 +1,125 @@
+"""Deleting a cell's veth pair at teardown (``cellos.network.link_release``): the link is gone
+from the host's view when teardown returns, whoever issued the deletion, and the helper that
+issues it gets nothing of the supervisor but the nftables socket it holds on to."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from cellos.core.spec import EgressRule
+from cellos.network import link_release, nft, scope
+from tests.conftest import require_host
+from tests.test_network import _ready, network_residue
+
+
+@pytest.fixture
+def scope_net(tmp_path: Path) -> Iterator[scope.CellNetwork]:
+    """A real scope (namespace, veth pair, table) with one CIDR rule; removed afterwards
+    if the test did not."""
+    _ready()
+    before = network_residue()
+    rules = scope.resolve_rules([msgspec.convert({"cidr": "192.0.2.0/24", "port": 9}, EgressRule)])
+    net = scope.plan(f"lr-{os.getpid()}", rules, str(tmp_path / "state"), scope.DEFAULT_POOL)
+    scope.create(net)
+    try:
+        yield net
+    finally:
+        scope.destroy(net.record(), delete_link=True)
+    assert network_residue() == before
+
+
+def _helper_of(parent: int) -> int:
+    """The pid of ``ip -force -batch -`` started by ``parent``."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{name}/status").read_text()
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = re.search(r"^PPid:\s+(\d+)$", status, re.M)
+        if ppid and int(ppid.group(1)) == parent and argv[1:4] == [b"-force", b"-batch", b"-"]:
+            return int(name)
+    raise AssertionError("no link helper was started with the scope")
+
+
+def _netfilter_inodes() -> set[int]:
+    inodes = set()
+    for line in Path("/proc/net/netlink").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1]) == nft.NETLINK_NETFILTER:
+            inodes.add(int(fields[-1]))
+    return inodes
+
+
+def test_the_helper_gets_no_environment_and_no_descriptor_but_the_nftables_socket(
+    scope_net: scope.CellNetwork,
+) -> None:
+    """The helper runs as root: it must not see the supervisor's environment (secrets can be
+    there) or any descriptor of it (state files, pipes of the cell) but the nftables socket,
+    and that socket is close-on-exec in the supervisor (libmnl opens it inheritable)."""
+    require_host(link_release.ip_binary() is not None, "iproute2 ip (scripts/setup.sh)")
+    held = nft.host_socket()
+    assert held is not None and not os.get_inheritable(held)
+    pid = _helper_of(os.getpid())
+    assert Path(f"/proc/{pid}/environ").read_bytes() == b""
+    fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert fds.pop(0).startswith("pipe:")
+    assert fds.pop(1) == fds.pop(2) == "/dev/null"
+    sockets = {fd: target for fd, target in fds.items() if target.startswith("socket:")}
+    # iproute2's own rtnetlink socket, and the supervisor's nftables socket: nothing else.
+    assert set(fds) == set(sockets), fds
+    ours = os.fstat(held).st_ino
+    assert f"socket:[{ours}]" in sockets.values() and ours in _netfilter_inodes()
+    assert len(sockets) == 2, sockets
+
+    assert scope.destroy(scope_net.record()) == []
+    assert not os.path.exists(f"/sys/class/net/{scope_net.host_if}")
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and _zombie_or_alive(pid):
+        assert time.monotonic() < deadline, "the link helper outlived its deletion"
+        time.sleep(0.01)
+
+
+def _zombie_or_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize(
+    "binaries",
+    [("/nonexistent/ip",), ("/bin/false",)],
+    ids=["no-iproute2", "helper-fails"],
+)
+def test_the_link_is_gone_when_teardown_returns_whoever_deletes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, binaries: tuple[str, ...]
+) -> None:
+    """Without iproute2 a thread of the supervisor deletes the link; a helper that fails
+    (here ``false``, which exits at once) is replaced by a deletion in the caller. Either
+    way nothing is reported left and the host shows no link the moment teardown returns."""
+    _ready()
+    assert os.access(binaries[0], os.X_OK) or not os.path.exists(binaries[0])
+    monkeypatch.setattr(link_release, "IP_BINARIES", binaries)
+    before = network_residue()
+    rules = scope.resolve_rules([msgspec.convert({"cidr": "192.0.2.0/24", "port": 9}, EgressRule)])
+    net = scope.plan(f"lr-f-{os.getpid()}", rules, str(tmp_path / "state"), scope.DEFAULT_POOL)
+    try:
+        scope.create(net)
+        assert stat.S_ISDIR(os.stat(f"/sys/class/net/{net.host_if}").st_mode)
+    except BaseException:
+        scope.destroy(net.record(), delete_link=True)
+        raise
+    assert scope.destroy(net.record()) == []
+    assert network_residue() == before
