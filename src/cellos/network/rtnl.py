@@ -274,41 +274,26 @@ def in_netns(path: str, work: Callable[[], T]) -> T:
     return its result (or raise its error). ``setns`` moves only the calling thread, and the
     thread ends with the namespace it entered, so nothing else ever runs there; what ``work``
     makes there (sockets, a tap, a netlink or nftables context) stays in that namespace."""
-
-    def enter_and_work() -> T:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _check(_libc.setns(fd, CLONE_NEWNET), f"setns({path})")
-        finally:
-            os.close(fd)
-        return work()
-
-    return started(enter_and_work)()
-
-
-def started(work: Callable[[], T]) -> Callable[[], T]:
-    """Start ``work`` in a thread now; the function returned waits for it and returns its
-    result (or raises its error) in the caller's thread. The thread is in the namespace the
-    calling thread is in when this is called."""
     result: list[T] = []
     error: list[BaseException] = []
 
-    def run() -> None:
+    def enter_and_work() -> None:
         try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _check(_libc.setns(fd, CLONE_NEWNET), f"setns({path})")
+            finally:
+                os.close(fd)
             result.append(work())
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             error.append(exc)
 
-    thread = threading.Thread(target=run, name="cellos-network")
+    thread = threading.Thread(target=enter_and_work, name="cellos-netns")
     thread.start()
-
-    def join() -> T:
-        thread.join()
-        if error:
-            raise error[0]
-        return result[0]
-
-    return join
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 def create_netns_here(name: str) -> str:

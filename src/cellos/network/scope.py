@@ -514,23 +514,14 @@ def create(net: CellNetwork) -> None:
     """Build the namespace, the veth pair, addresses, routes and the table, in this process
     (rtnetlink and libnftables). The table is in place before the host's end of the link
     comes up: no packet of the cell ever passes unfiltered."""
-    from cellos.network import link_release, rtnl
+    from cellos.network import link_release
 
     try:
         host = host_rtnl()
         ipv6 = net.cell_ip6 is not None
-        # The table is written from another thread, in the host's namespace, while this one
-        # builds the cell's (libnftables runs without the GIL; its rules name the links,
-        # which need not exist yet): ~2 ms of the cell's start.
-        table = rtnl.started(lambda: nft.run(table_commands(net)))
-        try:
-            _build_link(net, ipv6)
-            _enable_forwarding(ipv6=ipv6)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                table()  # done either way before the caller's undo looks for it
-            raise
-        table()
+        _build_link(net, ipv6)
+        _enable_forwarding(ipv6=ipv6)
+        nft.run(table_commands(net))
         index = host.link_index(net.host_if)
         if index is None:
             raise HostError("network", f"veth {net.host_if} vanished after creation")
