@@ -84,13 +84,30 @@ def test_the_helper_gets_no_environment_and_no_descriptor_but_the_nftables_socke
 
     assert scope.destroy(scope_net.record()) == []
     assert not os.path.exists(f"/sys/class/net/{scope_net.host_if}")
+    _wait_ended(pid)
+
+
+def test_a_helper_is_not_left_idle_when_its_link_is_gone_already(
+    scope_net: scope.CellNetwork,
+) -> None:
+    """A link that vanished before teardown (deleted by someone else) is not this process's
+    to delete: its helper is told to end, not left idle for the supervisor's life."""
+    pid = _helper_of(os.getpid())
+    assert scope_net.host_index is not None
+    scope.host_rtnl().delete_link(scope_net.host_index, scope_net.host_if)
+    assert scope.destroy(scope_net.record()) == []
+    _wait_ended(pid)
+
+
+def _wait_ended(pid: int) -> None:
     deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{pid}") and _zombie_or_alive(pid):
-        assert time.monotonic() < deadline, "the link helper outlived its deletion"
+    while _running(pid):
+        assert time.monotonic() < deadline, f"the link helper {pid} did not end"
         time.sleep(0.01)
 
 
-def _zombie_or_alive(pid: int) -> bool:
+def _running(pid: int) -> bool:
+    """Alive and not yet a zombie (this process's reaper thread collects it)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:

@@ -2,7 +2,7 @@
 
 A link deletion (``RTM_DELLINK``) takes the pair off the host's view within about a
 millisecond, but the request returns only after the kernel has waited in ``rcu_barrier``
-(``netdev_run_todo``): 25-30 ms here. Leaving the pair to its namespace's destruction instead
+(``netdev_run_todo``): 15-30 ms here. Leaving the pair to its namespace's destruction instead
 costs as much, later: the kernel frees it in a worker, and a one-shot supervisor had to wait
 for that at exit so that no link outlives it.
 
@@ -77,17 +77,19 @@ class _Helper:
         proc.wait()
         self.done.set()
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str | None) -> None:
+        """Tell it to delete ``name``; None: to end without deleting anything."""
         self._started.wait()
         stdin = self._stdin
         if stdin is None:
             return
         try:
-            stdin.write(f"link del dev {name}\n".encode())
+            if name is not None:
+                stdin.write(f"link del dev {name}\n".encode())
         except OSError:
             pass  # it is gone: the caller sees the link still there and asks itself
         finally:
-            stdin.close()
+            stdin.close()  # end of its batch: it exits once the deletion is done
 
 
 _prepared: dict[tuple[str, int], _Helper] = {}
@@ -102,6 +104,15 @@ def prepare(name: str, index: int) -> None:
     helper = _Helper(ip)
     with _prepared_lock:
         _prepared[(name, index)] = helper
+
+
+def dismiss(name: str, index: int) -> None:
+    """End the helper prepared for a link this process will not delete (gone already, or
+    left to the reaper), so that a long-lived supervisor keeps no idle helper."""
+    with _prepared_lock:
+        helper = _prepared.pop((name, index), None)
+    if helper is not None:
+        helper.delete(None)
 
 
 def release(host: Rtnl, name: str, index: int, *, timeout: float = 5.0) -> None:

@@ -624,13 +624,17 @@ def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
     residue: list[str] = []
     host_if = record.get("host_if")
     if isinstance(host_if, str):
+        ours = record.get("host_index")
         try:
             host = host_rtnl()
             found = host.link_index(host_if)
-            if delete_link and found is not None:
-                host.delete_link(found, host_if)
-            elif found is not None and found == record.get("host_index"):
+            if found is not None and found == ours and not delete_link:
                 link_release.release(host, host_if, found)
+            else:
+                if isinstance(ours, int):
+                    link_release.dismiss(host_if, ours)
+                if delete_link and found is not None:
+                    host.delete_link(found, host_if)
         except OSError:
             residue.append(f"veth:{host_if}")
     table = record.get("table")
