@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from cellos.core.spec import EgressRule
-from cellos.network import link_release, nft, scope
+from cellos.network import link_release, nft, nft_netlink, scope
 from tests.conftest import require_host
 from tests.test_network import _ready, network_residue
 
@@ -61,26 +61,28 @@ def _netfilter_inodes() -> set[int]:
     return inodes
 
 
-def test_the_helper_gets_no_environment_and_no_descriptor_but_the_nftables_socket(
+def test_the_helper_gets_no_environment_and_no_descriptor_but_the_netfilter_sockets(
     scope_net: scope.CellNetwork,
 ) -> None:
     """The helper runs as root: it must not see the supervisor's environment (secrets can be
-    there) or any descriptor of it (state files, pipes of the cell) but the nftables socket,
-    and that socket is close-on-exec in the supervisor (libmnl opens it inheritable)."""
+    there) or any descriptor of it (state files, pipes of the cell) but its two netfilter
+    sockets (libnftables' and the raw one teardown uses), which are close-on-exec in the
+    supervisor (libmnl opens its socket inheritable)."""
     require_host(link_release.ip_binary() is not None, "iproute2 ip (scripts/setup.sh)")
-    held = nft.host_socket()
-    assert held is not None and not os.get_inheritable(held)
+    ours = {nft.host_socket(), nft_netlink.socket_fd()}
+    assert None not in ours and not any(os.get_inheritable(fd) for fd in ours if fd is not None)
+    our_inodes = {os.fstat(fd).st_ino for fd in ours if fd is not None}
+    assert our_inodes <= _netfilter_inodes()
     pid = _helper_of(os.getpid())
     assert Path(f"/proc/{pid}/environ").read_bytes() == b""
     fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
     assert fds.pop(0).startswith("pipe:")
     assert fds.pop(1) == fds.pop(2) == "/dev/null"
-    sockets = {fd: target for fd, target in fds.items() if target.startswith("socket:")}
-    # iproute2's own rtnetlink socket, and the supervisor's nftables socket: nothing else.
-    assert set(fds) == set(sockets), fds
-    ours = os.fstat(held).st_ino
-    assert f"socket:[{ours}]" in sockets.values() and ours in _netfilter_inodes()
-    assert len(sockets) == 2, sockets
+    assert all(target.startswith("socket:[") for target in fds.values()), fds
+    inodes = {int(target[len("socket:[") : -1]) for target in fds.values()}
+    # Beside ours, only iproute2's own rtnetlink socket.
+    assert our_inodes <= inodes and len(inodes - our_inodes) == 1, fds
+    assert not (inodes - our_inodes) & _netfilter_inodes()
 
     assert scope.destroy(scope_net.record()) == []
     assert not os.path.exists(f"/sys/class/net/{scope_net.host_if}")

@@ -8,11 +8,12 @@ for that at exit so that no link outlives it.
 
 So the request is issued by a short-lived ``ip`` (iproute2), started with the scope and idle
 until the teardown, and the caller waits only until the host no longer shows the link. The
-same process also holds this process's nftables socket (:func:`cellos.network.nft.host_socket`):
-closing a netfilter socket shortly after a table was deleted waits for the kernel's deferred
-destruction of that table (one more grace period, ``nf_tables_trans_destroy_flush_work``), and
-the last holder of the socket pays it: the helper, not a one-shot supervisor's exit. The helper
-gets nothing else: no environment, ``/dev/null`` for its output, no other descriptor.
+same process also holds this process's netfilter sockets (libnftables' and
+:mod:`cellos.network.nft_netlink`'s): closing the last reference to one shortly after a table
+was deleted waits for the kernel's deferred destruction of that table (one more grace period,
+``nf_tables_trans_destroy_flush_work``), and the last holder pays it: the helper, not a
+one-shot supervisor's exit. The helper gets nothing else: no environment, ``/dev/null`` for
+its output, no other descriptor.
 
 Without iproute2 a thread of this process issues the request (the process's exit then waits
 for the kernel with it).
@@ -51,10 +52,10 @@ class _Helper:
         self._started = threading.Event()
         self._stdin: IO[bytes] | None = None
         threading.Thread(
-            target=self._run, args=(ip, nft.host_socket()), name="cellos-link-release", daemon=True
+            target=self._run, args=(ip, _held_sockets()), name="cellos-link-release", daemon=True
         ).start()
 
-    def _run(self, ip: str, held: int | None) -> None:
+    def _run(self, ip: str, held: tuple[int, ...]) -> None:
         try:
             proc = subprocess.Popen(
                 [ip, "-force", "-batch", "-"],
@@ -63,7 +64,7 @@ class _Helper:
                 stderr=subprocess.DEVNULL,
                 env={},
                 close_fds=True,
-                pass_fds=() if held is None else (held,),
+                pass_fds=held,
                 bufsize=0,
             )
         except OSError:
@@ -90,6 +91,16 @@ class _Helper:
             pass  # it is gone: the caller sees the link still there and asks itself
         finally:
             stdin.close()  # end of its batch: it exits once the deletion is done
+
+
+def _held_sockets() -> tuple[int, ...]:
+    """This process's netfilter sockets: libnftables' (if open) and the raw one of
+    :mod:`cellos.network.nft_netlink` (opened now: the teardown deletes the table through
+    it), so that neither is last closed by this process."""
+    from cellos.network import nft_netlink
+
+    held = nft.host_socket()
+    return (*(() if held is None else (held,)), nft_netlink.socket_fd())
 
 
 _prepared: dict[tuple[str, int], _Helper] = {}

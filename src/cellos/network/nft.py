@@ -217,44 +217,6 @@ def run(commands: list[Json], netns: str | None = None) -> None:
         raise _failure(proc.stderr, proc.returncode)
 
 
-def _listing(family: str, table: str) -> str | None:
-    """``list table`` as JSON text (with counters); None when the table does not exist."""
-    ctx = _host_context()
-    if ctx is not None:
-        rc, out, _err = ctx.command(f"list table {family} {table}")
-        return out if rc == 0 else None
-    proc = subprocess.run(
-        [nft_binary(), "-j", "list", "table", family, table],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    return proc.stdout if proc.returncode == 0 else None
-
-
-def list_table(family: str, table: str) -> list[Json]:
-    """The table's objects as JSON (with counters); [] when it does not exist."""
-    out = _listing(family, table)
-    items: list[Json] = [] if out is None else json.loads(out).get("nftables", [])
-    return items
-
-
-def table_exists(family: str, table: str) -> bool:
-    return _listing(family, table) is not None
-
-
-def delete_table(family: str, table: str) -> bool:
-    """Delete the table if it exists (one transaction); False when there was none."""
-    try:
-        run([{"delete": {"table": {"family": family, "name": table}}}])
-    except HostError:
-        if not table_exists(family, table):
-            return False
-        raise
-    return True
-
-
 def match(left: Json, right: Any, op: str = "==") -> Json:
     return {"match": {"op": op, "left": left, "right": right}}
 

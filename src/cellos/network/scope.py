@@ -619,7 +619,7 @@ def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
     recorded index) is deleted; ``delete_link`` (the reaper, whose cell is dead) deletes
     whatever link has the recorded name, in this thread.
     """
-    from cellos.network import link_release, rtnl
+    from cellos.network import link_release, nft_netlink, rtnl
 
     residue: list[str] = []
     host_if = record.get("host_if")
@@ -640,8 +640,8 @@ def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
     table = record.get("table")
     if isinstance(table, str):
         try:
-            nft.delete_table(FAMILY, table)
-        except HostError:
+            nft_netlink.delete_table(FAMILY, table)
+        except OSError:
             residue.append(f"nft:{table}")
     name = record.get("netns")
     if isinstance(name, str):
@@ -658,26 +658,15 @@ def destroy(record: dict[str, Any], *, delete_link: bool = False) -> list[str]:
 
 def flow_decisions(net: CellNetwork) -> list[dict[str, Any]]:
     """nft counters of the cell's table, one entry per counting rule (for events)."""
-    decisions = []
-    for item in nft.list_table(FAMILY, net.table):
-        rule = item.get("rule")
-        if not isinstance(rule, dict):
-            continue
-        counter = next(
-            (e["counter"] for e in rule.get("expr", []) if isinstance(e, dict) and "counter" in e),
-            None,
-        )
-        if not isinstance(counter, dict):
-            continue
-        comment = str(rule.get("comment", ""))
-        decision = "allowed" if comment.startswith("allow") else "dropped"
-        decisions.append(
-            {
-                "rule": comment,
-                "chain": rule.get("chain"),
-                "decision": decision,
-                "packets": int(counter.get("packets", 0)),
-                "bytes": int(counter.get("bytes", 0)),
-            }
-        )
-    return decisions
+    from cellos.network import nft_netlink
+
+    return [
+        {
+            "rule": rule.comment,
+            "chain": rule.chain,
+            "decision": "allowed" if rule.comment.startswith("allow") else "dropped",
+            "packets": rule.packets,
+            "bytes": rule.bytes,
+        }
+        for rule in nft_netlink.rule_counters(FAMILY, net.table)
+    ]

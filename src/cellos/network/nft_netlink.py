@@ -1,0 +1,228 @@
+"""The two nf_tables requests a cell's teardown makes, in raw netlink: its rules' counters and
+the table's deletion.
+
+libnftables answers either only after fetching its whole cache (every table, chain, set and
+rule of the host) and, for the counters, printing JSON for Python to parse again: ~1 ms of a
+cold cell where a rule dump of the one table, read here, costs ~0.1 ms. Creating the table
+stays with libnftables (:mod:`cellos.network.nft`): its rules are compiled by nft, not here.
+
+The socket is opened once, in the namespace of the first calling thread (the host's), and
+kept: closing a netfilter socket shortly after a deletion waits for the kernel's deferred
+destruction (see :mod:`cellos.network.link_release`, whose helper holds it on).
+"""
+
+from __future__ import annotations
+
+import _socket  # the C module: ``socket`` costs ~2 ms to import
+import errno
+import os
+import struct
+import threading
+from typing import NamedTuple
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN = 0x10
+NFNL_MSG_BATCH_END = 0x11
+NFT_MSG_DELTABLE = 2
+NFT_MSG_GETRULE = 7
+NFTA_TABLE_NAME = 1
+NFTA_RULE_TABLE = 1
+NFTA_RULE_CHAIN = 2
+NFTA_RULE_EXPRESSIONS = 4
+NFTA_RULE_USERDATA = 7
+NFTA_LIST_ELEM = 1
+NFTA_EXPR_NAME = 1
+NFTA_EXPR_DATA = 2
+NFTA_COUNTER_BYTES = 1
+NFTA_COUNTER_PACKETS = 2
+#: libnftnl's user-data type of a rule's comment.
+UDATA_RULE_COMMENT = 0
+NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
+
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
+NLA_TYPE_MASK = 0x3FFF
+
+
+class RuleCounter(NamedTuple):
+    chain: str
+    comment: str
+    packets: int
+    bytes: int
+
+
+class NetlinkError(OSError):
+    pass
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    """The attributes of one nesting level (the last of a repeated type)."""
+    return dict(_attr_list(data))
+
+
+def _attr_list(data: bytes) -> list[tuple[int, bytes]]:
+    items = []
+    offset = 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("HH", data, offset)
+        if length < 4:
+            break
+        items.append((kind & NLA_TYPE_MASK, data[offset + 4 : offset + length]))
+        offset += (length + 3) & ~3
+    return items
+
+
+def _string(payload: bytes) -> str:
+    return payload.split(b"\0", 1)[0].decode(errors="replace")
+
+
+class _Socket:
+    def __init__(self) -> None:
+        self.sock = _socket.socket(
+            _socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+        )
+        self.sock.bind((0, 0))
+        self._seq = 0
+        self.lock = threading.Lock()
+
+    def message(
+        self, kind: int, flags: int, family: int, body: bytes, res_id: int = 0
+    ) -> tuple[int, bytes]:
+        """(sequence number, message): a netlink header, the netfilter one, ``body``."""
+        self._seq += 1
+        nfgen = struct.pack("BBH", family, 0, _socket.htons(res_id))
+        header = struct.pack("IHHII", 20 + len(body), kind, flags, self._seq, 0)
+        return self._seq, header + nfgen + body
+
+    def replies(self, seq: int, what: str) -> list[tuple[int, bytes]]:
+        """Messages answering ``seq`` until its end (an acknowledgement or a dump's end):
+        (type, payload after the netfilter header); raises the kernel's error."""
+        found: list[tuple[int, bytes]] = []
+        while True:
+            data = self.sock.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _flags, msg_seq, _pid = struct.unpack_from("IHHII", data, offset)
+                if length < 16:
+                    raise NetlinkError(errno.EPROTO, what)
+                if msg_seq == seq:
+                    if kind == NLMSG_ERROR:
+                        (code,) = struct.unpack_from("i", data, offset + 16)
+                        if code:
+                            raise NetlinkError(-code, f"{what}: {os.strerror(-code)}")
+                        return found
+                    if kind == NLMSG_DONE:
+                        return found
+                    found.append((kind, data[offset + 20 : offset + length]))
+                offset += (length + 3) & ~3
+
+
+_host: _Socket | None = None
+_host_lock = threading.Lock()
+
+
+def _host_socket() -> _Socket:
+    global _host
+    with _host_lock:
+        if _host is None:
+            _host = _Socket()
+        return _host
+
+
+def socket_fd() -> int:
+    """This process's socket, opened now if it is not yet (in the calling thread's namespace,
+    which must be the host's), for the link helper to hold on to."""
+    return _host_socket().sock.fileno()
+
+
+def rule_counters(family: str, table: str) -> list[RuleCounter]:
+    """The counter of every rule of ``table`` that has one, in the table's order (chains as
+    created, rules in order); [] when the table does not exist."""
+    sock = _host_socket()
+    with sock.lock:
+        seq, request = sock.message(
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            NFPROTO[family],
+            _attr(NFTA_RULE_TABLE, table.encode() + b"\0"),
+        )
+        sock.sock.send(request)
+        try:
+            replies = sock.replies(seq, f"list rules of {family} {table}")
+        except NetlinkError as exc:
+            if exc.errno == errno.ENOENT:
+                return []
+            raise
+    counters = []
+    for _kind, payload in replies:
+        rule = _attrs(payload)
+        counter = _counter(rule.get(NFTA_RULE_EXPRESSIONS, b""))
+        if counter is None:
+            continue
+        counters.append(
+            RuleCounter(
+                chain=_string(rule.get(NFTA_RULE_CHAIN, b"")),
+                comment=_comment(rule.get(NFTA_RULE_USERDATA, b"")),
+                packets=counter[0],
+                bytes=counter[1],
+            )
+        )
+    return counters
+
+
+def _counter(expressions: bytes) -> tuple[int, int] | None:
+    """(packets, bytes) of the rule's counter expression, if it has one."""
+    for kind, element in _attr_list(expressions):
+        if kind != NFTA_LIST_ELEM:
+            continue
+        expr = _attrs(element)
+        if _string(expr.get(NFTA_EXPR_NAME, b"")) != "counter":
+            continue
+        data = _attrs(expr.get(NFTA_EXPR_DATA, b""))
+        (packets,) = struct.unpack(">Q", data.get(NFTA_COUNTER_PACKETS, bytes(8))[:8])
+        (octets,) = struct.unpack(">Q", data.get(NFTA_COUNTER_BYTES, bytes(8))[:8])
+        return int(packets), int(octets)
+    return None
+
+
+def _comment(userdata: bytes) -> str:
+    """libnftnl's user data is type-length-value with one-byte type and length."""
+    offset = 0
+    while offset + 2 <= len(userdata):
+        kind, length = userdata[offset], userdata[offset + 1]
+        if kind == UDATA_RULE_COMMENT:
+            return _string(userdata[offset + 2 : offset + 2 + length])
+        offset += 2 + length
+    return ""
+
+
+def delete_table(family: str, table: str) -> bool:
+    """Delete the table (one transaction); False when there was none."""
+    sock = _host_socket()
+    subsys = NFNL_SUBSYS_NFTABLES
+    with sock.lock:
+        _, begin = sock.message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, b"", res_id=subsys)
+        seq, delete = sock.message(
+            (subsys << 8) | NFT_MSG_DELTABLE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            NFPROTO[family],
+            _attr(NFTA_TABLE_NAME, table.encode() + b"\0"),
+        )
+        _, end = sock.message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, b"", res_id=subsys)
+        sock.sock.send(begin + delete + end)
+        try:
+            sock.replies(seq, f"delete table {family} {table}")
+        except NetlinkError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+    return True
