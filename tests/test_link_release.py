@@ -142,3 +142,26 @@ def test_the_link_is_gone_when_teardown_returns_whoever_deletes_it(
         raise
     assert scope.destroy(net.record()) == []
     assert network_residue() == before
+
+
+def test_a_scope_whose_table_fails_leaves_no_link_once_undone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table is written after the link exists; when writing it fails (injected: a real
+    nftables failure cannot be provoked reliably), undoing the scope deletes that link too,
+    and nothing is left the moment the undo returns."""
+    _ready()
+    from cellos.core.errors import HostError
+
+    before = network_residue()
+    rules = scope.resolve_rules([msgspec.convert({"cidr": "192.0.2.0/24", "port": 9}, EgressRule)])
+    net = scope.plan(f"lr-t-{os.getpid()}", rules, str(tmp_path / "state"), scope.DEFAULT_POOL)
+
+    def failing_run(commands: list[object], netns: str | None = None) -> None:
+        raise HostError("nftables", "injected: the table cannot be written")
+
+    monkeypatch.setattr(nft, "run", failing_run)
+    with pytest.raises(HostError, match="injected"):
+        scope.create(net)
+    assert scope.destroy(net.record()) == []
+    assert network_residue() == before

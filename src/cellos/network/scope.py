@@ -520,12 +520,13 @@ def create(net: CellNetwork) -> None:
         host = host_rtnl()
         ipv6 = net.cell_ip6 is not None
         _build_link(net, ipv6)
-        _enable_forwarding(ipv6=ipv6)
-        nft.run(table_commands(net))
         index = host.link_index(net.host_if)
         if index is None:
             raise HostError("network", f"veth {net.host_if} vanished after creation")
+        # Known from here on, so that an undo after a later failure deletes this link too.
         net.host_index = index
+        _enable_forwarding(ipv6=ipv6)
+        nft.run(table_commands(net))
         link_release.prepare(net.host_if, index)
         _ipv6_sysctl(net.host_if, ipv6)
         host.add_address(index, net.host_ip, 30, net.host_if)
