@@ -16,6 +16,7 @@ import pytest
 
 from cellos.core.spec import EgressRule
 from cellos.network import link_release, nft, nft_netlink, scope
+from cellos.network.netlink import NETLINK_NETFILTER
 from tests.conftest import require_host
 from tests.test_network import _ready, network_residue
 
@@ -56,7 +57,7 @@ def _netfilter_inodes() -> set[int]:
     inodes = set()
     for line in Path("/proc/net/netlink").read_text().splitlines()[1:]:
         fields = line.split()
-        if int(fields[1]) == nft.NETLINK_NETFILTER:
+        if int(fields[1]) == NETLINK_NETFILTER:
             inodes.add(int(fields[-1]))
     return inodes
 

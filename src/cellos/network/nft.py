@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 from cellos.core.errors import HostError
+from cellos.network.netlink import NETLINK_NETFILTER
 
 Json = dict[str, Any]
 
@@ -79,9 +80,6 @@ def _load() -> _Library | None:
         return _library
 
 
-#: The netlink family of nf_tables (``linux/netlink.h``).
-NETLINK_NETFILTER = 12
-_AF_NETLINK = 16
 _creating = threading.Lock()
 
 
@@ -100,7 +98,7 @@ def _netfilter_sockets() -> set[int]:
         except OSError:
             continue  # the listing's own descriptor, closed since
         try:
-            if sock.family == _AF_NETLINK and sock.proto == NETLINK_NETFILTER:
+            if sock.family == _socket.AF_NETLINK and sock.proto == NETLINK_NETFILTER:
                 found.add(fd)
         finally:
             sock.detach()

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import _socket  # the C module: ``socket`` costs ~2 ms to import
 import errno
-import os
 import struct
 import threading
 from typing import NamedTuple
 
-NETLINK_NETFILTER = 12
+from cellos.network.netlink import NETLINK_NETFILTER, NetlinkError, answers, attr, attr_list
+
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
@@ -40,12 +40,9 @@ NFTA_COUNTER_PACKETS = 2
 UDATA_RULE_COMMENT = 0
 NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
 
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_DUMP = 0x300
-NLA_TYPE_MASK = 0x3FFF
 
 
 class RuleCounter(NamedTuple):
@@ -55,30 +52,9 @@ class RuleCounter(NamedTuple):
     bytes: int
 
 
-class NetlinkError(OSError):
-    pass
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("HH", length, kind) + payload + b"\0" * (-length % 4)
-
-
 def _attrs(data: bytes) -> dict[int, bytes]:
     """The attributes of one nesting level (the last of a repeated type)."""
-    return dict(_attr_list(data))
-
-
-def _attr_list(data: bytes) -> list[tuple[int, bytes]]:
-    items = []
-    offset = 0
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("HH", data, offset)
-        if length < 4:
-            break
-        items.append((kind & NLA_TYPE_MASK, data[offset + 4 : offset + length]))
-        offset += (length + 3) & ~3
-    return items
+    return dict(attr_list(data))
 
 
 def _string(payload: bytes) -> str:
@@ -104,26 +80,8 @@ class _Socket:
         return self._seq, header + nfgen + body
 
     def replies(self, seq: int, what: str) -> list[tuple[int, bytes]]:
-        """Messages answering ``seq`` until its end (an acknowledgement or a dump's end):
-        (type, payload after the netfilter header); raises the kernel's error."""
-        found: list[tuple[int, bytes]] = []
-        while True:
-            data = self.sock.recv(65536)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, msg_seq, _pid = struct.unpack_from("IHHII", data, offset)
-                if length < 16:
-                    raise NetlinkError(errno.EPROTO, what)
-                if msg_seq == seq:
-                    if kind == NLMSG_ERROR:
-                        (code,) = struct.unpack_from("i", data, offset + 16)
-                        if code:
-                            raise NetlinkError(-code, f"{what}: {os.strerror(-code)}")
-                        return found
-                    if kind == NLMSG_DONE:
-                        return found
-                    found.append((kind, data[offset + 20 : offset + length]))
-                offset += (length + 3) & ~3
+        """The messages answering ``seq``: (type, payload after the netfilter header)."""
+        return [(kind, payload[4:]) for kind, payload in answers(self.sock, seq, what)]
 
 
 _host: _Socket | None = None
@@ -153,7 +111,7 @@ def rule_counters(family: str, table: str) -> list[RuleCounter]:
             (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE,
             NLM_F_REQUEST | NLM_F_DUMP,
             NFPROTO[family],
-            _attr(NFTA_RULE_TABLE, table.encode() + b"\0"),
+            attr(NFTA_RULE_TABLE, table.encode() + b"\0"),
         )
         sock.sock.send(request)
         try:
@@ -181,7 +139,7 @@ def rule_counters(family: str, table: str) -> list[RuleCounter]:
 
 def _counter(expressions: bytes) -> tuple[int, int] | None:
     """(packets, bytes) of the rule's counter expression, if it has one."""
-    for kind, element in _attr_list(expressions):
+    for kind, element in attr_list(expressions):
         if kind != NFTA_LIST_ELEM:
             continue
         expr = _attrs(element)
@@ -215,7 +173,7 @@ def delete_table(family: str, table: str) -> bool:
             (subsys << 8) | NFT_MSG_DELTABLE,
             NLM_F_REQUEST | NLM_F_ACK,
             NFPROTO[family],
-            _attr(NFTA_TABLE_NAME, table.encode() + b"\0"),
+            attr(NFTA_TABLE_NAME, table.encode() + b"\0"),
         )
         _, end = sock.message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, b"", res_id=subsys)
         sock.sock.send(begin + delete + end)

@@ -27,6 +27,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from cellos.network.netlink import NetlinkError, answers, attr
+
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
@@ -36,7 +38,6 @@ MS_SHARED = 1 << 20
 MNT_DETACH = 2
 NETNS_RUN_DIR = "/run/netns"
 
-NLMSG_ERROR = 2
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_EXCL = 0x200
@@ -83,23 +84,10 @@ _run_dir_ready = threading.Lock()
 _run_dir_done = False
 
 
-class NetlinkError(OSError):
-    """The kernel refused a request: ``what`` names it, ``errno`` says why."""
-
-    def __init__(self, err: int, what: str) -> None:
-        super().__init__(err, f"{what}: {os.strerror(err)}")
-        self.what = what
-
-
 def _check(result: int, what: str) -> None:
     if result != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("HH", length, kind) + payload + b"\0" * (-length % 4)
 
 
 def _name(value: str) -> bytes:
@@ -141,26 +129,11 @@ class Rtnl:
             header = struct.pack("IHHII", 16 + len(body), kind, flags | NLM_F_REQUEST, seq, 0)
             self.sock.send(header + body)
             answer = b""
-            while True:
-                data = self.sock.recv(65536)
-                offset = 0
-                while offset + 16 <= len(data):
-                    length, msg_type, _flags, msg_seq, _pid = struct.unpack_from(
-                        "IHHII", data, offset
-                    )
-                    if length < 16:
-                        raise NetlinkError(errno.EPROTO, what)
-                    if msg_seq == seq:
-                        if msg_type == NLMSG_ERROR:
-                            (code,) = struct.unpack_from("i", data, offset + 16)
-                            if code:
-                                raise NetlinkError(-code, what)
-                            return answer
-                        if not answer:
-                            answer = data[offset + 16 : offset + length]
-                            if not flags & NLM_F_ACK:
-                                return answer
-                    offset += (length + 3) & ~3
+            for _kind, payload in answers(self.sock, seq, what):
+                if not flags & NLM_F_ACK:
+                    return payload  # a GET without acknowledgement: one answer
+                answer = answer or payload
+            return answer
 
     # -- links ----------------------------------------------------------------------------
 
@@ -168,7 +141,7 @@ class Rtnl:
         """The index of the link called ``name`` in this socket's namespace (None: none)."""
         try:
             body = self.request(
-                RTM_GETLINK, 0, _ifinfo() + _attr(IFLA_IFNAME, _name(name)), f"get link {name}"
+                RTM_GETLINK, 0, _ifinfo() + attr(IFLA_IFNAME, _name(name)), f"get link {name}"
             )
         except NetlinkError as exc:
             if exc.errno in (errno.ENODEV, errno.ENOENT):
@@ -182,13 +155,13 @@ class Rtnl:
         kernel cannot open an end before both exist; :meth:`set_up` it from there)."""
         peer_info = (
             _ifinfo()
-            + _attr(IFLA_IFNAME, _name(peer))
-            + _attr(IFLA_NET_NS_FD, struct.pack("I", peer_netns_fd))
+            + attr(IFLA_IFNAME, _name(peer))
+            + attr(IFLA_NET_NS_FD, struct.pack("I", peer_netns_fd))
         )
-        linkinfo = _attr(IFLA_INFO_KIND, b"veth\0") + _attr(
-            IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_info)
+        linkinfo = attr(IFLA_INFO_KIND, b"veth\0") + attr(
+            IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_info)
         )
-        body = _ifinfo(up=True) + _attr(IFLA_IFNAME, _name(name)) + _attr(IFLA_LINKINFO, linkinfo)
+        body = _ifinfo(up=True) + attr(IFLA_IFNAME, _name(name)) + attr(IFLA_LINKINFO, linkinfo)
         self.request(
             RTM_NEWLINK,
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
@@ -209,7 +182,7 @@ class Rtnl:
         family = _socket.AF_INET if ip.version == 4 else _socket.AF_INET6
         flags = IFA_F_NODAD if ip.version == 6 else 0
         body = struct.pack("BBBBI", family, prefixlen, flags, RT_SCOPE_UNIVERSE, index)
-        body += _attr(IFA_LOCAL, ip.packed) + _attr(IFA_ADDRESS, ip.packed)
+        body += attr(IFA_LOCAL, ip.packed) + attr(IFA_ADDRESS, ip.packed)
         self.request(
             RTM_NEWADDR,
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
@@ -232,7 +205,7 @@ class Rtnl:
             RTN_UNICAST,
             0,
         )
-        body += _attr(RTA_GATEWAY, ip.packed) + _attr(RTA_OIF, struct.pack("i", index))
+        body += attr(RTA_GATEWAY, ip.packed) + attr(RTA_OIF, struct.pack("i", index))
         self.request(
             RTM_NEWROUTE,
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
