@@ -44,8 +44,8 @@ def ip_binary() -> str | None:
 class _Helper:
     """``ip -force -batch -``, idle on a pipe until it is told which link to delete. Started
     with the scope (:func:`prepare`), from a thread of its own, which then reaps it: its start
-    (~0.5 ms here, ~2 ms of exec and dynamic linking there) overlaps the cell's own start
-    instead of its teardown. Given nothing but the nftables socket it holds on to."""
+    (~0.5 ms in this process, ~2 ms of exec and dynamic linking in its own) overlaps the
+    cell's start instead of its teardown. Given nothing but the netfilter sockets it holds."""
 
     def __init__(self, ip: str) -> None:
         self.done = threading.Event()
