@@ -5,7 +5,6 @@ issues it gets nothing of the supervisor but the nftables socket it holds on to.
 from __future__ import annotations
 
 import os
-import re
 import stat
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import msgspec
 import pytest
 
 from cellos.core.spec import EgressRule
+from cellos.hosts.procfs import is_running, iter_procs
 from cellos.network import link_release, nft, nft_netlink, scope
 from cellos.network.netlink import NETLINK_NETFILTER
 from tests.conftest import require_host
@@ -38,18 +38,20 @@ def scope_net(tmp_path: Path) -> Iterator[scope.CellNetwork]:
 
 
 def _helper_of(parent: int) -> int:
-    """The pid of ``ip -force -batch -`` started by ``parent``."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{name}/status").read_text()
-            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = re.search(r"^PPid:\s+(\d+)$", status, re.M)
-        if ppid and int(ppid.group(1)) == parent and argv[1:4] == [b"-force", b"-batch", b"-"]:
-            return int(name)
+    """The pid of ``ip -force -batch -`` started by ``parent`` (from a thread of its own, so
+    it may take a moment to appear)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for proc in iter_procs():
+            if proc.ppid != parent:
+                continue
+            try:
+                argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[1:4] == [b"-force", b"-batch", b"-"]:
+                return proc.pid
+        time.sleep(0.005)
     raise AssertionError("no link helper was started with the scope")
 
 
@@ -103,19 +105,11 @@ def test_a_helper_is_not_left_idle_when_its_link_is_gone_already(
 
 
 def _wait_ended(pid: int) -> None:
+    """Until the helper is gone or a zombie (this process's reaper thread collects it)."""
     deadline = time.monotonic() + 10
-    while _running(pid):
+    while is_running(pid):
         assert time.monotonic() < deadline, f"the link helper {pid} did not end"
         time.sleep(0.01)
-
-
-def _running(pid: int) -> bool:
-    """Alive and not yet a zombie (this process's reaper thread collects it)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.mark.parametrize(
