@@ -78,11 +78,10 @@ def test_the_helper_gets_no_environment_and_no_descriptor_but_the_netfilter_sock
     assert our_inodes <= _netfilter_inodes()
     pid = _helper_of(os.getpid())
     assert Path(f"/proc/{pid}/environ").read_bytes() == b""
-    fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    fds, inodes = _descriptors_once_ready(pid, our_inodes)
     assert fds.pop(0).startswith("pipe:")
     assert fds.pop(1) == fds.pop(2) == "/dev/null"
     assert all(target.startswith("socket:[") for target in fds.values()), fds
-    inodes = {int(target[len("socket:[") : -1]) for target in fds.values()}
     # Beside ours, only iproute2's own rtnetlink socket.
     assert our_inodes <= inodes and len(inodes - our_inodes) == 1, fds
     assert not (inodes - our_inodes) & _netfilter_inodes()
@@ -102,6 +101,18 @@ def test_a_helper_is_not_left_idle_when_its_link_is_gone_already(
     scope.host_rtnl().delete_link(scope_net.host_index, scope_net.host_if)
     assert scope.destroy(scope_net.record()) == []
     _wait_ended(pid)
+
+
+def _descriptors_once_ready(pid: int, ours: set[int]) -> tuple[dict[int, str], set[int]]:
+    """The helper's descriptors (number: target) and socket inodes, once iproute2 has opened
+    its own rtnetlink socket (it does so after its exec, before it reads its batch)."""
+    deadline = time.monotonic() + 5
+    while True:
+        fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        inodes = {int(t[len("socket:[") : -1]) for t in fds.values() if t.startswith("socket:[")}
+        if inodes - ours or time.monotonic() >= deadline:
+            return fds, inodes
+        time.sleep(0.005)
 
 
 def _wait_ended(pid: int) -> None:
