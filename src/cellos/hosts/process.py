@@ -204,9 +204,12 @@ _PR_SET_PDEATHSIG = 1
 def die_with_parent(then: Callable[[], None] | None = None) -> Callable[[], None]:
     """A preexec step: SIGKILL when the parent dies, and exit now if it already has (the
     death signal cannot fire for a parent that died before it was set)."""
-    import ctypes  # only for the backends that need it (runsc, the VMM)
+    from cellos.core import libc  # only for the backends that need it (runsc, the VMM)
 
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    # int prctl(int option, unsigned long arg2, ...): looked up here, called in the child.
+    prctl = libc.function(
+        "prctl", libc.Int, [libc.Int, libc.ULong, libc.ULong, libc.ULong, libc.ULong]
+    )
     parent = os.getpid()
 
     def preexec() -> None:

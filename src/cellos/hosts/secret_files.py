@@ -23,7 +23,7 @@ import fcntl
 import functools
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cellos.core.errors import HostError
@@ -98,17 +98,26 @@ def sealed_memfd(files: Mapping[str, bytes]) -> int:
 
 
 @functools.cache
-def _libc() -> Any:
-    # Loaded on first use only: the cellos backend (on every supervisor start) never needs it.
-    import ctypes
+def _mount() -> Callable[..., Any]:
+    # Looked up on first use only: the cellos backend (on every supervisor start) never needs it.
+    from cellos.core import libc
 
-    return ctypes.CDLL(None, use_errno=True)
+    return libc.function(
+        "mount", libc.Int, [libc.CharP, libc.CharP, libc.CharP, libc.ULong, libc.VoidP]
+    )
+
+
+@functools.cache
+def _umount2() -> Callable[..., Any]:
+    from cellos.core import libc
+
+    return libc.function("umount2", libc.Int, [libc.CharP, libc.Int])
 
 
 def _errno() -> int:
-    import ctypes
+    from cellos.core import libc
 
-    return ctypes.get_errno()
+    return libc.errno()
 
 
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
@@ -120,7 +129,7 @@ def mount_host_tmpfs(path: str, files: Mapping[str, bytes]) -> None:
     os.mkdir(path, 0o700)
     opts = f"mode=0700,size={tmpfs_size(files)},nr_inodes={MAX_SECRETS + 8}".encode()
     flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
-    if _libc().mount(b"tmpfs", path.encode(), b"tmpfs", flags, opts) != 0:
+    if _mount()(b"tmpfs", path.encode(), b"tmpfs", flags, opts) != 0:
         err = _errno()
         os.rmdir(path)
         raise HostError(
@@ -134,7 +143,7 @@ def unmount_host_tmpfs(path: str) -> list[str]:
         return []
     with contextlib.suppress(OSError):
         _wipe(path)
-    if os.path.ismount(path) and _libc().umount2(path.encode(), _MNT_DETACH) != 0:
+    if os.path.ismount(path) and _umount2()(path.encode(), _MNT_DETACH) != 0:
         err = _errno()
         if err not in (errno.EINVAL, errno.ENOENT):
             return [f"mount:{path}"]

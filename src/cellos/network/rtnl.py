@@ -18,15 +18,14 @@ from __future__ import annotations
 # every one-shot supervisor of a cell with egress authority.
 import _socket
 import contextlib
-import ctypes
 import errno
-import ipaddress
 import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from cellos.core import libc
 from cellos.network.netlink import NetlinkError, answers, attr
 
 T = TypeVar("T")
@@ -69,29 +68,35 @@ RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_mount = libc.function(
+    "mount", libc.Int, [libc.CharP, libc.CharP, libc.CharP, libc.ULong, libc.VoidP]
+)
+_umount2 = libc.function("umount2", libc.Int, [libc.CharP, libc.Int])
+_unshare = libc.function("unshare", libc.Int, [libc.Int])
+_setns = libc.function("setns", libc.Int, [libc.Int, libc.Int])
 _run_dir_ready = threading.Lock()
 _run_dir_done = False
 
 
 def _check(result: int, what: str) -> None:
     if result != 0:
-        err = ctypes.get_errno()
+        err = libc.errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def _name(value: str) -> bytes:
     return value.encode() + b"\0"
+
+
+def _packed(address: str) -> tuple[int, bytes]:
+    """The family and the bytes of an IPv4 or IPv6 address (``ipaddress`` costs ~4 ms to
+    import); ValueError, as ``ipaddress.ip_address`` raises, for anything else."""
+    for family in (_socket.AF_INET, _socket.AF_INET6):
+        try:
+            return family, _socket.inet_pton(family, address)
+        except OSError:
+            continue
+    raise ValueError(f"{address!r} is not an IPv4 or IPv6 address")
 
 
 def _ifinfo(index: int = 0, up: bool = False) -> bytes:
@@ -178,11 +183,10 @@ class Rtnl:
     # -- addresses and routes -------------------------------------------------------------
 
     def add_address(self, index: int, address: str, prefixlen: int, what: str) -> None:
-        ip = ipaddress.ip_address(address)
-        family = _socket.AF_INET if ip.version == 4 else _socket.AF_INET6
-        flags = IFA_F_NODAD if ip.version == 6 else 0
+        family, packed = _packed(address)
+        flags = IFA_F_NODAD if family == _socket.AF_INET6 else 0
         body = struct.pack("BBBBI", family, prefixlen, flags, RT_SCOPE_UNIVERSE, index)
-        body += attr(IFA_LOCAL, ip.packed) + attr(IFA_ADDRESS, ip.packed)
+        body += attr(IFA_LOCAL, packed) + attr(IFA_ADDRESS, packed)
         self.request(
             RTM_NEWADDR,
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
@@ -191,8 +195,7 @@ class Rtnl:
         )
 
     def add_default_route(self, gateway: str, index: int) -> None:
-        ip = ipaddress.ip_address(gateway)
-        family = _socket.AF_INET if ip.version == 4 else _socket.AF_INET6
+        family, packed = _packed(gateway)
         body = struct.pack(
             "BBBBBBBBI",
             family,
@@ -205,7 +208,7 @@ class Rtnl:
             RTN_UNICAST,
             0,
         )
-        body += attr(RTA_GATEWAY, ip.packed) + attr(RTA_OIF, struct.pack("i", index))
+        body += attr(RTA_GATEWAY, packed) + attr(RTA_OIF, struct.pack("i", index))
         self.request(
             RTM_NEWROUTE,
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
@@ -230,13 +233,13 @@ def _prepare_run_dir() -> None:
             return
         os.makedirs(NETNS_RUN_DIR, mode=0o755, exist_ok=True)
         target = NETNS_RUN_DIR.encode()
-        if _libc.mount(b"none", target, None, MS_SHARED | MS_REC, None) != 0:
-            if ctypes.get_errno() != errno.EINVAL:
+        if _mount(b"none", target, None, MS_SHARED | MS_REC, None) != 0:
+            if libc.errno() != errno.EINVAL:
                 _check(-1, f"make {NETNS_RUN_DIR} a shared mount")
             # Not a mount point yet: bind it onto itself, then share it.
-            _check(_libc.mount(target, target, b"none", MS_BIND | MS_REC, None), "bind")
+            _check(_mount(target, target, b"none", MS_BIND | MS_REC, None), "bind")
             _check(
-                _libc.mount(b"none", target, None, MS_SHARED | MS_REC, None),
+                _mount(b"none", target, None, MS_SHARED | MS_REC, None),
                 f"make {NETNS_RUN_DIR} a shared mount",
             )
         _run_dir_done = True
@@ -254,7 +257,7 @@ def in_netns(path: str, work: Callable[[], T]) -> T:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                _check(_libc.setns(fd, CLONE_NEWNET), f"setns({path})")
+                _check(_setns(fd, CLONE_NEWNET), f"setns({path})")
             finally:
                 os.close(fd)
             result.append(work())
@@ -277,9 +280,9 @@ def create_netns_here(name: str) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     os.close(fd)
     try:
-        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        _check(_unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
         own = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
-        _check(_libc.mount(own, path.encode(), b"none", MS_BIND, None), f"bind {path}")
+        _check(_mount(own, path.encode(), b"none", MS_BIND, None), f"bind {path}")
     except BaseException:
         os.unlink(path)
         raise
@@ -297,10 +300,10 @@ def new_netns(name: str) -> Iterator[str]:
         try:
             yield create_netns_here(name)
         finally:
-            if _libc.setns(own, CLONE_NEWNET) != 0:
+            if _setns(own, CLONE_NEWNET) != 0:
                 # Unreachable in practice (root, our own namespace): a supervisor thread left
                 # in a cell's namespace must not go on.
-                err = os.strerror(ctypes.get_errno())
+                err = os.strerror(libc.errno())
                 os.write(2, f"cellos: cannot return to the host namespace: {err}\n".encode())
                 os.abort()
     finally:
@@ -313,7 +316,7 @@ def remove_netns(name: str) -> bool:
     path = netns_path(name)
     if not os.path.lexists(path):
         return False
-    if _libc.umount2(path.encode(), MNT_DETACH) != 0 and ctypes.get_errno() not in (
+    if _umount2(path.encode(), MNT_DETACH) != 0 and libc.errno() not in (
         errno.EINVAL,
         errno.ENOENT,
     ):
