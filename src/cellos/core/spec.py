@@ -57,7 +57,7 @@ _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
 _H = r"[0-9A-Fa-f]{1,4}"
 # RFC 4291 text forms (no embedded IPv4, no zone id): every string this accepts, Python's
-# ipaddress accepts too.
+# ipaddress and cellos.core.cidr accept too.
 _IPV6 = (
     rf"(?:(?:{_H}:){{7}}{_H}|(?:{_H}:){{1,7}}:|(?:{_H}:){{1,6}}:{_H}"
     rf"|(?:{_H}:){{1,5}}(?::{_H}){{1,2}}|(?:{_H}:){{1,4}}(?::{_H}){{1,3}}"
@@ -273,10 +273,10 @@ class EgressRule(_Doc, frozen=True, kw_only=True):
         if (self.host is None) == (self.cidr is None):
             raise ValueError("exactly one of 'host' or 'cidr' is required")
         if self.cidr is not None:
-            import ipaddress  # only documents with a CIDR rule pay for it
+            from cellos.core import cidr  # only documents with a CIDR rule pay for it
 
             try:
-                ipaddress.ip_network(self.cidr, strict=True)
+                cidr.parse_network(self.cidr, strict=True)
             except ValueError as exc:
                 # Host bits set (10.0.0.1/24): the schema cannot say this.
                 rule_error("cidr", f"{self.cidr!r} is not a valid CIDR ({exc})")

@@ -23,12 +23,12 @@ Rules of the cell's table (family ``inet``, in the host's namespace):
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import re
 import threading
 from typing import TYPE_CHECKING, Any
 
+from cellos.core import cidr
 from cellos.core.errors import HostError, PolicyRefused
 from cellos.core.spec import EgressRule
 from cellos.network import nft
@@ -146,14 +146,14 @@ def _table_name(cell_id: str) -> str:
     return "cellos_" + re.sub(r"[^A-Za-z0-9_]", "_", cell_id)
 
 
-def parse_pool(pool: str) -> ipaddress.IPv4Network:
+def parse_pool(pool: str) -> cidr.Network:
     """``CELLOS_NETWORK_POOL``: an IPv4 network of at least one /30 (a /n holds 2^(30-n)
     links, so that many cells with egress authority can run at once)."""
     try:
-        network = ipaddress.ip_network(pool.strip())
+        network = cidr.parse_network(pool.strip())
     except ValueError as exc:
         raise PolicyRefused("CELLOS_NETWORK_POOL", f"{pool!r} is not a network: {exc}") from None
-    if not isinstance(network, ipaddress.IPv4Network):
+    if network.version != 4:
         raise PolicyRefused("CELLOS_NETWORK_POOL", "must be an IPv4 network")
     if network.prefixlen > 30:
         raise PolicyRefused(
@@ -163,7 +163,7 @@ def parse_pool(pool: str) -> ipaddress.IPv4Network:
     return network
 
 
-def pool_capacity(pool: ipaddress.IPv4Network) -> int:
+def pool_capacity(pool: cidr.Network) -> int:
     """How many /30 links (cells with egress authority at once) the pool holds."""
     return pool.num_addresses // 4
 
@@ -187,7 +187,7 @@ def host_link(slot: int) -> str:
     return f"cvh{slot}"
 
 
-def claim_slot(state_root: str, cell_id: str, pool: ipaddress.IPv4Network) -> tuple[int, str]:
+def claim_slot(state_root: str, cell_id: str, pool: cidr.Network) -> tuple[int, str]:
     """Claim a free /30 of the pool (slot ``n`` is its ``n``-th /30, from 0): ``net/slots/<n>``
     is created as a symlink naming the cell, so the claim and its owner appear in one atomic
     step (a reaper can always tell whose a slot is, even if the claim happened just before
@@ -227,7 +227,7 @@ def resolve_rules(rules: list[EgressRule], *, pin_by_dns: bool = False) -> list[
     resolved = []
     for index, rule in enumerate(rules):
         if rule.cidr is not None:
-            net = ipaddress.ip_network(rule.cidr)
+            net = cidr.parse_network(rule.cidr)
             resolved.append(
                 AllowRule(index, (str(net),), rule.port, rule.protocol, f"cidr:{rule.cidr}")
             )
@@ -277,8 +277,8 @@ def plan(
 ) -> CellNetwork:
     network = parse_pool(pool)
     slot, slot_file = claim_slot(state_root, cell_id, network)
-    base = network.network_address + slot * 4
-    base6 = ipaddress.ip_network(POOL6).network_address + slot * 4
+    base = slot * 4  # the slot's /30 in the pool, its /126 in POOL6
+    pool6 = cidr.parse_network(POOL6)
     v6 = wants_ipv6(rules)
     return CellNetwork(
         cell_id=cell_id,
@@ -286,22 +286,22 @@ def plan(
         netns=f"cellos-{cell_id}",
         host_if=host_link(slot),
         cell_if=f"cvc{slot}",
-        host_ip=str(base + 1),
-        cell_ip=str(base + 2),
+        host_ip=network.address(base + 1),
+        cell_ip=network.address(base + 2),
         table=_table_name(cell_id),
         slot_file=slot_file,
         rules=rules,
-        host_ip6=str(base6 + 1) if v6 else None,
-        cell_ip6=str(base6 + 2) if v6 else None,
+        host_ip6=pool6.address(base + 1) if v6 else None,
+        cell_ip6=pool6.address(base + 2) if v6 else None,
     )
 
 
 def _addr_match(address: str) -> dict[str, Any]:
-    net = ipaddress.ip_network(address)
+    net = cidr.parse_network(address)
     right: Any = (
-        str(net.network_address)
+        net.network_address
         if net.prefixlen == net.max_prefixlen
-        else {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+        else {"prefix": {"addr": net.network_address, "len": net.prefixlen}}
     )
     return nft.match(nft.payload("ip" if net.version == 4 else "ip6", "daddr"), right)
 
@@ -333,7 +333,7 @@ def _set(table: str, name: str, elements: list[str]) -> dict[str, Any]:
 def pin(net: CellNetwork, name: str, addresses: list[str]) -> None:
     """Make addresses the cell's DNS proxy answered for ``name`` reachable: into the set of
     the host rules for that name, else into the set of names allowed by the DNS authority."""
-    v4 = [a for a in addresses if ipaddress.ip_address(a).version == 4]
+    v4 = [a for a in addresses if cidr.parse_address(a)[0] == 4]
     if not v4:
         return
     sets = [r.set_name for r in net.rules if r.host is not None and r.host == name]
