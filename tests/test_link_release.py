@@ -64,17 +64,31 @@ def _netfilter_inodes() -> set[int]:
     return inodes
 
 
-def test_the_helper_gets_no_environment_and_no_descriptor_but_the_netfilter_sockets(
+def _process_sockets() -> list[int]:
+    """This process's descriptors that are sockets."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                found.append(int(name))
+        except OSError:
+            continue  # the listing's own descriptor, closed since
+    return found
+
+
+def test_the_helper_gets_no_environment_and_no_descriptor_but_the_netfilter_socket(
     scope_net: scope.CellNetwork,
 ) -> None:
     """The helper runs as root: it must not see the supervisor's environment (secrets can be
-    there) or any descriptor of it (state files, pipes of the cell) but its two netfilter
-    sockets (libnftables' and the raw one teardown uses), which are close-on-exec in the
-    supervisor (libmnl opens its socket inheritable)."""
+    there) or any descriptor of it (state files, pipes of the cell) but the netfilter socket
+    that wrote the table and deletes it, close-on-exec in the supervisor."""
     require_host(link_release.ip_binary() is not None, "iproute2 ip (scripts/setup.sh)")
-    ours = {nft.host_socket(), nft_netlink.socket_fd()}
-    assert None not in ours and not any(os.get_inheritable(fd) for fd in ours if fd is not None)
-    our_inodes = {os.fstat(fd).st_ino for fd in ours if fd is not None}
+    ours = {nft_netlink.socket_fd()}
+    assert not any(os.get_inheritable(fd) for fd in ours)
+    assert _netfilter_inodes() & {os.fstat(fd).st_ino for fd in _process_sockets()} == {
+        os.fstat(fd).st_ino for fd in ours
+    }, "the process has a netfilter socket beside the one the helper holds"
+    our_inodes = {os.fstat(fd).st_ino for fd in ours}
     assert our_inodes <= _netfilter_inodes()
     pid = _helper_of(os.getpid())
     assert Path(f"/proc/{pid}/environ").read_bytes() == b""

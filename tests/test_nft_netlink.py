@@ -84,7 +84,9 @@ def test_counters_are_what_nft_reports(table: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         for payload in (b"a", b"bb", b"ccc"):
             sock.sendto(payload, ("127.0.0.1", PORT))
-    ours = [tuple(c) for c in nft_netlink.rule_counters("inet", table)]
+    ours = [
+        (c.chain, c.comment, c.packets, c.bytes) for c in nft_netlink.rule_counters("inet", table)
+    ]
     assert ours == _nft_tool_counters(table)
     seen = ours[0]
     assert seen[:3] == ("out", "seen", 3) and seen[3] > 0

@@ -8,9 +8,9 @@ for that at exit so that no link outlives it.
 
 So the request is issued by a short-lived ``ip`` (iproute2), started with the scope and idle
 until the teardown, and the caller waits only until the host no longer shows the link. The
-same process also holds this process's netfilter sockets (libnftables' and
-:mod:`cellos.network.nft_netlink`'s): closing the last reference to one shortly after a table
-was deleted waits for the kernel's deferred destruction of that table (one more grace period,
+same process also holds this process's netfilter socket (:mod:`cellos.network.nft_netlink`'s):
+closing the last reference to it shortly after a table was deleted waits for the kernel's
+deferred destruction of that table (one more grace period,
 ``nf_tables_trans_destroy_flush_work``), and the last holder pays it: the helper, not a
 one-shot supervisor's exit. The helper gets nothing else: no environment, ``/dev/null`` for
 its output, no other descriptor.
@@ -27,8 +27,6 @@ import subprocess
 import threading
 import time
 from typing import IO, TYPE_CHECKING
-
-from cellos.network import nft
 
 if TYPE_CHECKING:
     from cellos.network.rtnl import Rtnl
@@ -94,13 +92,12 @@ class _Helper:
 
 
 def _held_sockets() -> tuple[int, ...]:
-    """This process's netfilter sockets: libnftables' (if open) and the raw one of
-    :mod:`cellos.network.nft_netlink` (opened now: the teardown deletes the table through
-    it), so that neither is last closed by this process."""
+    """This process's netfilter socket (:mod:`cellos.network.nft_netlink`'s, which wrote the
+    table and through which the teardown deletes it), so that this process does not close
+    it last."""
     from cellos.network import nft_netlink
 
-    held = nft.host_socket()
-    return (*(() if held is None else (held,)), nft_netlink.socket_fd())
+    return (nft_netlink.socket_fd(),)
 
 
 _prepared: dict[tuple[str, int], _Helper] = {}
