@@ -25,7 +25,8 @@ want_pkgs=()
 command -v runsc >/dev/null 2>&1 || want_pkgs+=(runsc)
 # cellos mcp's run_code(language=node) runs the host's node inside the cell (/usr is bound in).
 command -v node >/dev/null 2>&1 || want_pkgs+=(nodejs)
-# Egress authority (cells with egressRules) needs nftables.
+# Egress authority writes the kernel's nf_tables itself; nft shows a cell's table (the tests
+# compare with it).
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want_pkgs+=(nftables)
 # Its teardown deletes the cell's link through iproute2's ip (a thread of the supervisor
 # without it: correct, but the kernel's wait is then the cell's).

@@ -333,7 +333,7 @@ def test_a_host_that_ran_egress_cells_does_not_load_the_network_stack_at_start(
     tmp_path: Path,
 ) -> None:
     """The start-up reaper releases a dead cell's address slot with plain ``os`` calls: a
-    plain cell on a host with network slots does not load nftables (ctypes) or ipaddress."""
+    plain cell on a host with network slots does not load the network stack (nft, rtnl, C calls)."""
     state = tmp_path / "state"
     slots = state / "net" / "slots"
     slots.mkdir(parents=True)
@@ -341,5 +341,6 @@ def test_a_host_that_ran_egress_cells_does_not_load_the_network_stack_at_start(
     (slots / "7").symlink_to("gone-cell")  # claimed by a supervisor that died before recording
     modules = _imported(tmp_path, DOCUMENT, "cell.json", CELLOS_STATE_DIR=str(state))
     assert "cellos.hosts.reaper" in modules  # the reaper really ran
-    assert _roots(modules, {"cellos.network.scope", "cellos.network.nft", "ctypes"}) == set()
+    network_stack = {"cellos.network.scope", "cellos.network.nft", "cellos.core.libc", "ctypes"}
+    assert _roots(modules, network_stack) == set()
     assert not (slots / "7").is_symlink()  # and released the slot

@@ -140,6 +140,23 @@ def check_tool(name: str, version_args: list[str], feature: str) -> Check:
     return Check(feature, code == 0, f"{path}: {first}")
 
 
+def check_nftables() -> Check:
+    """What egress authority needs: the kernel's nf_tables answering this process (the
+    supervisor writes a cell's table itself; the ``nft`` tool only shows it)."""
+    from cellos.network import nft_netlink
+
+    try:
+        nft_netlink.rule_counters("inet", "cellos_doctor_probe")
+    except OSError as exc:
+        need = " (egress authority needs root)" if os.geteuid() != 0 else ""
+        return Check("nftables", False, f"nf_tables netlink: {exc.strerror}{need}")
+    nft = shutil.which("nft")
+    shown = (
+        f"{nft} shows a cell's table" if nft else "nft (to look at a cell's table) not installed"
+    )
+    return Check("nftables", True, f"nf_tables answers; {shown}")
+
+
 def _runsc_default_platform(runsc: str) -> str:
     code, out = _run([runsc, "flags"])
     match = re.search(r'-platform string\s.*?\(default "([a-z]+)"\)', out, re.DOTALL)
@@ -220,7 +237,7 @@ def run_checks(*, refresh_microvm_probe: bool = False) -> list[Check]:
         *check_cgroups(),
         check_seccomp(),
         check_landlock(),
-        check_tool("nft", ["--version"], "nftables"),
+        check_nftables(),
         check_gvisor(),
         check_kvm(),
         *check_microvm(refresh_probe=refresh_microvm_probe),

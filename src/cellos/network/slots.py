@@ -1,6 +1,7 @@
 """Releasing the network address slots of cells that are gone, for the start-up reaper of
 every supervisor: only ``os`` calls, so that a host which has ever run an egress cell does
-not load the network stack (nftables through ctypes, ipaddress: ~9 ms) on every start."""
+not load the network stack (rtnetlink, the nf_tables compiler, C calls: several ms) on every
+start."""
 
 from __future__ import annotations
 
