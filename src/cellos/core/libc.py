@@ -89,7 +89,7 @@ def _handle(library: str | None) -> int:
 def function(
     name: str, restype: CType | None, argtypes: Sequence[CType], library: str | None = None
 ) -> Callable[..., Any]:
-    """The C function ``name`` of ``library`` (a soname such as ``"libnftables.so.1"``,
+    """The C function ``name`` of ``library`` (a soname such as ``"libc.so.6"``,
     loaded once; None: the process's own symbols, libc's among them), taking ``argtypes`` and
     returning ``restype`` (None: void). A library that cannot be loaded or a missing symbol
     raises OSError."""
