@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from cellos.core.errors import HostError
-from cellos.network import guest_link, nft, proxies, scope
+from cellos.network import guest_link, nft, nft_netlink, proxies, scope
+from cellos.network.netlink import attr_list
 from tests.test_network import _ready
 
 
@@ -171,6 +172,25 @@ def test_a_failing_batch_applies_nothing_and_names_the_command(
         "nftables: cannot add rule inet t missing (lost): No such file or directory"
     )
     assert _as_nft_sees_it(ours) == [{"metainfo": _as_nft_sees_it(ours)[0]["metainfo"]}]
+
+
+def test_a_host_rule_with_the_longest_name_compiles_to_a_comment_the_kernel_keeps(
+    namespaces: tuple[str, str],
+) -> None:
+    """A host rule's label carries its name (up to 253 characters): its comment is cut to
+    the kernel's 256 bytes of user data, not an error (libnftables aborted the whole
+    process on it)."""
+    name = ".".join(["a" * 63] * 3 + ["b" * 61])
+    assert len(name) == 253
+    net = _cell([scope.AllowRule(0, ("192.0.2.1/32",), 443, "tcp", f"host:{name}", name)])
+    rules = [m for m in nft.compile_commands(scope.table_commands(net)) if m.kind & 0xFF == 6]
+    comments = [nft_netlink._comment(dict(attr_list(m.body))[7]) for m in rules]
+    long = comments[3]
+    assert long.startswith(f"allow 0 host:{name[:200]}") and len(long.encode()) == 253
+    assert comments[:3] == ["replies to the cell", "unsolicited to the cell", "cell replies"]
+    nft.run(scope.table_commands(net), netns=f"/run/netns/{namespaces[1]}")
+    kept = [i["rule"].get("comment") for i in _as_nft_sees_it(namespaces[1]) if "rule" in i]
+    assert long in kept
 
 
 @pytest.mark.parametrize(

@@ -95,6 +95,18 @@ def _expr(name: str, *attrs: bytes) -> bytes:
     return _nest(1, attr(1, _name(name)) + _nest(2, b"".join(attrs)))
 
 
+#: A rule's user data is at most 256 bytes (``NFT_USERDATA_MAXLEN``): its comment's type,
+#: length, text and NUL.
+_COMMENT_MAX = 256 - 3
+
+
+def _comment(text: str) -> bytes:
+    """A rule's comment as libnftnl stores it, cut to what the kernel keeps (a host rule's
+    label carries its host name, up to 253 characters; nft itself aborted on such a one)."""
+    data = text.encode()[:_COMMENT_MAX].decode(errors="ignore").encode()
+    return _tlv(0, data + b"\0")
+
+
 def _cmp(op: int, data: bytes) -> bytes:
     return _expr("cmp", attr(1, _be32(_REG_1)), attr(2, _be32(op)), _nest(3, attr(1, data)))
 
@@ -236,7 +248,7 @@ class _Compiler:
         body = attr(1, _name(table)) + attr(2, _name(chain)) + _nest(4, b"".join(rule.exprs))
         comment = spec.get("comment")
         if comment:
-            body += attr(7, _tlv(0, _name(comment)))
+            body += attr(7, _comment(comment))
         what = f"add rule {family} {table} {chain}" + (f" ({comment})" if comment else "")
         flags = NLM_F_CREATE | NLM_F_APPEND
         self.messages.append(Message(NFT_MSG_NEWRULE, family, flags, body, what))
