@@ -128,7 +128,7 @@ class _Socket:
             errors = self._queued_errors()
         if errors:
             seq, code = errors[0]
-            raise NetlinkError(code, what.get(seq, "nftables transaction"))
+            raise NetlinkError(code, what.get(seq, "apply the nftables transaction"))
 
     def _queued_errors(self) -> list[tuple[int, int]]:
         """(sequence number, errno) of each error the kernel has queued on this socket."""
