@@ -5,6 +5,7 @@ no longer imports ipaddress."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -409,3 +410,21 @@ print("cellos.core.cidr" in sys.modules, "ipaddress" in sys.modules, "socket" in
 def test_the_cold_egress_path_does_not_import_ipaddress() -> None:
     proc = _python(COLD_EGRESS)
     assert proc.stdout.split() == ["True", "False", "False"], (proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize(
+    "address", ["10.0.0.1", "169.254.7.2", "::1", "fd00:ce11::1", "::ffff:1.2.3.4"]
+)
+def test_netlink_reads_addresses_as_ipaddress_did(address: str) -> None:
+    ip = ipaddress.ip_address(address)
+    family, packed = cidr.packed(address)
+    assert packed == ip.packed
+    assert family == (socket.AF_INET if ip.version == 4 else socket.AF_INET6)
+
+
+@pytest.mark.parametrize("address", ["", "10.0.0", "010.0.0.1", "10.0.0.1/24", "host", "::g"])
+def test_netlink_refuses_what_ipaddress_refused(address: str) -> None:
+    with pytest.raises(ValueError):
+        ipaddress.ip_address(address)
+    with pytest.raises(ValueError, match=r"is not an IPv[46] address"):
+        cidr.packed(address)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import _ctypes
 import errno
-import ipaddress
 import os
-import socket
 
 import pytest
 
@@ -56,28 +54,6 @@ def test_a_missing_library_or_symbol_is_an_os_error() -> None:
         libc.function("anything", libc.Int, [], library="libcellos-missing.so.1")
     with pytest.raises(OSError, match="cellos_no_such_function"):
         libc.function("cellos_no_such_function", libc.Int, [])
-
-
-@pytest.mark.parametrize(
-    "address", ["10.0.0.1", "169.254.7.2", "::1", "fd00:ce11::1", "::ffff:1.2.3.4"]
-)
-def test_rtnl_reads_addresses_as_ipaddress_did(address: str) -> None:
-    from cellos.network import rtnl
-
-    ip = ipaddress.ip_address(address)
-    family, packed = rtnl._packed(address)
-    assert packed == ip.packed
-    assert family == (socket.AF_INET if ip.version == 4 else socket.AF_INET6)
-
-
-@pytest.mark.parametrize("address", ["", "10.0.0", "010.0.0.1", "10.0.0.1/24", "host", "::g"])
-def test_rtnl_refuses_what_ipaddress_refused(address: str) -> None:
-    from cellos.network import rtnl
-
-    with pytest.raises(ValueError):
-        ipaddress.ip_address(address)
-    with pytest.raises(ValueError, match="not an IPv4 or IPv6 address"):
-        rtnl._packed(address)
 
 
 def test_rtnl_and_libc_load_neither_ctypes_nor_ipaddress() -> None:

@@ -52,6 +52,15 @@ def parse_address(text: str) -> tuple[int, int]:
         ) from None
 
 
+def packed(text: str) -> tuple[int, bytes]:
+    """The socket family (``AF_INET``, ``AF_INET6``) and the network-order bytes of an
+    address, for netlink; :class:`ValueError` as :func:`parse_address`."""
+    version, value = parse_address(text)
+    if version == 4:
+        return _AF_INET, value.to_bytes(4, "big")
+    return _AF_INET6, value.to_bytes(16, "big")
+
+
 def format_address(version: int, value: int) -> str:
     """The text of an address: dotted quad, or RFC 5952 IPv6 (as :mod:`ipaddress` prints)."""
     if version == 4:

@@ -16,11 +16,11 @@ compiles is, instruction for instruction, what ``nft`` itself compiles from the 
 
 from __future__ import annotations
 
-import _socket  # the C module: ``socket`` costs ~2 ms to import
 import os
 import struct
 from typing import Any
 
+from cellos.core import cidr
 from cellos.core.errors import HostError
 from cellos.network import nft_netlink
 from cellos.network.netlink import NetlinkError, attr
@@ -128,7 +128,7 @@ def _bitwise(mask: bytes, xor: bytes) -> bytes:
 
 
 def _address(text: str) -> bytes:
-    return _socket.inet_pton(_socket.AF_INET6 if ":" in text else _socket.AF_INET, text)
+    return cidr.packed(text)[1]
 
 
 def _prefix_mask(length: int, size: int) -> bytes:

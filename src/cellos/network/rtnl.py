@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from cellos.core import libc
+from cellos.core import cidr, libc
 from cellos.network.netlink import NetlinkError, answers, attr
 
 T = TypeVar("T")
@@ -86,17 +86,6 @@ def _check(result: int, what: str) -> None:
 
 def _name(value: str) -> bytes:
     return value.encode() + b"\0"
-
-
-def _packed(address: str) -> tuple[int, bytes]:
-    """The family and the bytes of an IPv4 or IPv6 address (``ipaddress`` costs ~4 ms to
-    import); ValueError, as ``ipaddress.ip_address`` raises, for anything else."""
-    for family in (_socket.AF_INET, _socket.AF_INET6):
-        try:
-            return family, _socket.inet_pton(family, address)
-        except OSError:
-            continue
-    raise ValueError(f"{address!r} is not an IPv4 or IPv6 address")
 
 
 def _ifinfo(index: int = 0, up: bool = False) -> bytes:
@@ -183,7 +172,7 @@ class Rtnl:
     # -- addresses and routes -------------------------------------------------------------
 
     def add_address(self, index: int, address: str, prefixlen: int, what: str) -> None:
-        family, packed = _packed(address)
+        family, packed = cidr.packed(address)
         flags = IFA_F_NODAD if family == _socket.AF_INET6 else 0
         body = struct.pack("BBBBI", family, prefixlen, flags, RT_SCOPE_UNIVERSE, index)
         body += attr(IFA_LOCAL, packed) + attr(IFA_ADDRESS, packed)
@@ -195,7 +184,7 @@ class Rtnl:
         )
 
     def add_default_route(self, gateway: str, index: int) -> None:
-        family, packed = _packed(gateway)
+        family, packed = cidr.packed(gateway)
         body = struct.pack(
             "BBBBBBBBI",
             family,
