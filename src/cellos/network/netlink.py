@@ -48,24 +48,38 @@ def attr_list(data: bytes) -> list[tuple[int, bytes]]:
     return items
 
 
+def messages(data: bytes, what: str) -> Iterator[tuple[int, int, bytes]]:
+    """The netlink messages of one datagram: (type, sequence number, payload after the
+    netlink header); a malformed header raises :class:`NetlinkError` (``what`` names the
+    request)."""
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind, _flags, seq, _pid = struct.unpack_from("IHHII", data, offset)
+        if length < 16:
+            raise NetlinkError(errno.EPROTO, what)
+        yield kind, seq, data[offset + 16 : offset + length]
+        offset += (length + 3) & ~3
+
+
+def error_code(payload: bytes) -> int:
+    """The errno of an ``NLMSG_ERROR`` message's payload (0: an acknowledgement)."""
+    (code,) = struct.unpack_from("i", payload)
+    return -int(code)
+
+
 def answers(sock: Receiver, seq: int, what: str) -> Iterator[tuple[int, bytes]]:
     """The messages answering request ``seq``: (type, payload after the netlink header),
     until the kernel's acknowledgement or a dump's end; its error raised as
     :class:`NetlinkError` (``what`` names the request)."""
     while True:
-        data = sock.recv(65536)
-        offset = 0
-        while offset + 16 <= len(data):
-            length, kind, _flags, msg_seq, _pid = struct.unpack_from("IHHII", data, offset)
-            if length < 16:
-                raise NetlinkError(errno.EPROTO, what)
-            if msg_seq == seq:
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("i", data, offset + 16)
-                    if code:
-                        raise NetlinkError(-code, what)
-                    return
-                if kind == NLMSG_DONE:
-                    return
-                yield kind, data[offset + 16 : offset + length]
-            offset += (length + 3) & ~3
+        for kind, msg_seq, payload in messages(sock.recv(65536), what):
+            if msg_seq != seq:
+                continue
+            if kind == NLMSG_ERROR:
+                code = error_code(payload)
+                if code:
+                    raise NetlinkError(code, what)
+                return
+            if kind == NLMSG_DONE:
+                return
+            yield kind, payload

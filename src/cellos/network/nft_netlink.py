@@ -24,6 +24,8 @@ from cellos.network.netlink import (
     answers,
     attr,
     attr_list,
+    error_code,
+    messages,
 )
 
 NFNL_SUBSYS_NFTABLES = 10
@@ -138,16 +140,10 @@ class _Socket:
                 data = self.sock.recv(65536, _socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return errors
-            offset = 0
-            while offset + 20 <= len(data):
-                length, kind, _flags, seq, _pid = struct.unpack_from("IHHII", data, offset)
-                if length < 16:
-                    break
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("i", data, offset + 16)
-                    if code:
-                        errors.append((seq, -code))
-                offset += (length + 3) & ~3
+            for kind, seq, payload in messages(data, "read the nftables transaction's errors"):
+                code = error_code(payload) if kind == NLMSG_ERROR else 0
+                if code:
+                    errors.append((seq, code))
 
 
 _host: _Socket | None = None
