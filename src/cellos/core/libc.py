@@ -103,3 +103,9 @@ def errno() -> int:
     """The errno saved by the calling thread's last :func:`function` call (as
     ``ctypes.get_errno()``)."""
     return _ctypes.get_errno()
+
+
+# The two that more than one module calls: network namespaces (rtnl) and the gVisor secrets
+# tmpfs (hosts/secret_files).
+mount = function("mount", Int, [CharP, CharP, CharP, ULong, VoidP])
+umount2 = function("umount2", Int, [CharP, Int])

@@ -20,11 +20,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import functools
 import os
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 from cellos.core.errors import HostError
 from cellos.core.spec import SECRETS_DIRECTORY
@@ -97,40 +95,20 @@ def sealed_memfd(files: Mapping[str, bytes]) -> int:
 # -- host tmpfs (gvisor) --------------------------------------------------------------------
 
 
-@functools.cache
-def _mount() -> Callable[..., Any]:
-    # Looked up on first use only: the cellos backend (on every supervisor start) never needs it.
-    from cellos.core import libc
-
-    return libc.function(
-        "mount", libc.Int, [libc.CharP, libc.CharP, libc.CharP, libc.ULong, libc.VoidP]
-    )
-
-
-@functools.cache
-def _umount2() -> Callable[..., Any]:
-    from cellos.core import libc
-
-    return libc.function("umount2", libc.Int, [libc.CharP, libc.Int])
-
-
-def _errno() -> int:
-    from cellos.core import libc
-
-    return libc.errno()
-
-
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 _MNT_DETACH = 2
 
 
 def mount_host_tmpfs(path: str, files: Mapping[str, bytes]) -> None:
     """Create ``path`` (0700) and mount a tmpfs sized for ``files`` on it (root only)."""
+    # Loaded here: the cellos backend (on every supervisor start) never needs it.
+    from cellos.core import libc
+
     os.mkdir(path, 0o700)
     opts = f"mode=0700,size={tmpfs_size(files)},nr_inodes={MAX_SECRETS + 8}".encode()
     flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
-    if _mount()(b"tmpfs", path.encode(), b"tmpfs", flags, opts) != 0:
-        err = _errno()
+    if libc.mount(b"tmpfs", path.encode(), b"tmpfs", flags, opts) != 0:
+        err = libc.errno()
         os.rmdir(path)
         raise HostError(
             "spec.run.secretDelivery", f"cannot mount a tmpfs for the secrets: {os.strerror(err)}"
@@ -141,10 +119,12 @@ def unmount_host_tmpfs(path: str) -> list[str]:
     """Empty, unmount and remove ``path``; return what is left (residue names)."""
     if not os.path.lexists(path):
         return []
+    from cellos.core import libc
+
     with contextlib.suppress(OSError):
         _wipe(path)
-    if os.path.ismount(path) and _umount2()(path.encode(), _MNT_DETACH) != 0:
-        err = _errno()
+    if os.path.ismount(path) and libc.umount2(path.encode(), _MNT_DETACH) != 0:
+        err = libc.errno()
         if err not in (errno.EINVAL, errno.ENOENT):
             return [f"mount:{path}"]
     try:

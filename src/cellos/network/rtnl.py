@@ -68,10 +68,6 @@ RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
 
-_mount = libc.function(
-    "mount", libc.Int, [libc.CharP, libc.CharP, libc.CharP, libc.ULong, libc.VoidP]
-)
-_umount2 = libc.function("umount2", libc.Int, [libc.CharP, libc.Int])
 _unshare = libc.function("unshare", libc.Int, [libc.Int])
 _setns = libc.function("setns", libc.Int, [libc.Int, libc.Int])
 _run_dir_ready = threading.Lock()
@@ -222,13 +218,13 @@ def _prepare_run_dir() -> None:
             return
         os.makedirs(NETNS_RUN_DIR, mode=0o755, exist_ok=True)
         target = NETNS_RUN_DIR.encode()
-        if _mount(b"none", target, None, MS_SHARED | MS_REC, None) != 0:
+        if libc.mount(b"none", target, None, MS_SHARED | MS_REC, None) != 0:
             if libc.errno() != errno.EINVAL:
                 _check(-1, f"make {NETNS_RUN_DIR} a shared mount")
             # Not a mount point yet: bind it onto itself, then share it.
-            _check(_mount(target, target, b"none", MS_BIND | MS_REC, None), "bind")
+            _check(libc.mount(target, target, b"none", MS_BIND | MS_REC, None), "bind")
             _check(
-                _mount(b"none", target, None, MS_SHARED | MS_REC, None),
+                libc.mount(b"none", target, None, MS_SHARED | MS_REC, None),
                 f"make {NETNS_RUN_DIR} a shared mount",
             )
         _run_dir_done = True
@@ -271,7 +267,7 @@ def create_netns_here(name: str) -> str:
     try:
         _check(_unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
         own = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
-        _check(_mount(own, path.encode(), b"none", MS_BIND, None), f"bind {path}")
+        _check(libc.mount(own, path.encode(), b"none", MS_BIND, None), f"bind {path}")
     except BaseException:
         os.unlink(path)
         raise
@@ -305,7 +301,7 @@ def remove_netns(name: str) -> bool:
     path = netns_path(name)
     if not os.path.lexists(path):
         return False
-    if _umount2(path.encode(), MNT_DETACH) != 0 and libc.errno() not in (
+    if libc.umount2(path.encode(), MNT_DETACH) != 0 and libc.errno() not in (
         errno.EINVAL,
         errno.ENOENT,
     ):
